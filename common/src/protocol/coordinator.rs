@@ -1,0 +1,330 @@
+//! The coordinator's protocol state for one transfer (presumed abort), and its answer to a participant's
+//! decision query. The shell sends the Prepares, feeds the votes in, forces the decision to its log when told
+//! to, then sends the decision and feeds the acks in.
+//!
+//! Invariants: a transfer is decided once and the decision never changes; commit needs a YES from every shard;
+//! a decision is sent only after the shell reports it durable ([`TransferMachine::on_decision_logged`]).
+
+use crate::ledger::{ShardId, Transfer, TransferId};
+use crate::records::{AbortReason, Outcome};
+use crate::wire::{Decision, QueryAnswer, RefusalReason, Vote};
+use std::collections::BTreeSet;
+
+/// What one shard said to Prepare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoteResult {
+    Vote(Vote),
+    /// No answer in time, or the call failed: the shard may or may not have prepared.
+    Unavailable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Preparing {
+        votes: Vec<(ShardId, Option<VoteResult>)>,
+    },
+    /// The outcome is chosen and must be made durable before anyone hears of it.
+    Logging {
+        outcome: Outcome,
+        voted_no: BTreeSet<ShardId>,
+    },
+    /// Durable; waiting for the shards in `unacked` to apply it.
+    Decided {
+        outcome: Outcome,
+        unacked: BTreeSet<ShardId>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct TransferMachine {
+    pub id: TransferId,
+    pub transfer: Transfer,
+    /// Every shard the transfer touches.
+    shards: BTreeSet<ShardId>,
+    phase: Phase,
+}
+
+impl TransferMachine {
+    pub fn new(id: TransferId, transfer: Transfer, shard_count: u32) -> Self {
+        let shards: BTreeSet<ShardId> = transfer.shards(shard_count).into_iter().collect();
+        let votes = shards.iter().map(|s| (*s, None)).collect();
+        TransferMachine {
+            id,
+            transfer,
+            shards,
+            phase: Phase::Preparing { votes },
+        }
+    }
+
+    /// A machine for a decision read back from the log (coordinator recovery).
+    pub fn recovered(
+        id: TransferId,
+        transfer: Transfer,
+        outcome: Outcome,
+        unacked: BTreeSet<ShardId>,
+    ) -> Self {
+        TransferMachine {
+            id,
+            transfer,
+            shards: unacked.clone(),
+            phase: Phase::Decided { outcome, unacked },
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// The shards to send Prepare to.
+    pub fn shards(&self) -> Vec<ShardId> {
+        match &self.phase {
+            Phase::Preparing { votes } => votes.iter().map(|(s, _)| *s).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records a vote; once every shard has answered, returns the outcome the shell must log.
+    pub fn on_vote(&mut self, shard: ShardId, result: VoteResult) -> Option<Outcome> {
+        let Phase::Preparing { votes } = &mut self.phase else {
+            return None; // A vote after the decision changes nothing.
+        };
+        let slot = votes.iter_mut().find(|(s, _)| *s == shard)?;
+        if slot.1.is_none() {
+            slot.1 = Some(result);
+        }
+        if votes.iter().any(|(_, v)| v.is_none()) {
+            return None;
+        }
+        let outcome = decide(votes.iter().filter_map(|(_, v)| *v));
+        let voted_no = votes
+            .iter()
+            .filter(|(_, v)| matches!(v, Some(VoteResult::Vote(Vote::No(_)))))
+            .map(|(s, _)| *s)
+            .collect();
+        self.phase = Phase::Logging { outcome, voted_no };
+        Some(outcome)
+    }
+
+    /// The prepare round ran out of time: whoever has not answered counts as unavailable.
+    pub fn on_prepare_timeout(&mut self) -> Option<Outcome> {
+        let Phase::Preparing { votes } = &self.phase else {
+            return None;
+        };
+        let silent: Vec<ShardId> = votes
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        silent.into_iter().fold(None, |decided, shard| {
+            decided.or(self.on_vote(shard, VoteResult::Unavailable))
+        })
+    }
+
+    /// The outcome is durable: returns the decision and the shards to send it to. A shard that voted NO has
+    /// prepared nothing, so it needs no abort.
+    pub fn on_decision_logged(&mut self) -> (Decision, Vec<ShardId>) {
+        let Phase::Logging { outcome, voted_no } = &self.phase else {
+            panic!(
+                "decision logged for transfer {} outside the logging phase: {:?}",
+                self.id, self.phase
+            );
+        };
+        let outcome = *outcome;
+        let unacked: BTreeSet<ShardId> = self.shards.difference(voted_no).copied().collect();
+        let targets = unacked.iter().copied().collect();
+        self.phase = Phase::Decided { outcome, unacked };
+        (decision_of(outcome), targets)
+    }
+
+    /// A shard applied the decision; returns true once every shard has.
+    pub fn on_ack(&mut self, shard: ShardId) -> bool {
+        match &mut self.phase {
+            Phase::Decided { unacked, .. } => {
+                unacked.remove(&shard);
+                unacked.is_empty()
+            }
+            other => panic!(
+                "ack for transfer {} before its decision was durable: {other:?}",
+                self.id
+            ),
+        }
+    }
+
+    pub fn unacked(&self) -> Vec<ShardId> {
+        match &self.phase {
+            Phase::Decided { unacked, .. } => unacked.iter().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The outcome of a complete vote: commit only on YES from everyone. Among refusals the most specific reason
+/// wins, so a retried request always reports the same reason whatever order the votes arrived in.
+fn decide(votes: impl Iterator<Item = VoteResult>) -> Outcome {
+    let mut reason: Option<AbortReason> = None;
+    for vote in votes {
+        let this = match vote {
+            VoteResult::Vote(Vote::Yes) => continue,
+            VoteResult::Vote(Vote::No(r)) => match r {
+                RefusalReason::AccountNotFound => AbortReason::AccountNotFound,
+                RefusalReason::InsufficientFunds => AbortReason::InsufficientFunds,
+                RefusalReason::BalanceOverflow => AbortReason::BalanceOverflow,
+                RefusalReason::AlreadyAborted => AbortReason::CoordinatorRestarted,
+            },
+            VoteResult::Unavailable => AbortReason::ParticipantUnavailable,
+        };
+        reason = Some(match reason {
+            Some(r) if precedence(r) <= precedence(this) => r,
+            _ => this,
+        });
+    }
+    reason.map_or(Outcome::Committed, Outcome::Aborted)
+}
+
+fn precedence(reason: AbortReason) -> u8 {
+    match reason {
+        AbortReason::AccountNotFound => 0,
+        AbortReason::InsufficientFunds => 1,
+        AbortReason::BalanceOverflow => 2,
+        AbortReason::CoordinatorRestarted => 3,
+        AbortReason::ParticipantUnavailable => 4,
+    }
+}
+
+pub fn decision_of(outcome: Outcome) -> Decision {
+    match outcome {
+        Outcome::Committed => Decision::Commit,
+        Outcome::Aborted(_) => Decision::Abort,
+    }
+}
+
+/// How to answer a participant that asks about a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryPlan {
+    Answer(QueryAnswer),
+    /// Nothing is known and nothing is in progress: presumed abort. The shell must log the abort durably
+    /// before answering, so the answer is binding even if the same id is submitted again later.
+    LogAbortThenAnswer,
+}
+
+/// `in_progress` is true while this process is still running the transfer's prepare round or logging its
+/// decision; then the answer must wait, because the transfer may yet commit.
+pub fn plan_query_answer(in_progress: bool, logged: Option<Outcome>) -> QueryPlan {
+    match (in_progress, logged) {
+        (_, Some(Outcome::Committed)) => QueryPlan::Answer(QueryAnswer::Commit),
+        (_, Some(Outcome::Aborted(_))) => QueryPlan::Answer(QueryAnswer::Abort),
+        (true, None) => QueryPlan::Answer(QueryAnswer::Pending),
+        (false, None) => QueryPlan::LogAbortThenAnswer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{AccountId, Amount};
+    use uuid::Uuid;
+
+    /// alice and bob sit on different shards of two (pinned in the ledger tests).
+    fn cross_shard() -> TransferMachine {
+        let t = Transfer {
+            from: AccountId::new("alice").expect("valid"),
+            to: AccountId::new("bob").expect("valid"),
+            amount: Amount::new(5).expect("positive"),
+        };
+        let m = TransferMachine::new(Uuid::new_v4(), t, 2);
+        assert_eq!(m.shards(), vec![0, 1]);
+        m
+    }
+
+    #[test]
+    fn commits_only_when_every_shard_votes_yes() {
+        let mut m = cross_shard();
+        assert_eq!(m.on_vote(0, VoteResult::Vote(Vote::Yes)), None);
+        assert_eq!(
+            m.on_vote(1, VoteResult::Vote(Vote::Yes)),
+            Some(Outcome::Committed)
+        );
+        assert_eq!(m.on_decision_logged(), (Decision::Commit, vec![0, 1]));
+        assert!(!m.on_ack(1));
+        assert!(m.on_ack(0));
+    }
+
+    #[test]
+    fn a_refusal_aborts_and_the_refusing_shard_needs_no_abort() {
+        let mut m = cross_shard();
+        assert_eq!(
+            m.on_vote(
+                1,
+                VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds))
+            ),
+            None
+        );
+        let outcome = m.on_vote(0, VoteResult::Vote(Vote::Yes));
+        assert_eq!(
+            outcome,
+            Some(Outcome::Aborted(AbortReason::InsufficientFunds))
+        );
+        assert_eq!(m.on_decision_logged(), (Decision::Abort, vec![0]));
+    }
+
+    #[test]
+    fn reasons_do_not_depend_on_vote_order() {
+        for order in [[0u32, 1], [1, 0]] {
+            let mut m = cross_shard();
+            let votes = [
+                VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds)),
+                VoteResult::Vote(Vote::No(RefusalReason::AccountNotFound)),
+            ];
+            let mut outcome = None;
+            for shard in order {
+                outcome = m.on_vote(shard, votes[shard as usize]);
+            }
+            assert_eq!(
+                outcome,
+                Some(Outcome::Aborted(AbortReason::AccountNotFound))
+            );
+        }
+    }
+
+    #[test]
+    fn a_silent_shard_aborts_the_transfer_at_the_timeout() {
+        let mut m = cross_shard();
+        m.on_vote(0, VoteResult::Vote(Vote::Yes));
+        assert_eq!(
+            m.on_prepare_timeout(),
+            Some(Outcome::Aborted(AbortReason::ParticipantUnavailable))
+        );
+        assert_eq!(m.on_decision_logged(), (Decision::Abort, vec![0, 1]));
+        assert_eq!(
+            m.on_prepare_timeout(),
+            None,
+            "decided transfers ignore late timers"
+        );
+        assert_eq!(
+            m.on_vote(1, VoteResult::Vote(Vote::Yes)),
+            None,
+            "and late votes"
+        );
+    }
+
+    #[test]
+    fn queries_never_get_abort_while_the_transfer_may_commit() {
+        assert_eq!(
+            plan_query_answer(true, None),
+            QueryPlan::Answer(QueryAnswer::Pending)
+        );
+        assert_eq!(
+            plan_query_answer(false, None),
+            QueryPlan::LogAbortThenAnswer
+        );
+        assert_eq!(
+            plan_query_answer(true, Some(Outcome::Committed)),
+            QueryPlan::Answer(QueryAnswer::Commit)
+        );
+        let aborted = Some(Outcome::Aborted(AbortReason::InsufficientFunds));
+        assert_eq!(
+            plan_query_answer(false, aborted),
+            QueryPlan::Answer(QueryAnswer::Abort)
+        );
+    }
+}

@@ -1,0 +1,547 @@
+//! A participant's protocol state: accounts, prepared (in-doubt) transfers and finished transfer ids.
+//!
+//! Every method changes the in-memory state and appends the matching [`Write`]s; the caller must make those
+//! writes durable, in order and atomically per call batch, before it tells anyone the result. The machine
+//! holds these invariants, checked by [`ParticipantMachine::check_invariants`]:
+//! - an account's `held` is the sum of the debits of its prepared transfers, `incoming` the sum of the credits;
+//! - `held <= balance`, so no balance can go negative at commit, and `balance + incoming <= i64::MAX`;
+//! - a transfer id is prepared, or finished, or unknown: never two of these; a finished id never changes.
+
+use crate::ledger::{AccountId, ShardId, TransferId};
+use crate::records::{AccountRecord, PreparedRecord};
+use crate::wire::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
+use std::collections::HashMap;
+
+/// A change the caller must persist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Account(AccountId, AccountRecord),
+    Prepared(TransferId, PreparedRecord),
+    ClearPrepared(TransferId),
+    Finished(TransferId, Decision),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CreateError {
+    #[error("account already exists")]
+    Exists,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("account {account}: stored {field} is {stored}, but the prepared transfers add up to {derived}")]
+    HoldMismatch {
+        account: AccountId,
+        field: &'static str,
+        stored: i64,
+        derived: i64,
+    },
+    #[error("prepared transfer {0} names account {1}, which does not exist")]
+    MissingAccount(TransferId, AccountId),
+    #[error("transfer {0} is both prepared and finished")]
+    PreparedAndFinished(TransferId),
+    #[error("account {0} breaks 0 <= held <= balance")]
+    BadBalance(AccountId),
+}
+
+#[derive(Debug, Default)]
+pub struct ParticipantMachine {
+    shard: ShardId,
+    accounts: HashMap<AccountId, AccountRecord>,
+    prepared: HashMap<TransferId, PreparedRecord>,
+    finished: HashMap<TransferId, Decision>,
+}
+
+impl ParticipantMachine {
+    pub fn new(shard: ShardId) -> Self {
+        ParticipantMachine {
+            shard,
+            ..Default::default()
+        }
+    }
+
+    /// Rebuilds the state read back from disk, refusing a state that breaks an invariant.
+    pub fn restore(
+        shard: ShardId,
+        accounts: HashMap<AccountId, AccountRecord>,
+        prepared: HashMap<TransferId, PreparedRecord>,
+        finished: HashMap<TransferId, Decision>,
+    ) -> Result<Self, RestoreError> {
+        let machine = ParticipantMachine {
+            shard,
+            accounts,
+            prepared,
+            finished,
+        };
+        machine.verify()?;
+        Ok(machine)
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn account(&self, id: &AccountId) -> Option<AccountRecord> {
+        self.accounts.get(id).copied()
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = (&AccountId, &AccountRecord)> {
+        self.accounts.iter()
+    }
+
+    pub fn prepared(&self) -> impl Iterator<Item = (&TransferId, &PreparedRecord)> {
+        self.prepared.iter()
+    }
+
+    pub fn finished(&self) -> impl Iterator<Item = (&TransferId, &Decision)> {
+        self.finished.iter()
+    }
+
+    pub fn create_account(
+        &mut self,
+        id: AccountId,
+        balance: i64,
+        writes: &mut Vec<Write>,
+    ) -> Result<(), CreateError> {
+        assert!(
+            balance >= 0,
+            "balances are validated before they reach the machine"
+        );
+        if self.accounts.contains_key(&id) {
+            return Err(CreateError::Exists);
+        }
+        let record = AccountRecord {
+            balance,
+            held: 0,
+            incoming: 0,
+        };
+        self.accounts.insert(id.clone(), record);
+        writes.push(Write::Account(id, record));
+        Ok(())
+    }
+
+    /// Phase one. YES reserves the debits (holds) and the credits' headroom; NO changes nothing.
+    pub fn prepare(
+        &mut self,
+        item: &PrepareItem,
+        now_unix_ms: u64,
+        writes: &mut Vec<Write>,
+    ) -> Vote {
+        match self.finished.get(&item.id) {
+            // Only a YES can have led to a commit, so repeating it is the truthful answer.
+            Some(Decision::Commit) => return Vote::Yes,
+            Some(Decision::Abort) => return Vote::No(RefusalReason::AlreadyAborted),
+            None => {}
+        }
+        if self.prepared.contains_key(&item.id) {
+            return Vote::Yes;
+        }
+        assert!(
+            !item.postings.is_empty(),
+            "the coordinator only prepares shards with postings"
+        );
+
+        // Work on copies so a refusal leaves no trace; a transfer may touch an account more than once.
+        let mut touched: Vec<(AccountId, AccountRecord)> = Vec::with_capacity(item.postings.len());
+        for posting in &item.postings {
+            let current = match touched.iter().find(|(id, _)| *id == posting.account) {
+                Some((_, record)) => *record,
+                None => match self.accounts.get(&posting.account) {
+                    Some(record) => *record,
+                    None => return Vote::No(RefusalReason::AccountNotFound),
+                },
+            };
+            let next = match apply_hold(current, posting.delta) {
+                Ok(next) => next,
+                Err(reason) => return Vote::No(reason),
+            };
+            match touched.iter_mut().find(|(id, _)| *id == posting.account) {
+                Some((_, record)) => *record = next,
+                None => touched.push((posting.account.clone(), next)),
+            }
+        }
+        for (id, record) in touched {
+            self.accounts.insert(id.clone(), record);
+            writes.push(Write::Account(id, record));
+        }
+        let record = PreparedRecord {
+            transfer: item.transfer.clone(),
+            postings: item.postings.clone(),
+            coordinator_url: item.coordinator_url.clone(),
+            prepared_at_unix_ms: now_unix_ms,
+        };
+        self.prepared.insert(item.id, record.clone());
+        writes.push(Write::Prepared(item.id, record));
+        Vote::Yes
+    }
+
+    /// Phase two. Commit applies the postings and releases the holds; abort only releases them. Both are
+    /// idempotent; an abort of an unknown id leaves a tombstone so a late Prepare of it is refused.
+    pub fn decide(
+        &mut self,
+        id: TransferId,
+        decision: Decision,
+        writes: &mut Vec<Write>,
+    ) -> DecideAck {
+        if let Some(&done) = self.finished.get(&id) {
+            return if done == decision {
+                DecideAck::Done
+            } else {
+                DecideAck::Refused
+            };
+        }
+        let Some(prepared) = self.prepared.remove(&id) else {
+            return match decision {
+                // Never prepared here, so never voted YES: a commit would be a coordinator bug.
+                Decision::Commit => DecideAck::Refused,
+                Decision::Abort => {
+                    self.finished.insert(id, Decision::Abort);
+                    writes.push(Write::Finished(id, Decision::Abort));
+                    DecideAck::Done
+                }
+            };
+        };
+        for posting in &prepared.postings {
+            let record = self
+                .accounts
+                .get_mut(&posting.account)
+                .expect("a prepared transfer's accounts exist (checked at prepare and at restore)");
+            *record = release_hold(*record, posting.delta, decision);
+            writes.push(Write::Account(posting.account.clone(), *record));
+        }
+        writes.push(Write::ClearPrepared(id));
+        self.finished.insert(id, decision);
+        writes.push(Write::Finished(id, decision));
+        DecideAck::Done
+    }
+
+    /// Prepared transfers at least `age_min_ms` old: the ones to ask the coordinator about.
+    pub fn in_doubt(&self, now_unix_ms: u64, age_min_ms: u64) -> Vec<(TransferId, PreparedRecord)> {
+        self.prepared
+            .iter()
+            .filter(|(_, p)| now_unix_ms.saturating_sub(p.prepared_at_unix_ms) >= age_min_ms)
+            .map(|(id, p)| (*id, p.clone()))
+            .collect()
+    }
+
+    /// Panics if an invariant is broken: only a bug can break one, and carrying on would corrupt money.
+    pub fn check_invariants(&self) {
+        if let Err(e) = self.verify() {
+            panic!("participant invariant broken: {e}");
+        }
+    }
+
+    fn verify(&self) -> Result<(), RestoreError> {
+        let mut derived: HashMap<&AccountId, (i64, i64)> = HashMap::new();
+        for (id, p) in &self.prepared {
+            if self.finished.contains_key(id) {
+                return Err(RestoreError::PreparedAndFinished(*id));
+            }
+            for posting in &p.postings {
+                if !self.accounts.contains_key(&posting.account) {
+                    return Err(RestoreError::MissingAccount(*id, posting.account.clone()));
+                }
+                let entry = derived.entry(&posting.account).or_default();
+                if posting.delta < 0 {
+                    entry.0 += -posting.delta;
+                } else {
+                    entry.1 += posting.delta;
+                }
+            }
+        }
+        for (id, record) in &self.accounts {
+            let (held, incoming) = derived.get(id).copied().unwrap_or_default();
+            if record.held != held {
+                let (stored, derived) = (record.held, held);
+                return Err(RestoreError::HoldMismatch {
+                    account: id.clone(),
+                    field: "held",
+                    stored,
+                    derived,
+                });
+            }
+            if record.incoming != incoming {
+                let (stored, derived) = (record.incoming, incoming);
+                return Err(RestoreError::HoldMismatch {
+                    account: id.clone(),
+                    field: "incoming",
+                    stored,
+                    derived,
+                });
+            }
+            if record.held < 0 || record.held > record.balance {
+                return Err(RestoreError::BadBalance(id.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reserves one posting at prepare: a debit needs available funds, a credit needs headroom below i64::MAX.
+fn apply_hold(mut record: AccountRecord, delta: i64) -> Result<AccountRecord, RefusalReason> {
+    if delta < 0 {
+        let amount = delta
+            .checked_neg()
+            .ok_or(RefusalReason::InsufficientFunds)?;
+        if record.available() < amount {
+            return Err(RefusalReason::InsufficientFunds);
+        }
+        record.held += amount;
+    } else {
+        let promised = record
+            .balance
+            .checked_add(record.incoming)
+            .and_then(|v| v.checked_add(delta));
+        if promised.is_none() {
+            return Err(RefusalReason::BalanceOverflow);
+        }
+        record.incoming += delta;
+    }
+    Ok(record)
+}
+
+/// Undoes one posting's reservation and, on commit, applies it. Prepare made both steps overflow-free.
+fn release_hold(mut record: AccountRecord, delta: i64, decision: Decision) -> AccountRecord {
+    if delta < 0 {
+        record.held += delta;
+        if decision == Decision::Commit {
+            record.balance += delta;
+        }
+    } else {
+        record.incoming -= delta;
+        if decision == Decision::Commit {
+            record.balance += delta;
+        }
+    }
+    assert!(record.held >= 0 && record.incoming >= 0 && record.held <= record.balance);
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Amount, Posting, Transfer};
+    use uuid::Uuid;
+
+    fn id(s: &str) -> AccountId {
+        AccountId::new(s).expect("valid id")
+    }
+
+    fn item(
+        tx: TransferId,
+        from: &str,
+        to: &str,
+        amount: i64,
+        postings: Vec<(&str, i64)>,
+    ) -> PrepareItem {
+        PrepareItem {
+            id: tx,
+            transfer: Transfer {
+                from: id(from),
+                to: id(to),
+                amount: Amount::new(amount).expect("positive"),
+            },
+            postings: postings
+                .into_iter()
+                .map(|(a, d)| Posting {
+                    account: id(a),
+                    delta: d,
+                })
+                .collect(),
+            coordinator_url: "http://127.0.0.1:1".into(),
+        }
+    }
+
+    fn machine_with(accounts: &[(&str, i64)]) -> ParticipantMachine {
+        let mut m = ParticipantMachine::new(0);
+        let mut w = Vec::new();
+        for (a, b) in accounts {
+            m.create_account(id(a), *b, &mut w).expect("new account");
+        }
+        m
+    }
+
+    #[test]
+    fn prepare_holds_and_commit_applies() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let tx = Uuid::new_v4();
+        let mut w = Vec::new();
+        assert_eq!(
+            m.prepare(
+                &item(tx, "alice", "bob", 60, vec![("alice", -60)]),
+                0,
+                &mut w
+            ),
+            Vote::Yes
+        );
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord {
+                balance: 100,
+                held: 60,
+                incoming: 0
+            })
+        );
+        assert!(w.iter().any(|x| matches!(x, Write::Prepared(..))));
+        // A second debit only sees what is still available.
+        let tx2 = Uuid::new_v4();
+        let vote = m.prepare(
+            &item(tx2, "alice", "bob", 50, vec![("alice", -50)]),
+            0,
+            &mut w,
+        );
+        assert_eq!(vote, Vote::No(RefusalReason::InsufficientFunds));
+        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord {
+                balance: 40,
+                held: 0,
+                incoming: 0
+            })
+        );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn credits_are_invisible_until_commit_and_abort_releases() {
+        let mut m = machine_with(&[("bob", 5)]);
+        let tx = Uuid::new_v4();
+        let mut w = Vec::new();
+        assert_eq!(
+            m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &mut w),
+            Vote::Yes
+        );
+        assert_eq!(m.account(&id("bob")).map(|a| a.balance), Some(5));
+        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
+        assert_eq!(
+            m.account(&id("bob")),
+            Some(AccountRecord {
+                balance: 5,
+                held: 0,
+                incoming: 0
+            })
+        );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn decisions_are_idempotent_and_final() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let tx = Uuid::new_v4();
+        let mut w = Vec::new();
+        let it = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
+        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes);
+        assert_eq!(
+            m.prepare(&it, 0, &mut w),
+            Vote::Yes,
+            "a repeated Prepare is answered again"
+        );
+        assert_eq!(
+            m.account(&id("alice")).map(|a| a.held),
+            Some(30),
+            "but holds only once"
+        );
+        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Refused);
+        assert_eq!(
+            m.prepare(&it, 0, &mut w),
+            Vote::Yes,
+            "a late Prepare never re-applies"
+        );
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord {
+                balance: 70,
+                held: 0,
+                incoming: 0
+            })
+        );
+        m.check_invariants();
+    }
+
+    #[test]
+    fn abort_before_prepare_leaves_a_tombstone() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let tx = Uuid::new_v4();
+        let mut w = Vec::new();
+        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
+        let late = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
+        assert_eq!(
+            m.prepare(&late, 0, &mut w),
+            Vote::No(RefusalReason::AlreadyAborted)
+        );
+        assert_eq!(
+            m.decide(Uuid::new_v4(), Decision::Commit, &mut w),
+            DecideAck::Refused
+        );
+        assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(0));
+    }
+
+    #[test]
+    fn refusals_leave_no_trace() {
+        let mut m = machine_with(&[("alice", 10), ("rich", i64::MAX)]);
+        let mut w = Vec::new();
+        let missing = item(
+            Uuid::new_v4(),
+            "alice",
+            "nobody",
+            1,
+            vec![("alice", -1), ("nobody", 1)],
+        );
+        assert_eq!(
+            m.prepare(&missing, 0, &mut w),
+            Vote::No(RefusalReason::AccountNotFound)
+        );
+        let overflow = item(
+            Uuid::new_v4(),
+            "alice",
+            "rich",
+            1,
+            vec![("alice", -1), ("rich", 1)],
+        );
+        assert_eq!(
+            m.prepare(&overflow, 0, &mut w),
+            Vote::No(RefusalReason::BalanceOverflow)
+        );
+        assert!(w.is_empty());
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord {
+                balance: 10,
+                held: 0,
+                incoming: 0
+            })
+        );
+    }
+
+    #[test]
+    fn restore_rejects_a_state_whose_holds_do_not_add_up() {
+        let mut accounts = HashMap::new();
+        accounts.insert(
+            id("alice"),
+            AccountRecord {
+                balance: 10,
+                held: 4,
+                incoming: 0,
+            },
+        );
+        let err = ParticipantMachine::restore(0, accounts, HashMap::new(), HashMap::new());
+        assert!(matches!(err, Err(RestoreError::HoldMismatch { .. })));
+    }
+
+    #[test]
+    fn in_doubt_lists_old_prepared_transfers() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let mut w = Vec::new();
+        let tx = Uuid::new_v4();
+        m.prepare(
+            &item(tx, "alice", "bob", 1, vec![("alice", -1)]),
+            1_000,
+            &mut w,
+        );
+        assert!(m.in_doubt(1_500, 1_000).is_empty());
+        assert_eq!(m.in_doubt(2_000, 1_000).len(), 1);
+    }
+}

@@ -1,0 +1,216 @@
+//! The durable store both kinds of node write through: a sled database plus one group-commit flusher.
+//!
+//! sled 0.34's own `flush()` ends in `sync_file_range` on Linux, which survives SIGKILL but not power loss. Here
+//! "durable" means surviving power loss: after sled's flush, the flusher `fdatasync`s the store's log file. It is
+//! the only thread that flushes (sled's `flush_async` deadlocks under many concurrent callers), and it serves
+//! every writer waiting when it starts, so one fsync covers a whole batch of transfers (group commit).
+
+pub use migrations::StoreKind;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Writers that may wait for the flusher at once; past it `sync` waits for room (backpressure, bounded memory).
+const FLUSH_QUEUE_MAX: usize = 65_536;
+/// Attempts to open the store: right after a SIGKILL sled can report the old process's lock for about a second.
+const OPEN_ATTEMPTS_MAX: u32 = 50;
+const OPEN_RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// How far a write goes before it counts as done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// sled flush, then fdatasync of the log file: survives SIGKILL and power loss.
+    Fsync,
+    /// No flush at all. Not durable: only for measuring what durability costs.
+    NoFsync,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("cannot open store log file {path}: {source}")]
+    LogFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Migration(#[from] migrations::MigrationError),
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("the flusher thread has stopped")]
+    FlusherGone,
+    #[error(transparent)]
+    Record(#[from] crate::records::RecordError),
+}
+
+/// Counters of the flusher, for the benchmark and `/stats`.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    /// fdatasync calls made (one per group commit).
+    pub fsyncs: AtomicU64,
+    /// Writers released by those fsyncs.
+    pub waiters: AtomicU64,
+    /// Total time spent in flush + fdatasync, in microseconds.
+    pub flush_micros: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pub db: sled::Db,
+    flush_queue: mpsc::Sender<oneshot::Sender<()>>,
+    pub stats: Arc<FlushStats>,
+    durability: Durability,
+}
+
+impl Store {
+    /// Opens (retrying while an old process's lock lingers), migrates, and starts the flusher thread.
+    pub fn open(dir: &Path, kind: StoreKind, durability: Durability) -> Result<Store, StoreError> {
+        let path = dir.join("store");
+        let db = open_with_retry(&path)?;
+        let previous = migrations::migrate(&db, kind)?;
+        tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
+        // sled 0.34 keeps its whole log in this one file.
+        let log_path = path.join("db");
+        let log = File::open(&log_path).map_err(|source| StoreError::LogFile {
+            path: log_path,
+            source,
+        })?;
+        let (flush_queue, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
+        let stats = Arc::new(FlushStats::default());
+        let flusher_db = db.clone();
+        let flusher_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || flusher(flusher_db, log, rx, flusher_stats))
+            .map_err(|source| StoreError::LogFile {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            db,
+            flush_queue,
+            stats,
+            durability,
+        })
+    }
+
+    /// Returns once every write this task made before the call is durable.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        if self.durability == Durability::NoFsync {
+            return Ok(());
+        }
+        let (done, wait) = oneshot::channel();
+        self.flush_queue
+            .send(done)
+            .await
+            .map_err(|_| StoreError::FlusherGone)?;
+        wait.await.map_err(|_| StoreError::FlusherGone)
+    }
+}
+
+fn open_with_retry(path: &Path) -> Result<sled::Db, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(source) if attempt < OPEN_ATTEMPTS_MAX => {
+                tracing::warn!(attempt, error = %source, "store busy or unreadable, retrying");
+                attempt += 1;
+                std::thread::sleep(OPEN_RETRY_DELAY);
+                let _ = source;
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The group-commit loop: take every waiting writer, make their writes durable with one flush and one
+/// fdatasync, release them all. A failed fsync leaves the page cache in an unknown state (the write may be
+/// lost while the cache says clean), so the only safe answer is to stop the process and recover from disk.
+fn flusher(
+    db: sled::Db,
+    log: File,
+    mut rx: mpsc::Receiver<oneshot::Sender<()>>,
+    stats: Arc<FlushStats>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while let Ok(next) = rx.try_recv() {
+            batch.push(next);
+        }
+        let started = Instant::now();
+        let result = db
+            .flush()
+            .map_err(|e| e.to_string())
+            .and_then(|_| log.sync_data().map_err(|e| e.to_string()));
+        if let Err(error) = result {
+            tracing::error!(%error, "flush or fdatasync failed: stopping so recovery starts from what is on disk");
+            std::process::abort();
+        }
+        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        stats
+            .waiters
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .flush_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        for done in batch.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_syncs_share_fsyncs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            Store::open(dir.path(), StoreKind::Participant, Durability::Fsync).expect("opens");
+        let tasks: Vec<_> = (0..64u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store.db.insert(i.to_be_bytes(), &b"x"[..]).expect("insert");
+                    store.sync().await.expect("sync");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let fsyncs = store.stats.fsyncs.load(Ordering::Relaxed);
+        assert_eq!(store.stats.waiters.load(Ordering::Relaxed), 64);
+        assert!((1..=64).contains(&fsyncs), "{fsyncs} fsyncs for 64 writers");
+    }
+
+    #[test]
+    fn reopening_sees_flushed_data() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store =
+                Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("opens");
+            store.db.insert(b"k", b"v").expect("insert");
+            store.db.flush().expect("flush");
+        }
+        let store =
+            Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("reopens");
+        assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
+    }
+}

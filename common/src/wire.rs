@@ -1,0 +1,136 @@
+//! Messages between the coordinator and the participants (JSON over HTTP). Every call carries a batch, so one
+//! round trip serves many transfers; the answers come back in the order of the items.
+
+use crate::ledger::{AccountId, Posting, ShardId, Transfer, TransferId};
+use serde::{Deserialize, Serialize};
+
+/// Internal routes, shared so the two sides cannot drift apart.
+pub const PATH_PREPARE: &str = "/internal/prepare";
+pub const PATH_DECIDE: &str = "/internal/decide";
+pub const PATH_ACCOUNTS: &str = "/internal/accounts";
+pub const PATH_APPLIED: &str = "/internal/applied";
+pub const PATH_DECISIONS: &str = "/internal/decisions";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareItem {
+    pub id: TransferId,
+    /// The whole transfer as the client asked for it (the coordinator's view), kept with the prepared record
+    /// so a recovering participant can describe the transfer when it asks for the decision.
+    pub transfer: Transfer,
+    /// This shard's part of the transfer.
+    pub postings: Vec<Posting>,
+    /// Where to ask for the decision if this participant is left in doubt.
+    pub coordinator_url: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareBatch {
+    pub items: Vec<PrepareItem>,
+}
+
+/// Why a participant refused to prepare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    AccountNotFound,
+    InsufficientFunds,
+    /// The credit would push a balance past i64::MAX.
+    BalanceOverflow,
+    /// The transfer id was already aborted here (a late or repeated Prepare).
+    AlreadyAborted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "vote", content = "reason", rename_all = "snake_case")]
+pub enum Vote {
+    Yes,
+    No(RefusalReason),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareReply {
+    pub votes: Vec<Vote>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecideItem {
+    pub id: TransferId,
+    pub decision: Decision,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecideBatch {
+    pub items: Vec<DecideItem>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecideAck {
+    /// The decision is applied and flushed (or was already).
+    Done,
+    /// Commit for a transfer this participant never prepared, or a decision contradicting an earlier one: a
+    /// protocol violation, reported rather than applied.
+    Refused,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecideReply {
+    pub acks: Vec<DecideAck>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateAccount {
+    pub id: AccountId,
+    pub balance: i64,
+}
+
+/// A participant's view of one account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountView {
+    pub id: AccountId,
+    pub balance: i64,
+    pub held: i64,
+    pub available: i64,
+    pub shard: ShardId,
+}
+
+/// A participant in doubt asks the coordinator what became of these transfers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecisionQuery {
+    pub shard: ShardId,
+    pub items: Vec<DecisionQueryItem>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecisionQueryItem {
+    pub id: TransferId,
+    pub transfer: Transfer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryAnswer {
+    Commit,
+    Abort,
+    /// The coordinator is still deciding; ask again later.
+    Pending,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecisionAnswers {
+    pub answers: Vec<QueryAnswer>,
+}
+
+/// A finished transfer as a participant remembers it (the drill checks exactly-once application with these).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedTransfer {
+    pub id: TransferId,
+    pub decision: Decision,
+}

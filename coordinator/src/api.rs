@@ -1,0 +1,372 @@
+//! The public HTTP API (and the participants' decision-query route). Requests are parsed and validated here,
+//! into ledger types; every failure is an [`ApiError`], turned into a status and JSON body in one place.
+
+use crate::engine::{Engine, EngineError, Final};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::crash;
+use common::http::{error_response, JsonBody};
+use common::ledger::{shard_of, AccountId, Amount, ShardId, Transfer};
+use common::records::{AbortReason, Outcome};
+use common::wire::{self, AccountView, CreateAccount, DecisionAnswers, DecisionQuery};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Public request bodies are small; anything bigger is a mistake or an attack.
+const PUBLIC_BODY_BYTES_MAX: usize = 16 * 1024;
+/// Decision queries carry up to a thousand transfers.
+const QUERY_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// A participant that does not answer a health check this fast is reported down.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("account already exists")]
+    AccountExists,
+    #[error("account not found")]
+    AccountNotFound,
+    #[error("no final outcome is known for this transfer id; it is safe to submit it again")]
+    TransferNotFound,
+    #[error("this transfer id was already used with a different body")]
+    IdempotencyConflict,
+    #[error("shard {0} is unavailable")]
+    ParticipantUnavailable(ShardId),
+    #[error("too many transfers in flight; retry shortly")]
+    Overloaded,
+    #[error("storage is unavailable")]
+    Storage(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
+            ApiError::AccountExists => {
+                error_response(StatusCode::CONFLICT, "account_exists", message)
+            }
+            ApiError::AccountNotFound => {
+                error_response(StatusCode::NOT_FOUND, "account_not_found", message)
+            }
+            ApiError::TransferNotFound => {
+                error_response(StatusCode::NOT_FOUND, "transfer_not_found", message)
+            }
+            ApiError::IdempotencyConflict => {
+                error_response(StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
+            ApiError::ParticipantUnavailable(_) => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "participant_unavailable",
+                message,
+            ),
+            ApiError::Overloaded => {
+                let mut response =
+                    error_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                response
+            }
+            ApiError::Storage(detail) => {
+                tracing::error!(%detail, "storage error");
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    message,
+                )
+            }
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            EngineError::Overloaded => ApiError::Overloaded,
+            EngineError::Wal(e) => ApiError::Storage(e.to_string()),
+            EngineError::TaskLost => ApiError::Storage(e.to_string()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::Invalid(e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::Invalid(e.body_text())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    call_timeout: Duration,
+}
+
+pub fn router(engine: Arc<Engine>, call_timeout: Duration) -> Router {
+    let state = AppState {
+        engine,
+        call_timeout,
+    };
+    let public = Router::new()
+        .route("/health", get(health))
+        .route("/stats", get(stats))
+        .route("/accounts", post(create_account))
+        .route("/accounts/{id}", get(get_account))
+        .route("/transfers", post(create_transfer))
+        .route("/transfers/{id}", get(get_transfer))
+        .route("/transactions", get(transactions))
+        .layer(DefaultBodyLimit::max(PUBLIC_BODY_BYTES_MAX));
+    let internal = Router::new()
+        .route(wire::PATH_DECISIONS, post(decisions))
+        .layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
+    public
+        .merge(internal)
+        .fallback(common::http::not_found)
+        .method_not_allowed_fallback(common::http::method_not_allowed)
+        .with_state(state)
+}
+
+/// A JSON number that must be a whole number in `min..=i64::MAX`.
+fn whole_number(field: &str, value: &serde_json::Number, min: i64) -> Result<i64, ApiError> {
+    match value.as_i64() {
+        Some(v) if v >= min => Ok(v),
+        _ => Err(ApiError::Invalid(format!(
+            "{field} must be a whole number from {min} to {} (minor units)",
+            i64::MAX
+        ))),
+    }
+}
+
+fn account_id(field: &str, raw: String) -> Result<AccountId, ApiError> {
+    AccountId::new(raw).map_err(|e| ApiError::Invalid(format!("{field}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccountRequest {
+    id: String,
+    #[serde(default)]
+    balance: Option<serde_json::Number>,
+}
+
+async fn create_account(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<CreateAccountRequest>,
+) -> Result<Response, ApiError> {
+    let id = account_id("id", req.id)?;
+    let balance = match &req.balance {
+        Some(n) => whole_number("balance", n, 0)?,
+        None => 0,
+    };
+    let shard = shard_of(&id, state.engine.config.shard_count);
+    let client = &state.engine.participants[shard as usize];
+    let reply = client
+        .http()
+        .post(format!("{}{}", client.url, wire::PATH_ACCOUNTS))
+        .timeout(state.call_timeout)
+        .json(&CreateAccount {
+            id: id.clone(),
+            balance,
+        })
+        .send()
+        .await
+        .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    match reply.status() {
+        StatusCode::CREATED => {
+            tracing::info!(account = %id, balance, shard, "account created");
+            let body = json!({"id": id, "balance": balance, "shard": shard});
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
+        StatusCode::CONFLICT => Err(ApiError::AccountExists),
+        _ => Err(ApiError::ParticipantUnavailable(shard)),
+    }
+}
+
+async fn get_account(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<AccountView>, ApiError> {
+    let Path(raw) = path?;
+    let id = account_id("account id", raw)?;
+    let shard = shard_of(&id, state.engine.config.shard_count);
+    let client = &state.engine.participants[shard as usize];
+    let reply = client
+        .http()
+        .get(format!("{}{}/{}", client.url, wire::PATH_ACCOUNTS, id))
+        .timeout(state.call_timeout)
+        .send()
+        .await
+        .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    match reply.status() {
+        StatusCode::OK => reply
+            .json()
+            .await
+            .map(Json)
+            .map_err(|_| ApiError::ParticipantUnavailable(shard)),
+        StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
+        _ => Err(ApiError::ParticipantUnavailable(shard)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    from: String,
+    to: String,
+    amount: serde_json::Number,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn create_transfer(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<TransferRequest>,
+) -> Result<Response, ApiError> {
+    let from = account_id("from", req.from)?;
+    let to = account_id("to", req.to)?;
+    if from == to {
+        return Err(ApiError::Invalid(
+            "from and to must be different accounts".into(),
+        ));
+    }
+    let amount = Amount::new(whole_number("amount", &req.amount, 1)?)
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let id = match req.id {
+        Some(raw) => {
+            Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?
+        }
+        None => Uuid::new_v4(),
+    };
+    tracing::info_span!("transfer", transfer_id = %id)
+        .in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
+    let fin = state
+        .engine
+        .submit(id, Transfer { from, to, amount })
+        .await?;
+    Ok(outcome_response(id, &fin))
+}
+
+fn outcome_response(id: Uuid, fin: &Final) -> Response {
+    match fin.outcome {
+        Outcome::Committed => {
+            let body = json!({
+                "id": id, "status": "committed",
+                "from": fin.transfer.from, "to": fin.transfer.to, "amount": fin.transfer.amount,
+            });
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Outcome::Aborted(reason) => {
+            let status = match reason {
+                AbortReason::InsufficientFunds | AbortReason::BalanceOverflow => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                AbortReason::AccountNotFound => StatusCode::NOT_FOUND,
+                AbortReason::ParticipantUnavailable | AbortReason::CoordinatorRestarted => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            (
+                status,
+                Json(json!({"id": id, "status": "aborted", "reason": reason.code()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn get_transfer(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(raw) = path?;
+    let id = Uuid::parse_str(&raw)
+        .map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
+    let (transfer, outcome) = state
+        .engine
+        .status(&id)?
+        .ok_or(ApiError::TransferNotFound)?;
+    let mut body =
+        json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
+    match outcome {
+        None => body["status"] = json!("pending"),
+        Some(Outcome::Committed) => body["status"] = json!("committed"),
+        Some(Outcome::Aborted(reason)) => {
+            body["status"] = json!("aborted");
+            body["reason"] = json!(reason.code());
+        }
+    }
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct TransactionsQuery {
+    status: Option<String>,
+}
+
+async fn transactions(
+    State(state): State<AppState>,
+    query: Result<Query<TransactionsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
+    match query.status.as_deref() {
+        Some("in_doubt") => Ok(Json(json!({"transactions": state.engine.in_doubt()}))),
+        _ => Err(ApiError::Invalid(
+            "status must be given and be in_doubt".into(),
+        )),
+    }
+}
+
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    let checks = state.engine.participants.iter().map(|client| async move {
+        let up = client
+            .http()
+            .get(format!("{}/health", client.url))
+            .timeout(HEALTH_TIMEOUT)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        json!({"shard": client.shard, "url": client.url, "up": up})
+    });
+    let participants = futures::future::join_all(checks).await;
+    let all_up = participants.iter().all(|p| p["up"] == json!(true));
+    Json(json!({"status": if all_up { "ok" } else { "degraded" }, "participants": participants}))
+}
+
+async fn stats(State(state): State<AppState>) -> Json<Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &state.engine.wal.store().stats;
+    Json(json!({
+        "fsyncs": s.fsyncs.load(Relaxed),
+        "flush_waiters": s.waiters.load(Relaxed),
+        "flush_micros": s.flush_micros.load(Relaxed),
+        "in_doubt": state.engine.in_doubt().len(),
+    }))
+}
+
+async fn decisions(
+    State(state): State<AppState>,
+    JsonBody(query): JsonBody<DecisionQuery>,
+) -> Result<Json<DecisionAnswers>, ApiError> {
+    tracing::debug!(
+        shard = query.shard,
+        count = query.items.len(),
+        "decision query"
+    );
+    let answers = state.engine.answer_queries(query.items).await?;
+    Ok(Json(DecisionAnswers { answers }))
+}

@@ -1,0 +1,93 @@
+//! `coordinator`: the ledger's public HTTP API and two-phase-commit coordinator. See `coordinator --help`.
+
+use clap::Parser;
+use common::store::Durability;
+use common::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The coordinator of the two-phase-commit ledger: serves the public HTTP API (accounts, transfers, health),
+/// moves money between shards atomically, and logs every decision so no acknowledged transfer is lost or
+/// applied twice across crashes. Start the participants first; shard i is the i-th --participants URL.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Address to listen on for the public API (and for participants' decision queries).
+    #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:7100")]
+    listen: String,
+    /// Directory for the decision log (created if missing). Restart with the same one to recover.
+    #[arg(long, env = "LEDGER_DATA", default_value = "data/coordinator")]
+    data: PathBuf,
+    /// Comma-separated participant base URLs, e.g. http://127.0.0.1:7101,http://127.0.0.1:7102. Fixed at first
+    /// start: a different count is refused, since accounts would map to other shards.
+    #[arg(
+        long,
+        env = "LEDGER_PARTICIPANTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    participants: Vec<String>,
+    /// URL participants should use to reach this coordinator (default: http://<listen address>).
+    #[arg(long, env = "LEDGER_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// A participant that has not answered Prepare within this many milliseconds aborts the transfer (503).
+    #[arg(long, env = "LEDGER_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
+    prepare_timeout_ms: u64,
+    /// How long a committed transfer's answer waits for the shards to apply it (milliseconds). The commit is
+    /// durable either way; waiting makes the client's next read see the new balances.
+    #[arg(long, env = "LEDGER_COMMIT_ACK_WAIT_MS", default_value_t = 1_000)]
+    commit_ack_wait_ms: u64,
+    /// Timeout for account reads, account creation and health checks sent to participants (milliseconds).
+    #[arg(long, env = "LEDGER_PARTICIPANT_TIMEOUT_MS", default_value_t = 2_000)]
+    participant_timeout_ms: u64,
+    /// Transfers being decided at once; more are refused with 503 and Retry-After.
+    #[arg(long, env = "LEDGER_TRANSFERS_IN_FLIGHT_MAX", default_value_t = 4_096)]
+    transfers_in_flight_max: usize,
+    /// Log format on stderr: text or json. Verbosity follows RUST_LOG (default info).
+    #[arg(long, env = "LEDGER_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// NOT DURABLE: skip every flush and fsync. Only for measuring what durability costs.
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let listener = match tokio::net::TcpListener::bind(&cli.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %cli.listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.no_fsync {
+        tracing::warn!(
+            "--no-fsync: acknowledged transfers can be lost; never use this for real money"
+        );
+    }
+    let config = coordinator::Config {
+        data_dir: cli.data,
+        participants: cli.participants,
+        advertise_url: cli.advertise_url,
+        durability: if cli.no_fsync {
+            Durability::NoFsync
+        } else {
+            Durability::Fsync
+        },
+        prepare_timeout: Duration::from_millis(cli.prepare_timeout_ms),
+        commit_ack_wait: Duration::from_millis(cli.commit_ack_wait_ms),
+        participant_call_timeout: Duration::from_millis(cli.participant_timeout_ms),
+        transfers_in_flight_max: cli.transfers_in_flight_max.max(1),
+    };
+    match coordinator::run(listener, config, common::http::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "coordinator stopped");
+            eprintln!("coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The coordinator's write-ahead log of decisions: one record per decided transfer, kept forever (it answers
+//! idempotent retries and participants' questions), plus a marker per committed transfer that some shard has not
+//! yet acknowledged, so recovery finds them without scanning every record. The only module that touches sled.
+
+use common::ledger::TransferId;
+use common::records::{self, Outcome, TransferRecord};
+use common::store::{Durability, Store, StoreError, StoreKind};
+use std::path::Path;
+use uuid::Uuid;
+
+const RECORD: u8 = b't';
+const UNACKED: u8 = b'u';
+const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("this data directory was set up for {stored} participants, not {requested}: accounts would move to other shards")]
+    ParticipantCount { stored: u32, requested: u32 },
+    #[error("corrupt log entry {0:?}")]
+    BadKey(Vec<u8>),
+}
+
+impl From<sled::Error> for WalError {
+    fn from(e: sled::Error) -> Self {
+        WalError::Store(StoreError::Sled(e))
+    }
+}
+
+impl From<records::RecordError> for WalError {
+    fn from(e: records::RecordError) -> Self {
+        WalError::Store(StoreError::Record(e))
+    }
+}
+
+#[derive(Clone)]
+pub struct Wal {
+    store: Store,
+}
+
+fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = prefix;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+impl Wal {
+    /// Opens the log, fixing the participant count at first start and refusing a different one later.
+    pub async fn open(
+        dir: &Path,
+        durability: Durability,
+        participant_count: u32,
+    ) -> Result<Wal, WalError> {
+        let dir = dir.to_owned();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open(&dir, StoreKind::Coordinator, durability)
+        })
+        .await
+        .map_err(|e| StoreError::LogFile {
+            path: Default::default(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        match store.db.get(PARTICIPANT_COUNT_KEY)? {
+            Some(bytes) => {
+                let raw: [u8; 4] = bytes
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| WalError::BadKey(PARTICIPANT_COUNT_KEY.to_vec()))?;
+                let stored = u32::from_be_bytes(raw);
+                if stored != participant_count {
+                    return Err(WalError::ParticipantCount {
+                        stored,
+                        requested: participant_count,
+                    });
+                }
+            }
+            None => {
+                store
+                    .db
+                    .insert(PARTICIPANT_COUNT_KEY, &participant_count.to_be_bytes())?;
+                store.sync().await?;
+            }
+        }
+        Ok(Wal { store })
+    }
+
+    pub fn get(&self, id: &TransferId) -> Result<Option<TransferRecord>, WalError> {
+        match self.store.db.get(key(RECORD, id))? {
+            Some(bytes) => Ok(Some(records::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a decision (not yet durable: call `sync`). A commit also gets a marker, removed by `end` once every
+    /// shard has acknowledged it; aborts need none (a participant left in doubt asks, and hears abort).
+    pub fn put(&self, id: &TransferId, record: &TransferRecord) -> Result<(), WalError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(RECORD, id)[..], records::encode(record));
+        if record.outcome == Outcome::Committed {
+            batch.insert(&key(UNACKED, id)[..], &[][..]);
+        }
+        self.store.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every shard has applied the commit: recovery need not re-send it.
+    pub fn end(&self, id: &TransferId) -> Result<(), WalError> {
+        self.store.db.remove(key(UNACKED, id))?;
+        Ok(())
+    }
+
+    /// Makes every write before the call durable (group commit).
+    pub async fn sync(&self) -> Result<(), WalError> {
+        Ok(self.store.sync().await?)
+    }
+
+    /// Committed transfers some shard has not acknowledged: what recovery must re-send.
+    pub fn unacked(&self) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
+        let mut out = Vec::new();
+        for entry in self.store.db.scan_prefix([UNACKED]) {
+            let (k, _) = entry?;
+            let id = Uuid::from_slice(&k[1..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
+            if let Some(record) = self.get(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}

@@ -1,0 +1,107 @@
+//! A participant: owns one shard of the accounts, votes on Prepare (holding the debited funds), applies or
+//! releases on the decision, and after a crash asks the coordinator about every transfer it is in doubt on.
+//!
+//! `run` is the whole server; `main.rs` only parses the command line. Tests run it in-process or as a binary.
+
+mod resolver;
+mod server;
+pub mod storage;
+
+use common::ledger::ShardId;
+use common::protocol::participant::ParticipantMachine;
+use common::store::{Durability, Store, StoreError};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub shard: ShardId,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    /// A prepared transfer undecided for this long is asked about (the decision may have been lost).
+    pub in_doubt_after: Duration,
+    /// Timeout of one decision query to the coordinator.
+    pub query_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Load(#[from] storage::LoadError),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// State shared by the request handlers and the in-doubt resolver.
+pub(crate) struct Node {
+    pub shard: ShardId,
+    pub store: Store,
+    /// The protocol state. Held only for in-memory work and sled's in-memory batch apply, never across an
+    /// await, so transfers on a hot account wait for each other for microseconds, not for an fsync.
+    machine: Mutex<ParticipantMachine>,
+    pub http: reqwest::Client,
+    pub config: Config,
+}
+
+impl Node {
+    pub fn machine(&self) -> MutexGuard<'_, ParticipantMachine> {
+        // A panic while holding the lock means an invariant broke mid-change: memory may no longer match disk.
+        self.machine.lock().unwrap_or_else(|_| {
+            tracing::error!(
+                "participant state poisoned by an earlier panic; stopping to recover from disk"
+            );
+            std::process::abort()
+        })
+    }
+}
+
+/// Opens the store, recovers, serves until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let store = {
+        let dir = config.data_dir.clone();
+        let durability = config.durability;
+        tokio::task::spawn_blocking(move || {
+            Store::open(&dir, common::store::StoreKind::Participant, durability)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??
+    };
+    let machine = storage::load(&store, config.shard).await?;
+    let prepared = machine.prepared().count();
+    tracing::info!(
+        shard = config.shard,
+        accounts = machine.accounts().count(),
+        prepared,
+        "state recovered"
+    );
+    let http = reqwest::Client::builder()
+        .timeout(config.query_timeout)
+        .build()?;
+    let node = Arc::new(Node {
+        shard: config.shard,
+        store,
+        machine: Mutex::new(machine),
+        http,
+        config,
+    });
+    let resolver = tokio::spawn(resolver::run(node.clone()));
+    let app = server::router(node.clone());
+    tracing::info!(shard = node.shard, addr = %listener.local_addr()?, "participant ready");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    resolver.abort();
+    node.store.sync().await.ok();
+    served?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! The in-doubt resolver: asks the coordinator what became of prepared transfers that have waited too long for
+//! a decision (all of them right after a restart), applies the answers, and backs off while the coordinator is
+//! unreachable. Holds stay in place until an answer arrives: a participant never decides alone.
+
+use crate::{server, Node};
+use common::http::now_unix_ms;
+use common::wire::{
+    self, Decision, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often to look for transfers in doubt when all is well.
+const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Backoff bounds while the coordinator does not answer.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Transfers per query: bounds one request's size.
+const QUERY_ITEMS_MAX: usize = 1_000;
+
+pub async fn run(node: Arc<Node>) {
+    let mut backoff = BACKOFF_MIN;
+    // Right after start every prepared transfer is in doubt: its decision may have come and gone while down.
+    let mut age_min = Duration::ZERO;
+    loop {
+        let in_doubt = node
+            .machine()
+            .in_doubt(now_unix_ms(), age_min.as_millis() as u64);
+        let mut by_coordinator: BTreeMap<String, Vec<DecisionQueryItem>> = BTreeMap::new();
+        for (id, prepared) in in_doubt {
+            let items = by_coordinator.entry(prepared.coordinator_url).or_default();
+            if items.len() < QUERY_ITEMS_MAX {
+                items.push(DecisionQueryItem {
+                    id,
+                    transfer: prepared.transfer,
+                });
+            }
+        }
+        let mut all_answered = true;
+        for (url, items) in by_coordinator {
+            match ask(&node, &url, items).await {
+                Ok(resolved) if resolved > 0 => {
+                    tracing::info!(resolved, "resolved transfers in doubt")
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    all_answered = false;
+                    tracing::warn!(coordinator = %url, %error, retry_in_ms = backoff.as_millis() as u64, "cannot reach the coordinator for decisions");
+                }
+            }
+        }
+        if all_answered {
+            backoff = BACKOFF_MIN;
+            age_min = node.config.in_doubt_after;
+            tokio::time::sleep(SCAN_INTERVAL).await;
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// One query round trip; returns how many transfers it resolved.
+async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<usize, String> {
+    let ids: Vec<uuid::Uuid> = items.iter().map(|i| i.id).collect();
+    let query = DecisionQuery {
+        shard: node.shard,
+        items,
+    };
+    let reply = node
+        .http
+        .post(format!("{url}{}", wire::PATH_DECISIONS))
+        .json(&query)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !reply.status().is_success() {
+        return Err(format!("coordinator answered {}", reply.status()));
+    }
+    let answers: DecisionAnswers = reply.json().await.map_err(|e| e.to_string())?;
+    if answers.answers.len() != ids.len() {
+        return Err(format!(
+            "{} answers for {} questions",
+            answers.answers.len(),
+            ids.len()
+        ));
+    }
+    let decided: Vec<(uuid::Uuid, Decision)> = ids
+        .into_iter()
+        .zip(answers.answers)
+        .filter_map(|(id, answer)| match answer {
+            QueryAnswer::Commit => Some((id, Decision::Commit)),
+            QueryAnswer::Abort => Some((id, Decision::Abort)),
+            QueryAnswer::Pending => None,
+        })
+        .collect();
+    for (id, decision) in &decided {
+        tracing::info!(transfer_id = %id, ?decision, "in-doubt transfer resolved by the coordinator");
+    }
+    let count = decided.len();
+    server::apply_decisions(node, decided.into_iter())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(count)
+}

@@ -1,0 +1,240 @@
+//! The participant's HTTP routes: the internal protocol calls from the coordinator, account reads, health.
+//! Each handler locks the machine, applies its writes, unlocks, waits for the group commit, then answers.
+
+use crate::{storage, Node};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::crash;
+use common::http::{error_response, now_unix_ms, JsonBody};
+use common::ledger::AccountId;
+use common::protocol::participant::{CreateError, Write};
+use common::store::StoreError;
+use common::wire::{
+    self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply,
+    PrepareBatch, PrepareReply, Vote,
+};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Largest internal request: a batch of up to a few thousand transfers is well under this.
+const BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Items in one batch; the coordinator sends far fewer, this only bounds the work one request can ask for.
+const BATCH_ITEMS_MAX: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("account already exists")]
+    AccountExists,
+    #[error("account not found")]
+    AccountNotFound,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("storage unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::AccountExists => {
+                error_response(StatusCode::CONFLICT, "account_exists", self.to_string())
+            }
+            ApiError::AccountNotFound => {
+                error_response(StatusCode::NOT_FOUND, "account_not_found", self.to_string())
+            }
+            ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "storage error");
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "storage is unavailable",
+                )
+            }
+        }
+    }
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/stats", get(stats))
+        .route(wire::PATH_ACCOUNTS, post(create_account))
+        .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
+        .route(wire::PATH_PREPARE, post(prepare))
+        .route(wire::PATH_DECIDE, post(decide))
+        .route(wire::PATH_APPLIED, get(applied))
+        .fallback(common::http::not_found)
+        .method_not_allowed_fallback(common::http::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(node)
+}
+
+async fn health(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let prepared = node.machine().prepared().count();
+    Json(json!({"status": "ok", "shard": node.shard, "prepared": prepared}))
+}
+
+async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let s = &node.store.stats;
+    Json(json!({
+        "shard": node.shard,
+        "fsyncs": s.fsyncs.load(Ordering::Relaxed),
+        "flush_waiters": s.waiters.load(Ordering::Relaxed),
+        "flush_micros": s.flush_micros.load(Ordering::Relaxed),
+    }))
+}
+
+/// Applies writes made under the machine lock. A failed in-memory sled write leaves memory ahead of the store,
+/// which only a restart from disk can repair.
+pub(crate) fn persist(node: &Node, writes: &[Write]) {
+    if let Err(error) = storage::apply(&node.store, writes) {
+        tracing::error!(%error, "store write failed: stopping to recover from disk");
+        std::process::abort();
+    }
+}
+
+async fn create_account(
+    State(node): State<Arc<Node>>,
+    JsonBody(req): JsonBody<CreateAccount>,
+) -> Result<(StatusCode, Json<AccountView>), ApiError> {
+    if req.balance < 0 {
+        return Err(ApiError::Invalid(format!(
+            "balance must be an integer from 0 to {}",
+            i64::MAX
+        )));
+    }
+    {
+        let mut machine = node.machine();
+        let mut writes = Vec::new();
+        machine
+            .create_account(req.id.clone(), req.balance, &mut writes)
+            .map_err(|e| match e {
+                CreateError::Exists => ApiError::AccountExists,
+            })?;
+        persist(&node, &writes);
+    }
+    node.store.sync().await?;
+    crash::point(crash::PARTICIPANT_ACCOUNT_CREATED);
+    tracing::info!(account = %req.id, balance = req.balance, "account created");
+    let view = AccountView {
+        id: req.id,
+        balance: req.balance,
+        held: 0,
+        available: req.balance,
+        shard: node.shard,
+    };
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn get_account(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+) -> Result<Json<AccountView>, ApiError> {
+    let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let record = node
+        .machine()
+        .account(&id)
+        .ok_or(ApiError::AccountNotFound)?;
+    Ok(Json(AccountView {
+        id,
+        balance: record.balance,
+        held: record.held,
+        available: record.available(),
+        shard: node.shard,
+    }))
+}
+
+async fn prepare(
+    State(node): State<Arc<Node>>,
+    JsonBody(batch): JsonBody<PrepareBatch>,
+) -> Result<Json<PrepareReply>, ApiError> {
+    crash::point(crash::PARTICIPANT_PREPARE_RECEIVED);
+    if batch.items.len() > BATCH_ITEMS_MAX {
+        return Err(ApiError::Invalid(format!(
+            "at most {BATCH_ITEMS_MAX} items per batch"
+        )));
+    }
+    if batch.items.iter().any(|item| item.postings.is_empty()) {
+        return Err(ApiError::Invalid(
+            "every prepare item needs at least one posting".into(),
+        ));
+    }
+    let now = now_unix_ms();
+    let votes: Vec<Vote> = {
+        let mut machine = node.machine();
+        let mut writes = Vec::with_capacity(batch.items.len() * 3);
+        let votes = batch
+            .items
+            .iter()
+            .map(|item| machine.prepare(item, now, &mut writes))
+            .collect();
+        persist(&node, &writes);
+        votes
+    };
+    for (item, vote) in batch.items.iter().zip(&votes) {
+        tracing::debug!(transfer_id = %item.id, ?vote, "prepare");
+    }
+    // Always wait: a repeated Prepare may be answering YES for a write that is not yet flushed.
+    node.store.sync().await?;
+    crash::point(crash::PARTICIPANT_PREPARE_FLUSHED);
+    Ok(Json(PrepareReply { votes }))
+}
+
+async fn decide(
+    State(node): State<Arc<Node>>,
+    JsonBody(batch): JsonBody<DecideBatch>,
+) -> Result<Json<DecideReply>, ApiError> {
+    crash::point(crash::PARTICIPANT_DECIDE_RECEIVED);
+    if batch.items.len() > BATCH_ITEMS_MAX {
+        return Err(ApiError::Invalid(format!(
+            "at most {BATCH_ITEMS_MAX} items per batch"
+        )));
+    }
+    let acks = apply_decisions(&node, batch.items.iter().map(|i| (i.id, i.decision))).await?;
+    crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
+    Ok(Json(DecideReply { acks }))
+}
+
+/// Applies decisions (from the coordinator's phase two or from the in-doubt resolver) and makes them durable.
+pub(crate) async fn apply_decisions(
+    node: &Node,
+    decisions: impl Iterator<Item = (uuid::Uuid, wire::Decision)>,
+) -> Result<Vec<DecideAck>, StoreError> {
+    let acks: Vec<DecideAck> = {
+        let mut machine = node.machine();
+        let mut writes = Vec::new();
+        let acks = decisions
+            .map(|(id, decision)| {
+                let ack = machine.decide(id, decision, &mut writes);
+                if ack == DecideAck::Refused {
+                    tracing::error!(transfer_id = %id, ?decision, "decision contradicts this shard's state: refused");
+                } else {
+                    tracing::debug!(transfer_id = %id, ?decision, "decided");
+                }
+                ack
+            })
+            .collect();
+        persist(node, &writes);
+        acks
+    };
+    node.store.sync().await?;
+    Ok(acks)
+}
+
+async fn applied(State(node): State<Arc<Node>>) -> Json<Vec<AppliedTransfer>> {
+    let machine = node.machine();
+    Json(
+        machine
+            .finished()
+            .map(|(id, decision)| AppliedTransfer {
+                id: *id,
+                decision: *decision,
+            })
+            .collect(),
+    )
+}
