@@ -1,0 +1,6 @@
+//! Integration tests: the real `coordinator` and `participant` binaries on loopback, killed and restarted.
+
+mod api;
+mod crash;
+mod harness;
+mod load;
