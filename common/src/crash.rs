@@ -37,12 +37,7 @@ fn armed() -> &'static [String] {
     static ARMED: OnceLock<Vec<String>> = OnceLock::new();
     ARMED.get_or_init(|| {
         std::env::var(ENV)
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
             .unwrap_or_default()
     })
 }
@@ -51,10 +46,7 @@ fn armed() -> &'static [String] {
 pub fn point(name: &'static str) {
     debug_assert!(ALL.contains(&name), "unknown crash point {name}");
     if armed().iter().any(|a| a == name) {
-        tracing::warn!(
-            crash_point = name,
-            "crash point reached: killing this process with SIGKILL"
-        );
+        tracing::warn!(crash_point = name, "crash point reached: killing this process with SIGKILL");
         // SAFETY: getpid and kill have no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

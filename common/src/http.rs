@@ -21,21 +21,8 @@ pub struct ErrorDetail {
 }
 
 /// `{"error":{"code":...,"message":...}}` with `status`.
-pub fn error_response(
-    status: StatusCode,
-    code: &'static str,
-    message: impl Into<String>,
-) -> Response {
-    (
-        status,
-        Json(ErrorBody {
-            error: ErrorDetail {
-                code,
-                message: message.into(),
-            },
-        }),
-    )
-        .into_response()
+pub fn error_response(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: ErrorDetail { code, message: message.into() } })).into_response()
 }
 
 /// Why a request body was refused.
@@ -94,9 +81,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 BodyError::Unreadable(rejection.body_text())
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| BodyError::Malformed(e.to_string()))
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| BodyError::Malformed(e.to_string()))
     }
 }
 
@@ -105,11 +90,7 @@ pub async fn not_found() -> Response {
 }
 
 pub async fn method_not_allowed() -> Response {
-    error_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this route does not accept that method",
-    )
+    error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the servers then stop accepting and finish the requests in flight.
@@ -134,8 +115,5 @@ pub async fn shutdown_signal() {
 
 /// Milliseconds since the Unix epoch; the protocol machines take time as an argument.
 pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -15,9 +15,7 @@ pub struct AccountId(String);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
-    #[error(
-        "account id must be 1 to {ACCOUNT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '_' or '-'"
-    )]
+    #[error("account id must be 1 to {ACCOUNT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '_' or '-'")]
     BadAccountId,
     #[error("amount must be an integer from 1 to {}", i64::MAX)]
     BadAmount,
@@ -30,9 +28,7 @@ impl AccountId {
         let id = id.into();
         let well_formed = !id.is_empty()
             && id.len() <= ACCOUNT_ID_LEN_MAX
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if well_formed {
             Ok(AccountId(id))
         } else {
@@ -122,26 +118,17 @@ impl Transfer {
     pub fn postings_for(&self, shard: ShardId, shard_count: u32) -> Vec<Posting> {
         let mut postings = Vec::with_capacity(2);
         if shard_of(&self.from, shard_count) == shard {
-            postings.push(Posting {
-                account: self.from.clone(),
-                delta: -self.amount.minor(),
-            });
+            postings.push(Posting { account: self.from.clone(), delta: -self.amount.minor() });
         }
         if shard_of(&self.to, shard_count) == shard {
-            postings.push(Posting {
-                account: self.to.clone(),
-                delta: self.amount.minor(),
-            });
+            postings.push(Posting { account: self.to.clone(), delta: self.amount.minor() });
         }
         postings
     }
 
     /// The shards this transfer touches, ascending and without repeats.
     pub fn shards(&self, shard_count: u32) -> Vec<ShardId> {
-        let mut shards = vec![
-            shard_of(&self.from, shard_count),
-            shard_of(&self.to, shard_count),
-        ];
+        let mut shards = vec![shard_of(&self.from, shard_count), shard_of(&self.to, shard_count)];
         shards.sort_unstable();
         shards.dedup();
         shards
@@ -154,9 +141,7 @@ pub fn shard_of(account: &AccountId, shard_count: u32) -> ShardId {
     assert!(shard_count > 0, "a cluster has at least one shard");
     const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = account.as_str().bytes().fold(FNV_OFFSET, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    });
+    let hash = account.as_str().bytes().fold(FNV_OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME));
     (hash % u64::from(shard_count)) as ShardId
 }
 
@@ -169,10 +154,7 @@ mod tests {
         assert!(AccountId::new("alice_01-x").is_ok());
         assert!(AccountId::new("a".repeat(64)).is_ok());
         assert_eq!(AccountId::new(""), Err(LedgerError::BadAccountId));
-        assert_eq!(
-            AccountId::new("a".repeat(65)),
-            Err(LedgerError::BadAccountId)
-        );
+        assert_eq!(AccountId::new("a".repeat(65)), Err(LedgerError::BadAccountId));
         assert_eq!(AccountId::new("al ice"), Err(LedgerError::BadAccountId));
         assert_eq!(AccountId::new("ålice"), Err(LedgerError::BadAccountId));
     }
@@ -190,10 +172,7 @@ mod tests {
         // Pinned values: changing the hash would move every existing account to another shard.
         let id = |s: &str| AccountId::new(s).expect("valid id");
         assert_eq!(shard_of(&id("alice"), 2), shard_of(&id("alice"), 2));
-        let pinned: Vec<u32> = ["alice", "bob", "carol", "dave"]
-            .iter()
-            .map(|s| shard_of(&id(s), 2))
-            .collect();
+        let pinned: Vec<u32> = ["alice", "bob", "carol", "dave"].iter().map(|s| shard_of(&id(s), 2)).collect();
         assert_eq!(pinned, PINNED_TWO_SHARDS);
     }
 
@@ -202,11 +181,7 @@ mod tests {
     #[test]
     fn postings_split_by_shard() {
         let id = |s: &str| AccountId::new(s).expect("valid id");
-        let t = Transfer {
-            from: id("alice"),
-            to: id("bob"),
-            amount: Amount::new(7).expect("positive"),
-        };
+        let t = Transfer { from: id("alice"), to: id("bob"), amount: Amount::new(7).expect("positive") };
         let all: Vec<Posting> = (0..2).flat_map(|s| t.postings_for(s, 2)).collect();
         assert_eq!(all.iter().map(|p| p.delta).sum::<i64>(), 0);
         assert_eq!(all.len(), 2);

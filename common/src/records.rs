@@ -144,23 +144,13 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_check_version() {
-        let rec = AccountRecord {
-            balance: 10,
-            held: 3,
-            incoming: 1,
-        };
+        let rec = AccountRecord { balance: 10, held: 3, incoming: 1 };
         let bytes = encode(&rec);
         assert_eq!(bytes[0], RECORD_VERSION);
         assert_eq!(decode::<AccountRecord>(&bytes).expect("decodes"), rec);
         let mut newer = bytes.clone();
         newer[0] = RECORD_VERSION + 1;
-        assert!(matches!(
-            decode::<AccountRecord>(&newer),
-            Err(RecordError::Version { .. })
-        ));
-        assert!(matches!(
-            decode::<AccountRecord>(&[]),
-            Err(RecordError::Empty)
-        ));
+        assert!(matches!(decode::<AccountRecord>(&newer), Err(RecordError::Version { .. })));
+        assert!(matches!(decode::<AccountRecord>(&[]), Err(RecordError::Empty)));
     }
 }

@@ -33,10 +33,7 @@ pub enum StoreError {
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
     #[error("cannot open store log file {path}: {source}")]
-    LogFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    LogFile { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Migration(#[from] migrations::MigrationError),
     #[error("storage error: {0}")]
@@ -75,10 +72,7 @@ impl Store {
         tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
-        let log = File::open(&log_path).map_err(|source| StoreError::LogFile {
-            path: log_path,
-            source,
-        })?;
+        let log = File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path, source })?;
         let (flush_queue, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         let stats = Arc::new(FlushStats::default());
         let flusher_db = db.clone();
@@ -86,16 +80,8 @@ impl Store {
         std::thread::Builder::new()
             .name("group-commit".into())
             .spawn(move || flusher(flusher_db, log, rx, flusher_stats))
-            .map_err(|source| StoreError::LogFile {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Store {
-            db,
-            flush_queue,
-            stats,
-            durability,
-        })
+            .map_err(|source| StoreError::LogFile { path: path.clone(), source })?;
+        Ok(Store { db, flush_queue, stats, durability })
     }
 
     /// Returns once every write this task made before the call is durable.
@@ -104,10 +90,7 @@ impl Store {
             return Ok(());
         }
         let (done, wait) = oneshot::channel();
-        self.flush_queue
-            .send(done)
-            .await
-            .map_err(|_| StoreError::FlusherGone)?;
+        self.flush_queue.send(done).await.map_err(|_| StoreError::FlusherGone)?;
         wait.await.map_err(|_| StoreError::FlusherGone)
     }
 }
@@ -115,11 +98,7 @@ impl Store {
 fn open_with_retry(path: &Path) -> Result<sled::Db, StoreError> {
     let mut attempt = 1;
     loop {
-        match sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-        {
+        match sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open() {
             Ok(db) => return Ok(db),
             Err(source) if attempt < OPEN_ATTEMPTS_MAX => {
                 tracing::warn!(attempt, error = %source, "store busy or unreadable, retrying");
@@ -127,12 +106,7 @@ fn open_with_retry(path: &Path) -> Result<sled::Db, StoreError> {
                 std::thread::sleep(OPEN_RETRY_DELAY);
                 let _ = source;
             }
-            Err(source) => {
-                return Err(StoreError::Open {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
+            Err(source) => return Err(StoreError::Open { path: path.to_owned(), source }),
         }
     }
 }
@@ -140,12 +114,7 @@ fn open_with_retry(path: &Path) -> Result<sled::Db, StoreError> {
 /// The group-commit loop: take every waiting writer, make their writes durable with one flush and one
 /// fdatasync, release them all. A failed fsync leaves the page cache in an unknown state (the write may be
 /// lost while the cache says clean), so the only safe answer is to stop the process and recover from disk.
-fn flusher(
-    db: sled::Db,
-    log: File,
-    mut rx: mpsc::Receiver<oneshot::Sender<()>>,
-    stats: Arc<FlushStats>,
-) {
+fn flusher(db: sled::Db, log: File, mut rx: mpsc::Receiver<oneshot::Sender<()>>, stats: Arc<FlushStats>) {
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -153,21 +122,14 @@ fn flusher(
             batch.push(next);
         }
         let started = Instant::now();
-        let result = db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| log.sync_data().map_err(|e| e.to_string()));
+        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| log.sync_data().map_err(|e| e.to_string()));
         if let Err(error) = result {
             tracing::error!(%error, "flush or fdatasync failed: stopping so recovery starts from what is on disk");
             std::process::abort();
         }
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        stats
-            .waiters
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats
-            .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         for done in batch.drain(..) {
             let _ = done.send(());
         }
@@ -181,8 +143,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_syncs_share_fsyncs() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store =
-            Store::open(dir.path(), StoreKind::Participant, Durability::Fsync).expect("opens");
+        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync).expect("opens");
         let tasks: Vec<_> = (0..64u32)
             .map(|i| {
                 let store = store.clone();
@@ -204,13 +165,11 @@ mod tests {
     fn reopening_sees_flushed_data() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let store =
-                Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("opens");
+            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("opens");
             store.db.insert(b"k", b"v").expect("insert");
             store.db.flush().expect("flush");
         }
-        let store =
-            Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("reopens");
+        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("reopens");
         assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
     }
 }

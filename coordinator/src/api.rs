@@ -51,38 +51,21 @@ impl IntoResponse for ApiError {
         let message = self.to_string();
         match self {
             ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
-            ApiError::AccountExists => {
-                error_response(StatusCode::CONFLICT, "account_exists", message)
+            ApiError::AccountExists => error_response(StatusCode::CONFLICT, "account_exists", message),
+            ApiError::AccountNotFound => error_response(StatusCode::NOT_FOUND, "account_not_found", message),
+            ApiError::TransferNotFound => error_response(StatusCode::NOT_FOUND, "transfer_not_found", message),
+            ApiError::IdempotencyConflict => error_response(StatusCode::CONFLICT, "idempotency_conflict", message),
+            ApiError::ParticipantUnavailable(_) => {
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "participant_unavailable", message)
             }
-            ApiError::AccountNotFound => {
-                error_response(StatusCode::NOT_FOUND, "account_not_found", message)
-            }
-            ApiError::TransferNotFound => {
-                error_response(StatusCode::NOT_FOUND, "transfer_not_found", message)
-            }
-            ApiError::IdempotencyConflict => {
-                error_response(StatusCode::CONFLICT, "idempotency_conflict", message)
-            }
-            ApiError::ParticipantUnavailable(_) => error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "participant_unavailable",
-                message,
-            ),
             ApiError::Overloaded => {
-                let mut response =
-                    error_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
+                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
                 response
             }
             ApiError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    message,
-                )
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message)
             }
         }
     }
@@ -118,10 +101,7 @@ struct AppState {
 }
 
 pub fn router(engine: Arc<Engine>, call_timeout: Duration) -> Router {
-    let state = AppState {
-        engine,
-        call_timeout,
-    };
+    let state = AppState { engine, call_timeout };
     let public = Router::new()
         .route("/health", get(health))
         .route("/stats", get(stats))
@@ -131,9 +111,8 @@ pub fn router(engine: Arc<Engine>, call_timeout: Duration) -> Router {
         .route("/transfers/{id}", get(get_transfer))
         .route("/transactions", get(transactions))
         .layer(DefaultBodyLimit::max(PUBLIC_BODY_BYTES_MAX));
-    let internal = Router::new()
-        .route(wire::PATH_DECISIONS, post(decisions))
-        .layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
+    let internal =
+        Router::new().route(wire::PATH_DECISIONS, post(decisions)).layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
     public
         .merge(internal)
         .fallback(common::http::not_found)
@@ -145,10 +124,7 @@ pub fn router(engine: Arc<Engine>, call_timeout: Duration) -> Router {
 fn whole_number(field: &str, value: &serde_json::Number, min: i64) -> Result<i64, ApiError> {
     match value.as_i64() {
         Some(v) if v >= min => Ok(v),
-        _ => Err(ApiError::Invalid(format!(
-            "{field} must be a whole number from {min} to {} (minor units)",
-            i64::MAX
-        ))),
+        _ => Err(ApiError::Invalid(format!("{field} must be a whole number from {min} to {} (minor units)", i64::MAX))),
     }
 }
 
@@ -179,10 +155,7 @@ async fn create_account(
         .http()
         .post(format!("{}{}", client.url, wire::PATH_ACCOUNTS))
         .timeout(state.call_timeout)
-        .json(&CreateAccount {
-            id: id.clone(),
-            balance,
-        })
+        .json(&CreateAccount { id: id.clone(), balance })
         .send()
         .await
         .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
@@ -213,11 +186,7 @@ async fn get_account(
         .await
         .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
     match reply.status() {
-        StatusCode::OK => reply
-            .json()
-            .await
-            .map(Json)
-            .map_err(|_| ApiError::ParticipantUnavailable(shard)),
+        StatusCode::OK => reply.json().await.map(Json).map_err(|_| ApiError::ParticipantUnavailable(shard)),
         StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
         _ => Err(ApiError::ParticipantUnavailable(shard)),
     }
@@ -240,24 +209,15 @@ async fn create_transfer(
     let from = account_id("from", req.from)?;
     let to = account_id("to", req.to)?;
     if from == to {
-        return Err(ApiError::Invalid(
-            "from and to must be different accounts".into(),
-        ));
+        return Err(ApiError::Invalid("from and to must be different accounts".into()));
     }
-    let amount = Amount::new(whole_number("amount", &req.amount, 1)?)
-        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let amount = Amount::new(whole_number("amount", &req.amount, 1)?).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let id = match req.id {
-        Some(raw) => {
-            Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?
-        }
+        Some(raw) => Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?,
         None => Uuid::new_v4(),
     };
-    tracing::info_span!("transfer", transfer_id = %id)
-        .in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
-    let fin = state
-        .engine
-        .submit(id, Transfer { from, to, amount })
-        .await?;
+    tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
+    let fin = state.engine.submit(id, Transfer { from, to, amount }).await?;
     Ok(outcome_response(id, &fin))
 }
 
@@ -272,19 +232,13 @@ fn outcome_response(id: Uuid, fin: &Final) -> Response {
         }
         Outcome::Aborted(reason) => {
             let status = match reason {
-                AbortReason::InsufficientFunds | AbortReason::BalanceOverflow => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
+                AbortReason::InsufficientFunds | AbortReason::BalanceOverflow => StatusCode::UNPROCESSABLE_ENTITY,
                 AbortReason::AccountNotFound => StatusCode::NOT_FOUND,
                 AbortReason::ParticipantUnavailable | AbortReason::CoordinatorRestarted => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             };
-            (
-                status,
-                Json(json!({"id": id, "status": "aborted", "reason": reason.code()})),
-            )
-                .into_response()
+            (status, Json(json!({"id": id, "status": "aborted", "reason": reason.code()}))).into_response()
         }
     }
 }
@@ -294,14 +248,9 @@ async fn get_transfer(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(raw) = path?;
-    let id = Uuid::parse_str(&raw)
-        .map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
-    let (transfer, outcome) = state
-        .engine
-        .status(&id)?
-        .ok_or(ApiError::TransferNotFound)?;
-    let mut body =
-        json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
+    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
+    let (transfer, outcome) = state.engine.status(&id)?.ok_or(ApiError::TransferNotFound)?;
+    let mut body = json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),
@@ -325,9 +274,7 @@ async fn transactions(
     let Query(query) = query?;
     match query.status.as_deref() {
         Some("in_doubt") => Ok(Json(json!({"transactions": state.engine.in_doubt()}))),
-        _ => Err(ApiError::Invalid(
-            "status must be given and be in_doubt".into(),
-        )),
+        _ => Err(ApiError::Invalid("status must be given and be in_doubt".into())),
     }
 }
 
@@ -362,11 +309,7 @@ async fn decisions(
     State(state): State<AppState>,
     JsonBody(query): JsonBody<DecisionQuery>,
 ) -> Result<Json<DecisionAnswers>, ApiError> {
-    tracing::debug!(
-        shard = query.shard,
-        count = query.items.len(),
-        "decision query"
-    );
+    tracing::debug!(shard = query.shard, count = query.items.len(), "decision query");
     let answers = state.engine.answer_queries(query.items).await?;
     Ok(Json(DecisionAnswers { answers }))
 }

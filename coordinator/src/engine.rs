@@ -8,9 +8,7 @@ use crate::wal::{Wal, WalError};
 use common::crash;
 use common::http::now_unix_ms;
 use common::ledger::{ShardId, Transfer, TransferId};
-use common::protocol::coordinator::{
-    decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult,
-};
+use common::protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
 use common::records::{AbortReason, Outcome, TransferRecord};
 use common::wire::{DecideAck, DecideItem, DecisionQueryItem, PrepareItem, QueryAnswer};
 use futures::future::join_all;
@@ -107,26 +105,14 @@ impl Engine {
         participants: Vec<ParticipantClient>,
     ) -> Result<Arc<Self>, WalError> {
         let mut owed = HashMap::new();
-        let long_ago = Instant::now()
-            .checked_sub(REDELIVER_AFTER)
-            .unwrap_or_else(Instant::now);
+        let long_ago = Instant::now().checked_sub(REDELIVER_AFTER).unwrap_or_else(Instant::now);
         for (id, record) in wal.unacked()? {
             let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
             let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked);
-            owed.insert(
-                id,
-                Owed {
-                    machine,
-                    decided_at: Instant::now(),
-                    last_sent: long_ago,
-                },
-            );
+            owed.insert(id, Owed { machine, decided_at: Instant::now(), last_sent: long_ago });
         }
         if !owed.is_empty() {
-            tracing::info!(
-                count = owed.len(),
-                "recovered committed transfers still owed acks: re-sending"
-            );
+            tracing::info!(count = owed.len(), "recovered committed transfers still owed acks: re-sending");
         }
         let admission = Arc::new(Semaphore::new(config.transfers_in_flight_max));
         Ok(Arc::new(Engine {
@@ -140,20 +126,13 @@ impl Engine {
     }
 
     /// Runs (or joins, or replays) the transfer `id` and returns its final outcome, durable.
-    pub async fn submit(
-        self: &Arc<Self>,
-        id: TransferId,
-        transfer: Transfer,
-    ) -> Result<Final, EngineError> {
+    pub async fn submit(self: &Arc<Self>, id: TransferId, transfer: Transfer) -> Result<Final, EngineError> {
         let mut done = match self.claim(id, &transfer)? {
             Claim::Running(done) => done,
             Claim::Logged(record) => {
                 // It may have been written by a decision query a moment ago: make sure it is on disk.
                 self.wal.sync().await?;
-                return Ok(Final {
-                    transfer: record.transfer,
-                    outcome: record.outcome,
-                });
+                return Ok(Final { transfer: record.transfer, outcome: record.outcome });
             }
         };
         loop {
@@ -181,19 +160,9 @@ impl Engine {
             }
             return Ok(Claim::Logged(record));
         }
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| EngineError::Overloaded)?;
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
         let (tx, rx) = watch::channel(None);
-        inflight.insert(
-            id,
-            Inflight {
-                transfer: transfer.clone(),
-                done: rx.clone(),
-            },
-        );
+        inflight.insert(id, Inflight { transfer: transfer.clone(), done: rx.clone() });
         let engine = self.clone();
         let transfer = transfer.clone();
         let span = tracing::info_span!("transfer", transfer_id = %id);
@@ -218,11 +187,7 @@ impl Engine {
     }
 
     /// One transfer, from Prepare to the client's answer. Phase two continues after the answer if shards lag.
-    async fn run(
-        self: &Arc<Self>,
-        id: TransferId,
-        transfer: Transfer,
-    ) -> Result<Final, EngineError> {
+    async fn run(self: &Arc<Self>, id: TransferId, transfer: Transfer) -> Result<Final, EngineError> {
         let mut machine = TransferMachine::new(id, transfer.clone(), self.config.shard_count);
         let prepares = machine.shards().into_iter().map(|shard| {
             let item = PrepareItem {
@@ -233,20 +198,17 @@ impl Engine {
             };
             let client = &self.participants[shard as usize];
             async move {
-                let vote =
-                    match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item))
-                        .await
-                    {
-                        Ok(Ok(vote)) => VoteResult::Vote(vote),
-                        Ok(Err(CallError::Failed(error))) => {
-                            tracing::warn!(shard, %error, "prepare failed");
-                            VoteResult::Unavailable
-                        }
-                        Err(_) => {
-                            tracing::warn!(shard, "prepare timed out");
-                            VoteResult::Unavailable
-                        }
-                    };
+                let vote = match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item)).await {
+                    Ok(Ok(vote)) => VoteResult::Vote(vote),
+                    Ok(Err(CallError::Failed(error))) => {
+                        tracing::warn!(shard, %error, "prepare failed");
+                        VoteResult::Unavailable
+                    }
+                    Err(_) => {
+                        tracing::warn!(shard, "prepare timed out");
+                        VoteResult::Unavailable
+                    }
+                };
                 (shard, vote)
             }
         });
@@ -256,9 +218,7 @@ impl Engine {
             tracing::debug!(shard, ?vote, "vote");
             outcome = outcome.or(machine.on_vote(shard, vote));
         }
-        let outcome = outcome
-            .or_else(|| machine.on_prepare_timeout())
-            .expect("every shard has voted or timed out");
+        let outcome = outcome.or_else(|| machine.on_prepare_timeout()).expect("every shard has voted or timed out");
         crash::point(crash::COORDINATOR_VOTES_RECEIVED);
 
         // Force the decision to the log before anyone hears of it.
@@ -280,14 +240,7 @@ impl Engine {
             return Ok(fin);
         }
         let now = Instant::now();
-        lock(&self.owed).insert(
-            id,
-            Owed {
-                machine,
-                decided_at: now,
-                last_sent: now,
-            },
-        );
+        lock(&self.owed).insert(id, Owed { machine, decided_at: now, last_sent: now });
         lock(&self.inflight).remove(&id);
         let delivery = self.clone().deliver(id, decision, targets);
         if outcome == Outcome::Committed {
@@ -300,12 +253,7 @@ impl Engine {
     }
 
     /// Sends a durable decision to `targets` and records their acks; the last ack ends the transfer.
-    async fn deliver(
-        self: Arc<Self>,
-        id: TransferId,
-        decision: common::wire::Decision,
-        targets: Vec<ShardId>,
-    ) {
+    async fn deliver(self: Arc<Self>, id: TransferId, decision: common::wire::Decision, targets: Vec<ShardId>) {
         let sends = targets.into_iter().map(|shard| {
             let client = &self.participants[shard as usize];
             async move { (shard, client.decide(DecideItem { id, decision }).await) }
@@ -335,11 +283,7 @@ impl Engine {
             owed.remove(&id)
         };
         let Some(entry) = finished else { return };
-        if let Phase::Decided {
-            outcome: Outcome::Committed,
-            ..
-        } = entry.machine.phase()
-        {
+        if let Phase::Decided { outcome: Outcome::Committed, .. } = entry.machine.phase() {
             crash::point(crash::COORDINATOR_BEFORE_END);
             // Not flushed: if the end is lost, recovery re-sends a commit the shards acknowledge idempotently.
             if let Err(error) = self.wal.end(&id) {
@@ -363,11 +307,7 @@ impl Engine {
                         let Phase::Decided { outcome, unacked } = o.machine.phase() else {
                             return None;
                         };
-                        Some((
-                            *id,
-                            decision_of(*outcome),
-                            unacked.iter().copied().collect(),
-                        ))
+                        Some((*id, decision_of(*outcome), unacked.iter().copied().collect()))
                     })
                     .collect()
             };
@@ -379,18 +319,12 @@ impl Engine {
 
     /// Answers a participant in doubt. Never "abort" while the transfer may still commit; an abort given for an
     /// unknown transfer is logged first, so it binds any later submission of the same id.
-    pub async fn answer_queries(
-        &self,
-        items: Vec<DecisionQueryItem>,
-    ) -> Result<Vec<QueryAnswer>, EngineError> {
+    pub async fn answer_queries(&self, items: Vec<DecisionQueryItem>) -> Result<Vec<QueryAnswer>, EngineError> {
         let mut answers = Vec::with_capacity(items.len());
         for item in items {
             let inflight = lock(&self.inflight);
             let record = self.wal.get(&item.id)?;
-            let answer = match plan_query_answer(
-                inflight.contains_key(&item.id),
-                record.map(|r| r.outcome),
-            ) {
+            let answer = match plan_query_answer(inflight.contains_key(&item.id), record.map(|r| r.outcome)) {
                 QueryPlan::Answer(answer) => answer,
                 QueryPlan::LogAbortThenAnswer => {
                     let record = TransferRecord {
@@ -412,10 +346,7 @@ impl Engine {
     }
 
     /// `pending` while this process is deciding `id`, else what the log says.
-    pub fn status(
-        &self,
-        id: &TransferId,
-    ) -> Result<Option<(Transfer, Option<Outcome>)>, EngineError> {
+    pub fn status(&self, id: &TransferId) -> Result<Option<(Transfer, Option<Outcome>)>, EngineError> {
         if let Some(running) = lock(&self.inflight).get(id) {
             return Ok(Some((running.transfer.clone(), None)));
         }
@@ -428,10 +359,7 @@ impl Engine {
             .iter()
             .map(|(id, o)| {
                 let decision = match o.machine.phase() {
-                    Phase::Decided {
-                        outcome: Outcome::Committed,
-                        ..
-                    } => "commit",
+                    Phase::Decided { outcome: Outcome::Committed, .. } => "commit",
                     _ => "abort",
                 };
                 InDoubt {
@@ -442,7 +370,7 @@ impl Engine {
                 }
             })
             .collect();
-        list.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        list.sort_by_key(|d| std::cmp::Reverse(d.age_ms));
         list
     }
 }

@@ -58,17 +58,10 @@ pub async fn run(
     let wal = wal::Wal::open(&config.data_dir, config.durability, shard_count).await?;
     let local = listener.local_addr()?;
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| {
-        let host = if local.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            local.ip().to_string()
-        };
+        let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
         format!("http://{host}:{}", local.port())
     });
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
-        .tcp_nodelay(true)
-        .build()?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX).tcp_nodelay(true).build()?;
     let participants = config
         .participants
         .iter()
@@ -89,9 +82,7 @@ pub async fn run(
     let redelivery = tokio::spawn(engine.clone().redeliver_forever());
     let app = api::router(engine.clone(), config.participant_call_timeout);
     tracing::info!(addr = %local, advertise = %advertise_url, shards = shard_count, "coordinator ready");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     redelivery.abort();
     engine.wal.sync().await.ok();
     served?;

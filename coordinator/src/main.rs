@@ -21,12 +21,7 @@ struct Cli {
     data: PathBuf,
     /// Comma-separated participant base URLs, e.g. http://127.0.0.1:7101,http://127.0.0.1:7102. Fixed at first
     /// start: a different count is refused, since accounts would map to other shards.
-    #[arg(
-        long,
-        env = "LEDGER_PARTICIPANTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, env = "LEDGER_PARTICIPANTS", value_delimiter = ',', required = true)]
     participants: Vec<String>,
     /// URL participants should use to reach this coordinator (default: http://<listen address>).
     #[arg(long, env = "LEDGER_ADVERTISE_URL")]
@@ -64,19 +59,13 @@ async fn main() -> ExitCode {
         }
     };
     if cli.no_fsync {
-        tracing::warn!(
-            "--no-fsync: acknowledged transfers can be lost; never use this for real money"
-        );
+        tracing::warn!("--no-fsync: acknowledged transfers can be lost; never use this for real money");
     }
     let config = coordinator::Config {
         data_dir: cli.data,
         participants: cli.participants,
         advertise_url: cli.advertise_url,
-        durability: if cli.no_fsync {
-            Durability::NoFsync
-        } else {
-            Durability::Fsync
-        },
+        durability: if cli.no_fsync { Durability::NoFsync } else { Durability::Fsync },
         prepare_timeout: Duration::from_millis(cli.prepare_timeout_ms),
         commit_ack_wait: Duration::from_millis(cli.commit_ack_wait_ms),
         participant_call_timeout: Duration::from_millis(cli.participant_timeout_ms),

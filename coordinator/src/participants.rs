@@ -5,8 +5,7 @@
 use common::crash;
 use common::ledger::ShardId;
 use common::wire::{
-    self, DecideAck, DecideBatch, DecideItem, DecideReply, Decision, PrepareBatch, PrepareItem,
-    PrepareReply, Vote,
+    self, DecideAck, DecideBatch, DecideItem, DecideReply, Decision, PrepareBatch, PrepareItem, PrepareReply, Vote,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
@@ -71,17 +70,11 @@ impl BatchKind for Decide {
         reply.acks
     }
     fn crash_point(items: &[DecideItem]) -> Option<&'static str> {
-        items
-            .iter()
-            .any(|i| i.decision == Decision::Commit)
-            .then_some(crash::COORDINATOR_COMMIT_SENT)
+        items.iter().any(|i| i.decision == Decision::Commit).then_some(crash::COORDINATOR_COMMIT_SENT)
     }
 }
 
-type Job<K> = (
-    <K as BatchKind>::Item,
-    oneshot::Sender<Result<<K as BatchKind>::Answer, CallError>>,
-);
+type Job<K> = (<K as BatchKind>::Item, oneshot::Sender<Result<<K as BatchKind>::Answer, CallError>>);
 
 pub struct ParticipantClient {
     pub shard: ShardId,
@@ -95,25 +88,9 @@ impl ParticipantClient {
     pub fn new(shard: ShardId, url: String, http: reqwest::Client, call_timeout: Duration) -> Self {
         let (prepares, prepare_rx) = mpsc::channel(QUEUE_MAX);
         let (decisions, decide_rx) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(batcher::<Prepare>(
-            http.clone(),
-            url.clone(),
-            call_timeout,
-            prepare_rx,
-        ));
-        tokio::spawn(batcher::<Decide>(
-            http.clone(),
-            url.clone(),
-            call_timeout,
-            decide_rx,
-        ));
-        ParticipantClient {
-            shard,
-            url,
-            http,
-            prepares,
-            decisions,
-        }
+        tokio::spawn(batcher::<Prepare>(http.clone(), url.clone(), call_timeout, prepare_rx));
+        tokio::spawn(batcher::<Decide>(http.clone(), url.clone(), call_timeout, decide_rx));
+        ParticipantClient { shard, url, http, prepares, decisions }
     }
 
     pub async fn prepare(&self, item: PrepareItem) -> Result<Vote, CallError> {
@@ -130,17 +107,10 @@ impl ParticipantClient {
     }
 }
 
-async fn call<K: BatchKind>(
-    queue: &mpsc::Sender<Job<K>>,
-    item: K::Item,
-) -> Result<K::Answer, CallError> {
+async fn call<K: BatchKind>(queue: &mpsc::Sender<Job<K>>, item: K::Item) -> Result<K::Answer, CallError> {
     let (tx, rx) = oneshot::channel();
-    queue
-        .send((item, tx))
-        .await
-        .map_err(|_| CallError::Failed("client stopped".into()))?;
-    rx.await
-        .map_err(|_| CallError::Failed("batch dropped".into()))?
+    queue.send((item, tx)).await.map_err(|_| CallError::Failed("client stopped".into()))?;
+    rx.await.map_err(|_| CallError::Failed("batch dropped".into()))?
 }
 
 async fn batcher<K: BatchKind>(
@@ -180,18 +150,10 @@ async fn batcher<K: BatchKind>(
                     }
                 }
                 Ok(answers) => {
-                    let error = CallError::Failed(format!(
-                        "{} answers for {} items",
-                        answers.len(),
-                        replies.len()
-                    ));
-                    replies
-                        .into_iter()
-                        .for_each(|r| drop(r.send(Err(error.clone()))));
+                    let error = CallError::Failed(format!("{} answers for {} items", answers.len(), replies.len()));
+                    replies.into_iter().for_each(|r| drop(r.send(Err(error.clone()))));
                 }
-                Err(error) => replies
-                    .into_iter()
-                    .for_each(|r| drop(r.send(Err(error.clone())))),
+                Err(error) => replies.into_iter().for_each(|r| drop(r.send(Err(error.clone())))),
             }
         });
     }
@@ -211,14 +173,8 @@ async fn send<K: BatchKind>(
         .await
         .map_err(|e| CallError::Failed(e.to_string()))?;
     if !reply.status().is_success() {
-        return Err(CallError::Failed(format!(
-            "{endpoint} answered {}",
-            reply.status()
-        )));
+        return Err(CallError::Failed(format!("{endpoint} answered {}", reply.status())));
     }
-    let reply: K::Reply = reply
-        .json()
-        .await
-        .map_err(|e| CallError::Failed(e.to_string()))?;
+    let reply: K::Reply = reply.json().await.map_err(|e| CallError::Failed(e.to_string()))?;
     Ok(K::answers(reply))
 }

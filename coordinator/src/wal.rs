@@ -48,38 +48,23 @@ fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
 
 impl Wal {
     /// Opens the log, fixing the participant count at first start and refusing a different one later.
-    pub async fn open(
-        dir: &Path,
-        durability: Durability,
-        participant_count: u32,
-    ) -> Result<Wal, WalError> {
+    pub async fn open(dir: &Path, durability: Durability, participant_count: u32) -> Result<Wal, WalError> {
         let dir = dir.to_owned();
-        let store = tokio::task::spawn_blocking(move || {
-            Store::open(&dir, StoreKind::Coordinator, durability)
-        })
-        .await
-        .map_err(|e| StoreError::LogFile {
-            path: Default::default(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, durability)).await.map_err(
+                |e| StoreError::LogFile { path: Default::default(), source: std::io::Error::other(e.to_string()) },
+            )??;
         match store.db.get(PARTICIPANT_COUNT_KEY)? {
             Some(bytes) => {
-                let raw: [u8; 4] = bytes
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| WalError::BadKey(PARTICIPANT_COUNT_KEY.to_vec()))?;
+                let raw: [u8; 4] =
+                    bytes.as_ref().try_into().map_err(|_| WalError::BadKey(PARTICIPANT_COUNT_KEY.to_vec()))?;
                 let stored = u32::from_be_bytes(raw);
                 if stored != participant_count {
-                    return Err(WalError::ParticipantCount {
-                        stored,
-                        requested: participant_count,
-                    });
+                    return Err(WalError::ParticipantCount { stored, requested: participant_count });
                 }
             }
             None => {
-                store
-                    .db
-                    .insert(PARTICIPANT_COUNT_KEY, &participant_count.to_be_bytes())?;
+                store.db.insert(PARTICIPANT_COUNT_KEY, &participant_count.to_be_bytes())?;
                 store.sync().await?;
             }
         }

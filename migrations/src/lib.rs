@@ -39,20 +39,16 @@ pub struct Migration {
 /// Every migration, in order. Empty while version 1 is the only layout.
 pub const MIGRATIONS: &[Migration] = &[];
 
-const _: () = assert!(
-    MIGRATIONS.len() as u32 + 1 == LAYOUT_VERSION,
-    "one migration per version after 1"
-);
+const _: () = assert!(MIGRATIONS.len() as u32 + 1 == LAYOUT_VERSION, "one migration per version after 1");
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("store layout version {found} is newer than this binary understands ({LAYOUT_VERSION}); use a newer binary")]
+    #[error(
+        "store layout version {found} is newer than this binary understands ({LAYOUT_VERSION}); use a newer binary"
+    )]
     TooNew { found: u32 },
     #[error("this is a {found} store, not a {expected} store: check the --data directory")]
-    WrongKind {
-        found: String,
-        expected: &'static str,
-    },
+    WrongKind { found: String, expected: &'static str },
     #[error("store holds data but no layout version: not a store this program wrote")]
     Unversioned,
     #[error("store metadata is corrupt: {0}")]
@@ -68,17 +64,13 @@ pub fn migrate(db: &sled::Db, kind: StoreKind) -> Result<u32, MigrationError> {
     match meta.get(KIND_KEY)? {
         Some(k) if k.as_ref() != kind.name().as_bytes() => {
             let found = String::from_utf8_lossy(&k).into_owned();
-            return Err(MigrationError::WrongKind {
-                found,
-                expected: kind.name(),
-            });
+            return Err(MigrationError::WrongKind { found, expected: kind.name() });
         }
         _ => {}
     }
     let Some(found) = found else {
         let holds_data = db.tree_names().iter().any(|name| {
-            name.as_ref() != META_TREE.as_bytes()
-                && db.open_tree(name).map(|t| !t.is_empty()).unwrap_or(true)
+            name.as_ref() != META_TREE.as_bytes() && db.open_tree(name).map(|t| !t.is_empty()).unwrap_or(true)
         });
         if holds_data {
             return Err(MigrationError::Unversioned);
@@ -103,10 +95,7 @@ fn read_version(meta: &sled::Tree) -> Result<Option<u32>, MigrationError> {
     match meta.get(VERSION_KEY)? {
         None => Ok(None),
         Some(bytes) => {
-            let raw: [u8; 4] = bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| MigrationError::Corrupt("layout version"))?;
+            let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| MigrationError::Corrupt("layout version"))?;
             Ok(Some(u32::from_be_bytes(raw)))
         }
     }
@@ -114,8 +103,7 @@ fn read_version(meta: &sled::Tree) -> Result<Option<u32>, MigrationError> {
 
 /// Stamps a store with an arbitrary version: lets tests build stores of other versions.
 pub fn stamp_version(db: &sled::Db, version: u32) -> sled::Result<()> {
-    db.open_tree(META_TREE)?
-        .insert(VERSION_KEY, &version.to_be_bytes())?;
+    db.open_tree(META_TREE)?.insert(VERSION_KEY, &version.to_be_bytes())?;
     db.flush()?;
     Ok(())
 }
@@ -133,22 +121,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let db = open(dir.path());
-            assert_eq!(
-                migrate(&db, StoreKind::Participant).expect("fresh store opens"),
-                0
-            );
+            assert_eq!(migrate(&db, StoreKind::Participant).expect("fresh store opens"), 0);
             db.insert(b"a-key", b"value").expect("insert");
             db.flush().expect("flush");
         }
         let db = open(dir.path());
-        assert_eq!(
-            migrate(&db, StoreKind::Participant).expect("v1 store opens"),
-            1
-        );
-        assert_eq!(
-            db.get(b"a-key").expect("get").as_deref(),
-            Some(&b"value"[..])
-        );
+        assert_eq!(migrate(&db, StoreKind::Participant).expect("v1 store opens"), 1);
+        assert_eq!(db.get(b"a-key").expect("get").as_deref(), Some(&b"value"[..]));
     }
 
     #[test]
@@ -176,9 +155,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open(dir.path());
         db.insert(b"stray", b"data").expect("insert");
-        assert!(matches!(
-            migrate(&db, StoreKind::Participant),
-            Err(MigrationError::Unversioned)
-        ));
+        assert!(matches!(migrate(&db, StoreKind::Participant), Err(MigrationError::Unversioned)));
     }
 }

@@ -53,9 +53,7 @@ impl Node {
     pub fn machine(&self) -> MutexGuard<'_, ParticipantMachine> {
         // A panic while holding the lock means an invariant broke mid-change: memory may no longer match disk.
         self.machine.lock().unwrap_or_else(|_| {
-            tracing::error!(
-                "participant state poisoned by an earlier panic; stopping to recover from disk"
-            );
+            tracing::error!("participant state poisoned by an earlier panic; stopping to recover from disk");
             std::process::abort()
         })
     }
@@ -70,36 +68,19 @@ pub async fn run(
     let store = {
         let dir = config.data_dir.clone();
         let durability = config.durability;
-        tokio::task::spawn_blocking(move || {
-            Store::open(&dir, common::store::StoreKind::Participant, durability)
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??
+        tokio::task::spawn_blocking(move || Store::open(&dir, common::store::StoreKind::Participant, durability))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??
     };
     let machine = storage::load(&store, config.shard).await?;
     let prepared = machine.prepared().count();
-    tracing::info!(
-        shard = config.shard,
-        accounts = machine.accounts().count(),
-        prepared,
-        "state recovered"
-    );
-    let http = reqwest::Client::builder()
-        .timeout(config.query_timeout)
-        .build()?;
-    let node = Arc::new(Node {
-        shard: config.shard,
-        store,
-        machine: Mutex::new(machine),
-        http,
-        config,
-    });
+    tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
+    let http = reqwest::Client::builder().timeout(config.query_timeout).build()?;
+    let node = Arc::new(Node { shard: config.shard, store, machine: Mutex::new(machine), http, config });
     let resolver = tokio::spawn(resolver::run(node.clone()));
     let app = server::router(node.clone());
     tracing::info!(shard = node.shard, addr = %listener.local_addr()?, "participant ready");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     resolver.abort();
     node.store.sync().await.ok();
     served?;

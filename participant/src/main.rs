@@ -44,18 +44,12 @@ async fn main() -> ExitCode {
         }
     };
     if cli.no_fsync {
-        tracing::warn!(
-            "--no-fsync: acknowledged writes can be lost; never use this for real money"
-        );
+        tracing::warn!("--no-fsync: acknowledged writes can be lost; never use this for real money");
     }
     let config = participant::Config {
         shard: cli.shard,
         data_dir: cli.data,
-        durability: if cli.no_fsync {
-            Durability::NoFsync
-        } else {
-            Durability::Fsync
-        },
+        durability: if cli.no_fsync { Durability::NoFsync } else { Durability::Fsync },
         in_doubt_after: Duration::from_millis(cli.in_doubt_after_ms),
         query_timeout: Duration::from_secs(5),
     };

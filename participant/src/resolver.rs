@@ -4,9 +4,7 @@
 
 use crate::{server, Node};
 use common::http::now_unix_ms;
-use common::wire::{
-    self, Decision, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer,
-};
+use common::wire::{self, Decision, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,17 +22,12 @@ pub async fn run(node: Arc<Node>) {
     // Right after start every prepared transfer is in doubt: its decision may have come and gone while down.
     let mut age_min = Duration::ZERO;
     loop {
-        let in_doubt = node
-            .machine()
-            .in_doubt(now_unix_ms(), age_min.as_millis() as u64);
+        let in_doubt = node.machine().in_doubt(now_unix_ms(), age_min.as_millis() as u64);
         let mut by_coordinator: BTreeMap<String, Vec<DecisionQueryItem>> = BTreeMap::new();
         for (id, prepared) in in_doubt {
             let items = by_coordinator.entry(prepared.coordinator_url).or_default();
             if items.len() < QUERY_ITEMS_MAX {
-                items.push(DecisionQueryItem {
-                    id,
-                    transfer: prepared.transfer,
-                });
+                items.push(DecisionQueryItem { id, transfer: prepared.transfer });
             }
         }
         let mut all_answered = true;
@@ -64,10 +57,7 @@ pub async fn run(node: Arc<Node>) {
 /// One query round trip; returns how many transfers it resolved.
 async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<usize, String> {
     let ids: Vec<uuid::Uuid> = items.iter().map(|i| i.id).collect();
-    let query = DecisionQuery {
-        shard: node.shard,
-        items,
-    };
+    let query = DecisionQuery { shard: node.shard, items };
     let reply = node
         .http
         .post(format!("{url}{}", wire::PATH_DECISIONS))
@@ -80,11 +70,7 @@ async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<us
     }
     let answers: DecisionAnswers = reply.json().await.map_err(|e| e.to_string())?;
     if answers.answers.len() != ids.len() {
-        return Err(format!(
-            "{} answers for {} questions",
-            answers.answers.len(),
-            ids.len()
-        ));
+        return Err(format!("{} answers for {} questions", answers.answers.len(), ids.len()));
     }
     let decided: Vec<(uuid::Uuid, Decision)> = ids
         .into_iter()
@@ -99,8 +85,6 @@ async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<us
         tracing::info!(transfer_id = %id, ?decision, "in-doubt transfer resolved by the coordinator");
     }
     let count = decided.len();
-    server::apply_decisions(node, decided.into_iter())
-        .await
-        .map_err(|e| e.to_string())?;
+    server::apply_decisions(node, decided.into_iter()).await.map_err(|e| e.to_string())?;
     Ok(count)
 }

@@ -13,8 +13,8 @@ use common::ledger::AccountId;
 use common::protocol::participant::{CreateError, Write};
 use common::store::StoreError;
 use common::wire::{
-    self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply,
-    PrepareBatch, PrepareReply, Vote,
+    self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply, PrepareBatch, PrepareReply,
+    Vote,
 };
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -40,20 +40,12 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            ApiError::AccountExists => {
-                error_response(StatusCode::CONFLICT, "account_exists", self.to_string())
-            }
-            ApiError::AccountNotFound => {
-                error_response(StatusCode::NOT_FOUND, "account_not_found", self.to_string())
-            }
+            ApiError::AccountExists => error_response(StatusCode::CONFLICT, "account_exists", self.to_string()),
+            ApiError::AccountNotFound => error_response(StatusCode::NOT_FOUND, "account_not_found", self.to_string()),
             ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "storage error");
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage_unavailable",
-                    "storage is unavailable",
-                )
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "storage is unavailable")
             }
         }
     }
@@ -103,43 +95,26 @@ async fn create_account(
     JsonBody(req): JsonBody<CreateAccount>,
 ) -> Result<(StatusCode, Json<AccountView>), ApiError> {
     if req.balance < 0 {
-        return Err(ApiError::Invalid(format!(
-            "balance must be an integer from 0 to {}",
-            i64::MAX
-        )));
+        return Err(ApiError::Invalid(format!("balance must be an integer from 0 to {}", i64::MAX)));
     }
     {
         let mut machine = node.machine();
         let mut writes = Vec::new();
-        machine
-            .create_account(req.id.clone(), req.balance, &mut writes)
-            .map_err(|e| match e {
-                CreateError::Exists => ApiError::AccountExists,
-            })?;
+        machine.create_account(req.id.clone(), req.balance, &mut writes).map_err(|e| match e {
+            CreateError::Exists => ApiError::AccountExists,
+        })?;
         persist(&node, &writes);
     }
     node.store.sync().await?;
     crash::point(crash::PARTICIPANT_ACCOUNT_CREATED);
     tracing::info!(account = %req.id, balance = req.balance, "account created");
-    let view = AccountView {
-        id: req.id,
-        balance: req.balance,
-        held: 0,
-        available: req.balance,
-        shard: node.shard,
-    };
+    let view = AccountView { id: req.id, balance: req.balance, held: 0, available: req.balance, shard: node.shard };
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn get_account(
-    State(node): State<Arc<Node>>,
-    Path(id): Path<String>,
-) -> Result<Json<AccountView>, ApiError> {
+async fn get_account(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<AccountView>, ApiError> {
     let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let record = node
-        .machine()
-        .account(&id)
-        .ok_or(ApiError::AccountNotFound)?;
+    let record = node.machine().account(&id).ok_or(ApiError::AccountNotFound)?;
     Ok(Json(AccountView {
         id,
         balance: record.balance,
@@ -155,24 +130,16 @@ async fn prepare(
 ) -> Result<Json<PrepareReply>, ApiError> {
     crash::point(crash::PARTICIPANT_PREPARE_RECEIVED);
     if batch.items.len() > BATCH_ITEMS_MAX {
-        return Err(ApiError::Invalid(format!(
-            "at most {BATCH_ITEMS_MAX} items per batch"
-        )));
+        return Err(ApiError::Invalid(format!("at most {BATCH_ITEMS_MAX} items per batch")));
     }
     if batch.items.iter().any(|item| item.postings.is_empty()) {
-        return Err(ApiError::Invalid(
-            "every prepare item needs at least one posting".into(),
-        ));
+        return Err(ApiError::Invalid("every prepare item needs at least one posting".into()));
     }
     let now = now_unix_ms();
     let votes: Vec<Vote> = {
         let mut machine = node.machine();
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
-        let votes = batch
-            .items
-            .iter()
-            .map(|item| machine.prepare(item, now, &mut writes))
-            .collect();
+        let votes = batch.items.iter().map(|item| machine.prepare(item, now, &mut writes)).collect();
         persist(&node, &writes);
         votes
     };
@@ -191,9 +158,7 @@ async fn decide(
 ) -> Result<Json<DecideReply>, ApiError> {
     crash::point(crash::PARTICIPANT_DECIDE_RECEIVED);
     if batch.items.len() > BATCH_ITEMS_MAX {
-        return Err(ApiError::Invalid(format!(
-            "at most {BATCH_ITEMS_MAX} items per batch"
-        )));
+        return Err(ApiError::Invalid(format!("at most {BATCH_ITEMS_MAX} items per batch")));
     }
     let acks = apply_decisions(&node, batch.items.iter().map(|i| (i.id, i.decision))).await?;
     crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
@@ -228,13 +193,5 @@ pub(crate) async fn apply_decisions(
 
 async fn applied(State(node): State<Arc<Node>>) -> Json<Vec<AppliedTransfer>> {
     let machine = node.machine();
-    Json(
-        machine
-            .finished()
-            .map(|(id, decision)| AppliedTransfer {
-                id: *id,
-                decision: *decision,
-            })
-            .collect(),
-    )
+    Json(machine.finished().map(|(id, decision)| AppliedTransfer { id: *id, decision: *decision }).collect())
 }

@@ -3,9 +3,7 @@
 
 use common::ledger::{AccountId, ShardId, TransferId};
 use common::protocol::participant::{ParticipantMachine, RestoreError, Write};
-use common::records::{
-    self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord,
-};
+use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::store::{Store, StoreError};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -43,16 +41,11 @@ pub fn apply(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
     for write in writes {
         match write {
             Write::Account(id, record) => batch.insert(keys::account(id), records::encode(record)),
-            Write::Prepared(id, record) => {
-                batch.insert(&keys::prepared(id)[..], records::encode(record))
-            }
+            Write::Prepared(id, record) => batch.insert(&keys::prepared(id)[..], records::encode(record)),
             Write::ClearPrepared(id) => batch.remove(&keys::prepared(id)[..]),
-            Write::Finished(id, decision) => batch.insert(
-                &keys::finished(id)[..],
-                records::encode(&FinishedRecord {
-                    decision: *decision,
-                }),
-            ),
+            Write::Finished(id, decision) => {
+                batch.insert(&keys::finished(id)[..], records::encode(&FinishedRecord { decision: *decision }))
+            }
         }
     }
     store.db.apply_batch(batch)
@@ -62,16 +55,10 @@ pub fn apply(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
 pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, LoadError> {
     match store.db.get(keys::SHARD)? {
         Some(bytes) => {
-            let raw: [u8; 4] = bytes
-                .as_ref()
-                .try_into()
-                .map_err(|_| LoadError::BadKey(keys::SHARD.to_vec()))?;
+            let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(keys::SHARD.to_vec()))?;
             let stored = u32::from_be_bytes(raw);
             if stored != shard {
-                return Err(LoadError::WrongShard {
-                    stored,
-                    requested: shard,
-                });
+                return Err(LoadError::WrongShard { stored, requested: shard });
             }
         }
         None => {
@@ -105,9 +92,7 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, L
             _ => {} // metadata such as the shard number
         }
     }
-    Ok(ParticipantMachine::restore(
-        shard, accounts, prepared, finished,
-    )?)
+    Ok(ParticipantMachine::restore(shard, accounts, prepared, finished)?)
 }
 
 fn transfer_id(key: &[u8], rest: &[u8]) -> Result<TransferId, LoadError> {

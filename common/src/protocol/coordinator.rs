@@ -48,27 +48,12 @@ impl TransferMachine {
     pub fn new(id: TransferId, transfer: Transfer, shard_count: u32) -> Self {
         let shards: BTreeSet<ShardId> = transfer.shards(shard_count).into_iter().collect();
         let votes = shards.iter().map(|s| (*s, None)).collect();
-        TransferMachine {
-            id,
-            transfer,
-            shards,
-            phase: Phase::Preparing { votes },
-        }
+        TransferMachine { id, transfer, shards, phase: Phase::Preparing { votes } }
     }
 
     /// A machine for a decision read back from the log (coordinator recovery).
-    pub fn recovered(
-        id: TransferId,
-        transfer: Transfer,
-        outcome: Outcome,
-        unacked: BTreeSet<ShardId>,
-    ) -> Self {
-        TransferMachine {
-            id,
-            transfer,
-            shards: unacked.clone(),
-            phase: Phase::Decided { outcome, unacked },
-        }
+    pub fn recovered(id: TransferId, transfer: Transfer, outcome: Outcome, unacked: BTreeSet<ShardId>) -> Self {
+        TransferMachine { id, transfer, shards: unacked.clone(), phase: Phase::Decided { outcome, unacked } }
     }
 
     pub fn phase(&self) -> &Phase {
@@ -96,11 +81,8 @@ impl TransferMachine {
             return None;
         }
         let outcome = decide(votes.iter().filter_map(|(_, v)| *v));
-        let voted_no = votes
-            .iter()
-            .filter(|(_, v)| matches!(v, Some(VoteResult::Vote(Vote::No(_)))))
-            .map(|(s, _)| *s)
-            .collect();
+        let voted_no =
+            votes.iter().filter(|(_, v)| matches!(v, Some(VoteResult::Vote(Vote::No(_))))).map(|(s, _)| *s).collect();
         self.phase = Phase::Logging { outcome, voted_no };
         Some(outcome)
     }
@@ -110,24 +92,15 @@ impl TransferMachine {
         let Phase::Preparing { votes } = &self.phase else {
             return None;
         };
-        let silent: Vec<ShardId> = votes
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(s, _)| *s)
-            .collect();
-        silent.into_iter().fold(None, |decided, shard| {
-            decided.or(self.on_vote(shard, VoteResult::Unavailable))
-        })
+        let silent: Vec<ShardId> = votes.iter().filter(|(_, v)| v.is_none()).map(|(s, _)| *s).collect();
+        silent.into_iter().fold(None, |decided, shard| decided.or(self.on_vote(shard, VoteResult::Unavailable)))
     }
 
     /// The outcome is durable: returns the decision and the shards to send it to. A shard that voted NO has
     /// prepared nothing, so it needs no abort.
     pub fn on_decision_logged(&mut self) -> (Decision, Vec<ShardId>) {
         let Phase::Logging { outcome, voted_no } = &self.phase else {
-            panic!(
-                "decision logged for transfer {} outside the logging phase: {:?}",
-                self.id, self.phase
-            );
+            panic!("decision logged for transfer {} outside the logging phase: {:?}", self.id, self.phase);
         };
         let outcome = *outcome;
         let unacked: BTreeSet<ShardId> = self.shards.difference(voted_no).copied().collect();
@@ -143,10 +116,7 @@ impl TransferMachine {
                 unacked.remove(&shard);
                 unacked.is_empty()
             }
-            other => panic!(
-                "ack for transfer {} before its decision was durable: {other:?}",
-                self.id
-            ),
+            other => panic!("ack for transfer {} before its decision was durable: {other:?}", self.id),
         }
     }
 
@@ -240,10 +210,7 @@ mod tests {
     fn commits_only_when_every_shard_votes_yes() {
         let mut m = cross_shard();
         assert_eq!(m.on_vote(0, VoteResult::Vote(Vote::Yes)), None);
-        assert_eq!(
-            m.on_vote(1, VoteResult::Vote(Vote::Yes)),
-            Some(Outcome::Committed)
-        );
+        assert_eq!(m.on_vote(1, VoteResult::Vote(Vote::Yes)), Some(Outcome::Committed));
         assert_eq!(m.on_decision_logged(), (Decision::Commit, vec![0, 1]));
         assert!(!m.on_ack(1));
         assert!(m.on_ack(0));
@@ -252,18 +219,9 @@ mod tests {
     #[test]
     fn a_refusal_aborts_and_the_refusing_shard_needs_no_abort() {
         let mut m = cross_shard();
-        assert_eq!(
-            m.on_vote(
-                1,
-                VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds))
-            ),
-            None
-        );
+        assert_eq!(m.on_vote(1, VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds))), None);
         let outcome = m.on_vote(0, VoteResult::Vote(Vote::Yes));
-        assert_eq!(
-            outcome,
-            Some(Outcome::Aborted(AbortReason::InsufficientFunds))
-        );
+        assert_eq!(outcome, Some(Outcome::Aborted(AbortReason::InsufficientFunds)));
         assert_eq!(m.on_decision_logged(), (Decision::Abort, vec![0]));
     }
 
@@ -279,10 +237,7 @@ mod tests {
             for shard in order {
                 outcome = m.on_vote(shard, votes[shard as usize]);
             }
-            assert_eq!(
-                outcome,
-                Some(Outcome::Aborted(AbortReason::AccountNotFound))
-            );
+            assert_eq!(outcome, Some(Outcome::Aborted(AbortReason::AccountNotFound)));
         }
     }
 
@@ -290,41 +245,18 @@ mod tests {
     fn a_silent_shard_aborts_the_transfer_at_the_timeout() {
         let mut m = cross_shard();
         m.on_vote(0, VoteResult::Vote(Vote::Yes));
-        assert_eq!(
-            m.on_prepare_timeout(),
-            Some(Outcome::Aborted(AbortReason::ParticipantUnavailable))
-        );
+        assert_eq!(m.on_prepare_timeout(), Some(Outcome::Aborted(AbortReason::ParticipantUnavailable)));
         assert_eq!(m.on_decision_logged(), (Decision::Abort, vec![0, 1]));
-        assert_eq!(
-            m.on_prepare_timeout(),
-            None,
-            "decided transfers ignore late timers"
-        );
-        assert_eq!(
-            m.on_vote(1, VoteResult::Vote(Vote::Yes)),
-            None,
-            "and late votes"
-        );
+        assert_eq!(m.on_prepare_timeout(), None, "decided transfers ignore late timers");
+        assert_eq!(m.on_vote(1, VoteResult::Vote(Vote::Yes)), None, "and late votes");
     }
 
     #[test]
     fn queries_never_get_abort_while_the_transfer_may_commit() {
-        assert_eq!(
-            plan_query_answer(true, None),
-            QueryPlan::Answer(QueryAnswer::Pending)
-        );
-        assert_eq!(
-            plan_query_answer(false, None),
-            QueryPlan::LogAbortThenAnswer
-        );
-        assert_eq!(
-            plan_query_answer(true, Some(Outcome::Committed)),
-            QueryPlan::Answer(QueryAnswer::Commit)
-        );
+        assert_eq!(plan_query_answer(true, None), QueryPlan::Answer(QueryAnswer::Pending));
+        assert_eq!(plan_query_answer(false, None), QueryPlan::LogAbortThenAnswer);
+        assert_eq!(plan_query_answer(true, Some(Outcome::Committed)), QueryPlan::Answer(QueryAnswer::Commit));
         let aborted = Some(Outcome::Aborted(AbortReason::InsufficientFunds));
-        assert_eq!(
-            plan_query_answer(false, aborted),
-            QueryPlan::Answer(QueryAnswer::Abort)
-        );
+        assert_eq!(plan_query_answer(false, aborted), QueryPlan::Answer(QueryAnswer::Abort));
     }
 }

@@ -30,12 +30,7 @@ pub enum CreateError {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RestoreError {
     #[error("account {account}: stored {field} is {stored}, but the prepared transfers add up to {derived}")]
-    HoldMismatch {
-        account: AccountId,
-        field: &'static str,
-        stored: i64,
-        derived: i64,
-    },
+    HoldMismatch { account: AccountId, field: &'static str, stored: i64, derived: i64 },
     #[error("prepared transfer {0} names account {1}, which does not exist")]
     MissingAccount(TransferId, AccountId),
     #[error("transfer {0} is both prepared and finished")]
@@ -54,10 +49,7 @@ pub struct ParticipantMachine {
 
 impl ParticipantMachine {
     pub fn new(shard: ShardId) -> Self {
-        ParticipantMachine {
-            shard,
-            ..Default::default()
-        }
+        ParticipantMachine { shard, ..Default::default() }
     }
 
     /// Rebuilds the state read back from disk, refusing a state that breaks an invariant.
@@ -67,12 +59,7 @@ impl ParticipantMachine {
         prepared: HashMap<TransferId, PreparedRecord>,
         finished: HashMap<TransferId, Decision>,
     ) -> Result<Self, RestoreError> {
-        let machine = ParticipantMachine {
-            shard,
-            accounts,
-            prepared,
-            finished,
-        };
+        let machine = ParticipantMachine { shard, accounts, prepared, finished };
         machine.verify()?;
         Ok(machine)
     }
@@ -97,36 +84,19 @@ impl ParticipantMachine {
         self.finished.iter()
     }
 
-    pub fn create_account(
-        &mut self,
-        id: AccountId,
-        balance: i64,
-        writes: &mut Vec<Write>,
-    ) -> Result<(), CreateError> {
-        assert!(
-            balance >= 0,
-            "balances are validated before they reach the machine"
-        );
+    pub fn create_account(&mut self, id: AccountId, balance: i64, writes: &mut Vec<Write>) -> Result<(), CreateError> {
+        assert!(balance >= 0, "balances are validated before they reach the machine");
         if self.accounts.contains_key(&id) {
             return Err(CreateError::Exists);
         }
-        let record = AccountRecord {
-            balance,
-            held: 0,
-            incoming: 0,
-        };
+        let record = AccountRecord { balance, held: 0, incoming: 0 };
         self.accounts.insert(id.clone(), record);
         writes.push(Write::Account(id, record));
         Ok(())
     }
 
     /// Phase one. YES reserves the debits (holds) and the credits' headroom; NO changes nothing.
-    pub fn prepare(
-        &mut self,
-        item: &PrepareItem,
-        now_unix_ms: u64,
-        writes: &mut Vec<Write>,
-    ) -> Vote {
+    pub fn prepare(&mut self, item: &PrepareItem, now_unix_ms: u64, writes: &mut Vec<Write>) -> Vote {
         match self.finished.get(&item.id) {
             // Only a YES can have led to a commit, so repeating it is the truthful answer.
             Some(Decision::Commit) => return Vote::Yes,
@@ -136,10 +106,7 @@ impl ParticipantMachine {
         if self.prepared.contains_key(&item.id) {
             return Vote::Yes;
         }
-        assert!(
-            !item.postings.is_empty(),
-            "the coordinator only prepares shards with postings"
-        );
+        assert!(!item.postings.is_empty(), "the coordinator only prepares shards with postings");
 
         // Work on copies so a refusal leaves no trace; a transfer may touch an account more than once.
         let mut touched: Vec<(AccountId, AccountRecord)> = Vec::with_capacity(item.postings.len());
@@ -177,18 +144,9 @@ impl ParticipantMachine {
 
     /// Phase two. Commit applies the postings and releases the holds; abort only releases them. Both are
     /// idempotent; an abort of an unknown id leaves a tombstone so a late Prepare of it is refused.
-    pub fn decide(
-        &mut self,
-        id: TransferId,
-        decision: Decision,
-        writes: &mut Vec<Write>,
-    ) -> DecideAck {
+    pub fn decide(&mut self, id: TransferId, decision: Decision, writes: &mut Vec<Write>) -> DecideAck {
         if let Some(&done) = self.finished.get(&id) {
-            return if done == decision {
-                DecideAck::Done
-            } else {
-                DecideAck::Refused
-            };
+            return if done == decision { DecideAck::Done } else { DecideAck::Refused };
         }
         let Some(prepared) = self.prepared.remove(&id) else {
             return match decision {
@@ -253,21 +211,11 @@ impl ParticipantMachine {
             let (held, incoming) = derived.get(id).copied().unwrap_or_default();
             if record.held != held {
                 let (stored, derived) = (record.held, held);
-                return Err(RestoreError::HoldMismatch {
-                    account: id.clone(),
-                    field: "held",
-                    stored,
-                    derived,
-                });
+                return Err(RestoreError::HoldMismatch { account: id.clone(), field: "held", stored, derived });
             }
             if record.incoming != incoming {
                 let (stored, derived) = (record.incoming, incoming);
-                return Err(RestoreError::HoldMismatch {
-                    account: id.clone(),
-                    field: "incoming",
-                    stored,
-                    derived,
-                });
+                return Err(RestoreError::HoldMismatch { account: id.clone(), field: "incoming", stored, derived });
             }
             if record.held < 0 || record.held > record.balance {
                 return Err(RestoreError::BadBalance(id.clone()));
@@ -280,18 +228,13 @@ impl ParticipantMachine {
 /// Reserves one posting at prepare: a debit needs available funds, a credit needs headroom below i64::MAX.
 fn apply_hold(mut record: AccountRecord, delta: i64) -> Result<AccountRecord, RefusalReason> {
     if delta < 0 {
-        let amount = delta
-            .checked_neg()
-            .ok_or(RefusalReason::InsufficientFunds)?;
+        let amount = delta.checked_neg().ok_or(RefusalReason::InsufficientFunds)?;
         if record.available() < amount {
             return Err(RefusalReason::InsufficientFunds);
         }
         record.held += amount;
     } else {
-        let promised = record
-            .balance
-            .checked_add(record.incoming)
-            .and_then(|v| v.checked_add(delta));
+        let promised = record.balance.checked_add(record.incoming).and_then(|v| v.checked_add(delta));
         if promised.is_none() {
             return Err(RefusalReason::BalanceOverflow);
         }
@@ -327,27 +270,11 @@ mod tests {
         AccountId::new(s).expect("valid id")
     }
 
-    fn item(
-        tx: TransferId,
-        from: &str,
-        to: &str,
-        amount: i64,
-        postings: Vec<(&str, i64)>,
-    ) -> PrepareItem {
+    fn item(tx: TransferId, from: &str, to: &str, amount: i64, postings: Vec<(&str, i64)>) -> PrepareItem {
         PrepareItem {
             id: tx,
-            transfer: Transfer {
-                from: id(from),
-                to: id(to),
-                amount: Amount::new(amount).expect("positive"),
-            },
-            postings: postings
-                .into_iter()
-                .map(|(a, d)| Posting {
-                    account: id(a),
-                    delta: d,
-                })
-                .collect(),
+            transfer: Transfer { from: id(from), to: id(to), amount: Amount::new(amount).expect("positive") },
+            postings: postings.into_iter().map(|(a, d)| Posting { account: id(a), delta: d }).collect(),
             coordinator_url: "http://127.0.0.1:1".into(),
         }
     }
@@ -366,40 +293,15 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(
-            m.prepare(
-                &item(tx, "alice", "bob", 60, vec![("alice", -60)]),
-                0,
-                &mut w
-            ),
-            Vote::Yes
-        );
-        assert_eq!(
-            m.account(&id("alice")),
-            Some(AccountRecord {
-                balance: 100,
-                held: 60,
-                incoming: 0
-            })
-        );
+        assert_eq!(m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &mut w), Vote::Yes);
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
         assert!(w.iter().any(|x| matches!(x, Write::Prepared(..))));
         // A second debit only sees what is still available.
         let tx2 = Uuid::new_v4();
-        let vote = m.prepare(
-            &item(tx2, "alice", "bob", 50, vec![("alice", -50)]),
-            0,
-            &mut w,
-        );
+        let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &mut w);
         assert_eq!(vote, Vote::No(RefusalReason::InsufficientFunds));
         assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
-        assert_eq!(
-            m.account(&id("alice")),
-            Some(AccountRecord {
-                balance: 40,
-                held: 0,
-                incoming: 0
-            })
-        );
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0 }));
         m.check_invariants();
     }
 
@@ -408,20 +310,10 @@ mod tests {
         let mut m = machine_with(&[("bob", 5)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(
-            m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &mut w),
-            Vote::Yes
-        );
+        assert_eq!(m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("bob")).map(|a| a.balance), Some(5));
         assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
-        assert_eq!(
-            m.account(&id("bob")),
-            Some(AccountRecord {
-                balance: 5,
-                held: 0,
-                incoming: 0
-            })
-        );
+        assert_eq!(m.account(&id("bob")), Some(AccountRecord { balance: 5, held: 0, incoming: 0 }));
         m.check_invariants();
     }
 
@@ -432,32 +324,13 @@ mod tests {
         let mut w = Vec::new();
         let it = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
         assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes);
-        assert_eq!(
-            m.prepare(&it, 0, &mut w),
-            Vote::Yes,
-            "a repeated Prepare is answered again"
-        );
-        assert_eq!(
-            m.account(&id("alice")).map(|a| a.held),
-            Some(30),
-            "but holds only once"
-        );
+        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes, "a repeated Prepare is answered again");
+        assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(30), "but holds only once");
         assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
         assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
         assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Refused);
-        assert_eq!(
-            m.prepare(&it, 0, &mut w),
-            Vote::Yes,
-            "a late Prepare never re-applies"
-        );
-        assert_eq!(
-            m.account(&id("alice")),
-            Some(AccountRecord {
-                balance: 70,
-                held: 0,
-                incoming: 0
-            })
-        );
+        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes, "a late Prepare never re-applies");
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 70, held: 0, incoming: 0 }));
         m.check_invariants();
     }
 
@@ -468,14 +341,8 @@ mod tests {
         let mut w = Vec::new();
         assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
         let late = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
-        assert_eq!(
-            m.prepare(&late, 0, &mut w),
-            Vote::No(RefusalReason::AlreadyAborted)
-        );
-        assert_eq!(
-            m.decide(Uuid::new_v4(), Decision::Commit, &mut w),
-            DecideAck::Refused
-        );
+        assert_eq!(m.prepare(&late, 0, &mut w), Vote::No(RefusalReason::AlreadyAborted));
+        assert_eq!(m.decide(Uuid::new_v4(), Decision::Commit, &mut w), DecideAck::Refused);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(0));
     }
 
@@ -483,50 +350,18 @@ mod tests {
     fn refusals_leave_no_trace() {
         let mut m = machine_with(&[("alice", 10), ("rich", i64::MAX)]);
         let mut w = Vec::new();
-        let missing = item(
-            Uuid::new_v4(),
-            "alice",
-            "nobody",
-            1,
-            vec![("alice", -1), ("nobody", 1)],
-        );
-        assert_eq!(
-            m.prepare(&missing, 0, &mut w),
-            Vote::No(RefusalReason::AccountNotFound)
-        );
-        let overflow = item(
-            Uuid::new_v4(),
-            "alice",
-            "rich",
-            1,
-            vec![("alice", -1), ("rich", 1)],
-        );
-        assert_eq!(
-            m.prepare(&overflow, 0, &mut w),
-            Vote::No(RefusalReason::BalanceOverflow)
-        );
+        let missing = item(Uuid::new_v4(), "alice", "nobody", 1, vec![("alice", -1), ("nobody", 1)]);
+        assert_eq!(m.prepare(&missing, 0, &mut w), Vote::No(RefusalReason::AccountNotFound));
+        let overflow = item(Uuid::new_v4(), "alice", "rich", 1, vec![("alice", -1), ("rich", 1)]);
+        assert_eq!(m.prepare(&overflow, 0, &mut w), Vote::No(RefusalReason::BalanceOverflow));
         assert!(w.is_empty());
-        assert_eq!(
-            m.account(&id("alice")),
-            Some(AccountRecord {
-                balance: 10,
-                held: 0,
-                incoming: 0
-            })
-        );
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0 }));
     }
 
     #[test]
     fn restore_rejects_a_state_whose_holds_do_not_add_up() {
         let mut accounts = HashMap::new();
-        accounts.insert(
-            id("alice"),
-            AccountRecord {
-                balance: 10,
-                held: 4,
-                incoming: 0,
-            },
-        );
+        accounts.insert(id("alice"), AccountRecord { balance: 10, held: 4, incoming: 0 });
         let err = ParticipantMachine::restore(0, accounts, HashMap::new(), HashMap::new());
         assert!(matches!(err, Err(RestoreError::HoldMismatch { .. })));
     }
@@ -536,11 +371,7 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let mut w = Vec::new();
         let tx = Uuid::new_v4();
-        m.prepare(
-            &item(tx, "alice", "bob", 1, vec![("alice", -1)]),
-            1_000,
-            &mut w,
-        );
+        m.prepare(&item(tx, "alice", "bob", 1, vec![("alice", -1)]), 1_000, &mut w);
         assert!(m.in_doubt(1_500, 1_000).is_empty());
         assert_eq!(m.in_doubt(2_000, 1_000).len(), 1);
     }

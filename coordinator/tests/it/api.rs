@@ -14,24 +14,12 @@ async fn committed_cross_shard_transfer_moves_the_money() {
     assert_ne!(sa, sb, "the pair spans both shards");
 
     let id = Uuid::new_v4().to_string();
-    let (status, body) = c
-        .post(
-            "/transfers",
-            json!({"from": alice, "to": bob, "amount": 250, "id": id}),
-        )
-        .await;
+    let (status, body) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 250, "id": id})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        json!({"id": id, "status": "committed", "from": alice, "to": bob, "amount": 250})
-    );
+    assert_eq!(body, json!({"id": id, "status": "committed", "from": alice, "to": bob, "amount": 250}));
     let a = c.account(&alice).await;
     assert_eq!(
-        (
-            a["balance"].clone(),
-            a["held"].clone(),
-            a["available"].clone()
-        ),
+        (a["balance"].clone(), a["held"].clone(), a["available"].clone()),
         (json!(9_750), json!(0), json!(9_750))
     );
     assert_eq!(c.balance(&bob).await, 250);
@@ -48,28 +36,15 @@ async fn refused_transfers_change_nothing() {
     c.create_account(&alice, 100).await;
     c.create_account(&bob, 5).await;
 
-    let (status, body) = c
-        .post(
-            "/transfers",
-            json!({"from": alice, "to": bob, "amount": 101}),
-        )
-        .await;
+    let (status, body) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 101})).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["status"], "aborted");
     assert_eq!(body["reason"], "insufficient_funds");
     let id = body["id"].as_str().expect("generated id").to_owned();
     let (_, stored) = c.get(&format!("/transfers/{id}")).await;
-    assert_eq!(
-        (stored["status"].clone(), stored["reason"].clone()),
-        (json!("aborted"), json!("insufficient_funds"))
-    );
+    assert_eq!((stored["status"].clone(), stored["reason"].clone()), (json!("aborted"), json!("insufficient_funds")));
 
-    let (status, body) = c
-        .post(
-            "/transfers",
-            json!({"from": alice, "to": "nobody", "amount": 1}),
-        )
-        .await;
+    let (status, body) = c.post("/transfers", json!({"from": alice, "to": "nobody", "amount": 1})).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["reason"], "account_not_found");
 
@@ -92,65 +67,34 @@ async fn bad_input_gets_a_clear_4xx() {
         (json!({"from": alice, "amount": 1}), "missing to"),
         (json!({"from": alice, "to": bob, "amount": 0}), "zero"),
         (json!({"from": alice, "to": bob, "amount": -5}), "negative"),
-        (
-            json!({"from": alice, "to": bob, "amount": 1.5}),
-            "fractional",
-        ),
+        (json!({"from": alice, "to": bob, "amount": 1.5}), "fractional"),
         (json!({"from": alice, "to": bob, "amount": "10"}), "string"),
-        (
-            json!({"from": alice, "to": bob, "amount": 9_223_372_036_854_775_808u64}),
-            "above i64::MAX",
-        ),
-        (
-            json!({"from": alice, "to": alice, "amount": 1}),
-            "from == to",
-        ),
-        (
-            json!({"from": alice, "to": bob, "amount": 1, "id": "not-a-uuid"}),
-            "bad id",
-        ),
-        (
-            json!({"from": "bad id!", "to": bob, "amount": 1}),
-            "bad account id",
-        ),
-        (
-            json!({"from": alice, "to": bob, "amount": 1, "memo": "x"}),
-            "unknown field",
-        ),
+        (json!({"from": alice, "to": bob, "amount": 9_223_372_036_854_775_808u64}), "above i64::MAX"),
+        (json!({"from": alice, "to": alice, "amount": 1}), "from == to"),
+        (json!({"from": alice, "to": bob, "amount": 1, "id": "not-a-uuid"}), "bad id"),
+        (json!({"from": "bad id!", "to": bob, "amount": 1}), "bad account id"),
+        (json!({"from": alice, "to": bob, "amount": 1, "memo": "x"}), "unknown field"),
         (json!([1, 2]), "not an object"),
     ];
     for (body, what) in bad_transfers {
         let (status, reply) = c.post("/transfers", body).await;
         assert_eq!(status, 400, "{what}: {reply}");
         assert_eq!(reply["error"]["code"], "invalid_request", "{what}: {reply}");
-        assert!(
-            reply["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{what}"
-        );
+        assert!(reply["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
     }
 
     // Malformed JSON, wrong content type, oversized body.
     let raw = |body: &'static str, ctype: &'static str| {
-        c.http
-            .post(c.api("/transfers"))
-            .header("content-type", ctype)
-            .body(body)
-            .send()
+        c.http.post(c.api("/transfers")).header("content-type", ctype).body(body).send()
     };
     let r = raw("{\"from\":", "application/json").await.expect("reply");
     assert_eq!(r.status(), 400);
     let r = raw("{}", "text/plain").await.expect("reply");
     assert_eq!(r.status(), 415);
     let big = format!("{{\"from\":\"{}\"}}", "x".repeat(64 * 1024));
-    let r = c
-        .http
-        .post(c.api("/transfers"))
-        .header("content-type", "application/json")
-        .body(big)
-        .send()
-        .await;
+    // Its own connection: the server closes one whose oversized body it did not read.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let r = fresh.post(c.api("/transfers")).header("content-type", "application/json").body(big).send().await;
     let r = r.expect("reply");
     assert_eq!(r.status(), 413);
     let body: Value = r.json().await.expect("JSON error body");
@@ -169,27 +113,16 @@ async fn bad_input_gets_a_clear_4xx() {
         assert_eq!(status, 400, "{what}: {reply}");
     }
     let (status, reply) = c.post("/accounts", json!({"id": alice})).await;
-    assert_eq!(
-        (status, reply["error"]["code"].clone()),
-        (409, json!("account_exists"))
-    );
+    assert_eq!((status, reply["error"]["code"].clone()), (409, json!("account_exists")));
 
     assert_eq!(c.get("/accounts/nobody").await.0, 404);
     assert_eq!(c.get("/accounts/bad%20id").await.0, 400);
     assert_eq!(c.get("/transfers/not-a-uuid").await.0, 400);
     let (status, body) = c.get(&format!("/transfers/{}", Uuid::new_v4())).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (404, json!("transfer_not_found"))
-    );
+    assert_eq!((status, body["error"]["code"].clone()), (404, json!("transfer_not_found")));
     assert_eq!(c.get("/transactions?status=weird").await.0, 400);
     assert_eq!(c.get("/no/such/route").await.0, 404);
-    let r = c
-        .http
-        .delete(c.api("/accounts/x"))
-        .send()
-        .await
-        .expect("reply");
+    let r = c.http.delete(c.api("/accounts/x")).send().await.expect("reply");
     assert_eq!(r.status(), 405);
 
     // Nothing above moved money.
@@ -219,27 +152,15 @@ async fn retried_transfer_returns_the_same_answer_and_applies_once() {
     assert_eq!(c.balance(&alice).await, 700);
     assert_eq!(c.balance(&bob).await, 300);
 
-    let (status, reply) = c
-        .post(
-            "/transfers",
-            json!({"from": alice, "to": bob, "amount": 301, "id": id}),
-        )
-        .await;
-    assert_eq!(
-        (status, reply["error"]["code"].clone()),
-        (409, json!("idempotency_conflict"))
-    );
+    let (status, reply) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 301, "id": id})).await;
+    assert_eq!((status, reply["error"]["code"].clone()), (409, json!("idempotency_conflict")));
 
     // An aborted outcome is replayed too, even once funds would suffice.
     let abort_id = Uuid::new_v4().to_string();
     let abort_body = json!({"from": bob, "to": alice, "amount": 500, "id": abort_id});
     let aborted = c.post("/transfers", abort_body.clone()).await;
     assert_eq!(aborted.0, 422);
-    c.post(
-        "/transfers",
-        json!({"from": alice, "to": bob, "amount": 300}),
-    )
-    .await;
+    c.post("/transfers", json!({"from": alice, "to": bob, "amount": 300})).await;
     assert_eq!(c.post("/transfers", abort_body).await, aborted);
     assert_eq!(c.balance(&bob).await, 600);
 }
@@ -250,12 +171,7 @@ async fn health_reports_every_participant() {
     let (status, body) = c.get("/health").await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
-    let shards: Vec<Value> = body["participants"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .map(|p| p["up"].clone())
-        .collect();
+    let shards: Vec<Value> = body["participants"].as_array().expect("list").iter().map(|p| p["up"].clone()).collect();
     assert_eq!(shards, vec![json!(true), json!(true)]);
 
     c.node("p1").kill();
@@ -266,33 +182,17 @@ async fn health_reports_every_participant() {
 
     // With shard 1 down, transfers touching it abort with 503 and leave shard 0 untouched.
     let (alice, bob) = cross_shard_pair("down");
-    let alice_shard = common::ledger::shard_of(
-        &common::ledger::AccountId::new(alice.as_str()).expect("id"),
-        2,
-    );
-    let (on0, on1) = if alice_shard == 0 {
-        (alice, bob)
-    } else {
-        (bob, alice)
-    };
+    let alice_shard = common::ledger::shard_of(&common::ledger::AccountId::new(alice.as_str()).expect("id"), 2);
+    let (on0, on1) = if alice_shard == 0 { (alice, bob) } else { (bob, alice) };
     c.restart("p1", None).await;
     c.create_account(&on0, 50).await;
     c.create_account(&on1, 50).await;
     c.node("p1").kill();
-    let (status, body) = c
-        .post("/transfers", json!({"from": on0, "to": on1, "amount": 10}))
-        .await;
-    assert_eq!(
-        (status, body["reason"].clone()),
-        (503, json!("participant_unavailable")),
-        "{body}"
-    );
+    let (status, body) = c.post("/transfers", json!({"from": on0, "to": on1, "amount": 10})).await;
+    assert_eq!((status, body["reason"].clone()), (503, json!("participant_unavailable")), "{body}");
     assert_eq!(c.get(&format!("/accounts/{on1}")).await.0, 503);
     let a = c.account(&on0).await;
-    assert_eq!(
-        (a["balance"].clone(), a["held"].clone()),
-        (json!(50), json!(0))
-    );
+    assert_eq!((a["balance"].clone(), a["held"].clone()), (json!(50), json!(0)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -306,11 +206,7 @@ async fn restarting_everything_keeps_every_balance() {
         let from = &names[i % names.len()];
         let to = &names[(i * 7 + 1) % names.len()];
         if from != to {
-            c.post(
-                "/transfers",
-                json!({"from": from, "to": to, "amount": 10 + i}),
-            )
-            .await;
+            c.post("/transfers", json!({"from": from, "to": to, "amount": 10 + i})).await;
         }
     }
     let mut before = Vec::new();
@@ -330,13 +226,7 @@ async fn restarting_everything_keeps_every_balance() {
         after.push(c.account(n).await);
     }
     assert_eq!(before, after);
-    assert_eq!(
-        after
-            .iter()
-            .map(|a| a["balance"].as_i64().expect("balance"))
-            .sum::<i64>(),
-        6_000
-    );
+    assert_eq!(after.iter().map(|a| a["balance"].as_i64().expect("balance")).sum::<i64>(), 6_000);
 
     // And SIGTERM stops cleanly, with the same result after restart.
     c.coordinator.terminate();

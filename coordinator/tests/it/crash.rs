@@ -46,10 +46,7 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
     let id = Uuid::new_v4().to_string();
     let body = json!({"from": alice, "to": bob, "amount": 250, "id": id});
     let answer = c.try_post("/transfers", body.clone()).await;
-    assert!(
-        c.node(&name).wait_for_death(DEATH),
-        "{name} did not die at {point}"
-    );
+    assert!(c.node(&name).wait_for_death(DEATH), "{name} did not die at {point}");
     c.restart(&name, None).await;
     c.settle(&[&alice, &bob], SETTLE).await;
 
@@ -58,19 +55,11 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
     match expect {
         Expect::Committed => {
             assert!(moved, "{point}: the transfer must end committed");
-            assert_eq!(
-                (status, stored["status"].clone()),
-                (200, json!("committed")),
-                "{point}"
-            );
+            assert_eq!((status, stored["status"].clone()), (200, json!("committed")), "{point}");
         }
         Expect::Aborted => {
             assert!(!moved, "{point}: the transfer must end aborted");
-            assert_eq!(
-                (status, stored["status"].clone()),
-                (200, json!("aborted")),
-                "{point}: {stored}"
-            );
+            assert_eq!((status, stored["status"].clone()), (200, json!("aborted")), "{point}: {stored}");
         }
         Expect::NeverDecided => {
             assert!(!moved, "{point}: nothing may have moved");
@@ -92,16 +81,9 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
         let mine: Vec<&Value> = applied.iter().filter(|a| a["id"] == json!(id)).collect();
         assert!(mine.len() <= 1);
         if moved {
-            assert_eq!(
-                mine.first().map(|a| a["decision"].clone()),
-                Some(json!("commit")),
-                "{point}: shard {s}"
-            );
+            assert_eq!(mine.first().map(|a| a["decision"].clone()), Some(json!("commit")), "{point}: shard {s}");
         } else {
-            assert!(
-                mine.iter().all(|a| a["decision"] == "abort"),
-                "{point}: shard {s}: {mine:?}"
-            );
+            assert!(mine.iter().all(|a| a["decision"] == "abort"), "{point}: shard {s}: {mine:?}");
         }
     }
     // A retry with the same id gets the recorded outcome; if there is none it runs now, exactly once.
@@ -112,149 +94,77 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
         Expect::NeverDecided => {
             assert_eq!(retry_status, 200, "{retry}");
             c.settle(&[&alice, &bob], SETTLE).await;
-            assert!(
-                check_money(&c, &alice, &bob).await,
-                "the resubmission committed"
-            );
+            assert!(check_money(&c, &alice, &bob).await, "the resubmission committed");
         }
     }
     if let Some((s, first)) = answer {
-        assert_eq!(
-            (retry_status, &retry),
-            (s, &first),
-            "{point}: a retry repeats the first final answer"
-        );
+        assert_eq!((retry_status, &retry), (s, &first), "{point}: a retry repeats the first final answer");
     }
 }
 
 /// Money is conserved and the transfer applied wholly or not at all; returns whether it moved.
 async fn check_money(c: &Cluster, alice: &str, bob: &str) -> bool {
     let (a, b) = (c.account(alice).await, c.account(bob).await);
-    assert_eq!(
-        (a["held"].clone(), b["held"].clone()),
-        (json!(0), json!(0)),
-        "holds released"
-    );
-    let (a, b) = (
-        a["balance"].as_i64().expect("balance"),
-        b["balance"].as_i64().expect("balance"),
-    );
+    assert_eq!((a["held"].clone(), b["held"].clone()), (json!(0), json!(0)), "holds released");
+    let (a, b) = (a["balance"].as_i64().expect("balance"), b["balance"].as_i64().expect("balance"));
     assert_eq!(a + b, 1_000, "money conserved");
-    assert!(
-        (a, b) == (750, 250) || (a, b) == (1_000, 0),
-        "applied wholly or not at all: {a} / {b}"
-    );
+    assert!((a, b) == (750, 250) || (a, b) == (1_000, 0), "applied wholly or not at all: {a} / {b}");
     b == 250
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn participant_killed_when_prepare_arrives_aborts() {
-    drill(
-        crash::PARTICIPANT_PREPARE_RECEIVED,
-        Victim::DebitShard,
-        Expect::Aborted,
-    )
-    .await;
+    drill(crash::PARTICIPANT_PREPARE_RECEIVED, Victim::DebitShard, Expect::Aborted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn participant_killed_after_flushing_its_vote_resolves_abort_after_restart() {
-    drill(
-        crash::PARTICIPANT_PREPARE_FLUSHED,
-        Victim::DebitShard,
-        Expect::Aborted,
-    )
-    .await;
+    drill(crash::PARTICIPANT_PREPARE_FLUSHED, Victim::DebitShard, Expect::Aborted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credit_participant_killed_after_flushing_its_vote_resolves_abort_after_restart() {
-    drill(
-        crash::PARTICIPANT_PREPARE_FLUSHED,
-        Victim::CreditShard,
-        Expect::Aborted,
-    )
-    .await;
+    drill(crash::PARTICIPANT_PREPARE_FLUSHED, Victim::CreditShard, Expect::Aborted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn participant_killed_after_voting_yes_commits_after_restart() {
-    drill(
-        crash::PARTICIPANT_DECIDE_RECEIVED,
-        Victim::DebitShard,
-        Expect::Committed,
-    )
-    .await;
+    drill(crash::PARTICIPANT_DECIDE_RECEIVED, Victim::DebitShard, Expect::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn participant_killed_after_applying_commit_before_ack_stays_committed_once() {
-    drill(
-        crash::PARTICIPANT_DECIDE_APPLIED,
-        Victim::CreditShard,
-        Expect::Committed,
-    )
-    .await;
+    drill(crash::PARTICIPANT_DECIDE_APPLIED, Victim::CreditShard, Expect::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_when_request_arrives_decides_nothing() {
-    drill(
-        crash::COORDINATOR_TRANSFER_RECEIVED,
-        Victim::Coordinator,
-        Expect::NeverDecided,
-    )
-    .await;
+    drill(crash::COORDINATOR_TRANSFER_RECEIVED, Victim::Coordinator, Expect::NeverDecided).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_after_first_prepare_resolves_abort() {
-    drill(
-        crash::COORDINATOR_PREPARE_SENT,
-        Victim::Coordinator,
-        Expect::Aborted,
-    )
-    .await;
+    drill(crash::COORDINATOR_PREPARE_SENT, Victim::Coordinator, Expect::Aborted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_deciding_lets_participants_abort_and_release_holds() {
-    drill(
-        crash::COORDINATOR_VOTES_RECEIVED,
-        Victim::Coordinator,
-        Expect::Aborted,
-    )
-    .await;
+    drill(crash::COORDINATOR_VOTES_RECEIVED, Victim::Coordinator, Expect::Aborted).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_after_logging_commit_commits_both_shards_after_restart() {
-    drill(
-        crash::COORDINATOR_DECISION_LOGGED,
-        Victim::Coordinator,
-        Expect::Committed,
-    )
-    .await;
+    drill(crash::COORDINATOR_DECISION_LOGGED, Victim::Coordinator, Expect::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_after_first_commit_sent_finishes_the_commit() {
-    drill(
-        crash::COORDINATOR_COMMIT_SENT,
-        Victim::Coordinator,
-        Expect::Committed,
-    )
-    .await;
+    drill(crash::COORDINATOR_COMMIT_SENT, Victim::Coordinator, Expect::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_killed_before_the_end_record_re_sends_commit_harmlessly() {
-    drill(
-        crash::COORDINATOR_BEFORE_END,
-        Victim::Coordinator,
-        Expect::Committed,
-    )
-    .await;
+    drill(crash::COORDINATOR_BEFORE_END, Victim::Coordinator, Expect::Committed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,21 +173,12 @@ async fn participant_killed_after_creating_an_account_keeps_it() {
     let id = "created-then-killed";
     let shard = shard_of(&AccountId::new(id).expect("valid"), 2);
     let name = format!("p{shard}");
-    c.restart(&name, Some(crash::PARTICIPANT_ACCOUNT_CREATED))
-        .await;
+    c.restart(&name, Some(crash::PARTICIPANT_ACCOUNT_CREATED)).await;
     let (status, body) = c.post("/accounts", json!({"id": id, "balance": 77})).await;
-    assert_eq!(
-        (status, body["error"]["code"].clone()),
-        (503, json!("participant_unavailable")),
-        "{body}"
-    );
+    assert_eq!((status, body["error"]["code"].clone()), (503, json!("participant_unavailable")), "{body}");
     assert!(c.node(&name).wait_for_death(DEATH));
     c.restart(&name, None).await;
-    assert_eq!(
-        c.balance(id).await,
-        77,
-        "the account was durable before the crash point"
-    );
+    assert_eq!(c.balance(id).await, 77, "the account was durable before the crash point");
     let (status, _) = c.post("/accounts", json!({"id": id, "balance": 77})).await;
     assert_eq!(status, 409);
 }
@@ -289,8 +190,7 @@ async fn every_crash_point_has_a_test() {
     for point in crash::ALL {
         let constant = crash_constant_name(point);
         assert!(
-            source.contains(&format!("crash::{constant},"))
-                || source.contains(&format!("crash::{constant})")),
+            source.contains(&format!("crash::{constant},")) || source.contains(&format!("crash::{constant})")),
             "no test for {point}"
         );
     }

@@ -18,15 +18,8 @@ async fn concurrent_transfers_never_overdraw_a_hot_account() {
     });
     let replies = futures::future::join_all(requests).await;
     let committed = replies.iter().filter(|(s, _)| *s == 200).count();
-    let refused = replies
-        .iter()
-        .filter(|(s, b)| *s == 422 && b["reason"] == "insufficient_funds")
-        .count();
-    assert_eq!(
-        committed + refused,
-        200,
-        "every transfer is committed or refused for funds: {replies:?}"
-    );
+    let refused = replies.iter().filter(|(s, b)| *s == 422 && b["reason"] == "insufficient_funds").count();
+    assert_eq!(committed + refused, 200, "every transfer is committed or refused for funds: {replies:?}");
     assert_eq!(committed, 142);
     let hot = c.account("hot").await;
     assert_eq!(hot["balance"], json!(1_000 - 7 * 142));
