@@ -1,0 +1,119 @@
+//! The participant binary on its own, driven through its internal API: holds survive SIGKILL, decisions are
+//! idempotent, and a store is bound to its shard.
+
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Participant {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Participant {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_participant"));
+    cmd.args(["--shard", &shard.to_string(), "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data)
+        // The coordinator URL in the prepared records below points nowhere: keep the resolver quiet.
+        .args(["--in-doubt-after-ms", "600000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+async fn start(shard: u32, data: &std::path::Path) -> Participant {
+    let port = free_port();
+    let child = command(shard, port, data).spawn().expect("spawn participant");
+    let p = Participant { child, url: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.http.get(format!("{}/health", p.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "participant did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
+}
+
+impl Participant {
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.expect("reply");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn account(&self, id: &str) -> Value {
+        let r = self.http.get(format!("{}/internal/accounts/{id}", self.url)).send().await.expect("reply");
+        r.json().await.expect("account JSON")
+    }
+}
+
+fn prepare_item(id: &str, from: &str, to: &str, amount: i64, postings: Value) -> Value {
+    json!({
+        "id": id,
+        "transfer": {"from": from, "to": to, "amount": amount},
+        "postings": postings,
+        "coordinator_url": "http://127.0.0.1:9",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_holds_survive_sigkill_and_decisions_apply_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = start(0, dir.path()).await;
+    assert_eq!(p.post("/internal/accounts", json!({"id": "alice", "balance": 100})).await.0, 201);
+    let tx = uuid::Uuid::new_v4().to_string();
+    let item = prepare_item(&tx, "alice", "bob", 60, json!([{"account": "alice", "delta": -60}]));
+    let (status, reply) = p.post("/internal/prepare", json!({"items": [item]})).await;
+    assert_eq!((status, reply), (200, json!({"votes": [{"vote": "yes"}]})));
+    drop(p); // SIGKILL
+
+    let p = start(0, dir.path()).await;
+    let alice = p.account("alice").await;
+    assert_eq!((alice["balance"].clone(), alice["held"].clone()), (json!(100), json!(60)), "hold survived");
+    // Only 40 is available while the hold stands.
+    let other = prepare_item(
+        &uuid::Uuid::new_v4().to_string(),
+        "alice",
+        "bob",
+        41,
+        json!([{"account": "alice", "delta": -41}]),
+    );
+    let (_, reply) = p.post("/internal/prepare", json!({"items": [other]})).await;
+    assert_eq!(reply, json!({"votes": [{"vote": "no", "reason": "insufficient_funds"}]}));
+
+    let commit = json!({"items": [{"id": tx, "decision": "commit"}]});
+    for _ in 0..2 {
+        assert_eq!(p.post("/internal/decide", commit.clone()).await, (200, json!({"acks": ["done"]})));
+    }
+    let abort = json!({"items": [{"id": tx, "decision": "abort"}]});
+    assert_eq!(p.post("/internal/decide", abort).await, (200, json!({"acks": ["refused"]})));
+    drop(p);
+
+    let p = start(0, dir.path()).await;
+    let alice = p.account("alice").await;
+    assert_eq!((alice["balance"].clone(), alice["held"].clone()), (json!(40), json!(0)));
+    let applied: Value =
+        p.http.get(format!("{}/internal/applied", p.url)).send().await.expect("reply").json().await.expect("list");
+    assert_eq!(applied, json!([{"id": tx, "decision": "commit"}]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_belongs_to_one_shard() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    drop(start(0, dir.path()).await);
+    let out = command(1, free_port(), dir.path()).stderr(Stdio::piped()).output().expect("run participant");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("belongs to shard 0, not shard 1"), "{stderr}");
+}
