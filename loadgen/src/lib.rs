@@ -2,3 +2,4 @@
 //! (`ledger-bench`) and the kill-and-restart drill (`ledger-drill`).
 
 pub mod cluster;
+pub mod drill;

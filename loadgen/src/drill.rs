@@ -1,0 +1,371 @@
+//! The kill-and-restart drill: a bank workload against a real cluster while a nemesis SIGKILLs, restarts, and
+//! SIGSTOPs / SIGCONTs processes; afterwards it heals the cluster, waits for every transfer to settle, and checks
+//! the books. In the style of Jepsen's bank test, but stricter: every transfer's fate is checked, not only the
+//! total.
+//!
+//! Checks: every acknowledged commit is committed and every acknowledged abort aborted; every transfer ends
+//! committed or aborted (404 only for ids that never got an answer); each shard applied each committed transfer
+//! and nothing else; final balances equal initial balances plus committed transfers; the total is conserved;
+//! no balance is negative; no funds stay held.
+
+use crate::cluster::{Cluster, Options};
+use common::ledger::{shard_of, AccountId};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Each account starts with this much, so most transfers can commit but some run out.
+const INITIAL_BALANCE: i64 = 10_000;
+/// Largest transfer amount.
+const AMOUNT_MAX: u64 = 2_000;
+/// One request's timeout: past it the outcome is unknown and the client retries with the same id.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+/// Attempts per transfer before the client gives up and leaves it unknown.
+const ATTEMPTS_MAX: u32 = 20;
+/// How long the healed cluster gets to settle every transfer.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub participants: usize,
+    pub clients: usize,
+    pub accounts: usize,
+    pub duration: Duration,
+    pub seed: u64,
+    /// Mean time between nemesis actions.
+    pub nemesis_interval: Duration,
+    /// Print a progress line to stderr every this often.
+    pub progress_every: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            participants: 2,
+            clients: 16,
+            accounts: 16,
+            duration: Duration::from_secs(30),
+            seed: 1,
+            nemesis_interval: Duration::from_secs(3),
+            progress_every: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub transfers: usize,
+    pub committed: usize,
+    pub aborted: usize,
+    pub unknown: usize,
+    pub kills: u64,
+    pub pauses: u64,
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn summary(&self, seed: u64) -> String {
+        format!(
+            "drill: seed={seed} transfers={} committed={} aborted={} unknown={} kills={} pauses={} violations={}",
+            self.transfers,
+            self.committed,
+            self.aborted,
+            self.unknown,
+            self.kills,
+            self.pauses,
+            self.violations.len()
+        )
+    }
+}
+
+/// SplitMix64: a tiny, seedable generator; the drill needs reproducible choices, not cryptography.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn duration_ms(&mut self, min_ms: u64, max_ms: u64) -> Duration {
+        Duration::from_millis(min_ms + self.below(max_ms - min_ms + 1))
+    }
+}
+
+/// What a client learnt about one transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Committed,
+    Aborted,
+    Unknown,
+}
+
+struct Attempted {
+    from: String,
+    to: String,
+    amount: i64,
+    answer: Answer,
+}
+
+#[derive(Default)]
+struct Counters {
+    committed: AtomicU64,
+    aborted: AtomicU64,
+    unknown: AtomicU64,
+    kills: AtomicU64,
+    pauses: AtomicU64,
+}
+
+pub async fn run(config: Config) -> Report {
+    let options = Options { participants: config.participants, log_filter: "warn".into(), ..Options::default() };
+    let mut cluster = Cluster::start_with(options).await;
+    let accounts: Vec<String> = (0..config.accounts).map(|i| format!("acct{i:03}")).collect();
+    for a in &accounts {
+        cluster.create_account(a, INITIAL_BALANCE).await;
+    }
+    let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("http client");
+    let base = cluster.coordinator.url();
+    let counters = Arc::new(Counters::default());
+    let ledger: Arc<Mutex<BTreeMap<String, Attempted>>> = Arc::default();
+    let deadline = Instant::now() + config.duration;
+
+    let clients: Vec<_> = (0..config.clients)
+        .map(|c| {
+            let (http, base, accounts) = (http.clone(), base.clone(), accounts.clone());
+            let (counters, ledger) = (counters.clone(), ledger.clone());
+            let mut rng = Rng::new(config.seed.wrapping_mul(1_000_003).wrapping_add(c as u64 + 1));
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                    let mut to = from.clone();
+                    while to == from {
+                        to = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                    }
+                    let amount = 1 + rng.below(AMOUNT_MAX) as i64;
+                    let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
+                    let body = json!({"from": from, "to": to, "amount": amount, "id": id});
+                    let answer = submit(&http, &base, &body).await;
+                    let counter = match answer {
+                        Answer::Committed => &counters.committed,
+                        Answer::Aborted => &counters.aborted,
+                        Answer::Unknown => &counters.unknown,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let mut ledger = ledger.lock().expect("ledger lock");
+                    ledger.insert(id, Attempted { from, to, amount, answer });
+                }
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut rng = Rng::new(config.seed);
+    let mut next_progress = Instant::now() + config.progress_every;
+    while Instant::now() < deadline {
+        let wait = rng.duration_ms(
+            config.nemesis_interval.as_millis() as u64 / 2,
+            config.nemesis_interval.as_millis() as u64 * 3 / 2,
+        );
+        let wake = (Instant::now() + wait).min(deadline);
+        while Instant::now() < wake {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if Instant::now() >= next_progress {
+                next_progress = Instant::now() + config.progress_every;
+                eprintln!(
+                    "drill: {:>4}s committed={} aborted={} unknown={} kills={} pauses={}",
+                    started.elapsed().as_secs(),
+                    counters.committed.load(Ordering::Relaxed),
+                    counters.aborted.load(Ordering::Relaxed),
+                    counters.unknown.load(Ordering::Relaxed),
+                    counters.kills.load(Ordering::Relaxed),
+                    counters.pauses.load(Ordering::Relaxed),
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        nemesis_step(&mut cluster, &mut rng, &counters).await;
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+
+    // Heal: every process running and none paused.
+    let names: Vec<String> =
+        std::iter::once("coordinator".to_string()).chain((0..config.participants).map(|i| format!("p{i}"))).collect();
+    for name in &names {
+        let node = cluster.node(name);
+        if let Some(pid) = node.pid() {
+            signal(pid, libc::SIGCONT);
+        }
+        if !node.is_running() {
+            cluster.restart(name, None).await;
+        }
+    }
+    let account_refs: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    cluster.settle(&account_refs, SETTLE_TIMEOUT).await;
+
+    let ledger = std::mem::take(&mut *ledger.lock().expect("ledger lock"));
+    let mut report = Report {
+        transfers: ledger.len(),
+        kills: counters.kills.load(Ordering::Relaxed),
+        pauses: counters.pauses.load(Ordering::Relaxed),
+        ..Report::default()
+    };
+    check(&cluster, &accounts, &ledger, &mut report).await;
+    report
+}
+
+/// Submits one transfer, retrying an unknown outcome with the same id.
+async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> Answer {
+    for attempt in 0..ATTEMPTS_MAX {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
+        }
+        let Ok(reply) = http.post(format!("{base}/transfers")).json(body).send().await else { continue };
+        let status = reply.status().as_u16();
+        let Ok(reply) = reply.json::<Value>().await else { continue };
+        match (status, reply["status"].as_str()) {
+            (200, Some("committed")) => return Answer::Committed,
+            (_, Some("aborted")) => return Answer::Aborted,
+            _ => continue, // overloaded or storage trouble: no final answer yet
+        }
+    }
+    Answer::Unknown
+}
+
+async fn nemesis_step(cluster: &mut Cluster, rng: &mut Rng, counters: &Counters) {
+    let participants = cluster.participants.len() as u64;
+    let victim = match rng.below(participants + 1) {
+        0 => "coordinator".to_string(),
+        n => format!("p{}", n - 1),
+    };
+    if rng.below(3) == 0 {
+        let Some(pid) = cluster.node(&victim).pid() else { return };
+        let pause = rng.duration_ms(300, 2_500);
+        eprintln!("drill: nemesis pauses {victim} for {}ms", pause.as_millis());
+        signal(pid, libc::SIGSTOP);
+        tokio::time::sleep(pause).await;
+        signal(pid, libc::SIGCONT);
+        counters.pauses.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let down = rng.duration_ms(100, 2_000);
+        eprintln!("drill: nemesis kills {victim}, restarts it after {}ms", down.as_millis());
+        cluster.node(&victim).kill();
+        counters.kills.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(down).await;
+        cluster.restart(&victim, None).await;
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is a child of this process.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String, Attempted>, report: &mut Report) {
+    let shard_count = cluster.participants.len() as u32;
+    let shard = |a: &str| shard_of(&AccountId::new(a).expect("drill account ids are valid"), shard_count) as usize;
+    let mut applied: Vec<HashMap<String, String>> = Vec::new();
+    for s in 0..cluster.participants.len() {
+        let list = cluster.applied(s).await;
+        let mut by_id = HashMap::new();
+        for entry in list {
+            let id = entry["id"].as_str().unwrap_or_default().to_string();
+            let decision = entry["decision"].as_str().unwrap_or_default().to_string();
+            if by_id.insert(id.clone(), decision).is_some() {
+                report.violations.push(format!("shard {s} lists transfer {id} twice"));
+            }
+        }
+        applied.push(by_id);
+    }
+
+    let mut expected: HashMap<&str, i64> = accounts.iter().map(|a| (a.as_str(), INITIAL_BALANCE)).collect();
+    let mut committed_ids: HashSet<&str> = HashSet::new();
+    for (id, t) in ledger {
+        let (status, body) = cluster.get(&format!("/transfers/{id}")).await;
+        let final_status = match (status, body["status"].as_str()) {
+            (200, Some("committed")) => Answer::Committed,
+            (200, Some("aborted")) => Answer::Aborted,
+            (404, _) => Answer::Unknown,
+            _ => {
+                report.violations.push(format!("transfer {id}: unexpected GET answer {status} {body}"));
+                continue;
+            }
+        };
+        match (t.answer, final_status) {
+            (Answer::Committed, Answer::Committed) | (Answer::Aborted, Answer::Aborted) => {}
+            (Answer::Unknown, _) => {}
+            (told, now) => report.violations.push(format!("transfer {id}: client was told {told:?}, now {now:?}")),
+        }
+        match final_status {
+            Answer::Committed => report.committed += 1,
+            Answer::Aborted => report.aborted += 1,
+            Answer::Unknown => report.unknown += 1,
+        }
+        let shards: HashSet<usize> = [shard(&t.from), shard(&t.to)].into_iter().collect();
+        for (s, by_id) in applied.iter().enumerate() {
+            let here = by_id.get(id.as_str()).map(String::as_str);
+            let ok = match final_status {
+                Answer::Committed => !shards.contains(&s) || here == Some("commit"),
+                Answer::Aborted | Answer::Unknown => here != Some("commit"),
+            };
+            if !ok {
+                report.violations.push(format!("transfer {id} ({final_status:?}): shard {s} shows {here:?}"));
+            }
+        }
+        if final_status == Answer::Committed {
+            committed_ids.insert(id);
+            *expected.get_mut(t.from.as_str()).expect("known account") -= t.amount;
+            *expected.get_mut(t.to.as_str()).expect("known account") += t.amount;
+        }
+    }
+    // A shard must not have committed anything the drill did not ask for.
+    for (s, by_id) in applied.iter().enumerate() {
+        for (id, decision) in by_id {
+            if decision == "commit" && !committed_ids.contains(id.as_str()) {
+                report.violations.push(format!("shard {s} committed unknown transfer {id}"));
+            }
+        }
+    }
+
+    let mut total = 0i64;
+    for a in accounts {
+        let view = cluster.account(a).await;
+        let balance = view["balance"].as_i64().unwrap_or(i64::MIN);
+        total += balance;
+        if balance != expected[a.as_str()] {
+            report
+                .violations
+                .push(format!("account {a}: balance {balance}, committed transfers say {}", expected[a.as_str()]));
+        }
+        if balance < 0 {
+            report.violations.push(format!("account {a}: negative balance {balance}"));
+        }
+        if view["held"] != json!(0) {
+            report.violations.push(format!("account {a}: funds still held: {}", view["held"]));
+        }
+    }
+    let initial_total = INITIAL_BALANCE * accounts.len() as i64;
+    if total != initial_total {
+        report.violations.push(format!("total {total} != initial total {initial_total}"));
+    }
+}
