@@ -117,3 +117,130 @@ pub async fn shutdown_signal() {
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// A listener that holds at most `max` connections open at once. Past that it stops accepting, so further
+/// clients wait in the kernel's backlog instead of costing this process memory.
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl LimitedListener {
+    pub fn new(inner: tokio::net::TcpListener, max: usize) -> Self {
+        LimitedListener { inner, slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1))) }
+    }
+}
+
+/// A connection that gives its slot back when it closes.
+pub struct LimitedStream {
+    inner: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = match self.slots.clone().acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_) => std::future::pending().await, // the semaphore is never closed
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (LimitedStream { inner: stream, _slot: slot }, addr);
+                }
+                // Out of file descriptors and the like: wait rather than spin.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Middleware: a request (body included) that takes longer than the limit gets 408. A transfer cut off this
+/// way keeps running in its own task; its outcome can be read or retried with the same id.
+pub async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => error_response(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long"),
+    }
+}
+
+/// Middleware for internal routes: without the cluster secret, 401 before anything else happens.
+pub async fn require_cluster_token(
+    axum::extract::State(token): axum::extract::State<Option<crate::auth::ClusterToken>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &token {
+        let presented = req.headers().get(crate::wire::HEADER_CLUSTER_TOKEN).map(|v| v.as_bytes()).unwrap_or(b"");
+        if !token.matches(presented) {
+            return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong cluster token");
+        }
+    }
+    next.run(req).await
+}
+
+/// The cluster id an internal request carries, if it carries a well-formed one.
+pub fn cluster_id_of(headers: &axum::http::HeaderMap) -> Option<uuid::Uuid> {
+    headers
+        .get(crate::wire::HEADER_CLUSTER_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+}

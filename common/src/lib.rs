@@ -3,6 +3,7 @@
 //! The protocol modules (`protocol`) do no I/O; the shells' shared plumbing (durable store with group commit,
 //! HTTP error shape, crash points, logging set-up) lives beside them so both binaries use one copy.
 
+pub mod auth;
 pub mod crash;
 pub mod http;
 pub mod ledger;

@@ -114,6 +114,8 @@ pub mod participant_keys {
     pub const FINISHED: u8 = b'f';
     /// The shard number this store belongs to, fixed at first start.
     pub const SHARD: &[u8] = b"mshard";
+    /// The id of the cluster this shard belongs to, adopted from the first coordinator call.
+    pub const CLUSTER: &[u8] = b"mcluster";
 
     pub fn account(id: &AccountId) -> Vec<u8> {
         let mut key = Vec::with_capacity(1 + id.as_str().len());

@@ -134,3 +134,8 @@ pub struct AppliedTransfer {
     pub id: TransferId,
     pub decision: Decision,
 }
+
+/// Header carrying the cluster secret on every internal call.
+pub const HEADER_CLUSTER_TOKEN: &str = "x-ledger-cluster-token";
+/// Header carrying the cluster id (fixed at the coordinator's first start) on every internal call.
+pub const HEADER_CLUSTER_ID: &str = "x-ledger-cluster-id";

@@ -2,12 +2,16 @@
 //! into ledger types; every failure is an [`ApiError`], turned into a status and JSON body in one place.
 
 use crate::engine::{Engine, EngineError, Final};
+use crate::Config;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
+use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
 use common::http::{error_response, JsonBody};
 use common::ledger::{shard_of, AccountId, Amount, ShardId, Transfer};
@@ -17,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Public request bodies are small; anything bigger is a mistake or an attack.
@@ -98,26 +103,79 @@ impl From<QueryRejection> for ApiError {
 struct AppState {
     engine: Arc<Engine>,
     call_timeout: Duration,
+    api_tokens: Option<Arc<ApiTokens>>,
 }
 
-pub fn router(engine: Arc<Engine>, call_timeout: Duration) -> Router {
-    let state = AppState { engine, call_timeout };
-    let public = Router::new()
-        .route("/health", get(health))
-        .route("/stats", get(stats))
+pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
+    let api_tokens = config.api_tokens.clone().map(Arc::new);
+    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens };
+    let admin = Router::new()
         .route("/accounts", post(create_account))
+        .layer(middleware::from_fn_with_state(Role::Admin, require_role));
+    let client = Router::new()
+        .route("/stats", get(stats))
         .route("/accounts/{id}", get(get_account))
         .route("/transfers", post(create_transfer))
         .route("/transfers/{id}", get(get_transfer))
         .route("/transactions", get(transactions))
+        .merge(admin)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(PUBLIC_BODY_BYTES_MAX));
-    let internal =
-        Router::new().route(wire::PATH_DECISIONS, post(decisions)).layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
-    public
+    let internal = Router::new()
+        .route(wire::PATH_DECISIONS, post(decisions))
+        .layer(middleware::from_fn_with_state(state.clone(), require_own_cluster))
+        .layer(middleware::from_fn_with_state(config.cluster_token.clone(), common::http::require_cluster_token))
+        .layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
+    Router::new()
+        .route("/health", get(health))
+        .merge(client)
         .merge(internal)
         .fallback(common::http::not_found)
         .method_not_allowed_fallback(common::http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(config.request_timeout, common::http::time_limit))
         .with_state(state)
+}
+
+/// With API tokens configured, finds the caller of a bearer token (401 without a valid one) and passes it on.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(tokens) = &state.api_tokens else {
+        return next.run(req).await;
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(caller) = presented.and_then(|token| tokens.caller(token)) else {
+        let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return response;
+    };
+    let span = tracing::info_span!("caller", token_name = %caller.name);
+    req.extensions_mut().insert(caller);
+    next.run(req).instrument(span).await
+}
+
+/// 403 unless the authenticated caller has at least `role` (no check when tokens are not configured).
+async fn require_role(State(role): State<Role>, req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(caller) if caller.role < role => {
+            error_response(StatusCode::FORBIDDEN, "forbidden", format!("this needs an {role:?} token").to_lowercase())
+        }
+        _ => next.run(req).await,
+    }
+}
+
+/// A participant's query must come from this coordinator's own cluster. A participant never contacted has no
+/// cluster id yet, and then has nothing prepared to ask about, so its (empty) query passes.
+async fn require_own_cluster(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match common::http::cluster_id_of(req.headers()) {
+        Some(id) if id != state.engine.wal.cluster_id() => {
+            error_response(StatusCode::FORBIDDEN, "wrong_cluster", "this coordinator runs another cluster")
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// A JSON number that must be a whole number in `min..=i64::MAX`.
@@ -204,6 +262,7 @@ struct TransferRequest {
 
 async fn create_transfer(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     JsonBody(req): JsonBody<TransferRequest>,
 ) -> Result<Response, ApiError> {
     let from = account_id("from", req.from)?;
@@ -217,7 +276,8 @@ async fn create_transfer(
         None => Uuid::new_v4(),
     };
     tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
-    let fin = state.engine.submit(id, Transfer { from, to, amount }).await?;
+    let made_by = caller.map(|Extension(c)| c.name);
+    let fin = state.engine.submit(id, Transfer { from, to, amount }, made_by).await?;
     Ok(outcome_response(id, &fin))
 }
 
@@ -251,6 +311,9 @@ async fn get_transfer(
     let id = Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
     let (transfer, outcome) = state.engine.status(&id)?.ok_or(ApiError::TransferNotFound)?;
     let mut body = json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
+    if let Some(name) = state.engine.wal.made_by(&id).map_err(|e| ApiError::Storage(e.to_string()))? {
+        body["made_by"] = json!(name);
+    }
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),

@@ -126,8 +126,13 @@ impl Engine {
     }
 
     /// Runs (or joins, or replays) the transfer `id` and returns its final outcome, durable.
-    pub async fn submit(self: &Arc<Self>, id: TransferId, transfer: Transfer) -> Result<Final, EngineError> {
-        let mut done = match self.claim(id, &transfer)? {
+    pub async fn submit(
+        self: &Arc<Self>,
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+    ) -> Result<Final, EngineError> {
+        let mut done = match self.claim(id, &transfer, made_by)? {
             Claim::Running(done) => done,
             Claim::Logged(record) => {
                 // It may have been written by a decision query a moment ago: make sure it is on disk.
@@ -146,7 +151,12 @@ impl Engine {
     }
 
     /// Joins the run of `id` in progress, or finds its logged outcome, or starts running it.
-    fn claim(self: &Arc<Self>, id: TransferId, transfer: &Transfer) -> Result<Claim, EngineError> {
+    fn claim(
+        self: &Arc<Self>,
+        id: TransferId,
+        transfer: &Transfer,
+        made_by: Option<String>,
+    ) -> Result<Claim, EngineError> {
         let mut inflight = lock(&self.inflight);
         if let Some(running) = inflight.get(&id) {
             if running.transfer != *transfer {
@@ -168,7 +178,7 @@ impl Engine {
         let span = tracing::info_span!("transfer", transfer_id = %id);
         tokio::spawn(
             async move {
-                let result = engine.run(id, transfer).await;
+                let result = engine.run(id, transfer, made_by).await;
                 drop(permit);
                 match result {
                     Ok(fin) => {
@@ -187,7 +197,12 @@ impl Engine {
     }
 
     /// One transfer, from Prepare to the client's answer. Phase two continues after the answer if shards lag.
-    async fn run(self: &Arc<Self>, id: TransferId, transfer: Transfer) -> Result<Final, EngineError> {
+    async fn run(
+        self: &Arc<Self>,
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+    ) -> Result<Final, EngineError> {
         let mut machine = TransferMachine::new(id, transfer.clone(), self.config.shard_count);
         let prepares = machine.shards().into_iter().map(|shard| {
             let item = PrepareItem {
@@ -228,7 +243,7 @@ impl Engine {
             shards: transfer.shards(self.config.shard_count),
             decided_at_unix_ms: now_unix_ms(),
         };
-        self.wal.put(&id, &record)?;
+        self.wal.put(&id, &record, made_by.as_deref())?;
         self.wal.sync().await?;
         crash::point(crash::COORDINATOR_DECISION_LOGGED);
         tracing::info!(?outcome, "decision logged");
@@ -333,7 +348,7 @@ impl Engine {
                         shards: Vec::new(),
                         decided_at_unix_ms: now_unix_ms(),
                     };
-                    self.wal.put(&item.id, &record)?;
+                    self.wal.put(&item.id, &record, None)?;
                     tracing::info!(transfer_id = %item.id, "presumed abort for a transfer with no decision");
                     QueryAnswer::Abort
                 }

@@ -8,9 +8,11 @@ pub mod engine;
 mod participants;
 pub mod wal;
 
+use common::auth::{ApiTokens, AuthConfigError, ClusterToken};
 use common::store::Durability;
 use engine::{Engine, EngineConfig};
 use participants::ParticipantClient;
+use reqwest::header::{HeaderMap, HeaderValue};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +33,14 @@ pub struct Config {
     /// Timeout of account reads, account creation and health checks sent to a participant.
     pub participant_call_timeout: Duration,
     pub transfers_in_flight_max: usize,
+    /// The cluster secret internal calls carry; `None` only on loopback.
+    pub cluster_token: Option<ClusterToken>,
+    /// Client API tokens; `None` leaves the public API open (every route but /health needs one otherwise).
+    pub api_tokens: Option<ApiTokens>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub connections_max: usize,
+    /// Longest a request may take, body included.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,10 @@ pub enum StartError {
     Serve(#[from] std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    #[error("the cluster token is not a valid HTTP header value")]
+    BadToken,
 }
 
 /// Opens the log, starts re-delivering unfinished commits, serves until `shutdown`, then drains requests.
@@ -54,6 +68,7 @@ pub async fn run(
     if config.participants.is_empty() {
         return Err(StartError::NoParticipants);
     }
+    common::auth::check_listen(listener.local_addr()?, config.cluster_token.as_ref())?;
     let shard_count = config.participants.len() as u32;
     let wal = wal::Wal::open(&config.data_dir, config.durability, shard_count).await?;
     let local = listener.local_addr()?;
@@ -61,7 +76,20 @@ pub async fn run(
         let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };
         format!("http://{host}:{}", local.port())
     });
-    let http = reqwest::Client::builder().pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX).tcp_nodelay(true).build()?;
+    // Every call to a participant carries the cluster's secret and id.
+    let mut internal_headers = HeaderMap::new();
+    let cluster_id = HeaderValue::from_str(&wal.cluster_id().to_string()).map_err(|_| StartError::BadToken)?;
+    internal_headers.insert(common::wire::HEADER_CLUSTER_ID, cluster_id);
+    if let Some(token) = &config.cluster_token {
+        let mut value = HeaderValue::from_str(token.as_str()).map_err(|_| StartError::BadToken)?;
+        value.set_sensitive(true);
+        internal_headers.insert(common::wire::HEADER_CLUSTER_TOKEN, value);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(internal_headers)
+        .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
+        .tcp_nodelay(true)
+        .build()?;
     let participants = config
         .participants
         .iter()
@@ -80,8 +108,10 @@ pub async fn run(
     };
     let engine = Engine::recover(engine_config, wal, participants)?;
     let redelivery = tokio::spawn(engine.clone().redeliver_forever());
-    let app = api::router(engine.clone(), config.participant_call_timeout);
-    tracing::info!(addr = %local, advertise = %advertise_url, shards = shard_count, "coordinator ready");
+    let app = api::router(engine.clone(), &config);
+    let cluster_id = engine.wal.cluster_id();
+    tracing::info!(addr = %local, advertise = %advertise_url, shards = shard_count, %cluster_id, "coordinator ready");
+    let listener = common::http::LimitedListener::new(listener, config.connections_max);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     redelivery.abort();
     engine.wal.sync().await.ok();

@@ -42,6 +42,20 @@ struct Cli {
     /// Log format on stderr: text or json. Verbosity follows RUST_LOG (default info).
     #[arg(long, env = "LEDGER_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// File holding the cluster secret that every internal call carries (required unless --listen is a
+    /// loopback address). The participants must be given the same file.
+    #[arg(long, env = "LEDGER_CLUSTER_TOKEN_FILE")]
+    cluster_token_file: Option<PathBuf>,
+    /// File of client API tokens, one `<name> <admin|client> <token>` per line. When given, every route but
+    /// GET /health needs `Authorization: Bearer <token>`; creating accounts needs an admin token.
+    #[arg(long, env = "LEDGER_API_TOKENS_FILE")]
+    api_tokens_file: Option<PathBuf>,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, env = "LEDGER_CONNECTIONS_MAX", default_value_t = 4_096)]
+    connections_max: usize,
+    /// Longest a request may take, body included (milliseconds); past it, 408.
+    #[arg(long, env = "LEDGER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    request_timeout_ms: u64,
     /// NOT DURABLE: skip every flush and fsync. Only for measuring what durability costs.
     #[arg(long)]
     no_fsync: bool,
@@ -61,6 +75,15 @@ async fn main() -> ExitCode {
     if cli.no_fsync {
         tracing::warn!("--no-fsync: acknowledged transfers can be lost; never use this for real money");
     }
+    let cluster_token = cli.cluster_token_file.as_deref().map(common::auth::ClusterToken::read).transpose();
+    let api_tokens = cli.api_tokens_file.as_deref().map(common::auth::ApiTokens::read).transpose();
+    let (cluster_token, api_tokens) = match (cluster_token, api_tokens) {
+        (Ok(c), Ok(a)) => (c, a),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = coordinator::Config {
         data_dir: cli.data,
         participants: cli.participants,
@@ -70,6 +93,10 @@ async fn main() -> ExitCode {
         commit_ack_wait: Duration::from_millis(cli.commit_ack_wait_ms),
         participant_call_timeout: Duration::from_millis(cli.participant_timeout_ms),
         transfers_in_flight_max: cli.transfers_in_flight_max.max(1),
+        cluster_token,
+        api_tokens,
+        connections_max: cli.connections_max,
+        request_timeout: Duration::from_millis(cli.request_timeout_ms),
     };
     match coordinator::run(listener, config, common::http::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,9 @@ use uuid::Uuid;
 const RECORD: u8 = b't';
 const UNACKED: u8 = b'u';
 const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
+const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
+/// Prefix of the name of the API token that submitted a transfer.
+const MADE_BY: u8 = b'n';
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -37,6 +40,8 @@ impl From<records::RecordError> for WalError {
 #[derive(Clone)]
 pub struct Wal {
     store: Store,
+    /// Fixed at first start; every internal call carries it, and participants refuse other clusters.
+    cluster_id: Uuid,
 }
 
 fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
@@ -68,7 +73,25 @@ impl Wal {
                 store.sync().await?;
             }
         }
-        Ok(Wal { store })
+        let cluster_id = match store.db.get(CLUSTER_ID_KEY)? {
+            Some(bytes) => Uuid::from_slice(&bytes).map_err(|_| WalError::BadKey(CLUSTER_ID_KEY.to_vec()))?,
+            None => {
+                let id = Uuid::new_v4();
+                store.db.insert(CLUSTER_ID_KEY, id.as_bytes())?;
+                store.sync().await?;
+                id
+            }
+        };
+        Ok(Wal { store, cluster_id })
+    }
+
+    pub fn cluster_id(&self) -> Uuid {
+        self.cluster_id
+    }
+
+    /// Records which API token submitted `id` (written with the decision, in the same batch).
+    pub fn made_by(&self, id: &TransferId) -> Result<Option<String>, WalError> {
+        Ok(self.store.db.get(key(MADE_BY, id))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn get(&self, id: &TransferId) -> Result<Option<TransferRecord>, WalError> {
@@ -80,9 +103,12 @@ impl Wal {
 
     /// Writes a decision (not yet durable: call `sync`). A commit also gets a marker, removed by `end` once every
     /// shard has acknowledged it; aborts need none (a participant left in doubt asks, and hears abort).
-    pub fn put(&self, id: &TransferId, record: &TransferRecord) -> Result<(), WalError> {
+    pub fn put(&self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) -> Result<(), WalError> {
         let mut batch = sled::Batch::default();
         batch.insert(&key(RECORD, id)[..], records::encode(record));
+        if let Some(name) = made_by {
+            batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
+        }
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
         }

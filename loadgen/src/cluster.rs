@@ -131,6 +131,8 @@ impl Node {
 }
 
 pub struct Cluster {
+    /// The cluster secret the nodes were given, for tests that call internal routes.
+    pub cluster_token: Option<String>,
     pub dir: tempfile::TempDir,
     pub coordinator: Node,
     pub participants: Vec<Node>,
@@ -145,6 +147,10 @@ pub struct Options {
     pub participant_args: Vec<String>,
     /// `RUST_LOG` for the nodes.
     pub log_filter: String,
+    /// Give every node a generated cluster secret (as `scripts/cluster.sh` does).
+    pub cluster_token: bool,
+    /// Contents of an API tokens file for the coordinator, if any.
+    pub api_tokens: Option<String>,
 }
 
 impl Default for Options {
@@ -154,6 +160,8 @@ impl Default for Options {
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
             log_filter: "info".into(),
+            cluster_token: true,
+            api_tokens: None,
         }
     }
 }
@@ -165,6 +173,14 @@ impl Cluster {
 
     pub async fn start_with(options: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        let mut shared_args: Vec<String> = Vec::new();
+        let cluster_token = options.cluster_token.then(|| {
+            let token = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+            let path = dir.path().join("cluster.token");
+            std::fs::write(&path, &token).expect("write cluster token");
+            shared_args.extend(["--cluster-token-file".to_string(), path.display().to_string()]);
+            token
+        });
         let participants: Vec<Node> = (0..options.participants)
             .map(|shard| {
                 let port = free_port();
@@ -180,7 +196,11 @@ impl Cluster {
                     "--in-doubt-after-ms".into(),
                     "500".into(),
                 ];
-                let args = args.into_iter().chain(options.participant_args.iter().cloned()).collect();
+                let args = args
+                    .into_iter()
+                    .chain(shared_args.iter().cloned())
+                    .chain(options.participant_args.iter().cloned())
+                    .collect();
                 let log = dir.path().join(format!("p{shard}.log"));
                 Node {
                     name: format!("p{shard}"),
@@ -205,6 +225,12 @@ impl Cluster {
             "--prepare-timeout-ms".into(),
             "1500".into(),
         ];
+        args.extend(shared_args);
+        if let Some(tokens) = &options.api_tokens {
+            let path = dir.path().join("api.tokens");
+            std::fs::write(&path, tokens).expect("write API tokens");
+            args.extend(["--api-tokens-file".to_string(), path.display().to_string()]);
+        }
         args.extend(options.coordinator_args);
         let log = dir.path().join("coordinator.log");
         let coordinator = Node {
@@ -217,7 +243,7 @@ impl Cluster {
             child: None,
         };
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client");
-        let mut cluster = Cluster { dir, coordinator, participants, http };
+        let mut cluster = Cluster { dir, coordinator, participants, http, cluster_token };
         for i in 0..cluster.participants.len() {
             cluster.participants[i].spawn(None);
         }
@@ -317,7 +343,11 @@ impl Cluster {
     /// The transfer ids shard `shard` has finished, with their decisions, straight from the participant.
     pub async fn applied(&self, shard: usize) -> Vec<Value> {
         let url = format!("{}/internal/applied", self.participants[shard].url());
-        let r = self.http.get(url).send().await.expect("participant answers");
+        let mut request = self.http.get(url);
+        if let Some(token) = &self.cluster_token {
+            request = request.header(common::wire::HEADER_CLUSTER_TOKEN, token);
+        }
+        let r = request.send().await.expect("participant answers");
         r.json().await.expect("applied list")
     }
 

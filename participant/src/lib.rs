@@ -7,6 +7,7 @@ mod resolver;
 mod server;
 pub mod storage;
 
+use common::auth::{AuthConfigError, ClusterToken};
 use common::ledger::ShardId;
 use common::protocol::participant::ParticipantMachine;
 use common::store::{Durability, Store, StoreError};
@@ -24,6 +25,12 @@ pub struct Config {
     pub in_doubt_after: Duration,
     /// Timeout of one decision query to the coordinator.
     pub query_timeout: Duration,
+    /// The cluster secret internal calls must carry; `None` only on loopback.
+    pub cluster_token: Option<ClusterToken>,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub connections_max: usize,
+    /// Longest a request may take, body included.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,8 @@ pub enum StartError {
     Serve(#[from] std::io::Error),
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
 }
 
 /// State shared by the request handlers and the in-doubt resolver.
@@ -45,6 +54,8 @@ pub(crate) struct Node {
     /// The protocol state. Held only for in-memory work and sled's in-memory batch apply, never across an
     /// await, so transfers on a hot account wait for each other for microseconds, not for an fsync.
     machine: Mutex<ParticipantMachine>,
+    /// The cluster this shard belongs to: adopted from the first coordinator call, then fixed.
+    pub cluster_id: tokio::sync::Mutex<Option<uuid::Uuid>>,
     pub http: reqwest::Client,
     pub config: Config,
 }
@@ -65,6 +76,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    common::auth::check_listen(listener.local_addr()?, config.cluster_token.as_ref())?;
     let store = {
         let dir = config.data_dir.clone();
         let durability = config.durability;
@@ -73,13 +85,22 @@ pub async fn run(
             .map_err(|e| std::io::Error::other(e.to_string()))??
     };
     let machine = storage::load(&store, config.shard).await?;
+    let cluster_id = storage::cluster_id(&store)?;
     let prepared = machine.prepared().count();
     tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
     let http = reqwest::Client::builder().timeout(config.query_timeout).build()?;
-    let node = Arc::new(Node { shard: config.shard, store, machine: Mutex::new(machine), http, config });
+    let node = Arc::new(Node {
+        shard: config.shard,
+        store,
+        machine: Mutex::new(machine),
+        cluster_id: tokio::sync::Mutex::new(cluster_id),
+        http,
+        config,
+    });
     let resolver = tokio::spawn(resolver::run(node.clone()));
     let app = server::router(node.clone());
     tracing::info!(shard = node.shard, addr = %listener.local_addr()?, "participant ready");
+    let listener = common::http::LimitedListener::new(listener, node.config.connections_max);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     resolver.abort();
     node.store.sync().await.ok();

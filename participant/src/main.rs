@@ -27,6 +27,16 @@ struct Cli {
     /// Log format on stderr: text or json. Verbosity follows RUST_LOG (default info).
     #[arg(long, env = "LEDGER_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// File holding the cluster secret that every internal call must carry (required unless --listen is a
+    /// loopback address).
+    #[arg(long, env = "LEDGER_CLUSTER_TOKEN_FILE")]
+    cluster_token_file: Option<PathBuf>,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, env = "LEDGER_CONNECTIONS_MAX", default_value_t = 1_024)]
+    connections_max: usize,
+    /// Longest a request may take, body included (milliseconds); past it, 408.
+    #[arg(long, env = "LEDGER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    request_timeout_ms: u64,
     /// NOT DURABLE: skip every flush and fsync. Only for measuring what durability costs.
     #[arg(long)]
     no_fsync: bool,
@@ -46,12 +56,22 @@ async fn main() -> ExitCode {
     if cli.no_fsync {
         tracing::warn!("--no-fsync: acknowledged writes can be lost; never use this for real money");
     }
+    let cluster_token = match cli.cluster_token_file.as_deref().map(common::auth::ClusterToken::read).transpose() {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("participant: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = participant::Config {
         shard: cli.shard,
         data_dir: cli.data,
         durability: if cli.no_fsync { Durability::NoFsync } else { Durability::Fsync },
         in_doubt_after: Duration::from_millis(cli.in_doubt_after_ms),
         query_timeout: Duration::from_secs(5),
+        cluster_token,
+        connections_max: cli.connections_max,
+        request_timeout: Duration::from_millis(cli.request_timeout_ms),
     };
     match participant::run(listener, config, common::http::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,13 +58,14 @@ pub async fn run(node: Arc<Node>) {
 async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<usize, String> {
     let ids: Vec<uuid::Uuid> = items.iter().map(|i| i.id).collect();
     let query = DecisionQuery { shard: node.shard, items };
-    let reply = node
-        .http
-        .post(format!("{url}{}", wire::PATH_DECISIONS))
-        .json(&query)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut request = node.http.post(format!("{url}{}", wire::PATH_DECISIONS)).json(&query);
+    if let Some(token) = &node.config.cluster_token {
+        request = request.header(wire::HEADER_CLUSTER_TOKEN, token.as_str());
+    }
+    if let Some(id) = *node.cluster_id.lock().await {
+        request = request.header(wire::HEADER_CLUSTER_ID, id.to_string());
+    }
+    let reply = request.send().await.map_err(|e| e.to_string())?;
     if !reply.status().is_success() {
         return Err(format!("coordinator answered {}", reply.status()));
     }

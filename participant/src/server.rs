@@ -2,8 +2,9 @@
 //! Each handler locks the machine, applies its writes, unlocks, waits for the group commit, then answers.
 
 use crate::{storage, Node};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -52,18 +53,56 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(node: Arc<Node>) -> Router {
+    // Calls that change money must come from this shard's own cluster.
+    let changes = Router::new()
+        .route(wire::PATH_ACCOUNTS, post(create_account))
+        .route(wire::PATH_PREPARE, post(prepare))
+        .route(wire::PATH_DECIDE, post(decide))
+        .layer(middleware::from_fn_with_state(node.clone(), require_own_cluster));
+    let internal = Router::new()
+        .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
+        .route(wire::PATH_APPLIED, get(applied))
+        .merge(changes)
+        .layer(middleware::from_fn_with_state(node.config.cluster_token.clone(), common::http::require_cluster_token));
     Router::new()
         .route("/health", get(health))
         .route("/stats", get(stats))
-        .route(wire::PATH_ACCOUNTS, post(create_account))
-        .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
-        .route(wire::PATH_PREPARE, post(prepare))
-        .route(wire::PATH_DECIDE, post(decide))
-        .route(wire::PATH_APPLIED, get(applied))
+        .merge(internal)
         .fallback(common::http::not_found)
         .method_not_allowed_fallback(common::http::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(node.config.request_timeout, common::http::time_limit))
         .with_state(node)
+}
+
+/// Rejects a call from another cluster's coordinator. The first coordinator to call fixes the cluster id.
+async fn require_own_cluster(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let Some(presented) = common::http::cluster_id_of(req.headers()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "missing_cluster_id",
+            "internal calls must carry the cluster id",
+        );
+    };
+    {
+        let mut adopted = node.cluster_id.lock().await;
+        match *adopted {
+            Some(id) if id == presented => {}
+            Some(id) => {
+                tracing::warn!(expected = %id, presented = %presented, "call from another cluster refused");
+                let message = format!("this shard belongs to cluster {id}");
+                return error_response(StatusCode::FORBIDDEN, "wrong_cluster", message);
+            }
+            None => {
+                if let Err(e) = storage::adopt_cluster_id(&node.store, presented).await {
+                    return ApiError::Store(e).into_response();
+                }
+                tracing::info!(cluster_id = %presented, "joined cluster");
+                *adopted = Some(presented);
+            }
+        }
+    }
+    next.run(req).await
 }
 
 async fn health(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

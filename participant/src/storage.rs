@@ -51,6 +51,20 @@ pub fn apply(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
     store.db.apply_batch(batch)
 }
 
+/// The cluster id this shard adopted, if it has been contacted by a coordinator yet.
+pub fn cluster_id(store: &Store) -> Result<Option<Uuid>, LoadError> {
+    match store.db.get(keys::CLUSTER)? {
+        None => Ok(None),
+        Some(bytes) => Uuid::from_slice(&bytes).map(Some).map_err(|_| LoadError::BadKey(keys::CLUSTER.to_vec())),
+    }
+}
+
+/// Binds this shard to a cluster for good.
+pub async fn adopt_cluster_id(store: &Store, id: Uuid) -> Result<(), StoreError> {
+    store.db.insert(keys::CLUSTER, id.as_bytes())?;
+    store.sync().await
+}
+
 /// Checks (or, on first start, records) which shard this store belongs to, then reads the whole state back.
 pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, LoadError> {
     match store.db.get(keys::SHARD)? {

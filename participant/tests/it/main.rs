@@ -9,7 +9,11 @@ struct Participant {
     child: Child,
     url: String,
     http: reqwest::Client,
+    /// The cluster id these tests present, as a coordinator would.
+    cluster_id: String,
 }
+
+const CLUSTER_ID: &str = "6f0c1f56-8d0e-4b3f-9a77-3b1f2f0f7a10";
 
 impl Drop for Participant {
     fn drop(&mut self) {
@@ -35,9 +39,14 @@ fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
 }
 
 async fn start(shard: u32, data: &std::path::Path) -> Participant {
-    let port = free_port();
-    let child = command(shard, port, data).spawn().expect("spawn participant");
-    let p = Participant { child, url: format!("http://127.0.0.1:{port}"), http: reqwest::Client::new() };
+    start_with(command(shard, free_port(), data)).await
+}
+
+async fn start_with(mut cmd: Command) -> Participant {
+    let listen = cmd.get_args().skip_while(|a| *a != "--listen").nth(1).expect("--listen given");
+    let url = format!("http://{}", listen.to_string_lossy());
+    let child = cmd.spawn().expect("spawn participant");
+    let p = Participant { child, url, http: reqwest::Client::new(), cluster_id: CLUSTER_ID.into() };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.http.get(format!("{}/health", p.url)).send().await.is_ok_and(|r| r.status().is_success()) {
         assert!(Instant::now() < deadline, "participant did not start");
@@ -48,7 +57,14 @@ async fn start(shard: u32, data: &std::path::Path) -> Participant {
 
 impl Participant {
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.expect("reply");
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("x-ledger-cluster-id", &self.cluster_id)
+            .json(&body)
+            .send()
+            .await
+            .expect("reply");
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
@@ -116,4 +132,51 @@ async fn a_store_belongs_to_one_shard() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to shard 0, not shard 1"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_the_secret_or_from_another_cluster_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "0123456789abcdef0123").expect("write token");
+    let mut cmd = command(0, free_port(), &dir.path().join("data"));
+    cmd.arg("--cluster-token-file").arg(&token_file);
+    let p = start_with(cmd).await;
+    let create = json!({"id": "alice", "balance": 5});
+    let url = format!("{}/internal/accounts", p.url);
+
+    let no_token =
+        p.http.post(&url).header("x-ledger-cluster-id", CLUSTER_ID).json(&create).send().await.expect("reply");
+    assert_eq!(no_token.status(), 401);
+    let wrong = p.http.post(&url).header("x-ledger-cluster-token", "0123456789abcdef0124").json(&create);
+    assert_eq!(wrong.send().await.expect("reply").status(), 401);
+    let read = p.http.get(format!("{}/internal/applied", p.url)).send().await.expect("reply");
+    assert_eq!(read.status(), 401, "reads of internal state need the secret too");
+
+    let with = |id: &str| {
+        p.http.post(&url).header("x-ledger-cluster-token", "0123456789abcdef0123").header("x-ledger-cluster-id", id)
+    };
+    assert_eq!(with(CLUSTER_ID).json(&create).send().await.expect("reply").status(), 201);
+    let other = with("00000000-0000-4000-8000-000000000001").json(&json!({"id": "bob"})).send().await.expect("reply");
+    assert_eq!(other.status(), 403, "the first coordinator fixed the cluster");
+    let body: Value = other.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "wrong_cluster");
+    let missing =
+        p.http.post(&url).header("x-ledger-cluster-token", "0123456789abcdef0123").json(&json!({"id": "bob"}));
+    assert_eq!(missing.send().await.expect("reply").status(), 400);
+    // The health check stays open for load balancers.
+    assert_eq!(p.http.get(format!("{}/health", p.url)).send().await.expect("reply").status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_secret_only_loopback_is_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_participant"))
+        .args(["--listen", "0.0.0.0:0", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("run participant");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to listen on 0.0.0.0"), "{stderr}");
 }
