@@ -10,6 +10,14 @@ pub const PATH_DECIDE: &str = "/internal/decide";
 pub const PATH_ACCOUNTS: &str = "/internal/accounts";
 pub const PATH_APPLIED: &str = "/internal/applied";
 pub const PATH_DECISIONS: &str = "/internal/decisions";
+pub const PATH_JOIN: &str = "/internal/join";
+
+/// The coordinator introduces itself: the shard it expects this participant to own. The cluster id travels in
+/// its header, and the participant adopts it if it has none.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Join {
+    pub shard: ShardId,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareItem {

@@ -99,6 +99,10 @@ pub async fn run(
             ParticipantClient::new(shard as u32, url, http.clone(), config.prepare_timeout)
         })
         .collect();
+    for (shard, url) in config.participants.iter().enumerate() {
+        let url = url.trim_end_matches('/').to_string();
+        tokio::spawn(ParticipantClient::join(http.clone(), shard as u32, url));
+    }
     let engine_config = EngineConfig {
         shard_count,
         coordinator_url: advertise_url.clone(),

@@ -18,6 +18,9 @@ const BATCH_ITEMS_MAX: usize = 512;
 const INFLIGHT_BATCHES_MAX: usize = 4;
 /// Callers that may queue for one participant before `call` waits for room.
 const QUEUE_MAX: usize = 16_384;
+/// Backoff bounds while a participant cannot be introduced to.
+const JOIN_RETRY_MIN: Duration = Duration::from_millis(100);
+const JOIN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -99,6 +102,28 @@ impl ParticipantClient {
 
     pub async fn decide(&self, item: DecideItem) -> Result<DecideAck, CallError> {
         call::<Decide>(&self.decisions, item).await
+    }
+
+    /// Introduces this coordinator until the participant accepts: binds it to the cluster id and checks it
+    /// owns the shard the participant list says. Runs in the background from start-up.
+    pub async fn join(http: reqwest::Client, shard: ShardId, url: String) {
+        let mut delay = JOIN_RETRY_MIN;
+        loop {
+            let reply = http.post(format!("{url}{}", wire::PATH_JOIN)).json(&wire::Join { shard }).send().await;
+            match reply {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(shard, %url, "participant joined");
+                    return;
+                }
+                Ok(r) => {
+                    let body = r.text().await.unwrap_or_default();
+                    tracing::error!(shard, %url, %body, "participant refused to join this cluster");
+                }
+                Err(error) => tracing::debug!(shard, %url, %error, "participant not reachable yet"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(JOIN_RETRY_MAX);
+        }
     }
 
     /// The plain (unbatched) HTTP client, for account calls and health checks.

@@ -264,8 +264,10 @@ impl Cluster {
 
     pub async fn wait_ready(&self, url: &str) {
         let deadline = Instant::now() + START_TIMEOUT;
+        // Unpooled, so waiting for a node leaves no connection to it open.
+        let probe = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("http client");
         loop {
-            let ok = self.http.get(format!("{url}/health")).timeout(Duration::from_secs(1)).send().await;
+            let ok = probe.get(format!("{url}/health")).timeout(Duration::from_secs(1)).send().await;
             if ok.is_ok_and(|r| r.status().is_success()) {
                 return;
             }

@@ -14,8 +14,8 @@ use common::ledger::AccountId;
 use common::protocol::participant::{CreateError, Write};
 use common::store::StoreError;
 use common::wire::{
-    self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply, PrepareBatch, PrepareReply,
-    Vote,
+    self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply, Join, PrepareBatch,
+    PrepareReply, Vote,
 };
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -58,6 +58,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(wire::PATH_ACCOUNTS, post(create_account))
         .route(wire::PATH_PREPARE, post(prepare))
         .route(wire::PATH_DECIDE, post(decide))
+        .route(wire::PATH_JOIN, post(join))
         .layer(middleware::from_fn_with_state(node.clone(), require_own_cluster));
     let internal = Router::new()
         .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
@@ -103,6 +104,17 @@ async fn require_own_cluster(State(node): State<Arc<Node>>, req: Request, next: 
         }
     }
     next.run(req).await
+}
+
+/// A coordinator's introduction: by now the middleware has bound this shard to its cluster; check that the
+/// coordinator's participant list puts this process where it belongs.
+async fn join(State(node): State<Arc<Node>>, JsonBody(join): JsonBody<Join>) -> Response {
+    if join.shard != node.shard {
+        let message = format!("this is shard {}, but the coordinator lists it as shard {}", node.shard, join.shard);
+        tracing::error!(%message, "coordinator's participant list is out of order");
+        return error_response(StatusCode::CONFLICT, "wrong_shard", message);
+    }
+    Json(json!({"shard": node.shard})).into_response()
 }
 
 async fn health(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

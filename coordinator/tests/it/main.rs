@@ -4,3 +4,4 @@ mod api;
 mod crash;
 mod harness;
 mod load;
+mod security;

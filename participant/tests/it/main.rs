@@ -180,3 +180,12 @@ async fn without_a_secret_only_loopback_is_served() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_listing_this_process_as_another_shard_is_told_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let p = start(0, dir.path()).await;
+    let (status, body) = p.post("/internal/join", json!({"shard": 1})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (409, json!("wrong_shard")), "{body}");
+    assert_eq!(p.post("/internal/join", json!({"shard": 0})).await, (200, json!({"shard": 0})));
+}
