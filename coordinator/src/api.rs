@@ -265,6 +265,16 @@ async fn create_transfer(
     caller: Option<Extension<Caller>>,
     JsonBody(req): JsonBody<TransferRequest>,
 ) -> Result<Response, ApiError> {
+    let (id, transfer) = validate_transfer(req)?;
+    let id = id.unwrap_or_else(Uuid::new_v4);
+    tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
+    let made_by = caller.map(|Extension(c)| c.name);
+    let fin = state.engine.submit(id, transfer, made_by).await?;
+    Ok(outcome_response(id, &fin))
+}
+
+/// Every rule a transfer request must meet, in one pure function (fuzzed by the tests below).
+fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), ApiError> {
     let from = account_id("from", req.from)?;
     let to = account_id("to", req.to)?;
     if from == to {
@@ -272,13 +282,10 @@ async fn create_transfer(
     }
     let amount = Amount::new(whole_number("amount", &req.amount, 1)?).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let id = match req.id {
-        Some(raw) => Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?,
-        None => Uuid::new_v4(),
+        Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?),
+        None => None,
     };
-    tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
-    let made_by = caller.map(|Extension(c)| c.name);
-    let fin = state.engine.submit(id, Transfer { from, to, amount }, made_by).await?;
-    Ok(outcome_response(id, &fin))
+    Ok((id, Transfer { from, to, amount }))
 }
 
 fn outcome_response(id: Uuid, fin: &Final) -> Response {
@@ -375,4 +382,83 @@ async fn decisions(
     tracing::debug!(shard = query.shard, count = query.items.len(), "decision query");
     let answers = state.engine.answer_queries(query.items).await?;
     Ok(Json(DecisionAnswers { answers }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The rules, restated independently: what the validator must accept.
+    fn acceptable(from: &str, to: &str, amount: &Value, id: Option<&str>) -> bool {
+        let good_id = |s: &str| {
+            !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        let good_amount = amount.as_i64().is_some_and(|a| a >= 1);
+        good_id(from) && good_id(to) && from != to && good_amount && id.is_none_or(|i| Uuid::parse_str(i).is_ok())
+    }
+
+    fn account_like() -> impl Strategy<Value = String> {
+        prop_oneof!["[A-Za-z0-9_-]{1,64}", "[a-c]{1,2}", ".{0,70}", Just(String::new()), "[A-Za-z0-9_-]{65,70}",]
+    }
+
+    fn amount_like() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            (1i64..1_000).prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+            Just(Value::Null),
+            Just(json!([1])),
+        ]
+    }
+
+    fn id_like() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            any::<u128>().prop_map(|n| Some(Uuid::from_u128(n).to_string())),
+            ".{0,40}".prop_map(Some),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4_000))]
+
+        /// Whatever the fields hold, the validator accepts exactly the valid requests and never panics.
+        #[test]
+        fn transfer_validation_matches_the_rules(
+            from in account_like(), to in account_like(), amount in amount_like(), id in id_like(),
+        ) {
+            let mut body = json!({"from": from, "to": to, "amount": amount});
+            if let Some(id) = &id {
+                body["id"] = json!(id);
+            }
+            let parsed: Result<TransferRequest, _> = serde_json::from_value(body);
+            let expected = acceptable(&from, &to, &amount, id.as_deref());
+            match parsed {
+                Ok(req) => {
+                    let result = validate_transfer(req);
+                    prop_assert_eq!(result.is_ok(), expected, "from={:?} to={:?} amount={} id={:?}", from, to, amount, id);
+                    if let Ok((_, t)) = result {
+                        prop_assert_eq!(Some(t.amount.minor()), amount.as_i64());
+                        prop_assert_eq!(t.from.as_str(), from.as_str());
+                    }
+                }
+                // Only a non-number amount may fail to deserialise, and such a request is invalid.
+                Err(_) => prop_assert!(!expected && !amount.is_number()),
+            }
+        }
+
+        /// Arbitrary bytes never panic the parser; whatever parses is then validated without panicking.
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(req) = serde_json::from_slice::<TransferRequest>(&bytes) {
+                let _ = validate_transfer(req);
+            }
+            if let Ok(req) = serde_json::from_slice::<CreateAccountRequest>(&bytes) {
+                let _ = account_id("id", req.id);
+            }
+        }
+    }
 }

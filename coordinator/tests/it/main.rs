@@ -2,6 +2,7 @@
 
 mod api;
 mod crash;
+mod fuzz;
 mod harness;
 mod load;
 mod security;
