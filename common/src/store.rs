@@ -5,6 +5,7 @@
 //! the only thread that flushes (sled's `flush_async` deadlocks under many concurrent callers), and it serves
 //! every writer waiting when it starts, so one fsync covers a whole batch of transfers (group commit).
 
+use crate::telemetry::names;
 pub use migrations::StoreKind;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -127,9 +128,13 @@ fn flusher(db: sled::Db, log: File, mut rx: mpsc::Receiver<oneshot::Sender<()>>,
             tracing::error!(%error, "flush or fdatasync failed: stopping so recovery starts from what is on disk");
             std::process::abort();
         }
+        let took = started.elapsed();
         stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         stats.waiters.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.flush_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        metrics::counter!(names::WAL_FSYNCS).increment(1);
+        metrics::histogram!(names::WAL_FLUSH_SECONDS).record(took.as_secs_f64());
+        metrics::histogram!(names::WAL_RECORDS_PER_FLUSH).record(batch.len() as f64);
         for done in batch.drain(..) {
             let _ = done.send(());
         }

@@ -112,7 +112,10 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
     let admin = Router::new()
         .route("/accounts", post(create_account))
         .layer(middleware::from_fn_with_state(Role::Admin, require_role));
+    let metrics_handle = common::telemetry::install_metrics();
+    crate::engine::metric::describe();
     let client = Router::new()
+        .route("/metrics", get(move || async move { common::telemetry::render_metrics(&metrics_handle) }))
         .route("/stats", get(stats))
         .route("/accounts/{id}", get(get_account))
         .route("/transfers", post(create_transfer))
@@ -269,7 +272,9 @@ async fn create_transfer(
     let id = id.unwrap_or_else(Uuid::new_v4);
     tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
     let made_by = caller.map(|Extension(c)| c.name);
+    let started = std::time::Instant::now();
     let fin = state.engine.submit(id, transfer, made_by).await?;
+    metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(started.elapsed());
     Ok(outcome_response(id, &fin))
 }
 

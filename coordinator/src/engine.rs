@@ -10,7 +10,7 @@ use common::http::now_unix_ms;
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
 use common::records::{AbortReason, Outcome, TransferRecord};
-use common::wire::{DecideAck, DecideItem, DecisionQueryItem, PrepareItem, QueryAnswer};
+use common::wire::{DecideAck, DecideItem, Decision, DecisionQueryItem, PrepareItem, QueryAnswer};
 use futures::future::join_all;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,8 +18,41 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
 
+/// Metric names of the coordinator.
+pub mod metric {
+    pub const TRANSFERS: &str = "ledger_transfers_total";
+    pub const TRANSFER_SECONDS: &str = "ledger_transfer_seconds";
+    pub const PREPARE_SECONDS: &str = "ledger_prepare_round_trip_seconds";
+    pub const COMMIT_SECONDS: &str = "ledger_commit_round_trip_seconds";
+    pub const ABORT_SECONDS: &str = "ledger_abort_round_trip_seconds";
+    pub const IN_DOUBT: &str = "ledger_transfers_in_doubt";
+    pub const IN_DOUBT_OLDEST_SECONDS: &str = "ledger_in_doubt_oldest_age_seconds";
+    pub const PARTICIPANT_UP: &str = "ledger_participant_up";
+    pub const RECOVERY_COMMITS_RESENT: &str = "ledger_recovery_commits_resent_total";
+    pub const DECISION_QUERIES: &str = "ledger_decision_queries_total";
+    pub const AUDIT_VIOLATIONS: &str = "ledger_audit_violations_total";
+
+    /// Describes every metric once, so `/metrics` carries help text.
+    pub fn describe() {
+        metrics::describe_counter!(TRANSFERS, "Transfers decided, by outcome and abort reason");
+        metrics::describe_histogram!(TRANSFER_SECONDS, "End-to-end time of POST /transfers");
+        metrics::describe_histogram!(PREPARE_SECONDS, "Prepare round trip to one shard");
+        metrics::describe_histogram!(COMMIT_SECONDS, "Commit round trip to one shard");
+        metrics::describe_histogram!(ABORT_SECONDS, "Abort round trip to one shard");
+        metrics::describe_gauge!(IN_DOUBT, "Decided transfers some shard has not acknowledged");
+        metrics::describe_gauge!(IN_DOUBT_OLDEST_SECONDS, "Age of the oldest transfer in doubt");
+        metrics::describe_gauge!(PARTICIPANT_UP, "1 if the shard answered its last health probe");
+        metrics::describe_counter!(RECOVERY_COMMITS_RESENT, "Committed transfers re-sent after a restart");
+        metrics::describe_counter!(DECISION_QUERIES, "Decision queries from participants, by answer");
+        metrics::describe_counter!(AUDIT_VIOLATIONS, "Audit violations found");
+    }
+}
+
 /// How often the re-delivery loop looks for decisions still owed an ack.
 const REDELIVER_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Health probes of the participants, for the up/down gauge.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A decision unacknowledged this long is sent again.
 const REDELIVER_AFTER: Duration = Duration::from_secs(1);
 
@@ -113,6 +146,7 @@ impl Engine {
         }
         if !owed.is_empty() {
             tracing::info!(count = owed.len(), "recovered committed transfers still owed acks: re-sending");
+            metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(owed.len() as u64);
         }
         let admission = Arc::new(Semaphore::new(config.transfers_in_flight_max));
         Ok(Arc::new(Engine {
@@ -213,8 +247,13 @@ impl Engine {
             };
             let client = &self.participants[shard as usize];
             async move {
+                let started = Instant::now();
                 let vote = match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item)).await {
-                    Ok(Ok(vote)) => VoteResult::Vote(vote),
+                    Ok(Ok(vote)) => {
+                        let shard_label = shard.to_string();
+                        metrics::histogram!(metric::PREPARE_SECONDS, "shard" => shard_label).record(started.elapsed());
+                        VoteResult::Vote(vote)
+                    }
                     Ok(Err(CallError::Failed(error))) => {
                         tracing::warn!(shard, %error, "prepare failed");
                         VoteResult::Unavailable
@@ -247,6 +286,11 @@ impl Engine {
         self.wal.sync().await?;
         crash::point(crash::COORDINATOR_DECISION_LOGGED);
         tracing::info!(?outcome, "decision logged");
+        let (label, reason) = match outcome {
+            Outcome::Committed => ("committed", "none"),
+            Outcome::Aborted(reason) => ("aborted", reason.code()),
+        };
+        metrics::counter!(metric::TRANSFERS, "outcome" => label, "reason" => reason).increment(1);
 
         let (decision, targets) = machine.on_decision_logged();
         let fin = Final { transfer, outcome };
@@ -271,7 +315,16 @@ impl Engine {
     async fn deliver(self: Arc<Self>, id: TransferId, decision: common::wire::Decision, targets: Vec<ShardId>) {
         let sends = targets.into_iter().map(|shard| {
             let client = &self.participants[shard as usize];
-            async move { (shard, client.decide(DecideItem { id, decision }).await) }
+            async move {
+                let started = Instant::now();
+                let result = client.decide(DecideItem { id, decision }).await;
+                if result.is_ok() {
+                    let name =
+                        if decision == Decision::Commit { metric::COMMIT_SECONDS } else { metric::ABORT_SECONDS };
+                    metrics::histogram!(name, "shard" => shard.to_string()).record(started.elapsed());
+                }
+                (shard, result)
+            }
         });
         for (shard, result) in join_all(sends).await {
             match result {
@@ -312,6 +365,10 @@ impl Engine {
     pub async fn redeliver_forever(self: Arc<Self>) {
         loop {
             tokio::time::sleep(REDELIVER_SCAN_INTERVAL).await;
+            let in_doubt = self.in_doubt();
+            metrics::gauge!(metric::IN_DOUBT).set(in_doubt.len() as f64);
+            let oldest_ms = in_doubt.first().map_or(0, |d| d.age_ms);
+            metrics::gauge!(metric::IN_DOUBT_OLDEST_SECONDS).set(oldest_ms as f64 / 1000.0);
             let due: Vec<(TransferId, common::wire::Decision, Vec<ShardId>)> = {
                 let mut owed = lock(&self.owed);
                 let now = Instant::now();
@@ -332,6 +389,27 @@ impl Engine {
         }
     }
 
+    /// Keeps the participant-up gauge current for dashboards and alerts.
+    pub async fn probe_participants_forever(self: Arc<Self>) {
+        loop {
+            for client in &self.participants {
+                let up = client
+                    .http()
+                    .get(format!("{}/health", client.url))
+                    .timeout(PROBE_TIMEOUT)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                metrics::gauge!(metric::PARTICIPANT_UP, "shard" => client.shard.to_string()).set(if up {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
     /// Answers a participant in doubt. Never "abort" while the transfer may still commit; an abort given for an
     /// unknown transfer is logged first, so it binds any later submission of the same id.
     pub async fn answer_queries(&self, items: Vec<DecisionQueryItem>) -> Result<Vec<QueryAnswer>, EngineError> {
@@ -340,7 +418,11 @@ impl Engine {
             let inflight = lock(&self.inflight);
             let record = self.wal.get(&item.id)?;
             let answer = match plan_query_answer(inflight.contains_key(&item.id), record.map(|r| r.outcome)) {
-                QueryPlan::Answer(answer) => answer,
+                QueryPlan::Answer(answer) => {
+                    metrics::counter!(metric::DECISION_QUERIES, "answer" => format!("{answer:?}").to_lowercase())
+                        .increment(1);
+                    answer
+                }
                 QueryPlan::LogAbortThenAnswer => {
                     let record = TransferRecord {
                         transfer: item.transfer,
@@ -350,6 +432,7 @@ impl Engine {
                     };
                     self.wal.put(&item.id, &record, None)?;
                     tracing::info!(transfer_id = %item.id, "presumed abort for a transfer with no decision");
+                    metrics::counter!(metric::DECISION_QUERIES, "answer" => "presumed_abort").increment(1);
                     QueryAnswer::Abort
                 }
             };

@@ -112,12 +112,14 @@ pub async fn run(
     };
     let engine = Engine::recover(engine_config, wal, participants)?;
     let redelivery = tokio::spawn(engine.clone().redeliver_forever());
+    let probes = tokio::spawn(engine.clone().probe_participants_forever());
     let app = api::router(engine.clone(), &config);
     let cluster_id = engine.wal.cluster_id();
     tracing::info!(addr = %local, advertise = %advertise_url, shards = shard_count, %cluster_id, "coordinator ready");
     let listener = common::http::LimitedListener::new(listener, config.connections_max);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     redelivery.abort();
+    probes.abort();
     engine.wal.sync().await.ok();
     served?;
     Ok(())

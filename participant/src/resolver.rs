@@ -83,8 +83,10 @@ async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<us
         })
         .collect();
     for (id, decision) in &decided {
-        tracing::info!(transfer_id = %id, ?decision, "in-doubt transfer resolved by the coordinator");
+        tracing::info_span!("transfer", transfer_id = %id)
+            .in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
     }
+    metrics::counter!(server::metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
     let count = decided.len();
     server::apply_decisions(node, decided.into_iter()).await.map_err(|e| e.to_string())?;
     Ok(count)

@@ -21,6 +21,21 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// Metric names of a participant.
+pub mod metric {
+    pub const VOTES: &str = "ledger_participant_votes_total";
+    pub const DECISIONS: &str = "ledger_participant_decisions_total";
+    pub const PREPARED: &str = "ledger_participant_prepared_transfers";
+    pub const RECOVERY_RESOLVED: &str = "ledger_recovery_in_doubt_resolved_total";
+
+    pub fn describe() {
+        metrics::describe_counter!(VOTES, "Prepare votes cast, by vote");
+        metrics::describe_counter!(DECISIONS, "Decisions applied, by decision");
+        metrics::describe_gauge!(PREPARED, "Prepared transfers awaiting a decision (holding funds)");
+        metrics::describe_counter!(RECOVERY_RESOLVED, "In-doubt transfers resolved by asking the coordinator");
+    }
+}
+
 /// Largest internal request: a batch of up to a few thousand transfers is well under this.
 const BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Items in one batch; the coordinator sends far fewer, this only bounds the work one request can ask for.
@@ -65,8 +80,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(wire::PATH_APPLIED, get(applied))
         .merge(changes)
         .layer(middleware::from_fn_with_state(node.config.cluster_token.clone(), common::http::require_cluster_token));
+    let metrics_handle = common::telemetry::install_metrics();
+    metric::describe();
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(move || async move { common::telemetry::render_metrics(&metrics_handle) }))
         .route("/stats", get(stats))
         .merge(internal)
         .fallback(common::http::not_found)
@@ -192,10 +210,16 @@ async fn prepare(
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
         let votes = batch.items.iter().map(|item| machine.prepare(item, now, &mut writes)).collect();
         persist(&node, &writes);
+        metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         votes
     };
     for (item, vote) in batch.items.iter().zip(&votes) {
-        tracing::debug!(transfer_id = %item.id, ?vote, "prepare");
+        tracing::debug_span!("transfer", transfer_id = %item.id).in_scope(|| tracing::debug!(?vote, "prepare"));
+        let label = match vote {
+            Vote::Yes => "yes",
+            Vote::No(_) => "no",
+        };
+        metrics::counter!(metric::VOTES, "vote" => label).increment(1);
     }
     // Always wait: a repeated Prepare may be answering YES for a write that is not yet flushed.
     node.store.sync().await?;
@@ -227,15 +251,20 @@ pub(crate) async fn apply_decisions(
         let acks = decisions
             .map(|(id, decision)| {
                 let ack = machine.decide(id, decision, &mut writes);
+                let span = tracing::info_span!("transfer", transfer_id = %id);
+                let _entered = span.enter();
                 if ack == DecideAck::Refused {
-                    tracing::error!(transfer_id = %id, ?decision, "decision contradicts this shard's state: refused");
+                    tracing::error!(?decision, "decision contradicts this shard's state: refused");
                 } else {
-                    tracing::debug!(transfer_id = %id, ?decision, "decided");
+                    tracing::debug!(?decision, "decided");
+                    let label = if decision == wire::Decision::Commit { "commit" } else { "abort" };
+                    metrics::counter!(metric::DECISIONS, "decision" => label).increment(1);
                 }
                 ack
             })
             .collect();
         persist(node, &writes);
+        metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         acks
     };
     node.store.sync().await?;

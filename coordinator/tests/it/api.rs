@@ -256,3 +256,38 @@ async fn a_different_participant_count_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("2 participants, not 1"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_in_prometheus_format() {
+    let c = Cluster::start().await;
+    let (alice, bob) = cross_shard_pair("metrics");
+    c.create_account(&alice, 100).await;
+    c.create_account(&bob, 0).await;
+    c.post("/transfers", json!({"from": alice, "to": bob, "amount": 5})).await;
+    c.post("/transfers", json!({"from": alice, "to": bob, "amount": 500})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    let text = c.http.get(c.api("/metrics")).send().await.expect("reply").text().await.expect("text");
+    for expected in [
+        "ledger_transfers_total{outcome=\"committed\",reason=\"none\"} 1",
+        "ledger_transfers_total{outcome=\"aborted\",reason=\"insufficient_funds\"} 1",
+        "ledger_transfer_seconds_bucket",
+        "ledger_prepare_round_trip_seconds_bucket{shard=\"0\"",
+        "ledger_commit_round_trip_seconds_bucket{shard=\"1\"",
+        "ledger_wal_flush_seconds_bucket",
+        "ledger_wal_records_per_flush_bucket",
+        "ledger_transfers_in_doubt 0",
+        "ledger_participant_up{shard=\"1\"} 1",
+        "# HELP ledger_transfers_total",
+    ] {
+        assert!(text.contains(expected), "coordinator /metrics lacks {expected}:\n{text}");
+    }
+    let p = c.http.get(format!("{}/metrics", c.participants[0].url())).send().await.expect("reply");
+    let text = p.text().await.expect("text");
+    for expected in [
+        "ledger_participant_votes_total{vote=\"yes\"}",
+        "ledger_wal_fsyncs_total",
+        "ledger_participant_prepared_transfers 0",
+    ] {
+        assert!(text.contains(expected), "participant /metrics lacks {expected}:\n{text}");
+    }
+}
