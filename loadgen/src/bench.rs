@@ -1,0 +1,711 @@
+//! The throughput benchmark behind `ledger-bench`: starts its own cluster (a coordinator and two participants
+//! from the built binaries, fresh temp data dirs, `RUST_LOG=warn`), creates accounts on both shards, then runs
+//! one measured window per concurrency level. Each client is one tokio task with its own keep-alive HTTP
+//! connection, sending `POST /transfers` back to back between a random account on shard 0 and one on shard 1
+//! (random direction, amount 1..=100, a fresh UUID each), so every transfer is a full two-phase commit.
+//!
+//! Per level it reports committed transfers/s, aborts, errors, latency percentiles, the CPU seconds each
+//! process used during the window (`/proc/<pid>/stat`), and fsyncs per committed transfer on each node (the
+//! difference of `GET /stats` `fsyncs` over the window). Afterwards it waits for the cluster to settle and checks
+//! that the total money is conserved.
+//!
+//! Only requests that complete inside the measured window count, so a warm-up request finishing late, or the
+//! last one still in flight when the window closes, is left out of both the rate and the latencies. All levels
+//! of a sweep run against the same cluster, one after another, each with its own warm-up.
+//!
+//! It measures; it asserts nothing about timing. The only failure is money not being conserved (or the
+//! cluster not settling), which is a correctness bug whatever the load.
+
+use crate::cluster::{Cluster, Node, Options};
+use crate::drill::Rng;
+use common::ledger::{shard_of, AccountId};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Every transfer goes from one shard to the other, so each is a two-phase commit across both (the issue's setup).
+const SHARDS: usize = 2;
+/// Large next to `AMOUNT_MAX` times any run's transfers per account, so no account runs dry: an abort then
+/// points at the system, not at the workload.
+pub const INITIAL_BALANCE: i64 = 1_000_000;
+/// Transfer amounts are uniform in `1..=AMOUNT_MAX`.
+const AMOUNT_MAX: u64 = 100;
+/// Account creations in flight at once: enough for the participants' group commit to batch them, so 2,000
+/// accounts take a second or two instead of 2,000 fsyncs in a row.
+const CREATE_CONCURRENCY: usize = 64;
+/// Account reads in flight during the final check; reads are cheap, this only bounds open connections.
+const READ_CONCURRENCY: usize = 64;
+/// One transfer request's timeout. The coordinator gives up on a request after 30 s (its default
+/// `--request-timeout-ms`), so waiting longer could never bring an answer; a timeout counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the load stops, how long the cluster gets to deliver every decision and release every hold. Decisions
+/// are re-sent every second, so anything still unsettled after a minute is stuck, not slow.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+const SETTLE_POLL: Duration = Duration::from_millis(200);
+/// How often the progress line is printed (stderr).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Node log lines shown when something went wrong (errors, or money not conserved).
+const LOG_TAIL_LINES: usize = 15;
+/// The label on every output line of a run without fsync.
+pub const NOT_DURABLE: &str = "NOT DURABLE (--no-fsync)";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Concurrent clients, one measured window per entry.
+    pub levels: Vec<usize>,
+    /// Length of each measured window.
+    pub duration: Duration,
+    /// Load before each window that is not counted (connections open, caches and batches warm up).
+    pub warmup: Duration,
+    pub accounts_per_shard: usize,
+    /// Start the nodes with `--no-fsync`: NOT DURABLE, for measuring what durability costs.
+    pub no_fsync: bool,
+}
+
+#[derive(Debug)]
+pub struct BenchError(pub String);
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+type Result<T> = std::result::Result<T, BenchError>;
+
+fn fail<T>(message: impl Into<String>) -> Result<T> {
+    Err(BenchError(message.into()))
+}
+
+/// Prints every line, labelled NOT DURABLE when the nodes run without fsync.
+#[derive(Clone, Copy)]
+struct Out {
+    no_fsync: bool,
+}
+
+impl Out {
+    fn line(&self, text: impl fmt::Display) {
+        if self.no_fsync {
+            println!("{NOT_DURABLE} | {text}");
+        } else {
+            println!("{text}");
+        }
+    }
+
+    fn progress(&self, text: impl fmt::Display) {
+        if self.no_fsync {
+            eprintln!("{NOT_DURABLE} | {text}");
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+/// Runs the benchmark and prints its results. `Ok(true)` when money was conserved, `Ok(false)` on a violation.
+pub async fn run(config: Config) -> Result<bool> {
+    let out = Out { no_fsync: config.no_fsync };
+    let durability = if config.no_fsync { NOT_DURABLE } else { "durable (fsync on)" };
+    out.line(format_args!(
+        "ledger-bench: coordinator + {SHARDS} participants, {} accounts per shard, cross-shard transfers, \
+         {} s measured after {} s warm-up per level, all levels on one cluster; {durability}",
+        config.accounts_per_shard,
+        config.duration.as_secs_f64(),
+        config.warmup.as_secs_f64()
+    ));
+    out.line(format_args!("load average before start: {}", loadavg()));
+
+    let started = Instant::now();
+    let node_flags: Vec<String> = if config.no_fsync { vec!["--no-fsync".into()] } else { Vec::new() };
+    let options = Options {
+        participants: SHARDS,
+        coordinator_args: node_flags.clone(),
+        participant_args: node_flags,
+        log_filter: "warn".into(),
+        ..Options::default()
+    };
+    let cluster = Cluster::start_with(options).await;
+    let up_after = started.elapsed();
+    let accounts = Arc::new(pick_accounts(config.accounts_per_shard)?);
+    create_accounts(&cluster, &accounts).await?;
+    out.line(format_args!(
+        "setup: cluster up in {:.2} s ({}); {} accounts created in {:.2} s",
+        up_after.as_secs_f64(),
+        nodes(&cluster).map(|n| format!("{} pid {}", n.name, n.pid().unwrap_or(0))).collect::<Vec<_>>().join(", "),
+        accounts.iter().map(Vec::len).sum::<usize>(),
+        (started.elapsed() - up_after).as_secs_f64(),
+    ));
+
+    let mut reports = Vec::with_capacity(config.levels.len());
+    for &clients in &config.levels {
+        let report = measure_level(&cluster, &accounts, clients, &config, out).await?;
+        out.progress(format_args!("bench: clients={clients} done: {:.1} committed/s", report.rate()));
+        reports.push(report);
+    }
+
+    for line in table_header() {
+        out.line(line);
+    }
+    for r in &reports {
+        out.line(r.row());
+    }
+    for r in &reports {
+        for line in r.details() {
+            out.line(line);
+        }
+    }
+
+    out.progress("bench: load stopped; waiting for the cluster to settle before the money check");
+    let check = check_money(&cluster, &accounts).await?;
+    out.line(format_args!("load average after the run: {}", loadavg()));
+    let conserved = matches!(check, MoneyCheck::Conserved { .. });
+    out.line(check);
+    if !conserved || reports.iter().any(|r| r.tally.errors > 0) {
+        for node in nodes(&cluster) {
+            out.progress(format_args!("--- last lines of {}'s log (RUST_LOG=warn):", node.name));
+            for line in node.log_tail(LOG_TAIL_LINES).lines() {
+                out.progress(line);
+            }
+        }
+    }
+    Ok(conserved)
+}
+
+fn nodes(cluster: &Cluster) -> impl Iterator<Item = &Node> {
+    std::iter::once(&cluster.coordinator).chain(&cluster.participants)
+}
+
+/// `accounts_per_shard` ids on each shard, found by walking `bench-00000`, `bench-00001`, ... through the same
+/// hash the coordinator uses.
+fn pick_accounts(per_shard: usize) -> Result<Vec<Vec<String>>> {
+    let mut by_shard: Vec<Vec<String>> = (0..SHARDS).map(|_| Vec::with_capacity(per_shard)).collect();
+    let mut i = 0u64;
+    while by_shard.iter().any(|ids| ids.len() < per_shard) {
+        let id = format!("bench-{i:05}");
+        let account = AccountId::new(&id).map_err(|e| BenchError(format!("bad generated account id {id}: {e}")))?;
+        let ids = &mut by_shard[shard_of(&account, SHARDS as u32) as usize];
+        if ids.len() < per_shard {
+            ids.push(id);
+        }
+        i += 1;
+    }
+    Ok(by_shard)
+}
+
+/// Creates every account with `INITIAL_BALANCE`, `CREATE_CONCURRENCY` at a time, and checks each landed on the
+/// shard it was picked for.
+async fn create_accounts(cluster: &Cluster, accounts: &[Vec<String>]) -> Result<()> {
+    let all = accounts.iter().enumerate().flat_map(|(shard, ids)| ids.iter().map(move |id| (shard, id)));
+    stream::iter(all)
+        .map(|(shard, id)| async move {
+            let reply = cluster
+                .http
+                .post(cluster.api("/accounts"))
+                .json(&json!({"id": id, "balance": INITIAL_BALANCE}))
+                .send()
+                .await
+                .map_err(|e| BenchError(format!("creating account {id}: {e}")))?;
+            let status = reply.status();
+            let body: Value = reply.json().await.unwrap_or(Value::Null);
+            if status.as_u16() != 201 {
+                return fail(format!("creating account {id}: {status} {body}"));
+            }
+            if body["shard"].as_u64() != Some(shard as u64) {
+                return fail(format!("account {id} was meant for shard {shard} but the coordinator says {body}"));
+            }
+            Ok(())
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_collect::<()>()
+        .await
+}
+
+/// Counters the progress line reads while a level runs (every completion, warm-up included).
+#[derive(Default)]
+struct Live {
+    committed: AtomicU64,
+    aborted: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What one client saw inside the measured window.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    committed: u64,
+    aborts: u64,
+    errors: u64,
+    abort_reasons: BTreeMap<String, u64>,
+    error_kinds: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.committed += other.committed;
+        self.aborts += other.aborts;
+        self.errors += other.errors;
+        for (k, v) in other.abort_reasons {
+            *self.abort_reasons.entry(k).or_default() += v;
+        }
+        for (k, v) in other.error_kinds {
+            *self.error_kinds.entry(k).or_default() += v;
+        }
+    }
+}
+
+enum Answer {
+    Committed,
+    Aborted(String),
+    Error(String),
+}
+
+/// One client: transfers back to back on its own keep-alive connection until `window_end`.
+async fn client_loop(
+    url: String,
+    accounts: Arc<Vec<Vec<String>>>,
+    mut rng: Rng,
+    live: Arc<Live>,
+    window: (Instant, Instant),
+) -> Result<Tally> {
+    let (window_start, window_end) = window;
+    // A client of its own per task: each simulated client holds its own connection, as separate clients would.
+    let http = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| BenchError(format!("building an HTTP client: {e}")))?;
+    let mut tally = Tally::default();
+    while Instant::now() < window_end {
+        let a = &accounts[0][rng.below(accounts[0].len() as u64) as usize];
+        let b = &accounts[1][rng.below(accounts[1].len() as u64) as usize];
+        let (from, to) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
+        let amount = 1 + rng.below(AMOUNT_MAX);
+        let body = json!({"from": from, "to": to, "amount": amount, "id": uuid::Uuid::new_v4()});
+        let sent = Instant::now();
+        let answer = transfer(&http, &url, &body).await;
+        let done = Instant::now();
+        let counted = done >= window_start && done < window_end;
+        match answer {
+            Answer::Committed => {
+                live.committed.fetch_add(1, Relaxed);
+                if counted {
+                    tally.committed += 1;
+                }
+            }
+            Answer::Aborted(reason) => {
+                live.aborted.fetch_add(1, Relaxed);
+                if counted {
+                    tally.aborts += 1;
+                    *tally.abort_reasons.entry(reason).or_default() += 1;
+                }
+            }
+            Answer::Error(kind) => {
+                live.errors.fetch_add(1, Relaxed);
+                if counted {
+                    tally.errors += 1;
+                    *tally.error_kinds.entry(kind).or_default() += 1;
+                }
+            }
+        }
+        if counted {
+            tally.latencies_us.push(done.duration_since(sent).as_micros() as u64);
+        }
+    }
+    Ok(tally)
+}
+
+/// Sends one transfer and classifies the answer. The body is always read to the end, so the connection is reused.
+async fn transfer(http: &reqwest::Client, url: &str, body: &Value) -> Answer {
+    let reply = match http.post(url).json(body).send().await {
+        Ok(reply) => reply,
+        Err(e) if e.is_timeout() => return Answer::Error("transport: timeout".into()),
+        Err(e) if e.is_connect() => return Answer::Error("transport: connect".into()),
+        Err(e) => return Answer::Error(format!("transport: {e}")),
+    };
+    let status = reply.status();
+    let Ok(reply) = reply.json::<Value>().await else {
+        return Answer::Error(format!("{} with an unreadable body", status.as_u16()));
+    };
+    match reply["status"].as_str() {
+        Some("committed") if status.is_success() => Answer::Committed,
+        Some("aborted") => {
+            Answer::Aborted(format!("{} {}", status.as_u16(), reply["reason"].as_str().unwrap_or("no reason")))
+        }
+        _ => Answer::Error(format!("{} {}", status.as_u16(), reply["error"]["code"].as_str().unwrap_or("no code"))),
+    }
+}
+
+/// One progress line per `PROGRESS_EVERY` on stderr until aborted.
+async fn progress_loop(live: Arc<Live>, clients: usize, start: Instant, window_start: Instant, out: Out) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::from_std(start + PROGRESS_EVERY), PROGRESS_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut last_committed, mut last_at) = (0u64, start);
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let committed = live.committed.load(Relaxed);
+        let rate = (committed - last_committed) as f64 / now.duration_since(last_at).as_secs_f64();
+        let phase = if last_at < window_start { "warm-up" } else { "measuring" };
+        out.progress(format_args!(
+            "bench: clients={clients} {:>5.1} s {phase:<9} committed {committed:>8} ({rate:>7.0}/s now) aborts {} errors {}",
+            now.duration_since(start).as_secs_f64(),
+            live.aborted.load(Relaxed),
+            live.errors.load(Relaxed),
+        ));
+        (last_committed, last_at) = (committed, now);
+    }
+}
+
+/// A node's group-commit counters from `GET /stats`.
+#[derive(Clone, Copy, Default)]
+struct Flush {
+    fsyncs: u64,
+    waiters: u64,
+    micros: u64,
+}
+
+/// CPU and flush counters of every process at one instant. Processes: the nodes in `nodes()` order, then the
+/// benchmark itself.
+struct Snapshot {
+    cpu_seconds: Vec<f64>,
+    flush: Vec<Flush>,
+}
+
+async fn snapshot(cluster: &Cluster) -> Result<Snapshot> {
+    let mut cpu_seconds = Vec::new();
+    for node in nodes(cluster) {
+        let pid = node.pid().ok_or_else(|| BenchError(format!("{} is not running", node.name)))?;
+        cpu_seconds.push(cpu_seconds_of(&format!("/proc/{pid}/stat"))?);
+    }
+    cpu_seconds.push(cpu_seconds_of("/proc/self/stat")?);
+    let flush = futures::future::try_join_all(nodes(cluster).map(|node| flush_stats(&cluster.http, node))).await?;
+    Ok(Snapshot { cpu_seconds, flush })
+}
+
+/// utime + stime of a process, in seconds, from its `/proc/<pid>/stat`.
+fn cpu_seconds_of(path: &str) -> Result<f64> {
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError(format!("reading {path}: {e}")))?;
+    // The command name is in parentheses and may contain spaces; the numbered fields follow the last ')'.
+    let Some((_, rest)) = text.rsplit_once(')') else {
+        return fail(format!("{path}: no command name in {text:?}"));
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15 (proc(5)).
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    let (Some(utime), Some(stime)) = (field(14), field(15)) else {
+        return fail(format!("{path}: cannot read utime and stime from {text:?}"));
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_second <= 0 {
+        return fail("sysconf(_SC_CLK_TCK) failed");
+    }
+    Ok((utime + stime) as f64 / ticks_per_second as f64)
+}
+
+async fn flush_stats(http: &reqwest::Client, node: &Node) -> Result<Flush> {
+    let url = format!("{}/stats", node.url());
+    let reply = http.get(&url).send().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+    let body: Value = reply.json().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+    let field = |name: &str| body[name].as_u64().ok_or_else(|| BenchError(format!("GET {url}: no {name} in {body}")));
+    Ok(Flush { fsyncs: field("fsyncs")?, waiters: field("flush_waiters")?, micros: field("flush_micros")? })
+}
+
+/// One concurrency level's results.
+struct LevelReport {
+    clients: usize,
+    window: Duration,
+    tally: Tally,
+    /// Sorted.
+    latencies_us: Vec<u64>,
+    /// CPU seconds during the window: the nodes in `nodes()` order, then the benchmark.
+    cpu: Vec<f64>,
+    /// Per node, in `nodes()` order.
+    flush: Vec<Flush>,
+    node_names: Vec<String>,
+    loadavg: String,
+}
+
+async fn measure_level(
+    cluster: &Cluster,
+    accounts: &Arc<Vec<Vec<String>>>,
+    clients: usize,
+    config: &Config,
+    out: Out,
+) -> Result<LevelReport> {
+    let live = Arc::new(Live::default());
+    let start = Instant::now();
+    let window_start = start + config.warmup;
+    let window_end = window_start + config.duration;
+    let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+    let url = cluster.api("/transfers");
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let rng = Rng::new(seed.wrapping_add((c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+            tokio::spawn(client_loop(url.clone(), accounts.clone(), rng, live.clone(), (window_start, window_end)))
+        })
+        .collect();
+    let progress = tokio::spawn(progress_loop(live.clone(), clients, start, window_start, out));
+
+    tokio::time::sleep_until(tokio::time::Instant::from_std(window_start)).await;
+    let before = snapshot(cluster).await?;
+    tokio::time::sleep_until(tokio::time::Instant::from_std(window_end)).await;
+    let after = snapshot(cluster).await?;
+    let loadavg = loadavg();
+
+    let mut tally = Tally::default();
+    for task in tasks {
+        let client = task.await.map_err(|e| BenchError(format!("a client task failed: {e}")))?;
+        tally.merge(client?);
+    }
+    progress.abort();
+
+    let cpu = after.cpu_seconds.iter().zip(&before.cpu_seconds).map(|(a, b)| a - b).collect();
+    let flush = after
+        .flush
+        .iter()
+        .zip(&before.flush)
+        .map(|(a, b)| Flush {
+            fsyncs: a.fsyncs - b.fsyncs,
+            waiters: a.waiters - b.waiters,
+            micros: a.micros - b.micros,
+        })
+        .collect();
+    let mut latencies_us = std::mem::take(&mut tally.latencies_us);
+    latencies_us.sort_unstable();
+    Ok(LevelReport {
+        clients,
+        window: config.duration,
+        tally,
+        latencies_us,
+        cpu,
+        flush,
+        node_names: nodes(cluster).map(|n| n.name.clone()).collect(),
+        loadavg,
+    })
+}
+
+/// Column headings; the group labels above them line up with the `|` separators of the second line.
+fn table_header() -> [String; 2] {
+    let columns = format!(
+        "{:>7} {:>11} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} | {:>5} {:>5} {:>5} {:>5} | {:>5} {:>5} {:>5}",
+        "clients",
+        "committed/s",
+        "committed",
+        "aborts",
+        "errors",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "coord",
+        "p0",
+        "p1",
+        "bench",
+        "coord",
+        "p0",
+        "p1"
+    );
+    let first = columns.find('|').unwrap_or(0);
+    let second = columns[first + 1..].find('|').map_or(first, |i| first + 1 + i);
+    let groups = format!(
+        "{:first$}| {:<cpu$}| fsyncs per commit",
+        "",
+        "CPU seconds in window",
+        cpu = second.saturating_sub(first + 2)
+    );
+    [groups, columns]
+}
+
+impl LevelReport {
+    fn rate(&self) -> f64 {
+        self.tally.committed as f64 / self.window.as_secs_f64()
+    }
+
+    /// Nearest-rank percentile of the latencies, in milliseconds.
+    fn percentile_ms(&self, q: f64) -> Option<f64> {
+        let n = self.latencies_us.len();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        Some(self.latencies_us[rank - 1] as f64 / 1_000.0)
+    }
+
+    fn row(&self) -> String {
+        let ms = |q: f64| self.percentile_ms(q).map_or("-".to_string(), |v| format!("{v:.2}"));
+        let per_commit = |f: &Flush| {
+            if self.tally.committed == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", f.fsyncs as f64 / self.tally.committed as f64)
+            }
+        };
+        let cpu: Vec<String> = self.cpu.iter().map(|c| format!("{c:>5.2}")).collect();
+        let fsyncs: Vec<String> = self.flush.iter().map(|f| format!("{:>5}", per_commit(f))).collect();
+        format!(
+            "{:>7} {:>11.1} {:>9} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} | {} | {}",
+            self.clients,
+            self.rate(),
+            self.tally.committed,
+            self.tally.aborts,
+            self.tally.errors,
+            ms(0.50),
+            ms(0.99),
+            ms(0.999),
+            ms(1.0),
+            cpu.join(" "),
+            fsyncs.join(" "),
+        )
+    }
+
+    /// What the table has no room for: group-commit sizes, flush times, CPU per transfer, abort and error kinds.
+    fn details(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let group: Vec<String> = self
+            .node_names
+            .iter()
+            .zip(&self.flush)
+            .map(|(name, f)| {
+                if f.fsyncs == 0 {
+                    format!("{name} no fsyncs")
+                } else {
+                    format!(
+                        "{name} {} fsyncs, {:.1} writers/fsync, {:.2} ms/fsync",
+                        f.fsyncs,
+                        f.waiters as f64 / f.fsyncs as f64,
+                        f.micros as f64 / f.fsyncs as f64 / 1_000.0
+                    )
+                }
+            })
+            .collect();
+        lines.push(format!("clients={}: group commit: {}", self.clients, group.join("; ")));
+        if self.tally.committed > 0 {
+            let names = self.node_names.iter().map(String::as_str).chain(["bench"]);
+            let per: Vec<String> = names
+                .zip(&self.cpu)
+                .map(|(name, c)| format!("{name} {:.0}", c * 1e6 / self.tally.committed as f64))
+                .collect();
+            let total: f64 = self.cpu.iter().sum();
+            let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+            lines.push(format!(
+                "clients={}: CPU µs per committed transfer: {} (all {:.0}; {:.2} of {cores} cores busy)",
+                self.clients,
+                per.join(", "),
+                total * 1e6 / self.tally.committed as f64,
+                total / self.window.as_secs_f64(),
+            ));
+        }
+        if !self.tally.abort_reasons.is_empty() {
+            lines.push(format!("clients={}: aborts by reason: {:?}", self.clients, self.tally.abort_reasons));
+        }
+        if !self.tally.error_kinds.is_empty() {
+            lines.push(format!("clients={}: errors by kind: {:?}", self.clients, self.tally.error_kinds));
+        }
+        lines.push(format!("clients={}: load average at the end of the window: {}", self.clients, self.loadavg));
+        lines
+    }
+}
+
+enum MoneyCheck {
+    Conserved { total: i128, accounts: usize },
+    Violated { total: i128, expected: i128, negative: usize },
+    NotSettled(String),
+}
+
+impl fmt::Display for MoneyCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MoneyCheck::Conserved { total, accounts } => {
+                write!(f, "money: OK: {accounts} accounts hold {total} = {accounts} x {INITIAL_BALANCE}, no holds left")
+            }
+            MoneyCheck::Violated { total, expected, negative } => write!(
+                f,
+                "money: VIOLATION: accounts hold {total}, expected {expected} (difference {}); {negative} negative balances",
+                total - expected
+            ),
+            MoneyCheck::NotSettled(why) => {
+                write!(f, "money: VIOLATION: the cluster did not settle within {SETTLE_TIMEOUT:?}: {why}")
+            }
+        }
+    }
+}
+
+/// Waits until no decision is owed an ack and no account has funds held, then sums every balance.
+async fn check_money(cluster: &Cluster, accounts: &[Vec<String>]) -> Result<MoneyCheck> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let ids: Vec<&String> = accounts.iter().flatten().collect();
+    let expected = ids.len() as i128 * i128::from(INITIAL_BALANCE);
+    loop {
+        let why = match unsettled(cluster).await? {
+            Some(why) => why,
+            None => {
+                let views = read_accounts(cluster, &ids).await?;
+                let held: Vec<&Value> = views.iter().filter(|v| v["held"] != json!(0)).collect();
+                if held.is_empty() {
+                    let mut total = 0i128;
+                    for v in &views {
+                        let Some(balance) = v["balance"].as_i64() else {
+                            return fail(format!("no balance in {v}"));
+                        };
+                        total += i128::from(balance);
+                    }
+                    let negative = views.iter().filter(|v| v["balance"].as_i64().is_some_and(|b| b < 0)).count();
+                    return Ok(if total == expected && negative == 0 {
+                        MoneyCheck::Conserved { total, accounts: views.len() }
+                    } else {
+                        MoneyCheck::Violated { total, expected, negative }
+                    });
+                }
+                format!("{} accounts still have funds held, e.g. {}", held.len(), held[0])
+            }
+        };
+        if Instant::now() >= deadline {
+            return Ok(MoneyCheck::NotSettled(why));
+        }
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+/// `Some(why)` while the coordinator still owes some shard a decision.
+async fn unsettled(cluster: &Cluster) -> Result<Option<String>> {
+    let url = cluster.api("/transactions?status=in_doubt");
+    let reply = cluster.http.get(&url).send().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+    let body: Value = reply.json().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+    match body["transactions"].as_array() {
+        Some(list) if list.is_empty() => Ok(None),
+        Some(list) => Ok(Some(format!("{} transfers in doubt, e.g. {}", list.len(), list[0]))),
+        None => fail(format!("GET {url}: unexpected answer {body}")),
+    }
+}
+
+async fn read_accounts(cluster: &Cluster, ids: &[&String]) -> Result<Vec<Value>> {
+    stream::iter(ids)
+        .map(|id| async move {
+            let url = cluster.api(&format!("/accounts/{id}"));
+            let reply = cluster.http.get(&url).send().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+            let status = reply.status();
+            let body: Value = reply.json().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
+            if !status.is_success() {
+                return fail(format!("GET {url}: {status} {body}"));
+            }
+            Ok(body)
+        })
+        .buffer_unordered(READ_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// The first three fields of /proc/loadavg (1, 5 and 15 minutes), or why they could not be read.
+fn loadavg() -> String {
+    match std::fs::read_to_string("/proc/loadavg") {
+        Ok(text) => text.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
