@@ -3,10 +3,10 @@
 # build, fresh temp data dirs, RUST_LOG=warn for the nodes. Flags pass through to ledger-bench:
 #   --clients N (64)  --duration SECONDS (10)  --warmup SECONDS (1)  --sweep 1,16,64,256  --accounts-per-shard N (1000)
 #   --no-fsync        NOT DURABLE: nodes skip every fsync; every output line is labelled so.
-# Progress goes to stderr, results to stdout. Exit 1 means money was not conserved.
+# Progress goes to stderr, results to stdout; the load average is printed before and after. Exit 1 means money
+# was not conserved.
 # Example: scripts/bench.sh --sweep 1,16,64,256 --duration 5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
-echo "bench.sh: machine load before the run: $(uptime)" >&2
 exec target/release/ledger-bench "$@"
