@@ -34,6 +34,9 @@ pub struct PrepareItem {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PrepareBatch {
     pub items: Vec<PrepareItem>,
+    /// Per item, the name of the API token that submitted the transfer (for the journal); may be empty.
+    #[serde(default)]
+    pub actors: Vec<Option<String>>,
 }
 
 /// Why a participant refused to prepare.
@@ -147,3 +150,46 @@ pub struct AppliedTransfer {
 pub const HEADER_CLUSTER_TOKEN: &str = "x-ledger-cluster-token";
 /// Header carrying the cluster id (fixed at the coordinator's first start) on every internal call.
 pub const HEADER_CLUSTER_ID: &str = "x-ledger-cluster-id";
+
+pub const PATH_AUDIT: &str = "/internal/audit";
+pub const PATH_COMMIT_SEQS: &str = "/internal/commit_seqs";
+
+/// One shard's books at one instant (taken under its state lock), for the coordinator's audit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardAudit {
+    pub shard: ShardId,
+    /// The journal sequence number the snapshot includes everything up to.
+    pub seq: u64,
+    pub accounts: u64,
+    pub balance_total: i128,
+    pub held_total: i128,
+    pub incoming_total: i128,
+    /// Money that entered through account creation.
+    pub created_total: i128,
+    pub negative_balances: Vec<AccountId>,
+    /// A broken hold invariant (a hold that no prepared transfer explains), if any.
+    pub invariant_violation: Option<String>,
+    pub prepared: Vec<TransferId>,
+    /// Transfers committed here with a sequence number after the `after_seq` asked for, up to `seq`.
+    pub commits_since: Vec<TransferId>,
+    pub heuristics: Vec<HeuristicView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeuristicView {
+    pub id: TransferId,
+    pub decision: Decision,
+    pub operator: String,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitSeqsRequest {
+    pub ids: Vec<TransferId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitSeqsReply {
+    /// Per id, the journal sequence number at which it was committed here, or null.
+    pub seqs: Vec<Option<u64>>,
+}

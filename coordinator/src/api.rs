@@ -118,7 +118,9 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .route("/metrics", get(move || async move { common::telemetry::render_metrics(&metrics_handle) }))
         .route("/stats", get(stats))
         .route("/accounts/{id}", get(get_account))
-        .route("/transfers", post(create_transfer))
+        .route("/accounts/{id}/entries", get(get_entries))
+        .route("/audit", get(audit))
+        .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/transfers/{id}", get(get_transfer))
         .route("/transactions", get(transactions))
         .merge(admin)
@@ -253,6 +255,48 @@ async fn get_account(
     }
 }
 
+/// An account's journal, newest first, from the shard that owns it (`limit`, `after` are passed through).
+async fn get_entries(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let Path(raw) = path?;
+    let id = account_id("account id", raw)?;
+    let shard = shard_of(&id, state.engine.config.shard_count);
+    let client = &state.engine.participants[shard as usize];
+    let mut url = format!("{}{}/{}/entries", client.url, wire::PATH_ACCOUNTS, id);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(&q);
+    }
+    let reply = client
+        .http()
+        .get(url)
+        .timeout(state.call_timeout)
+        .send()
+        .await
+        .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    let status = reply.status();
+    let body: Value = reply.json().await.map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    match status {
+        StatusCode::OK => Ok(Json(body).into_response()),
+        StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
+        StatusCode::BAD_REQUEST => {
+            Err(ApiError::Invalid(body["error"]["message"].as_str().unwrap_or("invalid query").to_owned()))
+        }
+        _ => Err(ApiError::ParticipantUnavailable(shard)),
+    }
+}
+
+async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    match crate::audit::run(&state.engine).await {
+        Ok(report) => Ok(Json(report)),
+        Err(crate::audit::AuditError::ShardUnavailable(shard, _)) => Err(ApiError::ParticipantUnavailable(shard)),
+        Err(crate::audit::AuditError::Wal(e)) => Err(ApiError::Storage(e.to_string())),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TransferRequest {
@@ -315,17 +359,26 @@ fn outcome_response(id: Uuid, fin: &Final) -> Response {
     }
 }
 
-async fn get_transfer(
-    State(state): State<AppState>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Path(raw) = path?;
-    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
-    let (transfer, outcome) = state.engine.status(&id)?.ok_or(ApiError::TransferNotFound)?;
-    let mut body = json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
-    if let Some(name) = state.engine.wal.made_by(&id).map_err(|e| ApiError::Storage(e.to_string()))? {
-        body["made_by"] = json!(name);
+/// Longest page of a listing.
+const LIST_LIMIT_MAX: usize = 1_000;
+const LIST_LIMIT_DEFAULT: usize = 50;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListTransfersQuery {
+    account: String,
+    limit: Option<usize>,
+}
+
+fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(LIST_LIMIT_DEFAULT) {
+        n @ 1..=LIST_LIMIT_MAX => Ok(n),
+        _ => Err(ApiError::Invalid(format!("limit must be from 1 to {LIST_LIMIT_MAX}"))),
     }
+}
+
+fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
+    let mut body = json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),
@@ -333,6 +386,32 @@ async fn get_transfer(
             body["status"] = json!("aborted");
             body["reason"] = json!(reason.code());
         }
+    }
+    body
+}
+
+async fn list_transfers(
+    State(state): State<AppState>,
+    query: Result<Query<ListTransfersQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
+    let account = account_id("account", query.account)?;
+    let limit = list_limit(query.limit)?;
+    let transfers = state.engine.transfers_of(&account, limit)?;
+    let list: Vec<Value> = transfers.iter().map(|(id, t, o)| transfer_json(*id, t, *o)).collect();
+    Ok(Json(json!({"account": account, "transfers": list})))
+}
+
+async fn get_transfer(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(raw) = path?;
+    let id = Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
+    let (transfer, outcome) = state.engine.status(&id)?.ok_or(ApiError::TransferNotFound)?;
+    let mut body = transfer_json(id, &transfer, outcome);
+    if let Some(name) = state.engine.wal.made_by(&id).map_err(|e| ApiError::Storage(e.to_string()))? {
+        body["made_by"] = json!(name);
     }
     Ok(Json(body))
 }

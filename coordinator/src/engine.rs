@@ -246,9 +246,10 @@ impl Engine {
                 coordinator_url: self.config.coordinator_url.clone(),
             };
             let client = &self.participants[shard as usize];
+            let actor = made_by.clone();
             async move {
                 let started = Instant::now();
-                let vote = match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item)).await {
+                let vote = match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item, actor)).await {
                     Ok(Ok(vote)) => {
                         let shard_label = shard.to_string();
                         metrics::histogram!(metric::PREPARE_SECONDS, "shard" => shard_label).record(started.elapsed());
@@ -449,6 +450,23 @@ impl Engine {
             return Ok(Some((running.transfer.clone(), None)));
         }
         Ok(self.wal.get(id)?.map(|r| (r.transfer, Some(r.outcome))))
+    }
+
+    /// The newest transfers touching `account`: those still being decided here, then the log's, newest first.
+    pub fn transfers_of(
+        &self,
+        account: &common::ledger::AccountId,
+        limit: usize,
+    ) -> Result<Vec<(TransferId, Transfer, Option<Outcome>)>, EngineError> {
+        let mut out: Vec<(TransferId, Transfer, Option<Outcome>)> = lock(&self.inflight)
+            .iter()
+            .filter(|(_, f)| f.transfer.from == *account || f.transfer.to == *account)
+            .map(|(id, f)| (*id, f.transfer.clone(), None))
+            .take(limit)
+            .collect();
+        let logged = self.wal.by_account(account, limit - out.len())?;
+        out.extend(logged.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
+        Ok(out)
     }
 
     pub fn in_doubt(&self) -> Vec<InDoubt> {

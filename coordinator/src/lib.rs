@@ -4,6 +4,7 @@
 //! `run` is the whole server; `main.rs` only parses the command line.
 
 mod api;
+mod audit;
 pub mod engine;
 mod participants;
 pub mod wal;

@@ -43,18 +43,20 @@ trait BatchKind: Send + 'static {
 
 struct Prepare;
 impl BatchKind for Prepare {
-    type Item = PrepareItem;
+    /// The item and the name of the API token that submitted it.
+    type Item = (PrepareItem, Option<String>);
     type Answer = Vote;
     type Request = PrepareBatch;
     type Reply = PrepareReply;
     const PATH: &'static str = wire::PATH_PREPARE;
-    fn request(items: Vec<PrepareItem>) -> PrepareBatch {
-        PrepareBatch { items }
+    fn request(items: Vec<(PrepareItem, Option<String>)>) -> PrepareBatch {
+        let (items, actors) = items.into_iter().unzip();
+        PrepareBatch { items, actors }
     }
     fn answers(reply: PrepareReply) -> Vec<Vote> {
         reply.votes
     }
-    fn crash_point(_items: &[PrepareItem]) -> Option<&'static str> {
+    fn crash_point(_items: &[(PrepareItem, Option<String>)]) -> Option<&'static str> {
         Some(crash::COORDINATOR_PREPARE_SENT)
     }
 }
@@ -96,8 +98,8 @@ impl ParticipantClient {
         ParticipantClient { shard, url, http, prepares, decisions }
     }
 
-    pub async fn prepare(&self, item: PrepareItem) -> Result<Vote, CallError> {
-        call::<Prepare>(&self.prepares, item).await
+    pub async fn prepare(&self, item: PrepareItem, actor: Option<String>) -> Result<Vote, CallError> {
+        call::<Prepare>(&self.prepares, (item, actor)).await
     }
 
     pub async fn decide(&self, item: DecideItem) -> Result<DecideAck, CallError> {

@@ -2,7 +2,7 @@
 //! idempotent retries and participants' questions), plus a marker per committed transfer that some shard has not
 //! yet acknowledged, so recovery finds them without scanning every record. The only module that touches sled.
 
-use common::ledger::TransferId;
+use common::ledger::{AccountId, TransferId};
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{Durability, Store, StoreError, StoreKind};
 use std::path::Path;
@@ -14,6 +14,8 @@ const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 /// Prefix of the name of the API token that submitted a transfer.
 const MADE_BY: u8 = b'n';
+/// Prefix of the per-account index: account id, a zero byte, decision time, transfer id.
+const BY_ACCOUNT: u8 = b'x';
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -42,6 +44,14 @@ pub struct Wal {
     store: Store,
     /// Fixed at first start; every internal call carries it, and participants refuse other clusters.
     cluster_id: Uuid,
+}
+
+fn account_prefix(account: &AccountId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + account.as_str().len() + 24);
+    k.push(BY_ACCOUNT);
+    k.extend_from_slice(account.as_str().as_bytes());
+    k.push(0); // account ids never contain a zero byte, so one account's prefix never matches another's
+    k
 }
 
 fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
@@ -109,6 +119,12 @@ impl Wal {
         if let Some(name) = made_by {
             batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
         }
+        for account in [&record.transfer.from, &record.transfer.to] {
+            let mut k = account_prefix(account);
+            k.extend_from_slice(&record.decided_at_unix_ms.to_be_bytes());
+            k.extend_from_slice(id.as_bytes());
+            batch.insert(k, &[][..]);
+        }
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
         }
@@ -120,6 +136,20 @@ impl Wal {
     pub fn end(&self, id: &TransferId) -> Result<(), WalError> {
         self.store.db.remove(key(UNACKED, id))?;
         Ok(())
+    }
+
+    /// The newest `limit` decided transfers touching `account`, newest first.
+    pub fn by_account(&self, account: &AccountId, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
+        let prefix = account_prefix(account);
+        let mut out = Vec::new();
+        for entry in self.store.db.scan_prefix(&prefix).rev().take(limit) {
+            let (k, _) = entry?;
+            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
+            if let Some(record) = self.get(&id)? {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
     }
 
     /// Makes every write before the call durable (group commit).

@@ -342,6 +342,16 @@ impl Cluster {
         }
     }
 
+    /// An account read straight from shard `shard`, bypassing the coordinator (which may be down).
+    pub async fn account_from(&self, shard: usize, id: &str) -> Value {
+        let url = format!("{}/internal/accounts/{id}", self.participants[shard].url());
+        let mut request = self.http.get(url);
+        if let Some(token) = &self.cluster_token {
+            request = request.header(common::wire::HEADER_CLUSTER_TOKEN, token);
+        }
+        request.send().await.expect("participant answers").json().await.expect("account JSON")
+    }
+
     /// The transfer ids shard `shard` has finished, with their decisions, straight from the participant.
     pub async fn applied(&self, shard: usize) -> Vec<Value> {
         let url = format!("{}/internal/applied", self.participants[shard].url());

@@ -3,6 +3,8 @@
 //!
 //! `run` is the whole server; `main.rs` only parses the command line. Tests run it in-process or as a binary.
 
+mod books;
+pub mod journal;
 mod resolver;
 mod server;
 pub mod storage;
@@ -51,17 +53,39 @@ pub enum StartError {
 pub(crate) struct Node {
     pub shard: ShardId,
     pub store: Store,
-    /// The protocol state. Held only for in-memory work and sled's in-memory batch apply, never across an
-    /// await, so transfers on a hot account wait for each other for microseconds, not for an fsync.
-    machine: Mutex<ParticipantMachine>,
+    /// The protocol state and the journal's counters. Held only for in-memory work and sled's in-memory batch
+    /// apply, never across an await, so transfers on a hot account wait for each other for microseconds, not
+    /// for an fsync.
+    machine: Mutex<ShardState>,
     /// The cluster this shard belongs to: adopted from the first coordinator call, then fixed.
     pub cluster_id: tokio::sync::Mutex<Option<uuid::Uuid>>,
     pub http: reqwest::Client,
     pub config: Config,
 }
 
+/// Everything the state lock guards. Derefs to the protocol machine, which is what most handlers need.
+pub(crate) struct ShardState {
+    pub machine: ParticipantMachine,
+    pub journal: journal::JournalState,
+    /// What the coordinator last said about each transfer in doubt here, and when (for the in-doubt view).
+    pub last_heard: std::collections::HashMap<uuid::Uuid, (String, u64)>,
+}
+
+impl std::ops::Deref for ShardState {
+    type Target = ParticipantMachine;
+    fn deref(&self) -> &ParticipantMachine {
+        &self.machine
+    }
+}
+
+impl std::ops::DerefMut for ShardState {
+    fn deref_mut(&mut self) -> &mut ParticipantMachine {
+        &mut self.machine
+    }
+}
+
 impl Node {
-    pub fn machine(&self) -> MutexGuard<'_, ParticipantMachine> {
+    pub fn machine(&self) -> MutexGuard<'_, ShardState> {
         // A panic while holding the lock means an invariant broke mid-change: memory may no longer match disk.
         self.machine.lock().unwrap_or_else(|_| {
             tracing::error!("participant state poisoned by an earlier panic; stopping to recover from disk");
@@ -84,7 +108,7 @@ pub async fn run(
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??
     };
-    let machine = storage::load(&store, config.shard).await?;
+    let (machine, journal) = storage::load(&store, config.shard).await?;
     let cluster_id = storage::cluster_id(&store)?;
     let prepared = machine.prepared().count();
     tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
@@ -92,7 +116,7 @@ pub async fn run(
     let node = Arc::new(Node {
         shard: config.shard,
         store,
-        machine: Mutex::new(machine),
+        machine: Mutex::new(ShardState { machine, journal, last_heard: Default::default() }),
         cluster_id: tokio::sync::Mutex::new(cluster_id),
         http,
         config,

@@ -57,6 +57,51 @@ pub async fn run(node: Arc<Node>) {
 /// One query round trip; returns how many transfers it resolved.
 async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<usize, String> {
     let ids: Vec<uuid::Uuid> = items.iter().map(|i| i.id).collect();
+    let answers = match query(node, url, items).await {
+        Ok(answers) => answers,
+        Err(error) => {
+            let now = now_unix_ms();
+            let mut state = node.machine();
+            for id in &ids {
+                state.last_heard.insert(*id, (format!("unreachable: {error}"), now));
+            }
+            return Err(error);
+        }
+    };
+    let decided: Vec<(uuid::Uuid, Decision)> = {
+        let now = now_unix_ms();
+        let mut state = node.machine();
+        ids.into_iter()
+            .zip(answers)
+            .filter_map(|(id, answer)| match answer {
+                QueryAnswer::Commit => Some((id, Decision::Commit)),
+                QueryAnswer::Abort => Some((id, Decision::Abort)),
+                QueryAnswer::Pending => {
+                    state.last_heard.insert(id, ("pending".into(), now));
+                    None
+                }
+            })
+            .collect()
+    };
+    for (id, decision) in &decided {
+        tracing::info_span!("transfer", transfer_id = %id)
+            .in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
+    }
+    metrics::counter!(server::metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
+    let count = decided.len();
+    {
+        let mut state = node.machine();
+        for (id, _) in &decided {
+            state.last_heard.remove(id);
+        }
+    }
+    server::apply_decisions(node, decided.into_iter(), None).await.map_err(|e| e.to_string())?;
+    Ok(count)
+}
+
+/// Asks the coordinator at `url` about `items`; one answer per item, in order.
+pub async fn query(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<Vec<QueryAnswer>, String> {
+    let count = items.len();
     let query = DecisionQuery { shard: node.shard, items };
     let mut request = node.http.post(format!("{url}{}", wire::PATH_DECISIONS)).json(&query);
     if let Some(token) = &node.config.cluster_token {
@@ -70,24 +115,8 @@ async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<us
         return Err(format!("coordinator answered {}", reply.status()));
     }
     let answers: DecisionAnswers = reply.json().await.map_err(|e| e.to_string())?;
-    if answers.answers.len() != ids.len() {
-        return Err(format!("{} answers for {} questions", answers.answers.len(), ids.len()));
+    if answers.answers.len() != count {
+        return Err(format!("{} answers for {count} questions", answers.answers.len()));
     }
-    let decided: Vec<(uuid::Uuid, Decision)> = ids
-        .into_iter()
-        .zip(answers.answers)
-        .filter_map(|(id, answer)| match answer {
-            QueryAnswer::Commit => Some((id, Decision::Commit)),
-            QueryAnswer::Abort => Some((id, Decision::Abort)),
-            QueryAnswer::Pending => None,
-        })
-        .collect();
-    for (id, decision) in &decided {
-        tracing::info_span!("transfer", transfer_id = %id)
-            .in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
-    }
-    metrics::counter!(server::metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
-    let count = decided.len();
-    server::apply_decisions(node, decided.into_iter()).await.map_err(|e| e.to_string())?;
-    Ok(count)
+    Ok(answers.answers)
 }

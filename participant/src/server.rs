@@ -1,7 +1,7 @@
 //! The participant's HTTP routes: the internal protocol calls from the coordinator, account reads, health.
 //! Each handler locks the machine, applies its writes, unlocks, waits for the group commit, then answers.
 
-use crate::{storage, Node};
+use crate::{books, journal, storage, Node};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -51,6 +51,8 @@ pub enum ApiError {
     Invalid(String),
     #[error("storage unavailable: {0}")]
     Store(#[from] StoreError),
+    #[error("stored data unreadable: {0}")]
+    Corrupt(String),
 }
 
 impl IntoResponse for ApiError {
@@ -61,6 +63,10 @@ impl IntoResponse for ApiError {
             ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "storage error");
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "storage is unavailable")
+            }
+            ApiError::Corrupt(e) => {
+                tracing::error!(error = %e, "unreadable stored data");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "storage is unavailable")
             }
         }
@@ -78,6 +84,11 @@ pub fn router(node: Arc<Node>) -> Router {
     let internal = Router::new()
         .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
         .route(wire::PATH_APPLIED, get(applied))
+        .route(&format!("{}/{{id}}/entries", wire::PATH_ACCOUNTS), get(books::entries))
+        .route(wire::PATH_AUDIT, get(books::audit))
+        .route(wire::PATH_COMMIT_SEQS, post(books::commit_seqs))
+        .route("/internal/in_doubt", get(books::in_doubt))
+        .route("/internal/transfers/{id}/force", post(books::force))
         .merge(changes)
         .layer(middleware::from_fn_with_state(node.config.cluster_token.clone(), common::http::require_cluster_token));
     let metrics_handle = common::telemetry::install_metrics();
@@ -152,8 +163,8 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
 
 /// Applies writes made under the machine lock. A failed in-memory sled write leaves memory ahead of the store,
 /// which only a restart from disk can repair.
-pub(crate) fn persist(node: &Node, writes: &[Write]) {
-    if let Err(error) = storage::apply(&node.store, writes) {
+pub(crate) fn persist(node: &Node, writes: &[Write], extra: &journal::Inserts) {
+    if let Err(error) = storage::apply(&node.store, writes, extra) {
         tracing::error!(%error, "store write failed: stopping to recover from disk");
         std::process::abort();
     }
@@ -167,12 +178,14 @@ async fn create_account(
         return Err(ApiError::Invalid(format!("balance must be an integer from 0 to {}", i64::MAX)));
     }
     {
-        let mut machine = node.machine();
+        let mut state = node.machine();
         let mut writes = Vec::new();
-        machine.create_account(req.id.clone(), req.balance, &mut writes).map_err(|e| match e {
+        state.create_account(req.id.clone(), req.balance, &mut writes).map_err(|e| match e {
             CreateError::Exists => ApiError::AccountExists,
         })?;
-        persist(&node, &writes);
+        let mut extra = Vec::new();
+        state.journal.opened(&req.id, req.balance, now_unix_ms(), &mut extra);
+        persist(&node, &writes, &extra);
     }
     node.store.sync().await?;
     crash::point(crash::PARTICIPANT_ACCOUNT_CREATED);
@@ -208,8 +221,15 @@ async fn prepare(
     let votes: Vec<Vote> = {
         let mut machine = node.machine();
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
-        let votes = batch.items.iter().map(|item| machine.prepare(item, now, &mut writes)).collect();
-        persist(&node, &writes);
+        let votes: Vec<Vote> = batch.items.iter().map(|item| machine.prepare(item, now, &mut writes)).collect();
+        // Remember who asked for each newly prepared transfer, for its journal entries at commit.
+        let mut extra = Vec::new();
+        for ((item, vote), actor) in batch.items.iter().zip(&votes).zip(&batch.actors) {
+            if let (Vote::Yes, Some(actor)) = (vote, actor) {
+                extra.push((journal::prefixed(journal::ACTOR, item.id.as_bytes()), Some(actor.as_bytes().to_vec())));
+            }
+        }
+        persist(&node, &writes, &extra);
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         votes
     };
@@ -235,22 +255,30 @@ async fn decide(
     if batch.items.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::Invalid(format!("at most {BATCH_ITEMS_MAX} items per batch")));
     }
-    let acks = apply_decisions(&node, batch.items.iter().map(|i| (i.id, i.decision))).await?;
+    let acks = apply_decisions(&node, batch.items.iter().map(|i| (i.id, i.decision)), None).await?;
     crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
     Ok(Json(DecideReply { acks }))
 }
 
-/// Applies decisions (from the coordinator's phase two or from the in-doubt resolver) and makes them durable.
+/// Applies decisions (from the coordinator's phase two, the in-doubt resolver, or an operator's heuristic
+/// decision when `operator` is given), journals them, and makes them durable.
 pub(crate) async fn apply_decisions(
     node: &Node,
     decisions: impl Iterator<Item = (uuid::Uuid, wire::Decision)>,
+    operator: Option<&str>,
 ) -> Result<Vec<DecideAck>, StoreError> {
+    let now = now_unix_ms();
     let acks: Vec<DecideAck> = {
         let mut machine = node.machine();
         let mut writes = Vec::new();
+        let mut extra = Vec::new();
         let acks = decisions
             .map(|(id, decision)| {
+                let postings = machine.prepared_transfer(&id).map(|p| p.postings.clone());
                 let ack = machine.decide(id, decision, &mut writes);
+                if let (DecideAck::Done, Some(postings)) = (ack, postings) {
+                    journal_decision(node, &mut machine, id, decision, &postings, operator, now, &mut extra);
+                }
                 let span = tracing::info_span!("transfer", transfer_id = %id);
                 let _entered = span.enter();
                 if ack == DecideAck::Refused {
@@ -263,12 +291,55 @@ pub(crate) async fn apply_decisions(
                 ack
             })
             .collect();
-        persist(node, &writes);
+        persist(node, &writes, &extra);
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         acks
     };
     node.store.sync().await?;
     Ok(acks)
+}
+
+/// The journal side of a decision just applied to a prepared transfer: an entry per posting (commit), or per
+/// account with amount 0 (a heuristic abort, so the operator's act is on record); heuristic decisions also get
+/// their own record for the audit.
+#[allow(clippy::too_many_arguments)]
+fn journal_decision(
+    node: &Node,
+    state: &mut crate::ShardState,
+    id: uuid::Uuid,
+    decision: wire::Decision,
+    postings: &[common::ledger::Posting],
+    operator: Option<&str>,
+    now: u64,
+    extra: &mut journal::Inserts,
+) {
+    let kind = match (operator, decision) {
+        (None, wire::Decision::Commit) => journal::EntryKind::Posting,
+        (None, wire::Decision::Abort) => {
+            extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
+            return;
+        }
+        (Some(_), wire::Decision::Commit) => journal::EntryKind::HeuristicCommit,
+        (Some(_), wire::Decision::Abort) => journal::EntryKind::HeuristicAbort,
+    };
+    let lines: Vec<(AccountId, i64, i64)> = postings
+        .iter()
+        .map(|p| {
+            let after = state.account(&p.account).map_or(0, |a| a.balance);
+            let amount = if decision == wire::Decision::Commit { p.delta } else { 0 };
+            (p.account.clone(), amount, after)
+        })
+        .collect();
+    let actor = match operator {
+        Some(op) => Some(op.to_owned()),
+        None => storage::actor(&node.store, &id).ok().flatten(),
+    };
+    state.journal.applied(id, kind, &lines, actor.as_deref(), now, extra);
+    extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
+    if let Some(operator) = operator {
+        let record = journal::HeuristicRecord { decision, operator: operator.to_owned(), at_unix_ms: now };
+        extra.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));
+    }
 }
 
 async fn applied(State(node): State<Arc<Node>>) -> Json<Vec<AppliedTransfer>> {

@@ -1,6 +1,7 @@
 //! The participant's side of the store: turns the machine's writes into one atomic sled batch, and rebuilds the
 //! machine from disk at start. The only participant module that touches sled.
 
+use crate::journal::{self, HeuristicRecord, JournalEntry, JournalState};
 use common::ledger::{AccountId, ShardId, TransferId};
 use common::protocol::participant::{ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
@@ -32,12 +33,19 @@ impl From<records::RecordError> for LoadError {
     }
 }
 
-/// Applies `writes` as one atomic batch (in sled's memory; `Store::sync` makes it durable).
-pub fn apply(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
-    if writes.is_empty() {
+/// Applies the machine's `writes` and the journal's `extra` changes as one atomic batch (in sled's memory;
+/// `Store::sync` makes it durable).
+pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), sled::Error> {
+    if writes.is_empty() && extra.is_empty() {
         return Ok(());
     }
     let mut batch = sled::Batch::default();
+    for (key, value) in extra {
+        match value {
+            Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+            None => batch.remove(key.as_slice()),
+        }
+    }
     for write in writes {
         match write {
             Write::Account(id, record) => batch.insert(keys::account(id), records::encode(record)),
@@ -66,7 +74,7 @@ pub async fn adopt_cluster_id(store: &Store, id: Uuid) -> Result<(), StoreError>
 }
 
 /// Checks (or, on first start, records) which shard this store belongs to, then reads the whole state back.
-pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, LoadError> {
+pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, JournalState), LoadError> {
     match store.db.get(keys::SHARD)? {
         Some(bytes) => {
             let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(keys::SHARD.to_vec()))?;
@@ -83,6 +91,18 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, L
     let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
     let mut prepared: HashMap<TransferId, PreparedRecord> = HashMap::new();
     let mut finished = HashMap::new();
+    let mut journal = JournalState { next_seq: 1, created_total: 0 };
+    if let Some(bytes) = store.db.get(journal::CREATED_TOTAL_KEY)? {
+        let raw: [u8; 16] =
+            bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(journal::CREATED_TOTAL_KEY.to_vec()))?;
+        journal.created_total = i128::from_be_bytes(raw);
+    }
+    // Entries are keyed by account, so the highest sequence number is found by looking at all of them.
+    for entry in store.db.scan_prefix([journal::ENTRY]) {
+        let (key, _) = entry?;
+        let raw: [u8; 8] = key[key.len() - 8..].try_into().map_err(|_| LoadError::BadKey(key.to_vec()))?;
+        journal.next_seq = journal.next_seq.max(u64::from_be_bytes(raw) + 1);
+    }
     for entry in store.db.iter() {
         let (key, value) = entry?;
         let Some((&prefix, rest)) = key.split_first() else {
@@ -106,7 +126,64 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<ParticipantMachine, L
             _ => {} // metadata such as the shard number
         }
     }
-    Ok(ParticipantMachine::restore(shard, accounts, prepared, finished)?)
+    Ok((ParticipantMachine::restore(shard, accounts, prepared, finished)?, journal))
+}
+
+/// An account's journal, newest first: up to `limit` entries with a sequence number below `before`.
+pub fn journal_page(
+    store: &Store,
+    account: &AccountId,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Vec<JournalEntry>, LoadError> {
+    let start = journal::account_prefix(account);
+    let end = journal::entry_key(account, before.unwrap_or(u64::MAX));
+    let mut out = Vec::new();
+    for entry in store.db.range(start..end).rev().take(limit) {
+        let (_, value) = entry?;
+        out.push(records::decode(&value)?);
+    }
+    Ok(out)
+}
+
+/// The journal sequence number at which transfer `id` was committed here, if it was.
+pub fn commit_seq(store: &Store, id: &TransferId) -> Result<Option<u64>, LoadError> {
+    let key = journal::prefixed(journal::COMMIT_SEQ, id.as_bytes());
+    match store.db.get(&key)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| LoadError::BadKey(key))?))),
+    }
+}
+
+/// Transfers committed here with a sequence number in `(after, upto]`, in apply order.
+pub fn commits_between(store: &Store, after: u64, upto: u64) -> Result<Vec<TransferId>, LoadError> {
+    if after >= upto {
+        return Ok(Vec::new());
+    }
+    let start = journal::prefixed(journal::COMMIT_ORDER, &(after + 1).to_be_bytes());
+    let end = journal::prefixed(journal::COMMIT_ORDER, &upto.to_be_bytes());
+    let mut out = Vec::new();
+    for entry in store.db.range(start..=end) {
+        let (key, value) = entry?;
+        out.push(Uuid::from_slice(&value).map_err(|_| LoadError::BadKey(key.to_vec()))?);
+    }
+    Ok(out)
+}
+
+/// The API token name recorded at Prepare for transfer `id`.
+pub fn actor(store: &Store, id: &TransferId) -> Result<Option<String>, LoadError> {
+    let key = journal::prefixed(journal::ACTOR, id.as_bytes());
+    Ok(store.db.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Every outcome an operator forced on this shard.
+pub fn heuristics(store: &Store) -> Result<Vec<(TransferId, HeuristicRecord)>, LoadError> {
+    let mut out = Vec::new();
+    for entry in store.db.scan_prefix([journal::HEURISTIC]) {
+        let (key, value) = entry?;
+        out.push((transfer_id(&key, &key[1..])?, records::decode(&value)?));
+    }
+    Ok(out)
 }
 
 fn transfer_id(key: &[u8], rest: &[u8]) -> Result<TransferId, LoadError> {

@@ -80,6 +80,19 @@ impl ParticipantMachine {
         self.prepared.iter()
     }
 
+    pub fn prepared_transfer(&self, id: &TransferId) -> Option<&PreparedRecord> {
+        self.prepared.get(id)
+    }
+
+    pub fn finished_decision(&self, id: &TransferId) -> Option<Decision> {
+        self.finished.get(id).copied()
+    }
+
+    /// What is wrong with the state, if anything (for the audit; `check_invariants` panics instead).
+    pub fn violation(&self) -> Option<String> {
+        self.verify().err().map(|e| e.to_string())
+    }
+
     pub fn finished(&self) -> impl Iterator<Item = (&TransferId, &Decision)> {
         self.finished.iter()
     }

@@ -1,0 +1,183 @@
+//! Routes about the books rather than the protocol: an account's journal, the snapshot the coordinator's audit
+//! is built from, the participant's own view of its transfers in doubt, and the operator's last resort — forcing
+//! a prepared transfer's outcome when the coordinator's data is gone for good (a heuristic decision).
+
+use crate::server::{apply_decisions, ApiError};
+use crate::{resolver, storage, Node};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use common::http::{error_response, now_unix_ms, JsonBody};
+use common::ledger::AccountId;
+use common::wire::{
+    CommitSeqsReply, CommitSeqsRequest, DecideAck, Decision, DecisionQueryItem, HeuristicView, QueryAnswer, ShardAudit,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Longest page of journal entries.
+const ENTRIES_LIMIT_MAX: usize = 1_000;
+const ENTRIES_LIMIT_DEFAULT: usize = 50;
+/// Ids per commit-sequence lookup: bounds one audit request.
+const COMMIT_SEQ_IDS_MAX: usize = 100_000;
+
+impl From<storage::LoadError> for ApiError {
+    fn from(e: storage::LoadError) -> Self {
+        match e {
+            storage::LoadError::Store(e) => ApiError::Store(e),
+            other => ApiError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntriesQuery {
+    limit: Option<usize>,
+    /// The cursor: return entries older than this sequence number.
+    after: Option<u64>,
+}
+
+pub async fn entries(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    query: Result<Query<EntriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    let limit = query.limit.unwrap_or(ENTRIES_LIMIT_DEFAULT);
+    if !(1..=ENTRIES_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::Invalid(format!("limit must be from 1 to {ENTRIES_LIMIT_MAX}")));
+    }
+    if node.machine().account(&id).is_none() {
+        return Err(ApiError::AccountNotFound);
+    }
+    // One more than asked for tells whether another page exists.
+    let mut entries = storage::journal_page(&node.store, &id, query.after, limit + 1)?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let next = if more { entries.last().map(|e| e.seq) } else { None };
+    Ok(Json(json!({"account": id, "entries": entries, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    after_seq: Option<u64>,
+}
+
+pub async fn audit(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ShardAudit>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let heuristics = storage::heuristics(&node.store)?
+        .into_iter()
+        .map(|(id, h)| HeuristicView { id, decision: h.decision, operator: h.operator, at_unix_ms: h.at_unix_ms })
+        .collect();
+    // Everything below under one lock: balances, holds and the commit list describe the same instant.
+    let state = node.machine();
+    let seq = state.journal.last_seq();
+    let mut snapshot = ShardAudit {
+        shard: node.shard,
+        seq,
+        accounts: 0,
+        balance_total: 0,
+        held_total: 0,
+        incoming_total: 0,
+        created_total: state.journal.created_total,
+        negative_balances: Vec::new(),
+        invariant_violation: state.violation(),
+        prepared: state.prepared().map(|(id, _)| *id).collect(),
+        commits_since: storage::commits_between(&node.store, query.after_seq.unwrap_or(seq), seq)?,
+        heuristics,
+    };
+    for (id, account) in state.accounts() {
+        snapshot.accounts += 1;
+        snapshot.balance_total += i128::from(account.balance);
+        snapshot.held_total += i128::from(account.held);
+        snapshot.incoming_total += i128::from(account.incoming);
+        if account.balance < 0 {
+            snapshot.negative_balances.push(id.clone());
+        }
+    }
+    Ok(Json(snapshot))
+}
+
+pub async fn commit_seqs(
+    State(node): State<Arc<Node>>,
+    JsonBody(req): JsonBody<CommitSeqsRequest>,
+) -> Result<Json<CommitSeqsReply>, ApiError> {
+    if req.ids.len() > COMMIT_SEQ_IDS_MAX {
+        return Err(ApiError::Invalid(format!("at most {COMMIT_SEQ_IDS_MAX} ids")));
+    }
+    let seqs = req.ids.iter().map(|id| storage::commit_seq(&node.store, id)).collect::<Result<_, _>>()?;
+    Ok(Json(CommitSeqsReply { seqs }))
+}
+
+/// This shard's transfers in doubt: prepared, holding funds, waiting for a decision.
+pub async fn in_doubt(State(node): State<Arc<Node>>) -> Json<Value> {
+    let now = now_unix_ms();
+    let state = node.machine();
+    let mut list: Vec<Value> = state
+        .prepared()
+        .map(|(id, p)| {
+            let heard = state.last_heard.get(id);
+            json!({
+                "id": id,
+                "from": p.transfer.from, "to": p.transfer.to, "amount": p.transfer.amount,
+                "postings": p.postings,
+                "age_ms": now.saturating_sub(p.prepared_at_unix_ms),
+                "coordinator": p.coordinator_url,
+                "last_heard": heard.map(|(what, _)| what.clone()),
+                "last_heard_age_ms": heard.map(|(_, at)| now.saturating_sub(*at)),
+            })
+        })
+        .collect();
+    list.sort_by_key(|v| std::cmp::Reverse(v["age_ms"].as_u64()));
+    Json(json!({"shard": node.shard, "transactions": list}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceRequest {
+    decision: Decision,
+    /// Who takes responsibility; goes into the journal.
+    operator: String,
+}
+
+/// Forces a prepared transfer's outcome here. Refused while the coordinator answers: then it knows (or will
+/// decide) the outcome, and the resolver applies it. Meant for a coordinator whose data is lost for good.
+pub async fn force(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ForceRequest>,
+) -> Result<Response, ApiError> {
+    let id = uuid::Uuid::parse_str(&id).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
+    let operator = req.operator.trim();
+    if operator.is_empty() || operator.len() > 64 {
+        return Err(ApiError::Invalid("operator must be 1 to 64 characters".into()));
+    }
+    let Some(prepared) = node.machine().prepared_transfer(&id).cloned() else {
+        let message = "no prepared transfer with this id here: nothing to force";
+        return Ok(error_response(StatusCode::NOT_FOUND, "not_in_doubt", message));
+    };
+    let item = DecisionQueryItem { id, transfer: prepared.transfer.clone() };
+    match resolver::query(&node, &prepared.coordinator_url, vec![item]).await {
+        Ok(answers) => {
+            let said = answers.first().copied().unwrap_or(QueryAnswer::Pending);
+            let message = format!("the coordinator is reachable and says {said:?}; it decides, not an operator");
+            return Ok(error_response(StatusCode::CONFLICT, "coordinator_reachable", message));
+        }
+        Err(error) => tracing::warn!(transfer_id = %id, %error, operator, "coordinator unreachable: forcing outcome"),
+    }
+    let acks = apply_decisions(&node, std::iter::once((id, req.decision)), Some(operator)).await?;
+    if acks != [DecideAck::Done] {
+        return Ok(error_response(StatusCode::CONFLICT, "not_in_doubt", "the transfer was decided meanwhile"));
+    }
+    tracing::warn!(transfer_id = %id, decision = ?req.decision, operator, "heuristic decision applied");
+    Ok((StatusCode::OK, Json(json!({"id": id, "decision": req.decision, "operator": operator, "heuristic": true})))
+        .into_response())
+}
