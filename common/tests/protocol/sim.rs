@@ -1,0 +1,1800 @@
+//! A deterministic simulation of the whole cluster: what it proves is that the protocol machines, driven the
+//! way the shells drive them, keep the ledger safe under any schedule of message loss, delay, duplication,
+//! reordering, partitions, crashes and restarts that a seed produces, and that every transfer is decided
+//! everywhere once the faults stop.
+//!
+//! Each seed builds a [`Cluster`]: one coordinator, two or three participants and a set of clients, all in
+//! one thread, in virtual time, driven by a seeded event queue (no sockets, no sleeps, no tokio). The nodes
+//! behave as `coordinator/src/engine.rs`, `participant/src/server.rs` and `participant/src/resolver.rs` do:
+//!
+//! - A participant applies the [`Write`]s its machine returns to a simulated disk. They become durable only at
+//!   the next flush, and it votes or acknowledges only after that flush (group commit: one flush releases every
+//!   reply waiting on it). A crash loses every unflushed write (or, like sled's background flusher, keeps a
+//!   prefix of them) and all in-memory state; the restart rebuilds the machine with
+//!   [`ParticipantMachine::restore`] from the durable records, and its resolver first asks about every
+//!   prepared transfer, then about those older than the in-doubt age, backing off while unanswered.
+//! - The coordinator runs each transfer's [`TransferMachine`]: it sends the Prepares, feeds the votes (a refused
+//!   connection or the prepare timeout counts as unavailable), writes the decision to its log, and sends it
+//!   only once a log flush has made it durable. It keeps decision records forever; committed ones carry an
+//!   "unacked" marker, removed (unflushed) after the last ack, that recovery uses to re-send commits. Decisions
+//!   still owed acks are re-sent periodically. Participants' queries are answered with
+//!   [`plan_query_answer`]; a presumed abort is logged and flushed before it is answered, and every answer
+//!   waits for a flush, as `answer_queries` does.
+//! - Clients submit transfers (random accounts and amounts: some lack funds, some name missing accounts),
+//!   sometimes twice at once, and resubmit the same id while unanswered, as the API invites them to.
+//!
+//! After every event the oracle checks: no transfer is committed on one shard and aborted on another, and no
+//! shard applies a decision the coordinator has not made durable; no transfer is finished twice on a shard
+//! and every balance equals its opening balance plus the postings of the transfers committed there; the
+//! holds equal the prepared debits ([`ParticipantMachine::check_invariants`], plus a shadow of the writes
+//! compared with the machine); money is conserved, counting committed transfers some shard has not applied
+//! yet, both in memory and on disk; no balance goes negative; every client answer matches the durable
+//! outcome. At the end the network heals, the nodes restart, the clients resubmit what was never answered,
+//! and the run goes on until quiescent: then every transfer must be decided everywhere, no hold may remain,
+//! money is exactly conserved, and every answer matches the final outcome.
+//!
+//! `SIM_SEEDS=<n>` sets the number of seeds (default 3000); `SIM_SEED=<n>` replays one seed and prints its
+//! trace. `SIM_REUSED_IDS=1` lets clients reuse a transfer id with a different body (a client bug the API is
+//! meant to refuse), which the default run leaves out: see `reused_ids` below.
+
+use common::ledger::{AccountId, Amount, Posting, ShardId, Transfer, TransferId};
+use common::protocol::coordinator::{plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use common::protocol::participant::{ParticipantMachine, Write};
+use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord};
+use common::wire::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::Instant;
+use uuid::Uuid;
+
+// Timings in virtual milliseconds, after the shells' defaults.
+/// The coordinator's prepare round (`--prepare-timeout-ms`).
+const PREPARE_TIMEOUT: u64 = 2_000;
+/// The coordinator's re-delivery scan and the age at which an unacknowledged decision is sent again.
+const REDELIVER_SCAN: u64 = 500;
+const REDELIVER_AFTER: u64 = 1_000;
+/// The participant's resolver: scan interval, in-doubt age (`--in-doubt-after-ms`), query timeout, backoff.
+const RESOLVER_SCAN: u64 = 500;
+const IN_DOUBT_AFTER: u64 = 3_000;
+const QUERY_TIMEOUT: u64 = 2_000;
+const BACKOFF_MIN: u64 = 200;
+const BACKOFF_MAX: u64 = 5_000;
+/// Transfers per decision query, as the resolver bounds them.
+const QUERY_ITEMS_MAX: usize = 1_000;
+/// How long after the faults stop the cluster has to become quiescent.
+const QUIESCE_WITHIN: u64 = 120_000;
+/// Events one seed may process before it is declared stuck.
+const EVENTS_MAX: u64 = 200_000;
+const COORDINATOR_URL: &str = "sim://coordinator";
+
+/// A small seeded generator (SplitMix64): written out so a seed means the same run on every build.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi, "empty range {lo}..={hi}");
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        assert!(n > 0, "nothing to choose from");
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Node {
+    Client,
+    Coordinator,
+    Participant(ShardId),
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Node::Client => f.write_str("client"),
+            Node::Coordinator => f.write_str("C"),
+            Node::Participant(s) => write!(f, "P{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientAnswer {
+    Final(Outcome),
+    /// The id is known with a different body.
+    Conflict,
+}
+
+/// Every message of the protocol. Replies carry the incarnation (`epoch` of the coordinator, `life` of a
+/// participant) of the call they answer: an HTTP reply never reaches a later incarnation of the caller.
+#[derive(Clone, Debug)]
+enum Msg {
+    Submit {
+        id: TransferId,
+        transfer: Transfer,
+    },
+    Answer {
+        id: TransferId,
+        answer: ClientAnswer,
+    },
+    Prepare {
+        epoch: u64,
+        item: PrepareItem,
+    },
+    /// The participant was down: the coordinator's call fails at once.
+    PrepareRefused {
+        epoch: u64,
+        shard: ShardId,
+        id: TransferId,
+    },
+    Vote {
+        epoch: u64,
+        shard: ShardId,
+        id: TransferId,
+        vote: Vote,
+    },
+    Decide {
+        epoch: u64,
+        id: TransferId,
+        decision: Decision,
+    },
+    Ack {
+        epoch: u64,
+        shard: ShardId,
+        id: TransferId,
+        ack: DecideAck,
+    },
+    Query {
+        shard: ShardId,
+        life: u64,
+        qid: u64,
+        items: Vec<DecisionQueryItem>,
+    },
+    QueryRefused {
+        life: u64,
+        qid: u64,
+    },
+    Answers {
+        life: u64,
+        qid: u64,
+        answers: Vec<QueryAnswer>,
+    },
+}
+
+impl Msg {
+    fn describe(&self) -> String {
+        let short = |id: &TransferId| format!("t{}", id.as_u128() & 0xffff);
+        match self {
+            Msg::Submit { id, transfer } => {
+                format!("Submit {} {}->{} {}", short(id), transfer.from, transfer.to, transfer.amount.minor())
+            }
+            Msg::Answer { id, answer } => format!("Answer {} {answer:?}", short(id)),
+            Msg::Prepare { epoch, item } => format!("Prepare e{epoch} {} {:?}", short(&item.id), item.postings),
+            Msg::PrepareRefused { epoch, shard, id } => format!("PrepareRefused e{epoch} P{shard} {}", short(id)),
+            Msg::Vote { epoch, shard, id, vote } => format!("Vote e{epoch} P{shard} {} {vote:?}", short(id)),
+            Msg::Decide { epoch, id, decision } => format!("Decide e{epoch} {} {decision:?}", short(id)),
+            Msg::Ack { epoch, shard, id, ack } => format!("Ack e{epoch} P{shard} {} {ack:?}", short(id)),
+            Msg::Query { shard, life, qid, items } => {
+                let ids: Vec<String> = items.iter().map(|i| short(&i.id)).collect();
+                format!("Query P{shard} l{life} q{qid} {ids:?}")
+            }
+            Msg::QueryRefused { life, qid } => format!("QueryRefused l{life} q{qid}"),
+            Msg::Answers { life, qid, answers } => format!("Answers l{life} q{qid} {answers:?}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Envelope {
+    from: Node,
+    to: Node,
+    msg: Msg,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Deliver(Envelope),
+    Flush { node: Node, life: u64 },
+    PrepareTimeout { epoch: u64, id: TransferId },
+    RedeliverTick { epoch: u64 },
+    ResolverTick { shard: ShardId, life: u64 },
+    QueryTimeout { shard: ShardId, life: u64, qid: u64 },
+    ClientSubmit { intent: usize },
+    Nemesis,
+    Restart(Node),
+    Reconnect(Node),
+    Heal,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// How hostile one seed's world is. Drawn per seed, so some runs are calm and some are storms.
+#[derive(Clone, Debug)]
+struct Faults {
+    drop: f64,
+    duplicate: f64,
+    /// A message takes hundreds of milliseconds to seconds: prepare timeouts, late votes, reordering.
+    slow: f64,
+    /// Per nemesis tick (every 100 to 300 ms): crash a node, cut one off the network.
+    crash: f64,
+    partition: f64,
+    /// At a flush: crash instead of flushing, or right after it before any reply leaves.
+    crash_at_flush: f64,
+    /// At a crash, the chance that a prefix of the unflushed writes reached the disk anyway.
+    torn: f64,
+}
+
+impl Faults {
+    fn draw(rng: &mut Rng) -> Faults {
+        let level = rng.below(4) as f64 / 3.0; // 0, 1/3, 2/3, 1
+        Faults {
+            drop: 0.25 * level * rng.range(0, 100) as f64 / 100.0,
+            duplicate: 0.15 * rng.range(0, 100) as f64 / 100.0,
+            slow: 0.1 * level,
+            crash: 0.02 + 0.13 * level,
+            partition: 0.05 * level,
+            crash_at_flush: 0.03 * level,
+            torn: rng.range(0, 100) as f64 / 100.0,
+        }
+    }
+
+    fn none() -> Faults {
+        Faults { drop: 0.0, duplicate: 0.0, slow: 0.0, crash: 0.0, partition: 0.0, crash_at_flush: 0.0, torn: 0.0 }
+    }
+}
+
+/// A participant's records as a disk holds them (or as its memory does: the shadow built from the same writes).
+#[derive(Clone, Debug, Default)]
+struct Records {
+    accounts: BTreeMap<AccountId, AccountRecord>,
+    prepared: BTreeMap<TransferId, PreparedRecord>,
+    finished: BTreeMap<TransferId, Decision>,
+    /// Not stored by the shell: the postings each commit in `finished` applied, for the balance check.
+    committed_postings: BTreeMap<TransferId, Vec<Posting>>,
+    /// The prepared record the last `ClearPrepared` removed, until the `Finished` that follows it.
+    last_cleared: Option<(TransferId, PreparedRecord)>,
+}
+
+impl Records {
+    /// Applies one batch as `participant::storage::apply` does, refusing changes no correct machine makes.
+    fn apply(&mut self, writes: &[Write]) -> Result<(), String> {
+        for write in writes {
+            match write {
+                Write::Account(id, record) => {
+                    self.accounts.insert(id.clone(), *record);
+                }
+                Write::Prepared(id, record) => {
+                    if self.finished.contains_key(id) {
+                        return Err(format!("transfer {id} prepared again after it finished"));
+                    }
+                    self.prepared.insert(*id, record.clone());
+                }
+                Write::ClearPrepared(id) => {
+                    self.last_cleared = self.prepared.remove(id).map(|r| (*id, r));
+                }
+                Write::Finished(id, decision) => {
+                    if let Some(earlier) = self.finished.get(id) {
+                        return Err(format!(
+                            "transfer {id} finished twice on one shard ({earlier:?}, then {decision:?})"
+                        ));
+                    }
+                    self.finished.insert(*id, *decision);
+                    let cleared = self.last_cleared.take().filter(|(cleared, _)| cleared == id);
+                    if *decision == Decision::Commit {
+                        let Some((_, record)) = cleared else {
+                            return Err(format!("transfer {id} committed without a prepared record"));
+                        };
+                        self.committed_postings.insert(*id, record.postings);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&self, shard: ShardId) -> Result<ParticipantMachine, String> {
+        let accounts: HashMap<_, _> = self.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let prepared: HashMap<_, _> = self.prepared.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let finished: HashMap<_, _> = self.finished.iter().map(|(k, v)| (*k, *v)).collect();
+        ParticipantMachine::restore(shard, accounts, prepared, finished)
+            .map_err(|e| format!("P{shard}'s durable records do not restore: {e}"))
+    }
+
+    /// Balances against the reference: opening balance plus the postings of every commit finished here, each
+    /// once; holds and credits reserved against the prepared transfers; nothing negative.
+    fn check_books(&self, shard: ShardId, opening: &BTreeMap<AccountId, i64>, what: &str) -> Result<(), String> {
+        let mut expected: BTreeMap<&AccountId, (i64, i64, i64)> = BTreeMap::new();
+        for id in self.accounts.keys() {
+            let open = opening.get(id).copied().ok_or_else(|| format!("P{shard} {what}: unknown account {id}"))?;
+            expected.insert(id, (open, 0, 0));
+        }
+        for postings in self.committed_postings.values() {
+            for p in postings {
+                let e = expected
+                    .get_mut(&p.account)
+                    .ok_or_else(|| format!("P{shard} {what}: commit on missing {}", p.account))?;
+                e.0 += p.delta;
+            }
+        }
+        for prepared in self.prepared.values() {
+            for p in &prepared.postings {
+                let e = expected
+                    .get_mut(&p.account)
+                    .ok_or_else(|| format!("P{shard} {what}: hold on missing {}", p.account))?;
+                if p.delta < 0 {
+                    e.1 -= p.delta;
+                } else {
+                    e.2 += p.delta;
+                }
+            }
+        }
+        for (id, record) in &self.accounts {
+            let (balance, held, incoming) = expected[id];
+            let actual = (record.balance, record.held, record.incoming);
+            if actual != (balance, held, incoming) {
+                return Err(format!(
+                    "P{shard} {what}: account {id} has (balance, held, incoming) = {actual:?}, but its opening balance, \
+                     the commits finished there and the prepared transfers give {:?}",
+                    (balance, held, incoming)
+                ));
+            }
+            if record.balance < 0 || record.held < 0 || record.incoming < 0 || record.held > record.balance {
+                return Err(format!("P{shard} {what}: account {id} is negative or over-held: {record:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a participant sends or does once a flush has made its writes durable.
+#[derive(Clone, Debug)]
+enum AfterParticipantFlush {
+    Reply(Envelope),
+    ResolverRoundDone,
+}
+
+struct Participant {
+    shard: ShardId,
+    /// `None` while down.
+    machine: Option<ParticipantMachine>,
+    /// Bumped at every crash: timers and replies of an earlier life are void.
+    life: u64,
+    disk: Records,
+    /// The machine's state as its writes describe it (checked against the machine at every flush).
+    memory: Records,
+    unflushed: Vec<Vec<Write>>,
+    after_flush: Vec<AfterParticipantFlush>,
+    flush_scheduled: bool,
+    resolver: Resolver,
+}
+
+#[derive(Clone, Debug)]
+struct Resolver {
+    /// 0 right after a start: every prepared transfer is in doubt then.
+    age_min: u64,
+    backoff: u64,
+    waiting: Option<u64>,
+    /// The ids the outstanding query asked about, in order.
+    asked: Vec<TransferId>,
+    next_qid: u64,
+}
+
+impl Resolver {
+    fn fresh() -> Self {
+        Resolver { age_min: 0, backoff: BACKOFF_MIN, waiting: None, asked: Vec::new(), next_qid: 0 }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct LogRecord {
+    transfer: Transfer,
+    outcome: Outcome,
+    shards: Vec<ShardId>,
+    /// The "unacked" marker a commit carries until every shard has acknowledged it.
+    unacked_marker: bool,
+}
+
+#[derive(Clone, Debug)]
+enum LogWrite {
+    Put(TransferId, LogRecord),
+    End(TransferId),
+}
+
+#[derive(Clone, Debug)]
+enum AfterLogFlush {
+    DecisionLogged(TransferId),
+    AnswerClient { id: TransferId, answer: ClientAnswer },
+    AnswerQuery { shard: ShardId, life: u64, qid: u64, answers: Vec<QueryAnswer> },
+}
+
+struct Run {
+    machine: TransferMachine,
+    /// Clients waiting for this transfer's final answer (the first submission and any joined duplicates).
+    waiters: usize,
+}
+
+struct Owed {
+    machine: TransferMachine,
+    last_sent: u64,
+}
+
+struct Coordinator {
+    up: bool,
+    /// Bumped at every crash.
+    epoch: u64,
+    durable: BTreeMap<TransferId, LogRecord>,
+    /// The log as the process reads it: durable records plus unflushed writes.
+    memory: BTreeMap<TransferId, LogRecord>,
+    unflushed: Vec<LogWrite>,
+    after_flush: Vec<AfterLogFlush>,
+    flush_scheduled: bool,
+    inflight: BTreeMap<TransferId, Run>,
+    owed: BTreeMap<TransferId, Owed>,
+}
+
+/// One transfer a client wants made, and what it has heard.
+#[derive(Clone, Debug)]
+struct Intent {
+    id: TransferId,
+    transfer: Transfer,
+    answer: Option<ClientAnswer>,
+}
+
+/// Counters summed over seeds, so a run that silently stops exercising something is noticed.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub seeds: u64,
+    pub events: u64,
+    pub committed: u64,
+    pub aborted_refused: u64,
+    pub aborted_unavailable: u64,
+    pub presumed_aborts: u64,
+    pub coordinator_crashes: u64,
+    pub participant_crashes: u64,
+    pub torn_crashes: u64,
+    pub in_doubt_resolved: u64,
+    pub redeliveries: u64,
+    pub recovered_commits: u64,
+    pub duplicate_submissions: u64,
+    pub conflicts: u64,
+    pub dropped: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.seeds += o.seeds;
+        self.events += o.events;
+        self.committed += o.committed;
+        self.aborted_refused += o.aborted_refused;
+        self.aborted_unavailable += o.aborted_unavailable;
+        self.presumed_aborts += o.presumed_aborts;
+        self.coordinator_crashes += o.coordinator_crashes;
+        self.participant_crashes += o.participant_crashes;
+        self.torn_crashes += o.torn_crashes;
+        self.in_doubt_resolved += o.in_doubt_resolved;
+        self.redeliveries += o.redeliveries;
+        self.recovered_commits += o.recovered_commits;
+        self.duplicate_submissions += o.duplicate_submissions;
+        self.conflicts += o.conflicts;
+        self.dropped += o.dropped;
+    }
+}
+
+/// What one seed did: its counters and a digest of every event, for the replay check.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub stats: Stats,
+    pub digest: u64,
+    pub end_time: u64,
+}
+
+pub struct Cluster {
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    shard_count: u32,
+    faults: Faults,
+    fault_end: u64,
+    healed_at: Option<u64>,
+    /// Nodes cut off from everyone, until a `Reconnect`.
+    isolated: BTreeSet<Node>,
+    coordinator: Coordinator,
+    participants: Vec<Participant>,
+    intents: Vec<Intent>,
+    /// Clients may reuse an id with a different body (see `SIM_REUSED_IDS`).
+    reused_ids: bool,
+    opening: BTreeMap<AccountId, i64>,
+    opening_total: i64,
+    /// Every outcome that ever reached the coordinator's disk: it must never change.
+    durable_outcomes: BTreeMap<TransferId, Outcome>,
+    /// Every decision any shard ever applied (even if a crash later lost it): one per transfer.
+    applied: BTreeMap<TransferId, Decision>,
+    /// The committed transfers' bodies, for counting money still in flight.
+    committed: BTreeMap<TransferId, Transfer>,
+    messages_in_flight: usize,
+    stats: Stats,
+    trace: Option<Vec<String>>,
+    digest: u64,
+}
+
+type Check = Result<(), String>;
+
+impl Cluster {
+    pub fn new(seed: u64, reused_ids: bool, trace: bool) -> Cluster {
+        let mut rng = Rng::new(seed);
+        let shard_count = if rng.chance(0.6) { 2 } else { 3 };
+        let faults = Faults::draw(&mut rng);
+        let fault_end = rng.range(3_000, 15_000);
+
+        // Accounts: four to seven, at least one on every shard, with small balances so funds run short.
+        let mut opening = BTreeMap::new();
+        let mut n = 0;
+        let wanted = rng.range(4, 7) as usize;
+        while opening.len() < wanted || (0..shard_count).any(|s| !opening.keys().any(|a| shard(a, shard_count) == s)) {
+            let id = account(&format!("acct{n}"));
+            n += 1;
+            if opening.len() < wanted || !opening.keys().any(|a| shard(a, shard_count) == shard(&id, shard_count)) {
+                opening.insert(id, rng.range(0, 120) as i64);
+            }
+        }
+        let opening_total = opening.values().sum();
+        let participants = (0..shard_count)
+            .map(|s| {
+                let mut machine = ParticipantMachine::new(s);
+                let mut writes = Vec::new();
+                for (id, balance) in opening.iter().filter(|(a, _)| shard(a, shard_count) == s) {
+                    machine.create_account(id.clone(), *balance, &mut writes).expect("account names are unique");
+                }
+                let mut disk = Records::default();
+                disk.apply(&writes).expect("account creation writes apply");
+                Participant {
+                    shard: s,
+                    machine: Some(machine),
+                    life: 0,
+                    memory: disk.clone(),
+                    disk,
+                    unflushed: Vec::new(),
+                    after_flush: Vec::new(),
+                    flush_scheduled: false,
+                    resolver: Resolver::fresh(),
+                }
+            })
+            .collect();
+
+        let mut cluster = Cluster {
+            seed,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            shard_count,
+            faults,
+            fault_end,
+            healed_at: None,
+            isolated: BTreeSet::new(),
+            coordinator: Coordinator {
+                up: true,
+                epoch: 0,
+                durable: BTreeMap::new(),
+                memory: BTreeMap::new(),
+                unflushed: Vec::new(),
+                after_flush: Vec::new(),
+                flush_scheduled: false,
+                inflight: BTreeMap::new(),
+                owed: BTreeMap::new(),
+            },
+            participants,
+            intents: Vec::new(),
+            reused_ids,
+            opening,
+            opening_total,
+            durable_outcomes: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            messages_in_flight: 0,
+            stats: Stats { seeds: 1, ..Stats::default() },
+            trace: trace.then(Vec::new),
+            digest: 0xcbf2_9ce4_8422_2325,
+        };
+        cluster.plan_workload();
+        cluster.schedule(0, Event::RedeliverTick { epoch: 0 });
+        for s in 0..shard_count {
+            cluster.schedule(0, Event::ResolverTick { shard: s, life: 0 });
+        }
+        cluster.schedule(100, Event::Nemesis);
+        cluster.schedule(fault_end, Event::Heal);
+        cluster
+    }
+
+    /// Transfers between random accounts (now and then a missing one), some submitted twice at once.
+    fn plan_workload(&mut self) {
+        let accounts: Vec<AccountId> = self.opening.keys().cloned().collect();
+        let count = self.rng.range(8, 40) as usize;
+        for i in 0..count {
+            let pick = |rng: &mut Rng| {
+                if rng.chance(0.08) {
+                    account(&format!("ghost{}", rng.below(2)))
+                } else {
+                    accounts[rng.below(accounts.len())].clone()
+                }
+            };
+            let from = pick(&mut self.rng);
+            let mut to = pick(&mut self.rng);
+            while to == from {
+                to = pick(&mut self.rng);
+            }
+            let amount = Amount::new(self.rng.range(1, 60) as i64).expect("positive amount");
+            let transfer = Transfer { from, to, amount };
+            let id = if self.reused_ids && i > 0 && self.rng.chance(0.3) {
+                self.intents[self.rng.below(self.intents.len())].id
+            } else {
+                Uuid::from_u128(((self.seed as u128) << 64) | (i as u128 + 1))
+            };
+            self.intents.push(Intent { id, transfer, answer: None });
+            let at = self.rng.range(0, self.fault_end);
+            self.schedule(at, Event::ClientSubmit { intent: i });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // The event loop.
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.seq += 1;
+        if matches!(event, Event::Deliver(_)) {
+            self.messages_in_flight += 1;
+        }
+        self.queue.push(Reverse(Scheduled { at, seq: self.seq, event }));
+    }
+
+    fn note(&mut self, line: impl FnOnce() -> String) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(format!("{:>7} {}", self.now, line()));
+        }
+    }
+
+    fn mix(&mut self, value: u64) {
+        self.digest = (self.digest ^ value).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    /// Sends a message through the faulty network: it may be lost, delayed, duplicated or reordered.
+    fn send(&mut self, from: Node, to: Node, msg: Msg) {
+        let healed = self.healed_at.is_some();
+        if !healed
+            && (self.isolated.contains(&from) || self.isolated.contains(&to) || self.rng.chance(self.faults.drop))
+        {
+            self.stats.dropped += 1;
+            self.note(|| format!("drop {from}->{to} {}", msg.describe()));
+            return;
+        }
+        let copies = if !healed && self.rng.chance(self.faults.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let mut delay = self.rng.range(1, 20);
+            if !healed && self.rng.chance(self.faults.slow) {
+                delay += self.rng.range(100, 4_000);
+            }
+            self.schedule(self.now + delay, Event::Deliver(Envelope { from, to, msg: msg.clone() }));
+        }
+    }
+
+    /// Runs the seed to the end: faults, heal, quiescence, final checks. A panic inside a machine (a broken
+    /// invariant) is a failure like any other.
+    pub fn run(mut self) -> Result<RunReport, Failure> {
+        let result = panic::catch_unwind(AssertUnwindSafe(|| self.run_inner()))
+            .unwrap_or_else(|payload| Err(format!("panicked: {}", panic_message(payload.as_ref()))));
+        match result {
+            Ok(()) => Ok(RunReport { stats: self.stats.clone(), digest: self.digest, end_time: self.now }),
+            Err(error) => {
+                let at = self.now;
+                Err(Failure { seed: self.seed, at, error, trace: self.trace.take().unwrap_or_default() })
+            }
+        }
+    }
+
+    fn run_inner(&mut self) -> Check {
+        while let Some(Reverse(next)) = self.queue.pop() {
+            self.now = next.at;
+            self.stats.events += 1;
+            if self.stats.events > EVENTS_MAX {
+                return Err(format!("more than {EVENTS_MAX} events: the run does not settle"));
+            }
+            self.mix(next.at);
+            self.mix(next.seq);
+            let touched = self.handle(next.event)?;
+            self.check_step(touched)?;
+            if let Some(healed_at) = self.healed_at {
+                if self.quiescent() {
+                    self.note(|| "quiescent".into());
+                    return self.check_final();
+                }
+                if self.now > healed_at + QUIESCE_WITHIN {
+                    return Err(format!(
+                        "not quiescent {QUIESCE_WITHIN} ms after the network healed: {}",
+                        self.summary()
+                    ));
+                }
+            }
+        }
+        Err("the event queue ran dry".into())
+    }
+
+    /// Handles one event; returns the node whose state it may have changed.
+    fn handle(&mut self, event: Event) -> Result<Option<Node>, String> {
+        match event {
+            Event::Deliver(env) => {
+                self.messages_in_flight -= 1;
+                if self.healed_at.is_none() && (self.isolated.contains(&env.from) || self.isolated.contains(&env.to)) {
+                    self.stats.dropped += 1;
+                    self.note(|| format!("cut {}->{} {}", env.from, env.to, env.msg.describe()));
+                    return Ok(None);
+                }
+                self.note(|| format!("{}->{} {}", env.from, env.to, env.msg.describe()));
+                self.mix(node_code(env.to) << 8 | discriminant(&env.msg));
+                match env.to {
+                    Node::Client => self.client_receive(env.msg)?,
+                    Node::Coordinator => self.coordinator_receive(env.from, env.msg)?,
+                    Node::Participant(s) => self.participant_receive(s, env.msg)?,
+                }
+                Ok(Some(env.to))
+            }
+            Event::Flush { node: Node::Coordinator, life } => {
+                if self.coordinator.up && self.coordinator.epoch == life {
+                    self.coordinator_flush()?;
+                }
+                Ok(Some(Node::Coordinator))
+            }
+            Event::Flush { node: Node::Participant(s), life } => {
+                if self.participants[s as usize].machine.is_some() && self.participants[s as usize].life == life {
+                    self.participant_flush(s)?;
+                }
+                Ok(Some(Node::Participant(s)))
+            }
+            Event::Flush { node: Node::Client, .. } => Err("clients have no disk".into()),
+            Event::PrepareTimeout { epoch, id } => {
+                if self.coordinator.up && self.coordinator.epoch == epoch {
+                    let decided = match self.coordinator.inflight.get_mut(&id) {
+                        Some(run) => run.machine.on_prepare_timeout(),
+                        None => None,
+                    };
+                    if let Some(outcome) = decided {
+                        self.note(|| format!("C prepare timeout t{} -> {outcome:?}", id.as_u128() & 0xffff));
+                        self.log_decision(id, outcome);
+                    }
+                }
+                Ok(Some(Node::Coordinator))
+            }
+            Event::RedeliverTick { epoch } => {
+                if self.coordinator.up && self.coordinator.epoch == epoch {
+                    self.redeliver();
+                    self.schedule(self.now + REDELIVER_SCAN, Event::RedeliverTick { epoch });
+                }
+                Ok(None)
+            }
+            Event::ResolverTick { shard, life } => {
+                let p = &self.participants[shard as usize];
+                if p.machine.is_some() && p.life == life && p.resolver.waiting.is_none() {
+                    self.resolver_scan(shard);
+                }
+                Ok(None)
+            }
+            Event::QueryTimeout { shard, life, qid } => {
+                self.resolver_failed(shard, life, qid);
+                Ok(None)
+            }
+            Event::ClientSubmit { intent } => {
+                if self.intents[intent].answer.is_none() {
+                    let Intent { id, transfer, .. } = self.intents[intent].clone();
+                    self.send(Node::Client, Node::Coordinator, Msg::Submit { id, transfer: transfer.clone() });
+                    if self.healed_at.is_none() && self.rng.chance(0.15) {
+                        self.stats.duplicate_submissions += 1;
+                        self.send(Node::Client, Node::Coordinator, Msg::Submit { id, transfer });
+                    }
+                    let retry = self.now + self.rng.range(1_500, 5_000);
+                    self.schedule(retry, Event::ClientSubmit { intent });
+                }
+                Ok(None)
+            }
+            Event::Nemesis => {
+                if self.healed_at.is_none() {
+                    self.nemesis()?;
+                    let next = self.now + self.rng.range(100, 300);
+                    self.schedule(next, Event::Nemesis);
+                }
+                Ok(None)
+            }
+            Event::Restart(node) => {
+                self.restart(node)?;
+                Ok(Some(node))
+            }
+            Event::Reconnect(node) => {
+                self.isolated.remove(&node);
+                Ok(None)
+            }
+            Event::Heal => {
+                self.note(|| "heal: no more faults; every node restarts".into());
+                self.healed_at = Some(self.now);
+                self.faults = Faults::none();
+                self.isolated.clear();
+                let down: Vec<Node> = std::iter::once(Node::Coordinator)
+                    .filter(|_| !self.coordinator.up)
+                    .chain(self.participants.iter().filter(|p| p.machine.is_none()).map(|p| Node::Participant(p.shard)))
+                    .collect();
+                for node in down {
+                    self.restart(node)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn nemesis(&mut self) -> Check {
+        if self.rng.chance(self.faults.crash) {
+            let node = self.random_server();
+            self.crash(node)?;
+            let back = self.now + self.rng.range(10, 3_000);
+            self.schedule(back, Event::Restart(node));
+        }
+        if self.rng.chance(self.faults.partition) {
+            let node = self.random_server();
+            self.note(|| format!("partition {node} off"));
+            self.isolated.insert(node);
+            let back = self.now + self.rng.range(100, 2_500);
+            self.schedule(back, Event::Reconnect(node));
+        }
+        Ok(())
+    }
+
+    fn random_server(&mut self) -> Node {
+        let i = self.rng.below(self.shard_count as usize + 1);
+        if i == 0 {
+            Node::Coordinator
+        } else {
+            Node::Participant(i as u32 - 1)
+        }
+    }
+
+    fn crash(&mut self, node: Node) -> Check {
+        match node {
+            Node::Coordinator if self.coordinator.up => {
+                self.stats.coordinator_crashes += 1;
+                let keep = self.torn_prefix(self.coordinator.unflushed.len());
+                let kept: Vec<LogWrite> = self.coordinator.unflushed.drain(..).take(keep).collect();
+                for write in kept {
+                    self.make_durable(write)?;
+                }
+                let c = &mut self.coordinator;
+                c.up = false;
+                c.epoch += 1;
+                c.memory = c.durable.clone();
+                c.after_flush.clear();
+                c.flush_scheduled = false;
+                c.inflight.clear();
+                c.owed.clear();
+                self.note(|| format!("crash C (kept {keep} unflushed writes)"));
+            }
+            Node::Participant(s) if self.participants[s as usize].machine.is_some() => {
+                self.stats.participant_crashes += 1;
+                let keep = self.torn_prefix(self.participants[s as usize].unflushed.len());
+                let p = &mut self.participants[s as usize];
+                for batch in p.unflushed.drain(..).take(keep) {
+                    p.disk.apply(&batch).expect("these writes applied to the memory shadow already");
+                }
+                p.machine = None;
+                p.life += 1;
+                p.memory = p.disk.clone();
+                p.after_flush.clear();
+                p.flush_scheduled = false;
+                p.resolver = Resolver::fresh();
+                self.note(|| format!("crash P{s} (kept {keep} unflushed batches)"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn torn_prefix(&mut self, unflushed: usize) -> usize {
+        if unflushed > 0 && self.rng.chance(self.faults.torn) {
+            self.stats.torn_crashes += 1;
+            self.rng.range(0, unflushed as u64) as usize
+        } else {
+            0
+        }
+    }
+
+    fn restart(&mut self, node: Node) -> Check {
+        match node {
+            Node::Coordinator if !self.coordinator.up => {
+                // `Engine::recover`: every commit still marked unacked is owed to all its shards, re-sent at once.
+                let c = &mut self.coordinator;
+                c.up = true;
+                c.memory = c.durable.clone();
+                let long_ago = self.now.saturating_sub(REDELIVER_AFTER);
+                for (id, record) in &c.durable {
+                    if record.unacked_marker {
+                        let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
+                        let machine = TransferMachine::recovered(*id, record.transfer.clone(), record.outcome, unacked);
+                        c.owed.insert(*id, Owed { machine, last_sent: long_ago });
+                        self.stats.recovered_commits += 1;
+                    }
+                }
+                let epoch = c.epoch;
+                self.note(|| format!("restart C as e{epoch}"));
+                self.schedule(self.now, Event::RedeliverTick { epoch });
+            }
+            Node::Participant(s) if self.participants[s as usize].machine.is_none() => {
+                let p = &mut self.participants[s as usize];
+                let machine = p.disk.restore(s)?;
+                p.disk.check_books(s, &self.opening, "durable records at restart")?;
+                p.machine = Some(machine);
+                p.memory = p.disk.clone();
+                p.resolver = Resolver::fresh();
+                let life = p.life;
+                self.note(|| format!("restart P{s} as l{life}"));
+                self.schedule(self.now, Event::ResolverTick { shard: s, life });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // The coordinator, as `coordinator/src/engine.rs`.
+
+    fn coordinator_receive(&mut self, from: Node, msg: Msg) -> Check {
+        if !self.coordinator.up {
+            // Connection refused, or no answer before the caller's timeout.
+            if let (Msg::Query { life, qid, .. }, Node::Participant(s)) = (&msg, from) {
+                if self.rng.chance(0.5) {
+                    self.send(Node::Coordinator, Node::Participant(s), Msg::QueryRefused { life: *life, qid: *qid });
+                }
+            }
+            return Ok(());
+        }
+        let epoch = self.coordinator.epoch;
+        match msg {
+            Msg::Submit { id, transfer } => self.submit(id, transfer),
+            Msg::Vote { epoch: e, shard, id, vote } if e == epoch => self.on_vote(id, shard, VoteResult::Vote(vote)),
+            Msg::PrepareRefused { epoch: e, shard, id } if e == epoch => {
+                self.on_vote(id, shard, VoteResult::Unavailable)
+            }
+            Msg::Ack { epoch: e, shard, id, ack } if e == epoch => self.on_ack(id, shard, ack)?,
+            Msg::Vote { .. } | Msg::PrepareRefused { .. } | Msg::Ack { .. } => {} // for an earlier incarnation
+            Msg::Query { shard, life, qid, items } => self.answer_queries(shard, life, qid, items),
+            other => return Err(format!("the coordinator got a message it never receives: {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// `Engine::claim`: join the run in progress, or answer from the log, or start the prepare round.
+    fn submit(&mut self, id: TransferId, transfer: Transfer) {
+        let c = &mut self.coordinator;
+        if let Some(run) = c.inflight.get_mut(&id) {
+            if run.machine.transfer != transfer {
+                self.stats.conflicts += 1;
+                self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Conflict });
+            } else {
+                run.waiters += 1;
+            }
+            return;
+        }
+        if let Some(record) = c.memory.get(&id) {
+            let answer =
+                if record.transfer != transfer { ClientAnswer::Conflict } else { ClientAnswer::Final(record.outcome) };
+            if answer == ClientAnswer::Conflict {
+                self.stats.conflicts += 1;
+                self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
+            } else {
+                // It may have been written by a decision query a moment ago: answer once it is on disk.
+                c.after_flush.push(AfterLogFlush::AnswerClient { id, answer });
+                self.schedule_flush(Node::Coordinator);
+            }
+            return;
+        }
+        let machine = TransferMachine::new(id, transfer.clone(), self.shard_count);
+        let epoch = c.epoch;
+        let shards = machine.shards();
+        c.inflight.insert(id, Run { machine, waiters: 1 });
+        for shard in shards {
+            let item = PrepareItem {
+                id,
+                transfer: transfer.clone(),
+                postings: transfer.postings_for(shard, self.shard_count),
+                coordinator_url: COORDINATOR_URL.into(),
+            };
+            self.send(Node::Coordinator, Node::Participant(shard), Msg::Prepare { epoch, item });
+        }
+        self.schedule(self.now + PREPARE_TIMEOUT, Event::PrepareTimeout { epoch, id });
+    }
+
+    fn on_vote(&mut self, id: TransferId, shard: ShardId, vote: VoteResult) {
+        let Some(run) = self.coordinator.inflight.get_mut(&id) else {
+            return; // decided and gone: a late or repeated vote changes nothing
+        };
+        if let Some(outcome) = run.machine.on_vote(shard, vote) {
+            self.log_decision(id, outcome);
+        }
+    }
+
+    /// Forces the decision to the log; it is sent once the flush completes.
+    fn log_decision(&mut self, id: TransferId, outcome: Outcome) {
+        let c = &mut self.coordinator;
+        let transfer = c.inflight[&id].machine.transfer.clone();
+        let record = LogRecord {
+            shards: transfer.shards(self.shard_count),
+            transfer,
+            outcome,
+            unacked_marker: outcome == Outcome::Committed,
+        };
+        c.memory.insert(id, record.clone());
+        c.unflushed.push(LogWrite::Put(id, record));
+        c.after_flush.push(AfterLogFlush::DecisionLogged(id));
+        self.schedule_flush(Node::Coordinator);
+    }
+
+    fn on_ack(&mut self, id: TransferId, shard: ShardId, ack: DecideAck) -> Check {
+        if ack == DecideAck::Refused {
+            return Err(format!("P{shard} refused the decision on {id}: the shard and the coordinator disagree"));
+        }
+        let c = &mut self.coordinator;
+        let Some(owed) = c.owed.get_mut(&id) else {
+            return Ok(());
+        };
+        if !owed.machine.on_ack(shard) {
+            return Ok(());
+        }
+        let owed = c.owed.remove(&id).expect("present a moment ago");
+        if let Phase::Decided { outcome: Outcome::Committed, .. } = owed.machine.phase() {
+            // Not flushed: if the end is lost, recovery re-sends a commit the shards acknowledge idempotently.
+            if let Some(record) = c.memory.get_mut(&id) {
+                record.unacked_marker = false;
+            }
+            c.unflushed.push(LogWrite::End(id));
+        }
+        Ok(())
+    }
+
+    fn redeliver(&mut self) {
+        let epoch = self.coordinator.epoch;
+        let now = self.now;
+        let mut sends = Vec::new();
+        for (id, owed) in self.coordinator.owed.iter_mut() {
+            if now.saturating_sub(owed.last_sent) < REDELIVER_AFTER {
+                continue;
+            }
+            owed.last_sent = now;
+            if let Phase::Decided { outcome, unacked } = owed.machine.phase() {
+                let decision = common::protocol::coordinator::decision_of(*outcome);
+                for shard in unacked {
+                    sends.push((*shard, Msg::Decide { epoch, id: *id, decision }));
+                }
+            }
+        }
+        for (shard, msg) in sends {
+            self.stats.redeliveries += 1;
+            self.send(Node::Coordinator, Node::Participant(shard), msg);
+        }
+    }
+
+    /// `Engine::answer_queries`: never abort what may still commit; log a presumed abort before saying it.
+    fn answer_queries(&mut self, shard: ShardId, life: u64, qid: u64, items: Vec<DecisionQueryItem>) {
+        let c = &mut self.coordinator;
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            let logged = c.memory.get(&item.id).map(|r| r.outcome);
+            let answer = match plan_query_answer(c.inflight.contains_key(&item.id), logged) {
+                QueryPlan::Answer(answer) => answer,
+                QueryPlan::LogAbortThenAnswer => {
+                    self.stats.presumed_aborts += 1;
+                    let record = LogRecord {
+                        transfer: item.transfer,
+                        outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted),
+                        shards: Vec::new(),
+                        unacked_marker: false,
+                    };
+                    c.memory.insert(item.id, record.clone());
+                    c.unflushed.push(LogWrite::Put(item.id, record));
+                    QueryAnswer::Abort
+                }
+            };
+            answers.push(answer);
+        }
+        c.after_flush.push(AfterLogFlush::AnswerQuery { shard, life, qid, answers });
+        self.schedule_flush(Node::Coordinator);
+    }
+
+    fn coordinator_flush(&mut self) -> Check {
+        self.coordinator.flush_scheduled = false;
+        if self.healed_at.is_none() && self.rng.chance(self.faults.crash_at_flush) {
+            self.note(|| "C crashes instead of flushing".into());
+            return self.crash_and_schedule_restart(Node::Coordinator);
+        }
+        let writes = std::mem::take(&mut self.coordinator.unflushed);
+        for write in writes {
+            self.make_durable(write)?;
+        }
+        if self.healed_at.is_none() && self.rng.chance(self.faults.crash_at_flush) {
+            self.note(|| "C crashes after flushing, before answering".into());
+            return self.crash_and_schedule_restart(Node::Coordinator);
+        }
+        let after = std::mem::take(&mut self.coordinator.after_flush);
+        for action in after {
+            match action {
+                AfterLogFlush::DecisionLogged(id) => self.decision_logged(id)?,
+                AfterLogFlush::AnswerClient { id, answer } => {
+                    self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
+                }
+                AfterLogFlush::AnswerQuery { shard, life, qid, answers } => {
+                    self.send(Node::Coordinator, Node::Participant(shard), Msg::Answers { life, qid, answers });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One log write reaches the disk. A durable outcome never changes; a durable commit is money in flight
+    /// until every shard has applied it (even one a torn flush made durable that nobody has heard of yet).
+    fn make_durable(&mut self, write: LogWrite) -> Check {
+        if let LogWrite::Put(id, record) = &write {
+            if let Some(known) = self.durable_outcomes.insert(*id, record.outcome) {
+                if known != record.outcome {
+                    return Err(format!("the durable outcome of {id} changed from {known:?} to {:?}", record.outcome));
+                }
+            }
+            if record.outcome == Outcome::Committed {
+                self.committed.insert(*id, record.transfer.clone());
+            }
+        }
+        apply_log_write(&mut self.coordinator.durable, write);
+        Ok(())
+    }
+
+    /// The decision is durable: answer the clients, then send it to every shard that may hold the transfer.
+    fn decision_logged(&mut self, id: TransferId) -> Check {
+        let c = &mut self.coordinator;
+        let mut run = c.inflight.remove(&id).ok_or_else(|| format!("decision for {id} logged with no run"))?;
+        let outcome = match run.machine.phase() {
+            Phase::Logging { outcome, .. } => *outcome,
+            other => return Err(format!("decision for {id} logged in phase {other:?}")),
+        };
+        let (decision, targets) = run.machine.on_decision_logged();
+        match outcome {
+            Outcome::Committed => self.stats.committed += 1,
+            Outcome::Aborted(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
+            Outcome::Aborted(_) => self.stats.aborted_refused += 1,
+        }
+        let epoch = c.epoch;
+        if !targets.is_empty() {
+            c.owed.insert(id, Owed { machine: run.machine, last_sent: self.now });
+        }
+        for shard in targets {
+            self.send(Node::Coordinator, Node::Participant(shard), Msg::Decide { epoch, id, decision });
+        }
+        for _ in 0..run.waiters {
+            self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Final(outcome) });
+        }
+        Ok(())
+    }
+
+    fn crash_and_schedule_restart(&mut self, node: Node) -> Check {
+        self.crash(node)?;
+        let back = self.now + self.rng.range(10, 2_000);
+        self.schedule(back, Event::Restart(node));
+        Ok(())
+    }
+
+    fn schedule_flush(&mut self, node: Node) {
+        let (scheduled, life) = match node {
+            Node::Coordinator => (&mut self.coordinator.flush_scheduled, self.coordinator.epoch),
+            Node::Participant(s) => {
+                let p = &mut self.participants[s as usize];
+                (&mut p.flush_scheduled, p.life)
+            }
+            Node::Client => unreachable!("clients have no disk"),
+        };
+        if !*scheduled {
+            *scheduled = true;
+            // Most flushes take milliseconds; now and then an fsync stalls, and replies wait behind it.
+            let took = if self.rng.chance(0.1) { self.rng.range(20, 300) } else { self.rng.range(1, 10) };
+            self.schedule(self.now + took, Event::Flush { node, life });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // The participants, as `participant/src/server.rs` and `participant/src/resolver.rs`.
+
+    fn participant_receive(&mut self, s: ShardId, msg: Msg) -> Check {
+        let now = self.now;
+        let p = &mut self.participants[s as usize];
+        let life = p.life;
+        let Some(machine) = p.machine.as_mut() else {
+            if let Msg::Prepare { epoch, item } = &msg {
+                if self.rng.chance(0.5) {
+                    let refused = Msg::PrepareRefused { epoch: *epoch, shard: s, id: item.id };
+                    self.send(Node::Participant(s), Node::Coordinator, refused);
+                }
+            }
+            return Ok(());
+        };
+        match msg {
+            Msg::Prepare { epoch, item } => {
+                let mut writes = Vec::new();
+                let vote = machine.prepare(&item, now, &mut writes);
+                machine.check_invariants();
+                // Always wait for the flush: a repeated Prepare may answer YES for a write not yet on disk.
+                let reply = Msg::Vote { epoch, shard: s, id: item.id, vote };
+                let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
+                self.persist(s, writes, AfterParticipantFlush::Reply(to))
+            }
+            Msg::Decide { epoch, id, decision } => {
+                let mut writes = Vec::new();
+                let ack = machine.decide(id, decision, &mut writes);
+                machine.check_invariants();
+                let reply = Msg::Ack { epoch, shard: s, id, ack };
+                let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
+                self.persist(s, writes, AfterParticipantFlush::Reply(to))
+            }
+            Msg::Answers { life: l, qid, answers } => {
+                if l != life || p.resolver.waiting != Some(qid) {
+                    return Ok(()); // a reply to an earlier life or an abandoned query
+                }
+                p.resolver.waiting = None;
+                let asked = std::mem::take(&mut p.resolver.asked);
+                if asked.len() != answers.len() {
+                    return Err(format!("{} answers for {} questions", answers.len(), asked.len()));
+                }
+                let mut writes = Vec::new();
+                for (id, answer) in asked.into_iter().zip(answers) {
+                    let decision = match answer {
+                        QueryAnswer::Commit => Decision::Commit,
+                        QueryAnswer::Abort => Decision::Abort,
+                        QueryAnswer::Pending => continue,
+                    };
+                    self.stats.in_doubt_resolved += 1;
+                    let ack = machine.decide(id, decision, &mut writes);
+                    if ack == DecideAck::Refused {
+                        return Err(format!("P{s} refused the coordinator's answer {decision:?} for {id}"));
+                    }
+                }
+                machine.check_invariants();
+                self.persist(s, writes, AfterParticipantFlush::ResolverRoundDone)
+            }
+            Msg::QueryRefused { life: l, qid } => {
+                self.resolver_failed(s, l, qid);
+                Ok(())
+            }
+            other => Err(format!("P{s} got a message it never receives: {other:?}")),
+        }
+    }
+
+    /// Applies a call's writes to memory (as `persist` does) and queues what to do once they are flushed.
+    fn persist(&mut self, s: ShardId, writes: Vec<Write>, then: AfterParticipantFlush) -> Check {
+        for write in &writes {
+            if let Write::Finished(id, decision) = write {
+                self.record_applied(s, *id, *decision)?;
+            }
+        }
+        let p = &mut self.participants[s as usize];
+        p.memory.apply(&writes).map_err(|e| format!("P{s} in memory: {e}"))?;
+        if !writes.is_empty() {
+            p.unflushed.push(writes);
+        }
+        p.after_flush.push(then);
+        self.schedule_flush(Node::Participant(s));
+        Ok(())
+    }
+
+    /// A shard finished a transfer: the decision must be the coordinator's durable one, the same everywhere.
+    fn record_applied(&mut self, s: ShardId, id: TransferId, decision: Decision) -> Check {
+        let durable = self.durable_outcomes.get(&id).copied();
+        let expected = durable.map(common::protocol::coordinator::decision_of);
+        if expected != Some(decision) {
+            return Err(format!(
+                "P{s} applied {decision:?} to {id}, but the coordinator's durable outcome is {durable:?}"
+            ));
+        }
+        if let Some(other) = self.applied.insert(id, decision) {
+            if other != decision {
+                return Err(format!("{id} was {other:?} on one shard and {decision:?} on P{s}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn participant_flush(&mut self, s: ShardId) -> Check {
+        self.participants[s as usize].flush_scheduled = false;
+        if self.healed_at.is_none() && self.rng.chance(self.faults.crash_at_flush) {
+            self.note(|| format!("P{s} crashes instead of flushing"));
+            return self.crash_and_schedule_restart(Node::Participant(s));
+        }
+        let p = &mut self.participants[s as usize];
+        for batch in p.unflushed.drain(..) {
+            p.disk.apply(&batch).map_err(|e| format!("P{s} on disk: {e}"))?;
+        }
+        let machine = p.machine.as_ref().expect("only a running participant flushes");
+        compare_with_shadow(machine, &p.memory)?;
+        p.disk.check_books(s, &self.opening, "on disk")?;
+        if self.healed_at.is_none() && self.rng.chance(self.faults.crash_at_flush) {
+            self.note(|| format!("P{s} crashes after flushing, before answering"));
+            return self.crash_and_schedule_restart(Node::Participant(s));
+        }
+        let after = std::mem::take(&mut self.participants[s as usize].after_flush);
+        for action in after {
+            match action {
+                AfterParticipantFlush::Reply(env) => self.send(env.from, env.to, env.msg),
+                AfterParticipantFlush::ResolverRoundDone => {
+                    let p = &mut self.participants[s as usize];
+                    p.resolver.backoff = BACKOFF_MIN;
+                    p.resolver.age_min = IN_DOUBT_AFTER;
+                    let life = p.life;
+                    self.schedule(self.now + RESOLVER_SCAN, Event::ResolverTick { shard: s, life });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of `resolver::run`: ask about the transfers in doubt, or sleep if there are none.
+    fn resolver_scan(&mut self, s: ShardId) {
+        let now = self.now;
+        let p = &mut self.participants[s as usize];
+        let machine = p.machine.as_ref().expect("checked by the caller");
+        let mut in_doubt = machine.in_doubt(now, p.resolver.age_min);
+        in_doubt.sort_by_key(|(id, _)| *id); // the machine's map has no stable order; the simulation must
+        in_doubt.truncate(QUERY_ITEMS_MAX);
+        let life = p.life;
+        if in_doubt.is_empty() {
+            p.resolver.backoff = BACKOFF_MIN;
+            p.resolver.age_min = IN_DOUBT_AFTER;
+            self.schedule(now + RESOLVER_SCAN, Event::ResolverTick { shard: s, life });
+            return;
+        }
+        let qid = p.resolver.next_qid;
+        p.resolver.next_qid += 1;
+        p.resolver.waiting = Some(qid);
+        let items: Vec<DecisionQueryItem> =
+            in_doubt.into_iter().map(|(id, prepared)| DecisionQueryItem { id, transfer: prepared.transfer }).collect();
+        p.resolver.asked = items.iter().map(|i| i.id).collect();
+        self.send(Node::Participant(s), Node::Coordinator, Msg::Query { shard: s, life, qid, items });
+        self.schedule(now + QUERY_TIMEOUT, Event::QueryTimeout { shard: s, life, qid });
+    }
+
+    fn resolver_failed(&mut self, s: ShardId, life: u64, qid: u64) {
+        let p = &mut self.participants[s as usize];
+        if p.machine.is_none() || p.life != life || p.resolver.waiting != Some(qid) {
+            return;
+        }
+        p.resolver.waiting = None;
+        let delay = p.resolver.backoff;
+        p.resolver.backoff = (p.resolver.backoff * 2).min(BACKOFF_MAX);
+        self.schedule(self.now + delay, Event::ResolverTick { shard: s, life });
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // Clients.
+
+    fn client_receive(&mut self, msg: Msg) -> Check {
+        let Msg::Answer { id, answer } = msg else {
+            return Err(format!("a client got a message it never receives: {msg:?}"));
+        };
+        if let ClientAnswer::Final(outcome) = answer {
+            let durable = self.durable_outcomes.get(&id).copied();
+            if durable != Some(outcome) {
+                return Err(format!("a client heard {outcome:?} for {id}, but the durable outcome is {durable:?}"));
+            }
+        } else if !self.reused_ids {
+            return Err(format!("a client that never reuses ids was told {id} conflicts"));
+        }
+        for intent in self.intents.iter_mut().filter(|i| i.id == id) {
+            match (intent.answer, answer) {
+                (Some(ClientAnswer::Final(a)), ClientAnswer::Final(b)) if a != b => {
+                    return Err(format!("a client heard {a:?} and then {b:?} for {id}"));
+                }
+                (None, _) | (Some(ClientAnswer::Conflict), ClientAnswer::Final(_)) => intent.answer = Some(answer),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // The oracle.
+
+    /// After every event: the changed node's books, and money across the cluster, in memory and on disk.
+    fn check_step(&mut self, touched: Option<Node>) -> Check {
+        if let Some(Node::Participant(s)) = touched {
+            let p = &self.participants[s as usize];
+            if let Some(machine) = &p.machine {
+                machine.check_invariants();
+                p.memory.check_books(s, &self.opening, "in memory")?;
+            }
+        }
+        self.check_conservation(false)?;
+        self.check_conservation(true)
+    }
+
+    /// Sum of balances plus what committed transfers have yet to move equals the opening total. `on_disk` looks
+    /// at the durable records only: the state a crash of every node right now would leave.
+    fn check_conservation(&self, on_disk: bool) -> Check {
+        let mut total: i64 = 0;
+        for p in &self.participants {
+            let records = if on_disk || p.machine.is_none() { &p.disk } else { &p.memory };
+            total += records.accounts.values().map(|a| a.balance).sum::<i64>();
+            for (id, transfer) in &self.committed {
+                if records.finished.get(id) != Some(&Decision::Commit) {
+                    total += transfer.postings_for(p.shard, self.shard_count).iter().map(|x| x.delta).sum::<i64>();
+                }
+            }
+        }
+        if total != self.opening_total {
+            let view = if on_disk { "on disk" } else { "in memory" };
+            return Err(format!(
+                "money is not conserved {view}: balances plus committed transfers in flight add up to {total}, \
+                 the opening total was {}",
+                self.opening_total
+            ));
+        }
+        Ok(())
+    }
+
+    fn quiescent(&self) -> bool {
+        let c = &self.coordinator;
+        self.messages_in_flight == 0
+            && c.up
+            && c.inflight.is_empty()
+            && c.owed.is_empty()
+            && c.after_flush.is_empty()
+            && self.intents.iter().all(|i| i.answer.is_some())
+            && self.participants.iter().all(|p| {
+                p.machine.as_ref().is_some_and(|m| m.prepared().next().is_none())
+                    && p.unflushed.is_empty()
+                    && p.after_flush.is_empty()
+            })
+    }
+
+    /// Healed and quiet: every transfer decided everywhere, no hold left, money exactly where the outcomes say.
+    fn check_final(&self) -> Check {
+        let mut expected = self.opening.clone();
+        let mut decided: BTreeMap<TransferId, Outcome> = BTreeMap::new();
+        for intent in &self.intents {
+            let answer = intent.answer.ok_or_else(|| format!("transfer {} was never answered", intent.id))?;
+            let record = self.coordinator.durable.get(&intent.id).ok_or_else(|| {
+                format!("transfer {} was answered but the coordinator has no durable record", intent.id)
+            })?;
+            match answer {
+                ClientAnswer::Final(outcome) if outcome != record.outcome => {
+                    return Err(format!(
+                        "transfer {}: the client heard {outcome:?}, the log says {:?}",
+                        intent.id, record.outcome
+                    ));
+                }
+                ClientAnswer::Conflict if record.transfer == intent.transfer => {
+                    return Err(format!("transfer {}: a conflict was reported for the logged body", intent.id));
+                }
+                _ => {}
+            }
+            decided.insert(intent.id, record.outcome);
+        }
+        for (id, outcome) in &decided {
+            let record = &self.coordinator.durable[id];
+            for s in record.transfer.shards(self.shard_count) {
+                let p = &self.participants[s as usize];
+                let here = p.disk.finished.get(id).copied();
+                match outcome {
+                    Outcome::Committed if here != Some(Decision::Commit) => {
+                        return Err(format!("{id} committed, but P{s} has {here:?}"));
+                    }
+                    Outcome::Aborted(_) if here == Some(Decision::Commit) => {
+                        return Err(format!("{id} aborted, but P{s} committed it"));
+                    }
+                    _ => {}
+                }
+            }
+            if *outcome == Outcome::Committed {
+                for s in 0..self.shard_count {
+                    for posting in record.transfer.postings_for(s, self.shard_count) {
+                        *expected
+                            .get_mut(&posting.account)
+                            .ok_or_else(|| format!("{id} committed on a missing account"))? += posting.delta;
+                    }
+                }
+            }
+        }
+        for p in &self.participants {
+            let machine = p.machine.as_ref().expect("quiescent means every node is up");
+            compare_with_shadow(machine, &p.disk)?;
+            p.disk.restore(p.shard)?;
+            p.disk.check_books(p.shard, &self.opening, "at the end")?;
+            for (id, decision) in &p.disk.finished {
+                if *decision == Decision::Commit && !decided.contains_key(id) {
+                    return Err(format!("P{} committed {id}, which no client asked for", p.shard));
+                }
+            }
+            for (account, record) in &p.disk.accounts {
+                if record.held != 0 || record.incoming != 0 {
+                    return Err(format!("P{}: {account} still holds {record:?}", p.shard));
+                }
+                if record.balance != expected[account] {
+                    return Err(format!(
+                        "P{}: {account} ends at {}, the committed transfers give {}",
+                        p.shard, record.balance, expected[account]
+                    ));
+                }
+            }
+        }
+        let total: i64 = self.participants.iter().flat_map(|p| p.disk.accounts.values()).map(|a| a.balance).sum();
+        if total != self.opening_total {
+            return Err(format!("the books end at {total}, they opened at {}", self.opening_total));
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> String {
+        let c = &self.coordinator;
+        let unanswered = self.intents.iter().filter(|i| i.answer.is_none()).count();
+        let prepared: Vec<usize> =
+            self.participants.iter().map(|p| p.machine.as_ref().map_or(usize::MAX, |m| m.prepared().count())).collect();
+        format!(
+            "coordinator up={} inflight={} owed={}; unanswered clients={unanswered}; prepared per shard={prepared:?}; \
+             messages in flight={}",
+            c.up,
+            c.inflight.len(),
+            c.owed.len(),
+            self.messages_in_flight
+        )
+    }
+}
+
+fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: LogWrite) {
+    match write {
+        LogWrite::Put(id, record) => {
+            log.insert(id, record);
+        }
+        LogWrite::End(id) => {
+            if let Some(record) = log.get_mut(&id) {
+                record.unacked_marker = false;
+            }
+        }
+    }
+}
+
+/// The writes a machine returned must describe exactly the state it holds: what a restart would rebuild.
+fn compare_with_shadow(machine: &ParticipantMachine, shadow: &Records) -> Check {
+    let s = machine.shard();
+    if machine.accounts().count() != shadow.accounts.len()
+        || machine.accounts().any(|(id, r)| shadow.accounts.get(id) != Some(r))
+    {
+        return Err(format!("P{s}: the accounts in memory differ from what the writes recorded"));
+    }
+    if machine.prepared().count() != shadow.prepared.len()
+        || machine.prepared().any(|(id, r)| shadow.prepared.get(id) != Some(r))
+    {
+        return Err(format!("P{s}: the prepared transfers in memory differ from what the writes recorded"));
+    }
+    if machine.finished().count() != shadow.finished.len()
+        || machine.finished().any(|(id, d)| shadow.finished.get(id) != Some(d))
+    {
+        return Err(format!("P{s}: the finished transfers in memory differ from what the writes recorded"));
+    }
+    Ok(())
+}
+
+fn node_code(node: Node) -> u64 {
+    match node {
+        Node::Client => 0,
+        Node::Coordinator => 1,
+        Node::Participant(s) => 2 + u64::from(s),
+    }
+}
+
+fn discriminant(msg: &Msg) -> u64 {
+    match msg {
+        Msg::Submit { .. } => 1,
+        Msg::Answer { .. } => 2,
+        Msg::Prepare { .. } => 3,
+        Msg::PrepareRefused { .. } => 4,
+        Msg::Vote { .. } => 5,
+        Msg::Decide { .. } => 6,
+        Msg::Ack { .. } => 7,
+        Msg::Query { .. } => 8,
+        Msg::QueryRefused { .. } => 9,
+        Msg::Answers { .. } => 10,
+    }
+}
+
+fn account(name: &str) -> AccountId {
+    AccountId::new(name).expect("simulated account names are valid")
+}
+
+fn shard(account: &AccountId, shard_count: u32) -> ShardId {
+    common::ledger::shard_of(account, shard_count)
+}
+
+/// A failed seed: what broke, when (virtual ms), and the trace if it was recorded.
+#[derive(Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub at: u64,
+    pub error: String,
+    pub trace: Vec<String>,
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic".into()
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let raw = std::env::var(name).ok()?;
+    Some(raw.trim().parse().unwrap_or_else(|_| panic!("{name} must be a whole number, not {raw:?}")))
+}
+
+fn reused_ids_from_env() -> bool {
+    std::env::var("SIM_REUSED_IDS").is_ok_and(|v| v == "1")
+}
+
+fn replay_hint(seed: u64, reused_ids: bool) -> String {
+    let extra = if reused_ids { "SIM_REUSED_IDS=1 " } else { "" };
+    format!("{extra}SIM_SEED={seed} cargo test -p common --test protocol -- sim:: --nocapture")
+}
+
+/// Runs `seeds` on every core; returns the summed counters and the failures, lowest seed first.
+fn run_many(seeds: std::ops::Range<u64>, reused_ids: bool) -> (Stats, Vec<Failure>) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8) as u64;
+    let (mut stats, mut failures) = (Stats::default(), Vec::new());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let seeds = seeds.clone();
+                scope.spawn(move || {
+                    let (mut stats, mut failures) = (Stats::default(), Vec::new());
+                    for seed in seeds.filter(|s| s % threads == t) {
+                        match Cluster::new(seed, reused_ids, false).run() {
+                            Ok(report) => stats.add(&report.stats),
+                            Err(failure) => failures.push(failure),
+                        }
+                    }
+                    (stats, failures)
+                })
+            })
+            .collect();
+        for worker in workers {
+            let (s, f) = worker.join().expect("a simulation worker panicked outside a seed");
+            stats.add(&s);
+            failures.extend(f);
+        }
+    });
+    failures.sort_by_key(|f| f.seed);
+    (stats, failures)
+}
+
+/// Replays one seed with its trace, prints the trace, and panics with the failure if there is one.
+fn replay(seed: u64, reused_ids: bool) {
+    eprintln!("replaying seed {seed}{}", if reused_ids { " with reused ids" } else { "" });
+    match Cluster::new(seed, reused_ids, true).run() {
+        Ok(report) => eprintln!("seed {seed} passed at t={} ms: {:?}", report.end_time, report.stats),
+        Err(failure) => {
+            for line in &failure.trace {
+                eprintln!("{line}");
+            }
+            panic!("seed {seed} failed at t={} ms: {}", failure.at, failure.error);
+        }
+    }
+}
+
+fn explain(failure: &Failure, reused_ids: bool) -> String {
+    // The run is deterministic: the same seed again, with its trace on, fails the same way.
+    let traced = Cluster::new(failure.seed, reused_ids, true).run().err();
+    let tail = traced.as_ref().map_or(Vec::new(), |f| {
+        let from = f.trace.len().saturating_sub(60);
+        f.trace[from..].to_vec()
+    });
+    format!(
+        "seed {} failed at t={} ms: {}\nlast events of its trace:\n{}\nreplay it with: {}",
+        failure.seed,
+        failure.at,
+        failure.error,
+        tail.join("\n"),
+        replay_hint(failure.seed, reused_ids)
+    )
+}
+
+#[test]
+fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
+    let reused_ids = reused_ids_from_env();
+    if let Some(seed) = env_u64("SIM_SEED") {
+        replay(seed, reused_ids);
+        return;
+    }
+    let count = env_u64("SIM_SEEDS").unwrap_or(3_000);
+    let started = Instant::now();
+    let (stats, failures) = run_many(0..count, reused_ids);
+    eprintln!("simulated {count} seeds in {:.1?}: {stats:?}", started.elapsed());
+    if let Some(first) = failures.first() {
+        let seeds: Vec<u64> = failures.iter().map(|f| f.seed).take(20).collect();
+        panic!("{} of {count} seeds failed (first ones: {seeds:?})\n{}", failures.len(), explain(first, reused_ids));
+    }
+    // A simulator that quietly stopped exercising something would pass for the wrong reason.
+    if count >= 500 {
+        let exercised = [
+            ("commits", stats.committed),
+            ("refusals", stats.aborted_refused),
+            ("aborts for an unavailable shard", stats.aborted_unavailable),
+            ("presumed aborts", stats.presumed_aborts),
+            ("coordinator crashes", stats.coordinator_crashes),
+            ("participant crashes", stats.participant_crashes),
+            ("torn flushes", stats.torn_crashes),
+            ("in-doubt resolutions", stats.in_doubt_resolved),
+            ("commits recovered from the log", stats.recovered_commits),
+            ("re-deliveries", stats.redeliveries),
+            ("duplicate submissions", stats.duplicate_submissions),
+            ("dropped messages", stats.dropped),
+        ];
+        for (what, n) in exercised {
+            assert!(n > 0, "{count} seeds never produced any {what}: the simulation is not testing them");
+        }
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [0, 1, 42, 977] {
+        let first = Cluster::new(seed, false, false).run().map_err(|f| explain(&f, false));
+        let second = Cluster::new(seed, false, true).run().map_err(|f| explain(&f, false));
+        let (first, second) = (first.expect("seed passes"), second.expect("seed passes"));
+        assert_eq!(first.digest, second.digest, "seed {seed} took a different path on replay");
+        assert_eq!(first.end_time, second.end_time, "seed {seed} ended at a different time on replay");
+        assert_eq!(first.stats.events, second.stats.events, "seed {seed} processed a different number of events");
+    }
+    let a = Cluster::new(5, false, false).run().expect("seed 5 passes");
+    let b = Cluster::new(6, false, false).run().expect("seed 6 passes");
+    assert_ne!(a.digest, b.digest, "different seeds should take different paths");
+}
