@@ -112,6 +112,11 @@ pub struct AccountView {
     pub shard: ShardId,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccountList {
+    pub accounts: Vec<AccountView>,
+}
+
 /// A participant in doubt asks the coordinator what became of these transfers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DecisionQuery {
@@ -152,6 +157,8 @@ pub const HEADER_CLUSTER_TOKEN: &str = "x-ledger-cluster-token";
 pub const HEADER_CLUSTER_ID: &str = "x-ledger-cluster-id";
 
 pub const PATH_AUDIT: &str = "/internal/audit";
+/// GET: a page of the shard's accounts in id order (`?limit=N&after=<id>`).
+pub const PATH_ACCOUNT_LIST: &str = "/internal/account_list";
 pub const PATH_COMMIT_SEQS: &str = "/internal/commit_seqs";
 
 /// One shard's books at one instant (taken under its state lock), for the coordinator's audit.

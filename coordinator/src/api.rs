@@ -117,6 +117,7 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
     let client = Router::new()
         .route("/metrics", get(move || async move { common::telemetry::render_metrics(&metrics_handle) }))
         .route("/stats", get(stats))
+        .route("/accounts", get(list_accounts))
         .route("/accounts/{id}", get(get_account))
         .route("/accounts/{id}/entries", get(get_entries))
         .route("/audit", get(audit))
@@ -132,6 +133,7 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .layer(middleware::from_fn_with_state(config.cluster_token.clone(), common::http::require_cluster_token))
         .layer(DefaultBodyLimit::max(QUERY_BODY_BYTES_MAX));
     Router::new()
+        .route("/", get(console))
         .route("/health", get(health))
         .merge(client)
         .merge(internal)
@@ -139,6 +141,22 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .method_not_allowed_fallback(common::http::method_not_allowed)
         .layer(middleware::from_fn_with_state(config.request_timeout, common::http::time_limit))
         .with_state(state)
+}
+
+/// The live console: a static page that polls the API (so it needs no token itself; its calls carry one).
+async fn console() -> Response {
+    const PAGE: &str = include_str!("console.html");
+    const POLICY: &str =
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'";
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, POLICY),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
 }
 
 /// With API tokens configured, finds the caller of a bearer token (401 without a valid one) and passes it on.
@@ -289,6 +307,47 @@ async fn get_entries(
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListAccountsQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// Every shard's accounts merged in id order, a page at a time (`next` is the cursor of the next page).
+async fn list_accounts(
+    State(state): State<AppState>,
+    query: Result<Query<ListAccountsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
+    let limit = list_limit(query.limit)?;
+    let after = query.after.map(|a| account_id("after", a)).transpose()?;
+    let pages = state.engine.participants.iter().enumerate().map(|(shard, client)| {
+        let mut request = client
+            .http()
+            .get(format!("{}{}", client.url, wire::PATH_ACCOUNT_LIST))
+            .query(&[("limit", limit + 1)]) // one more than asked for tells whether another page exists
+            .timeout(state.call_timeout);
+        if let Some(after) = &after {
+            request = request.query(&[("after", after.as_str())]);
+        }
+        async move {
+            let unavailable = |_| ApiError::ParticipantUnavailable(shard as u32);
+            let reply = request.send().await.map_err(unavailable)?.error_for_status().map_err(unavailable)?;
+            reply.json::<wire::AccountList>().await.map_err(unavailable)
+        }
+    });
+    let mut accounts: Vec<wire::AccountView> = Vec::new();
+    for page in futures::future::join_all(pages).await {
+        accounts.extend(page?.accounts);
+    }
+    accounts.sort_unstable_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    let more = accounts.len() > limit;
+    accounts.truncate(limit);
+    let next = if more { accounts.last().map(|a| a.id.clone()) } else { None };
+    Ok(Json(json!({"accounts": accounts, "next": next})))
+}
+
 async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     match crate::audit::run(&state.engine).await {
         Ok(report) => Ok(Json(report)),
@@ -366,7 +425,7 @@ const LIST_LIMIT_DEFAULT: usize = 50;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListTransfersQuery {
-    account: String,
+    account: Option<String>,
     limit: Option<usize>,
 }
 
@@ -395,11 +454,15 @@ async fn list_transfers(
     query: Result<Query<ListTransfersQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
-    let account = account_id("account", query.account)?;
+    let account = query.account.map(|a| account_id("account", a)).transpose()?;
     let limit = list_limit(query.limit)?;
-    let transfers = state.engine.transfers_of(&account, limit)?;
+    let transfers = state.engine.transfers_of(account.as_ref(), limit)?;
     let list: Vec<Value> = transfers.iter().map(|(id, t, o)| transfer_json(*id, t, *o)).collect();
-    Ok(Json(json!({"account": account, "transfers": list})))
+    let mut body = json!({"transfers": list});
+    if let Some(account) = account {
+        body["account"] = json!(account);
+    }
+    Ok(Json(body))
 }
 
 async fn get_transfer(

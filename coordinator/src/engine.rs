@@ -453,18 +453,24 @@ impl Engine {
     }
 
     /// The newest transfers touching `account`: those still being decided here, then the log's, newest first.
+    /// The transfers in flight and then the newest decided ones, of one account or (`None`) of the whole ledger.
     pub fn transfers_of(
         &self,
-        account: &common::ledger::AccountId,
+        account: Option<&common::ledger::AccountId>,
         limit: usize,
     ) -> Result<Vec<(TransferId, Transfer, Option<Outcome>)>, EngineError> {
+        let touches = |t: &Transfer| account.is_none_or(|a| t.from == *a || t.to == *a);
         let mut out: Vec<(TransferId, Transfer, Option<Outcome>)> = lock(&self.inflight)
             .iter()
-            .filter(|(_, f)| f.transfer.from == *account || f.transfer.to == *account)
+            .filter(|(_, f)| touches(&f.transfer))
             .map(|(id, f)| (*id, f.transfer.clone(), None))
             .take(limit)
             .collect();
-        let logged = self.wal.by_account(account, limit - out.len())?;
+        let rest = limit - out.len();
+        let logged = match account {
+            Some(account) => self.wal.by_account(account, rest)?,
+            None => self.wal.recent(rest)?,
+        };
         out.extend(logged.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
         Ok(out)
     }

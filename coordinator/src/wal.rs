@@ -16,6 +16,8 @@ const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 const MADE_BY: u8 = b'n';
 /// Prefix of the per-account index: account id, a zero byte, decision time, transfer id.
 const BY_ACCOUNT: u8 = b'x';
+/// Prefix of the ledger-wide index by decision time: decision time, transfer id.
+const BY_TIME: u8 = b'r';
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -125,6 +127,11 @@ impl Wal {
             k.extend_from_slice(id.as_bytes());
             batch.insert(k, &[][..]);
         }
+        let mut k = Vec::with_capacity(25);
+        k.push(BY_TIME);
+        k.extend_from_slice(&record.decided_at_unix_ms.to_be_bytes());
+        k.extend_from_slice(id.as_bytes());
+        batch.insert(k, &[][..]);
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
         }
@@ -140,9 +147,18 @@ impl Wal {
 
     /// The newest `limit` decided transfers touching `account`, newest first.
     pub fn by_account(&self, account: &AccountId, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
-        let prefix = account_prefix(account);
+        self.newest(&account_prefix(account), limit)
+    }
+
+    /// The newest `limit` decided transfers of the whole ledger, newest first.
+    pub fn recent(&self, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
+        self.newest(&[BY_TIME], limit)
+    }
+
+    /// Walks an index whose keys end in decision time and transfer id, newest first.
+    fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
         let mut out = Vec::new();
-        for entry in self.store.db.scan_prefix(&prefix).rev().take(limit) {
+        for entry in self.store.db.scan_prefix(prefix).rev().take(limit) {
             let (k, _) = entry?;
             let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
             if let Some(record) = self.get(&id)? {

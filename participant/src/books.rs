@@ -11,7 +11,8 @@ use axum::Json;
 use common::http::{error_response, now_unix_ms, JsonBody};
 use common::ledger::AccountId;
 use common::wire::{
-    CommitSeqsReply, CommitSeqsRequest, DecideAck, Decision, DecisionQueryItem, HeuristicView, QueryAnswer, ShardAudit,
+    AccountList, AccountView, CommitSeqsReply, CommitSeqsRequest, DecideAck, Decision, DecisionQueryItem,
+    HeuristicView, QueryAnswer, ShardAudit,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,6 +21,8 @@ use std::sync::Arc;
 /// Longest page of journal entries.
 const ENTRIES_LIMIT_MAX: usize = 1_000;
 const ENTRIES_LIMIT_DEFAULT: usize = 50;
+/// Longest page of accounts (the coordinator asks each shard for one more than its own longest page).
+const ACCOUNTS_LIMIT_MAX: usize = 10_000;
 /// Ids per commit-sequence lookup: bounds one audit request.
 const COMMIT_SEQ_IDS_MAX: usize = 100_000;
 
@@ -60,6 +63,44 @@ pub async fn entries(
     entries.truncate(limit);
     let next = if more { entries.last().map(|e| e.seq) } else { None };
     Ok(Json(json!({"account": id, "entries": entries, "next": next})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsQuery {
+    limit: Option<usize>,
+    /// The cursor: return accounts whose id sorts after this one.
+    after: Option<String>,
+}
+
+/// This shard's accounts in id order, a page at a time.
+pub async fn accounts(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<AccountsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AccountList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = query.limit.unwrap_or(ENTRIES_LIMIT_DEFAULT);
+    if !(1..=ACCOUNTS_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::Invalid(format!("limit must be from 1 to {ACCOUNTS_LIMIT_MAX}")));
+    }
+    let after = query.after.unwrap_or_default();
+    let mut accounts: Vec<AccountView> = {
+        let machine = node.machine();
+        machine
+            .accounts()
+            .filter(|(id, _)| id.as_str() > after.as_str())
+            .map(|(id, r)| AccountView {
+                id: id.clone(),
+                balance: r.balance,
+                held: r.held,
+                available: r.available(),
+                shard: node.shard,
+            })
+            .collect()
+    };
+    accounts.sort_unstable_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    accounts.truncate(limit);
+    Ok(Json(AccountList { accounts }))
 }
 
 #[derive(Deserialize)]

@@ -85,6 +85,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
         .route(wire::PATH_APPLIED, get(applied))
         .route(&format!("{}/{{id}}/entries", wire::PATH_ACCOUNTS), get(books::entries))
+        .route(wire::PATH_ACCOUNT_LIST, get(books::accounts))
         .route(wire::PATH_AUDIT, get(books::audit))
         .route(wire::PATH_COMMIT_SEQS, post(books::commit_seqs))
         .route("/internal/in_doubt", get(books::in_doubt))

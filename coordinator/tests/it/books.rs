@@ -209,3 +209,56 @@ async fn forcing_is_refused_while_the_coordinator_answers() {
     c.settle(&[&alice, &bob], Duration::from_secs(20)).await;
     assert_eq!(c.balance(&alice).await, 500);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accounts_of_every_shard_and_the_latest_transfers_are_listed_in_pages() {
+    let c = Cluster::start().await;
+    let (a, b) = cross_shard_pair("list");
+    let others: Vec<String> = (0..5).map(|i| format!("list-z{i}")).collect();
+    c.create_account(&a, 100).await;
+    c.create_account(&b, 0).await;
+    for id in &others {
+        c.create_account(id, 7).await;
+    }
+    let mut all: Vec<String> = [a.clone(), b.clone()].into_iter().chain(others.clone()).collect();
+    all.sort();
+
+    // Pages of three, merged across shards in id order, until the cursor runs out.
+    let mut seen = Vec::new();
+    let mut shards = std::collections::BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = cursor.as_ref().map_or(String::new(), |after| format!("&after={after}"));
+        let (status, page) = c.get(&format!("/accounts?limit=3{query}")).await;
+        assert_eq!(status, 200, "{page}");
+        let accounts = page["accounts"].as_array().expect("list");
+        assert!(accounts.len() <= 3);
+        for account in accounts {
+            seen.push(account["id"].as_str().expect("id").to_owned());
+            shards.insert(account["shard"].as_u64().expect("shard"));
+            assert_eq!(account["available"], account["balance"]);
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all, "every account once, in id order");
+    assert_eq!(shards.len(), 2, "both shards listed");
+    assert_eq!(c.get("/accounts?limit=0").await.0, 400);
+    assert_eq!(c.get("/accounts?after=not%20an%20id").await.0, 400);
+
+    let mut ids = Vec::new();
+    for amount in [10, 20, 30] {
+        let (status, body) = c.post("/transfers", json!({"from": a, "to": b, "amount": amount})).await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["id"].clone());
+        // The index orders by decision time in milliseconds; within one millisecond the order is arbitrary.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let (status, recent) = c.get("/transfers?limit=2").await;
+    assert_eq!(status, 200, "{recent}");
+    let listed: Vec<Value> = recent["transfers"].as_array().expect("list").iter().map(|t| t["id"].clone()).collect();
+    assert_eq!(listed, vec![ids[2].clone(), ids[1].clone()], "the newest first, across the ledger");
+    assert!(recent.get("account").is_none());
+}

@@ -2,6 +2,7 @@
 
 mod api;
 mod books;
+mod console;
 mod crash;
 mod fuzz;
 mod harness;

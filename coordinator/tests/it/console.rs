@@ -1,0 +1,187 @@
+//! The live console in headless Chromium. The page stays open while a participant dies and comes back and while
+//! a transfer in doubt resolves; the test reads what the page shows through the DevTools protocol.
+//! Set `LEDGER_CONSOLE_SCREENSHOT=<file.png>` to keep a screenshot of the page at the end.
+
+use crate::harness::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long the page may take to show a change (it refreshes every second).
+const SHOW_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A headless Chromium with one page open, driven over the DevTools protocol.
+struct Browser {
+    child: Child,
+    socket: Socket,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn open(url: &str) -> Browser {
+        let program = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        let profile = tempfile::tempdir().expect("profile dir");
+        // The flags keep Chromium from reaching out to the network at start-up (this machine has none).
+        let mut child = Command::new(&program)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1300,1000",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install Debian's chromium (scripts/deps.sh)"));
+        // Chromium prints its DevTools address on stderr; keep draining stderr so it never blocks.
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(address) = line.strip_prefix("DevTools listening on ") {
+                    let _ = tx.send(address.to_owned());
+                }
+            }
+        });
+        let browser_ws = rx.recv_timeout(Duration::from_secs(30)).expect("Chromium printed its DevTools address");
+        let port = browser_ws.trim_start_matches("ws://").split(['/', ':']).nth(1).expect("port").to_owned();
+        let page_ws = loop {
+            let pages: Value = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
+                .await
+                .expect("DevTools answers")
+                .json()
+                .await
+                .expect("JSON");
+            let page = pages.as_array().into_iter().flatten().find(|p| p["type"] == "page" && p["url"] == url);
+            if let Some(ws) = page.and_then(|p| p["webSocketDebuggerUrl"].as_str()) {
+                break ws.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (socket, _) = tokio_tungstenite::connect_async(page_ws.as_str()).await.expect("DevTools socket");
+        Browser { child, socket, next_id: 0, _profile: profile }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let request = json!({"id": id, "method": method, "params": params}).to_string();
+        self.socket.send(Message::text(request)).await.expect("send to DevTools");
+        while let Some(message) = self.socket.next().await {
+            if let Message::Text(text) = message.expect("DevTools message") {
+                let reply: Value = serde_json::from_str(&text).expect("JSON from DevTools");
+                if reply["id"] == id {
+                    assert!(reply.get("error").is_none(), "{method} failed: {reply}");
+                    return reply["result"].clone();
+                }
+            }
+        }
+        panic!("DevTools closed the socket");
+    }
+
+    /// Evaluates a JavaScript expression in the page and returns its value.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true})).await;
+        result["result"]["value"].clone()
+    }
+
+    /// Waits until `expression` is true in the page; panics with `what` and the page's text otherwise.
+    async fn wait_until(&mut self, what: &str, expression: &str) {
+        let deadline = Instant::now() + SHOW_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.eval(expression).await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let text = self.eval("document.body.innerText").await;
+        panic!("the console never showed {what} within {SHOW_TIMEOUT:?}; it shows:\n{}", text.as_str().unwrap_or(""));
+    }
+
+    async fn screenshot(&mut self, path: &str) {
+        use base64::Engine;
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"})).await;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().expect("data")).expect("PNG");
+        std::fs::write(path, png).expect("write screenshot");
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn shard_is(shard: usize, up: bool) -> String {
+    format!("document.querySelector('#shards tr[data-shard=\"{shard}\"]')?.dataset.up === '{up}'")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolve() {
+    let mut c = Cluster::start().await;
+    let (alice, bob) = cross_shard_pair("console");
+    c.create_account(&alice, 1_000).await;
+    c.create_account(&bob, 0).await;
+    let bob_shard = c.account(&bob).await["shard"].as_u64().expect("shard") as usize;
+    let bob_node = format!("p{bob_shard}");
+
+    let mut page = Browser::open(&c.api("/")).await;
+    page.wait_until("both shards up", &format!("{} && {}", shard_is(0, true), shard_is(1, true))).await;
+    page.wait_until(
+        "the accounts",
+        &format!("document.querySelector('#accounts tr[data-account=\"{alice}\"]')?.dataset.balance === '1000'"),
+    )
+    .await;
+    page.wait_until("the audit's verdict", "document.querySelector('#audit [data-ok]')?.dataset.ok === 'true'").await;
+
+    c.node(&bob_node).kill();
+    page.wait_until("the shard down", &shard_is(bob_shard, false)).await;
+    // Back up, but armed to die as soon as it hears a decision: the next transfer stays in doubt.
+    c.restart(&bob_node, Some(common::crash::PARTICIPANT_DECIDE_RECEIVED)).await;
+    page.wait_until("the shard back up", &shard_is(bob_shard, true)).await;
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let (status, body) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 40, "id": id})).await;
+    assert_eq!(status, 200, "the decision is logged before the shard dies: {body}");
+    assert!(c.node(&bob_node).wait_for_death(Duration::from_secs(10)), "the armed shard dies on the decision");
+    let row = format!("document.querySelector('#in-doubt tr[data-in-doubt=\"{id}\"]')");
+    page.wait_until("the transfer in doubt", &format!("{row} !== null")).await;
+    page.wait_until(
+        "the transfer committed in the latest transfers",
+        &format!("document.querySelector('#transfers tr[data-transfer=\"{id}\"]')?.dataset.status === 'committed'"),
+    )
+    .await;
+
+    c.restart(&bob_node, None).await;
+    page.wait_until("the doubt resolved", &format!("{row} === null")).await;
+    page.wait_until(
+        "the resolution in the list of changes",
+        &format!("document.getElementById('events').innerText.includes('{id} resolved')"),
+    )
+    .await;
+    page.wait_until(
+        "bob credited",
+        &format!("document.querySelector('#accounts tr[data-account=\"{bob}\"]')?.dataset.balance === '40'"),
+    )
+    .await;
+    page.wait_until("the books balanced", "document.querySelector('#audit [data-ok]')?.dataset.ok === 'true'").await;
+    if let Ok(path) = std::env::var("LEDGER_CONSOLE_SCREENSHOT") {
+        page.screenshot(&path).await;
+    }
+}
