@@ -152,6 +152,14 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
 
     c.node(&bob_node).kill();
     page.wait_until("the shard down", &shard_is(bob_shard, false)).await;
+    page.wait_until(
+        "the last accounts seen, marked stale while a shard is down",
+        &format!(
+            "document.querySelector('#accounts p.stale') !== null && \
+             document.querySelector('#accounts tr[data-account=\"{alice}\"]') !== null"
+        ),
+    )
+    .await;
     // Back up, but armed to die as soon as it hears a decision: the next transfer stays in doubt.
     c.restart(&bob_node, Some(common::crash::PARTICIPANT_DECIDE_RECEIVED)).await;
     page.wait_until("the shard back up", &shard_is(bob_shard, true)).await;
@@ -181,6 +189,7 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
     )
     .await;
     page.wait_until("the books balanced", "document.querySelector('#audit [data-ok]')?.dataset.ok === 'true'").await;
+    assert_eq!(page.eval("document.querySelector('#accounts p.stale') === null").await, json!(true), "fresh again");
     if let Ok(path) = std::env::var("LEDGER_CONSOLE_SCREENSHOT") {
         page.screenshot(&path).await;
     }
