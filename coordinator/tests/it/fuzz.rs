@@ -30,8 +30,13 @@ fn path(rng: &mut Rng, accounts: &[String]) -> String {
         2 => junk(rng, 80),
         _ => "x".repeat(rng.below(300) as usize),
     };
-    match rng.below(12) {
+    match rng.below(17) {
         0 => "/accounts".into(),
+        12 => format!("/accounts?{}", junk(rng, 30)),
+        13 => format!("/accounts/{id}/entries?{}", junk(rng, 30)),
+        14 => "/audit".into(),
+        15 => "/".into(),
+        16 => format!("/internal/{}", pick(rng, &["account_list", "audit", "in_doubt", "commit_seqs"])),
         1 => format!("/accounts/{id}"),
         2 => "/transfers".into(),
         3 => format!("/transfers/{id}"),
@@ -174,7 +179,9 @@ async fn fuzzed_requests_never_crash_or_5xx_and_move_only_accepted_money() {
             let Ok(reply) = req.send().await else { continue };
             let status = reply.status().as_u16();
             let text = reply.text().await.unwrap_or_default();
-            if status == 200 && method == "POST" && url.ends_with("/transfers") {
+            // By path: a query or fragment after /transfers still reaches the transfer handler.
+            let to_transfers = reqwest::Url::parse(&url).is_ok_and(|u| u.path() == "/transfers");
+            if status == 200 && method == "POST" && to_transfers {
                 let v: Value = serde_json::from_str(&text).expect("a committed transfer answers JSON");
                 if v["status"] == "committed" && committed_ids.insert(v["id"].to_string()) {
                     let amount = v["amount"].as_i64().expect("amount");
