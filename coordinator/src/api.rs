@@ -251,6 +251,13 @@ async fn create_account(
     }
 }
 
+/// GETs `path` (and query) from the participant owning `shard`; a shard that does not answer is a 503.
+async fn shard_get(state: &AppState, shard: ShardId, path: String) -> Result<reqwest::Response, ApiError> {
+    let client = &state.engine.participants[shard as usize];
+    let request = client.http().get(format!("{}{path}", client.url)).timeout(state.call_timeout);
+    request.send().await.map_err(|_| ApiError::ParticipantUnavailable(shard))
+}
+
 async fn get_account(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -258,14 +265,7 @@ async fn get_account(
     let Path(raw) = path?;
     let id = account_id("account id", raw)?;
     let shard = shard_of(&id, state.engine.config.shard_count);
-    let client = &state.engine.participants[shard as usize];
-    let reply = client
-        .http()
-        .get(format!("{}{}/{}", client.url, wire::PATH_ACCOUNTS, id))
-        .timeout(state.call_timeout)
-        .send()
-        .await
-        .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    let reply = shard_get(&state, shard, format!("{}/{id}", wire::PATH_ACCOUNTS)).await?;
     match reply.status() {
         StatusCode::OK => reply.json().await.map(Json).map_err(|_| ApiError::ParticipantUnavailable(shard)),
         StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
@@ -282,19 +282,12 @@ async fn get_entries(
     let Path(raw) = path?;
     let id = account_id("account id", raw)?;
     let shard = shard_of(&id, state.engine.config.shard_count);
-    let client = &state.engine.participants[shard as usize];
-    let mut url = format!("{}{}/{}/entries", client.url, wire::PATH_ACCOUNTS, id);
+    let mut path = format!("{}/{id}/entries", wire::PATH_ACCOUNTS);
     if let Some(q) = query {
-        url.push('?');
-        url.push_str(&q);
+        path.push('?');
+        path.push_str(&q);
     }
-    let reply = client
-        .http()
-        .get(url)
-        .timeout(state.call_timeout)
-        .send()
-        .await
-        .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
+    let reply = shard_get(&state, shard, path).await?;
     let status = reply.status();
     let body: Value = reply.json().await.map_err(|_| ApiError::ParticipantUnavailable(shard))?;
     match status {
@@ -322,18 +315,16 @@ async fn list_accounts(
     let Query(query) = query?;
     let limit = list_limit(query.limit)?;
     let after = query.after.map(|a| account_id("after", a)).transpose()?;
-    let pages = state.engine.participants.iter().enumerate().map(|(shard, client)| {
-        let mut request = client
-            .http()
-            .get(format!("{}{}", client.url, wire::PATH_ACCOUNT_LIST))
-            .query(&[("limit", limit + 1)]) // one more than asked for tells whether another page exists
-            .timeout(state.call_timeout);
-        if let Some(after) = &after {
-            request = request.query(&[("after", after.as_str())]);
-        }
+    // One more than asked for tells whether another page exists. Account ids need no escaping in a URL.
+    let mut path = format!("{}?limit={}", wire::PATH_ACCOUNT_LIST, limit + 1);
+    if let Some(after) = &after {
+        path.push_str(&format!("&after={after}"));
+    }
+    let pages = (0..state.engine.config.shard_count).map(|shard| {
+        let (state, path) = (&state, path.clone());
         async move {
-            let unavailable = |_| ApiError::ParticipantUnavailable(shard as u32);
-            let reply = request.send().await.map_err(unavailable)?.error_for_status().map_err(unavailable)?;
+            let unavailable = |_| ApiError::ParticipantUnavailable(shard);
+            let reply = shard_get(state, shard, path).await?.error_for_status().map_err(unavailable)?;
             reply.json::<wire::AccountList>().await.map_err(unavailable)
         }
     });

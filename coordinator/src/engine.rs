@@ -452,7 +452,6 @@ impl Engine {
         Ok(self.wal.get(id)?.map(|r| (r.transfer, Some(r.outcome))))
     }
 
-    /// The newest transfers touching `account`: those still being decided here, then the log's, newest first.
     /// The transfers in flight and then the newest decided ones, of one account or (`None`) of the whole ledger.
     pub fn transfers_of(
         &self,

@@ -56,6 +56,13 @@ fn account_prefix(account: &AccountId) -> Vec<u8> {
     k
 }
 
+/// A key of an index by decision time: the index's prefix, the decision time, the transfer id.
+fn time_key(mut prefix: Vec<u8>, decided_at_unix_ms: u64, id: &TransferId) -> Vec<u8> {
+    prefix.extend_from_slice(&decided_at_unix_ms.to_be_bytes());
+    prefix.extend_from_slice(id.as_bytes());
+    prefix
+}
+
 fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = prefix;
@@ -121,17 +128,11 @@ impl Wal {
         if let Some(name) = made_by {
             batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
         }
+        let at = record.decided_at_unix_ms;
         for account in [&record.transfer.from, &record.transfer.to] {
-            let mut k = account_prefix(account);
-            k.extend_from_slice(&record.decided_at_unix_ms.to_be_bytes());
-            k.extend_from_slice(id.as_bytes());
-            batch.insert(k, &[][..]);
+            batch.insert(time_key(account_prefix(account), at, id), &[][..]);
         }
-        let mut k = Vec::with_capacity(25);
-        k.push(BY_TIME);
-        k.extend_from_slice(&record.decided_at_unix_ms.to_be_bytes());
-        k.extend_from_slice(id.as_bytes());
-        batch.insert(k, &[][..]);
+        batch.insert(time_key(vec![BY_TIME], at, id), &[][..]);
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
         }

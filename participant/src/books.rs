@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 /// Longest page of journal entries.
 const ENTRIES_LIMIT_MAX: usize = 1_000;
-const ENTRIES_LIMIT_DEFAULT: usize = 50;
+/// Page length when the query gives none.
+const PAGE_LIMIT_DEFAULT: usize = 50;
 /// Longest page of accounts (the coordinator asks each shard for one more than its own longest page).
 const ACCOUNTS_LIMIT_MAX: usize = 10_000;
 /// Ids per commit-sequence lookup: bounds one audit request.
@@ -43,6 +44,14 @@ pub struct EntriesQuery {
     after: Option<u64>,
 }
 
+/// A page length from the query: `PAGE_LIMIT_DEFAULT` when absent, else 1 to `max`.
+fn page_limit(requested: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    match requested.unwrap_or(PAGE_LIMIT_DEFAULT) {
+        n if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::Invalid(format!("limit must be from 1 to {max}"))),
+    }
+}
+
 pub async fn entries(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
@@ -50,10 +59,7 @@ pub async fn entries(
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let limit = query.limit.unwrap_or(ENTRIES_LIMIT_DEFAULT);
-    if !(1..=ENTRIES_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::Invalid(format!("limit must be from 1 to {ENTRIES_LIMIT_MAX}")));
-    }
+    let limit = page_limit(query.limit, ENTRIES_LIMIT_MAX)?;
     if node.machine().account(&id).is_none() {
         return Err(ApiError::AccountNotFound);
     }
@@ -79,27 +85,27 @@ pub async fn accounts(
     query: Result<Query<AccountsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AccountList>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    let limit = query.limit.unwrap_or(ENTRIES_LIMIT_DEFAULT);
-    if !(1..=ACCOUNTS_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::Invalid(format!("limit must be from 1 to {ACCOUNTS_LIMIT_MAX}")));
-    }
+    let limit = page_limit(query.limit, ACCOUNTS_LIMIT_MAX)?;
     let after = query.after.unwrap_or_default();
-    let mut accounts: Vec<AccountView> = {
-        let machine = node.machine();
-        machine
-            .accounts()
-            .filter(|(id, _)| id.as_str() > after.as_str())
-            .map(|(id, r)| AccountView {
-                id: id.clone(),
-                balance: r.balance,
-                held: r.held,
-                available: r.available(),
-                shard: node.shard,
-            })
-            .collect()
-    };
-    accounts.sort_unstable_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
-    accounts.truncate(limit);
+    let state = node.machine();
+    // Under the lock only references are moved: the first `limit` ids are selected, then sorted and cloned.
+    let by_id = |a: &(&AccountId, _), b: &(&AccountId, _)| a.0.as_str().cmp(b.0.as_str());
+    let mut page: Vec<_> = state.accounts().filter(|(id, _)| id.as_str() > after.as_str()).collect();
+    if page.len() > limit {
+        page.select_nth_unstable_by(limit, by_id);
+        page.truncate(limit);
+    }
+    page.sort_unstable_by(by_id);
+    let accounts = page
+        .into_iter()
+        .map(|(id, r)| AccountView {
+            id: id.clone(),
+            balance: r.balance,
+            held: r.held,
+            available: r.available(),
+            shard: node.shard,
+        })
+        .collect();
     Ok(Json(AccountList { accounts }))
 }
 

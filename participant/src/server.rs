@@ -314,12 +314,15 @@ fn journal_decision(
     now: u64,
     extra: &mut journal::Inserts,
 ) {
+    // The token name kept since Prepare, if any: its key is removed only when it exists, so a cluster
+    // without API tokens logs no removal per decision.
+    let submitter = storage::actor(&node.store, &id).ok().flatten();
+    if submitter.is_some() {
+        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
+    }
     let kind = match (operator, decision) {
         (None, wire::Decision::Commit) => journal::EntryKind::Posting,
-        (None, wire::Decision::Abort) => {
-            extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
-            return;
-        }
+        (None, wire::Decision::Abort) => return,
         (Some(_), wire::Decision::Commit) => journal::EntryKind::HeuristicCommit,
         (Some(_), wire::Decision::Abort) => journal::EntryKind::HeuristicAbort,
     };
@@ -331,12 +334,7 @@ fn journal_decision(
             (p.account.clone(), amount, after)
         })
         .collect();
-    let actor = match operator {
-        Some(op) => Some(op.to_owned()),
-        None => storage::actor(&node.store, &id).ok().flatten(),
-    };
-    state.journal.applied(id, kind, &lines, actor.as_deref(), now, extra);
-    extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
+    state.journal.applied(id, kind, &lines, operator.or(submitter.as_deref()), now, extra);
     if let Some(operator) = operator {
         let record = journal::HeuristicRecord { decision, operator: operator.to_owned(), at_unix_ms: now };
         extra.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));
