@@ -6,9 +6,9 @@
 pub mod auth;
 pub mod crash;
 pub mod http;
-pub mod ledger;
-pub mod protocol;
+pub use protocol::ledger;
 pub mod records;
 pub mod store;
 pub mod telemetry;
 pub mod wire;
+

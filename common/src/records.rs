@@ -2,9 +2,9 @@
 //! reader can tell a record it understands from one a newer binary wrote; `migrations` moves stores between
 //! layouts. Keys are built here too, so the layout is described in one place.
 
-use crate::ledger::{AccountId, Posting, ShardId, Transfer, TransferId};
-use crate::wire::Decision;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use crate::ledger::{AccountId, TransferId};
+pub use protocol::state::*;
+use serde::{de::DeserializeOwned, Serialize};
 
 /// Layout version written in front of every record value.
 pub const RECORD_VERSION: u8 = 1;
@@ -33,76 +33,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
         Some((&RECORD_VERSION, body)) => Ok(bincode::deserialize(body)?),
         Some((&found, _)) => Err(RecordError::Version { found }),
     }
-}
-
-/// Participant: one account's money. `held` is reserved by prepared debits; `incoming` is promised to prepared
-/// credits, so a commit can never overflow the balance.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccountRecord {
-    pub balance: i64,
-    pub held: i64,
-    pub incoming: i64,
-}
-
-impl AccountRecord {
-    pub fn available(&self) -> i64 {
-        self.balance - self.held
-    }
-}
-
-/// Participant: a transfer this shard voted YES on and has not yet seen decided.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreparedRecord {
-    pub transfer: Transfer,
-    pub postings: Vec<Posting>,
-    pub coordinator_url: String,
-    pub prepared_at_unix_ms: u64,
-}
-
-/// Participant: a transfer that is over here, kept forever so a late Prepare or decision is recognised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FinishedRecord {
-    pub decision: Decision,
-}
-
-/// Why a transfer was aborted, as the client is told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum AbortReason {
-    InsufficientFunds,
-    AccountNotFound,
-    BalanceOverflow,
-    ParticipantUnavailable,
-    /// The coordinator restarted while this transfer was being prepared; presumed abort made it final.
-    CoordinatorRestarted,
-}
-
-impl AbortReason {
-    pub fn code(self) -> &'static str {
-        match self {
-            AbortReason::InsufficientFunds => "insufficient_funds",
-            AbortReason::AccountNotFound => "account_not_found",
-            AbortReason::BalanceOverflow => "balance_overflow",
-            AbortReason::ParticipantUnavailable => "participant_unavailable",
-            AbortReason::CoordinatorRestarted => "coordinator_restarted",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Outcome {
-    Committed,
-    Aborted(AbortReason),
-}
-
-/// Coordinator: the decision for one transfer. Kept forever: it answers idempotent retries and participants'
-/// decision queries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransferRecord {
-    pub transfer: Transfer,
-    pub outcome: Outcome,
-    /// The shards the transfer touches, which a commit must reach.
-    pub shards: Vec<ShardId>,
-    pub decided_at_unix_ms: u64,
 }
 
 /// Participant keys: one tree, prefixed, so that one atomic batch can touch accounts and transfers together.

@@ -1,7 +1,8 @@
 //! Messages between the coordinator and the participants (JSON over HTTP). Every call carries a batch, so one
 //! round trip serves many transfers; the answers come back in the order of the items.
 
-use crate::ledger::{AccountId, Posting, ShardId, Transfer, TransferId};
+use crate::ledger::{AccountId, ShardId, TransferId};
+pub use protocol::msg::*;
 use serde::{Deserialize, Serialize};
 
 /// Internal routes, shared so the two sides cannot drift apart.
@@ -19,18 +20,6 @@ pub struct Join {
     pub shard: ShardId,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareItem {
-    pub id: TransferId,
-    /// The whole transfer as the client asked for it (the coordinator's view), kept with the prepared record
-    /// so a recovering participant can describe the transfer when it asks for the decision.
-    pub transfer: Transfer,
-    /// This shard's part of the transfer.
-    pub postings: Vec<Posting>,
-    /// Where to ask for the decision if this participant is left in doubt.
-    pub coordinator_url: String,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PrepareBatch {
     pub items: Vec<PrepareItem>,
@@ -39,35 +28,9 @@ pub struct PrepareBatch {
     pub actors: Vec<Option<String>>,
 }
 
-/// Why a participant refused to prepare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalReason {
-    AccountNotFound,
-    InsufficientFunds,
-    /// The credit would push a balance past i64::MAX.
-    BalanceOverflow,
-    /// The transfer id was already aborted here (a late or repeated Prepare).
-    AlreadyAborted,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "vote", content = "reason", rename_all = "snake_case")]
-pub enum Vote {
-    Yes,
-    No(RefusalReason),
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PrepareReply {
     pub votes: Vec<Vote>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Decision {
-    Commit,
-    Abort,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -79,16 +42,6 @@ pub struct DecideItem {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DecideBatch {
     pub items: Vec<DecideItem>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecideAck {
-    /// The decision is applied and flushed (or was already).
-    Done,
-    /// Commit for a transfer this participant never prepared, or a decision contradicting an earlier one: a
-    /// protocol violation, reported rather than applied.
-    Refused,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,21 +75,6 @@ pub struct AccountList {
 pub struct DecisionQuery {
     pub shard: ShardId,
     pub items: Vec<DecisionQueryItem>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DecisionQueryItem {
-    pub id: TransferId,
-    pub transfer: Transfer,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QueryAnswer {
-    Commit,
-    Abort,
-    /// The coordinator is still deciding; ask again later.
-    Pending,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

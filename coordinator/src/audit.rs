@@ -12,7 +12,7 @@
 
 use crate::engine::{metric, Engine};
 use common::ledger::{ShardId, Transfer, TransferId};
-use common::protocol::coordinator::decision_of;
+use protocol::coordinator::decision_of;
 use common::records::Outcome;
 use common::wire::{self, CommitSeqsReply, CommitSeqsRequest, ShardAudit};
 use serde_json::{json, Value};

@@ -8,7 +8,7 @@ use crate::wal::{Wal, WalError};
 use common::crash;
 use common::http::now_unix_ms;
 use common::ledger::{ShardId, Transfer, TransferId};
-use common::protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
 use common::records::{AbortReason, Outcome, TransferRecord};
 use common::wire::{DecideAck, DecideItem, Decision, DecisionQueryItem, PrepareItem, QueryAnswer};
 use futures::future::join_all;

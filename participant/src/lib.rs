@@ -11,7 +11,7 @@ pub mod storage;
 
 use common::auth::{AuthConfigError, ClusterToken};
 use common::ledger::ShardId;
-use common::protocol::participant::ParticipantMachine;
+use protocol::participant::ParticipantMachine;
 use common::store::{Durability, Store, StoreError};
 use std::future::Future;
 use std::path::PathBuf;

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use common::crash;
 use common::http::{error_response, now_unix_ms, JsonBody};
 use common::ledger::AccountId;
-use common::protocol::participant::{CreateError, Write};
+use protocol::participant::{CreateError, Write};
 use common::store::StoreError;
 use common::wire::{
     self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply, Join, PrepareBatch,

@@ -3,7 +3,7 @@
 
 use crate::journal::{self, HeuristicRecord, JournalEntry, JournalState};
 use common::ledger::{AccountId, ShardId, TransferId};
-use common::protocol::participant::{ParticipantMachine, RestoreError, Write};
+use protocol::participant::{ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::store::{Store, StoreError};
 use std::collections::HashMap;

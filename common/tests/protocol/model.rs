@@ -22,8 +22,8 @@
 //! contents written record by record (here a flush copies the machine's state), torn flushes, timing.
 
 use common::ledger::{AccountId, Amount, ShardId, Transfer, TransferId};
-use common::protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
-use common::protocol::participant::{ParticipantMachine, Write};
+use protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use protocol::participant::{ParticipantMachine, Write};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord};
 use common::wire::{DecideAck, Decision, PrepareItem, QueryAnswer, RefusalReason, Vote};
 use stateright::{Checker, Model, Property};

@@ -38,8 +38,8 @@
 //! meant to refuse), which the default run leaves out: see `reused_ids` below.
 
 use common::ledger::{AccountId, Amount, Posting, ShardId, Transfer, TransferId};
-use common::protocol::coordinator::{plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
-use common::protocol::participant::{ParticipantMachine, Write};
+use protocol::coordinator::{plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use protocol::participant::{ParticipantMachine, Write};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
 use std::cmp::Reverse;
@@ -1107,7 +1107,7 @@ impl Cluster {
             }
             owed.last_sent = now;
             if let Phase::Decided { outcome, unacked } = owed.machine.phase() {
-                let decision = common::protocol::coordinator::decision_of(*outcome);
+                let decision = protocol::coordinator::decision_of(*outcome);
                 for shard in unacked {
                     sends.push((*shard, Msg::Decide { epoch, id: *id, decision }));
                 }
@@ -1330,7 +1330,7 @@ impl Cluster {
     /// A shard finished a transfer: the decision must be the coordinator's durable one, the same everywhere.
     fn record_applied(&mut self, s: ShardId, id: TransferId, decision: Decision) -> Check {
         let durable = self.durable_outcomes.get(&id).copied();
-        let expected = durable.map(common::protocol::coordinator::decision_of);
+        let expected = durable.map(protocol::coordinator::decision_of);
         if expected != Some(decision) {
             return Err(format!(
                 "P{s} applied {decision:?} to {id}, but the coordinator's durable outcome is {durable:?}"

@@ -8,8 +8,8 @@
 //! - a transfer id is prepared, or finished, or unknown: never two of these; a finished id never changes.
 
 use crate::ledger::{AccountId, ShardId, TransferId};
-use crate::records::{AccountRecord, PreparedRecord};
-use crate::wire::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
+use crate::state::{AccountRecord, PreparedRecord};
+use crate::msg::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
 use std::collections::HashMap;
 
 /// A change the caller must persist.

@@ -6,8 +6,8 @@
 //! a decision is sent only after the shell reports it durable ([`TransferMachine::on_decision_logged`]).
 
 use crate::ledger::{ShardId, Transfer, TransferId};
-use crate::records::{AbortReason, Outcome};
-use crate::wire::{Decision, QueryAnswer, RefusalReason, Vote};
+use crate::state::{AbortReason, Outcome};
+use crate::msg::{Decision, QueryAnswer, RefusalReason, Vote};
 use std::collections::BTreeSet;
 
 /// What one shard said to Prepare.

@@ -1,0 +1,67 @@
+//! The protocol's messages: what a coordinator and a participant say to each other, whatever carries it.
+
+use crate::ledger::{Posting, Transfer, TransferId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareItem {
+    pub id: TransferId,
+    /// The whole transfer as the client asked for it (the coordinator's view), kept with the prepared record
+    /// so a recovering participant can describe the transfer when it asks for the decision.
+    pub transfer: Transfer,
+    /// This shard's part of the transfer.
+    pub postings: Vec<Posting>,
+    /// Where to ask for the decision if this participant is left in doubt.
+    pub coordinator_url: String,
+}
+
+/// Why a participant refused to prepare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    AccountNotFound,
+    InsufficientFunds,
+    /// The credit would push a balance past i64::MAX.
+    BalanceOverflow,
+    /// The transfer id was already aborted here (a late or repeated Prepare).
+    AlreadyAborted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "vote", content = "reason", rename_all = "snake_case")]
+pub enum Vote {
+    Yes,
+    No(RefusalReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecideAck {
+    /// The decision is applied and flushed (or was already).
+    Done,
+    /// Commit for a transfer this participant never prepared, or a decision contradicting an earlier one: a
+    /// protocol violation, reported rather than applied.
+    Refused,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecisionQueryItem {
+    pub id: TransferId,
+    pub transfer: Transfer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryAnswer {
+    Commit,
+    Abort,
+    /// The coordinator is still deciding; ask again later.
+    Pending,
+}

@@ -1,0 +1,77 @@
+//! The protocol's durable state, as plain types: what a participant keeps per account and per prepared or
+//! finished transfer, and what the coordinator keeps per decision. `common::records` owns how they are laid
+//! out on disk.
+
+use crate::ledger::{Posting, ShardId, Transfer};
+use crate::msg::Decision;
+use serde::{Deserialize, Serialize};
+
+/// Participant: one account's money. `held` is reserved by prepared debits; `incoming` is promised to prepared
+/// credits, so a commit can never overflow the balance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    pub balance: i64,
+    pub held: i64,
+    pub incoming: i64,
+}
+
+impl AccountRecord {
+    pub fn available(&self) -> i64 {
+        self.balance - self.held
+    }
+}
+
+/// Participant: a transfer this shard voted YES on and has not yet seen decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedRecord {
+    pub transfer: Transfer,
+    pub postings: Vec<Posting>,
+    pub coordinator_url: String,
+    pub prepared_at_unix_ms: u64,
+}
+
+/// Participant: a transfer that is over here, kept forever so a late Prepare or decision is recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedRecord {
+    pub decision: Decision,
+}
+
+/// Why a transfer was aborted, as the client is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AbortReason {
+    InsufficientFunds,
+    AccountNotFound,
+    BalanceOverflow,
+    ParticipantUnavailable,
+    /// The coordinator restarted while this transfer was being prepared; presumed abort made it final.
+    CoordinatorRestarted,
+}
+
+impl AbortReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            AbortReason::InsufficientFunds => "insufficient_funds",
+            AbortReason::AccountNotFound => "account_not_found",
+            AbortReason::BalanceOverflow => "balance_overflow",
+            AbortReason::ParticipantUnavailable => "participant_unavailable",
+            AbortReason::CoordinatorRestarted => "coordinator_restarted",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Committed,
+    Aborted(AbortReason),
+}
+
+/// Coordinator: the decision for one transfer. Kept forever: it answers idempotent retries and participants'
+/// decision queries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub transfer: Transfer,
+    pub outcome: Outcome,
+    /// The shards the transfer touches, which a commit must reach.
+    pub shards: Vec<ShardId>,
+    pub decided_at_unix_ms: u64,
+}
