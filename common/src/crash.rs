@@ -17,6 +17,10 @@ pub const COORDINATOR_VOTES_RECEIVED: &str = "coordinator.votes.received";
 pub const COORDINATOR_DECISION_LOGGED: &str = "coordinator.decision.logged";
 pub const COORDINATOR_COMMIT_SENT: &str = "coordinator.commit.sent";
 pub const COORDINATOR_BEFORE_END: &str = "coordinator.before_end";
+/// A frame to a participant has been written to the stream, before anything else happens.
+pub const COORDINATOR_FRAME_SENT: &str = "coordinator.frame.sent";
+/// A frame from the coordinator has been read and decoded, before any of it is applied.
+pub const PARTICIPANT_FRAME_RECEIVED: &str = "participant.frame.received";
 
 /// Every crash point, so tests and `--help` can list them.
 pub const ALL: &[&str] = &[
@@ -31,6 +35,8 @@ pub const ALL: &[&str] = &[
     COORDINATOR_DECISION_LOGGED,
     COORDINATOR_COMMIT_SENT,
     COORDINATOR_BEFORE_END,
+    COORDINATOR_FRAME_SENT,
+    PARTICIPANT_FRAME_RECEIVED,
 ];
 
 fn armed() -> &'static [String] {

@@ -9,6 +9,7 @@ pub mod http;
 pub use protocol::ledger;
 pub mod records;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 pub mod wire;
 

@@ -82,7 +82,7 @@ impl From<EngineError> for ApiError {
             EngineError::IdempotencyConflict => ApiError::IdempotencyConflict,
             EngineError::Overloaded => ApiError::Overloaded,
             EngineError::Wal(e) => ApiError::Storage(e.to_string()),
-            EngineError::TaskLost => ApiError::Storage(e.to_string()),
+            EngineError::CoreGone => ApiError::Storage(e.to_string()),
         }
     }
 }
@@ -265,11 +265,12 @@ async fn get_account(
     let Path(raw) = path?;
     let id = account_id("account id", raw)?;
     let shard = shard_of(&id, state.engine.config.shard_count);
-    let reply = shard_get(&state, shard, format!("{}/{id}", wire::PATH_ACCOUNTS)).await?;
-    match reply.status() {
-        StatusCode::OK => reply.json().await.map(Json).map_err(|_| ApiError::ParticipantUnavailable(shard)),
-        StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
-        _ => Err(ApiError::ParticipantUnavailable(shard)),
+    // Through the shard's stream, behind every decision already sent there: a client reads its own writes.
+    let record = state.engine.read(shard, id.clone(), state.call_timeout).await;
+    match record {
+        Ok(Some(r)) => Ok(Json(AccountView { id, balance: r.balance, held: r.held, available: r.available(), shard })),
+        Ok(None) => Err(ApiError::AccountNotFound),
+        Err(()) => Err(ApiError::ParticipantUnavailable(shard)),
     }
 }
 
@@ -368,6 +369,7 @@ async fn create_transfer(
     let made_by = caller.map(|Extension(c)| c.name);
     let started = std::time::Instant::now();
     let fin = state.engine.submit(id, transfer, made_by).await?;
+    tracing::debug!(transfer_id = %id, outcome = ?fin.outcome, "transfer answered");
     metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(started.elapsed());
     Ok(outcome_response(id, &fin))
 }
@@ -447,7 +449,7 @@ async fn list_transfers(
     let Query(query) = query?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
     let limit = list_limit(query.limit)?;
-    let transfers = state.engine.transfers_of(account.as_ref(), limit)?;
+    let transfers = state.engine.transfers_of(account.as_ref(), limit).await?;
     let list: Vec<Value> = transfers.iter().map(|(id, t, o)| transfer_json(*id, t, *o)).collect();
     let mut body = json!({"transfers": list});
     if let Some(account) = account {
@@ -462,7 +464,7 @@ async fn get_transfer(
 ) -> Result<Json<Value>, ApiError> {
     let Path(raw) = path?;
     let id = Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))?;
-    let (transfer, outcome) = state.engine.status(&id)?.ok_or(ApiError::TransferNotFound)?;
+    let (transfer, outcome) = state.engine.status(&id).await?.ok_or(ApiError::TransferNotFound)?;
     let mut body = transfer_json(id, &transfer, outcome);
     if let Some(name) = state.engine.wal.made_by(&id).map_err(|e| ApiError::Storage(e.to_string()))? {
         body["made_by"] = json!(name);
@@ -481,7 +483,7 @@ async fn transactions(
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
     match query.status.as_deref() {
-        Some("in_doubt") => Ok(Json(json!({"transactions": state.engine.in_doubt()}))),
+        Some("in_doubt") => Ok(Json(json!({"transactions": state.engine.in_doubt().await}))),
         _ => Err(ApiError::Invalid("status must be given and be in_doubt".into())),
     }
 }
@@ -509,7 +511,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         "fsyncs": s.fsyncs.load(Relaxed),
         "flush_waiters": s.waiters.load(Relaxed),
         "flush_micros": s.flush_micros.load(Relaxed),
-        "in_doubt": state.engine.in_doubt().len(),
+        "in_doubt": state.engine.in_doubt().await.len(),
     }))
 }
 

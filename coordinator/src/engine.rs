@@ -1,22 +1,25 @@
-//! The coordinator's shell around the protocol machine: runs one transfer's prepare round, forces the decision
-//! to the log, delivers it, and keeps re-delivering decisions until every shard has acknowledged them (after a
-//! restart too). It also answers participants' decision queries. Each transfer runs in its own task, so a client
-//! that hangs up cannot cut a transfer short half way.
+//! The coordinator's shell around [`CoordinatorCore`]: one task owns the core and is the only one to touch it.
+//! HTTP handlers send it commands; each participant's link task sends it the replies that arrive on the
+//! stream; sync tasks tell it when log writes are durable. After every burst of inputs it carries out what the
+//! core asks for: log writes (and a group-commit sync), frames to the shards, answers to release, timers.
+//!
+//! The shell holds no protocol rule. It only maps the core's answers to the callers waiting for them, routes
+//! read replies, and keeps a link per shard open (connect, upgrade, heartbeats, reconnect with backoff).
 
-use crate::participants::{CallError, ParticipantClient};
+use crate::participants::{self, ParticipantClient};
 use crate::wal::{Wal, WalError};
 use common::crash;
-use common::http::now_unix_ms;
-use common::ledger::{ShardId, Transfer, TransferId};
-use protocol::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
-use common::records::{AbortReason, Outcome, TransferRecord};
-use common::wire::{DecideAck, DecideItem, Decision, DecisionQueryItem, PrepareItem, QueryAnswer};
-use futures::future::join_all;
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use common::ledger::{AccountId, ShardId, Transfer, TransferId};
+use common::records::{AccountRecord, Outcome};
+use common::stream;
+use common::wire::{DecisionQueryItem, QueryAnswer};
+use protocol::coordinator_core::{
+    Answer, CoordinatorCore, CoreConfig, FromShard, LogWrite, Notice, OwedView, SubmitError,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
-use tracing::Instrument;
+use tokio::sync::{mpsc, oneshot};
 
 /// Metric names of the coordinator.
 pub mod metric {
@@ -36,9 +39,9 @@ pub mod metric {
     pub fn describe() {
         metrics::describe_counter!(TRANSFERS, "Transfers decided, by outcome and abort reason");
         metrics::describe_histogram!(TRANSFER_SECONDS, "End-to-end time of POST /transfers");
-        metrics::describe_histogram!(PREPARE_SECONDS, "Prepare round trip to one shard");
-        metrics::describe_histogram!(COMMIT_SECONDS, "Commit round trip to one shard");
-        metrics::describe_histogram!(ABORT_SECONDS, "Abort round trip to one shard");
+        metrics::describe_histogram!(PREPARE_SECONDS, "Round trip of a stream frame carrying Prepares, per shard");
+        metrics::describe_histogram!(COMMIT_SECONDS, "Round trip of a stream frame carrying Commits, per shard");
+        metrics::describe_histogram!(ABORT_SECONDS, "Round trip of a stream frame carrying Aborts, per shard");
         metrics::describe_gauge!(IN_DOUBT, "Decided transfers some shard has not acknowledged");
         metrics::describe_gauge!(IN_DOUBT_OLDEST_SECONDS, "Age of the oldest transfer in doubt");
         metrics::describe_gauge!(PARTICIPANT_UP, "1 if the shard answered its last health probe");
@@ -48,13 +51,22 @@ pub mod metric {
     }
 }
 
-/// How often the re-delivery loop looks for decisions still owed an ack.
-const REDELIVER_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// A decision unacknowledged this long is sent again.
+const REDELIVER_AFTER: Duration = Duration::from_secs(1);
 /// Health probes of the participants, for the up/down gauge.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// A decision unacknowledged this long is sent again.
-const REDELIVER_AFTER: Duration = Duration::from_secs(1);
+/// Commands from the HTTP handlers that may wait for the core task; past it a handler waits for room.
+const COMMAND_QUEUE_MAX: usize = 16_384;
+/// Events from the links and syncs that may wait for the core task.
+const EVENT_QUEUE_MAX: usize = 16_384;
+/// Inputs the core task takes in one burst before it carries out what they asked for: large enough for
+/// frames and group commits to fill up under load, small enough that no caller waits long.
+const BURST_INPUTS_MAX: usize = 1_024;
+/// Account reads waiting for their shard's reply; past it reads are refused (503) until some return.
+const READS_PENDING_MAX: usize = 65_536;
+/// In-doubt gauges are refreshed this often.
+const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -63,11 +75,11 @@ pub struct EngineConfig {
     pub coordinator_url: String,
     /// A shard that has not voted this long counts as unavailable, and the transfer aborts.
     pub prepare_timeout: Duration,
-    /// How long a client's commit waits for the shards' acks before it is answered anyway (the decision is
-    /// durable by then; waiting only makes the client's next read see the new balances).
-    pub commit_ack_wait: Duration,
     /// Transfers being decided at once; past it new ones are refused with 503 rather than queued without end.
     pub transfers_in_flight_max: usize,
+    /// The cluster id and secret the stream's upgrade request carries.
+    pub cluster_id: String,
+    pub cluster_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +90,8 @@ pub enum EngineError {
     Overloaded,
     #[error(transparent)]
     Wal(#[from] WalError),
-    #[error("the transfer's task stopped unexpectedly")]
-    TaskLost,
+    #[error("the coordinator's core has stopped")]
+    CoreGone,
 }
 
 /// A transfer's final answer.
@@ -87,24 +99,6 @@ pub enum EngineError {
 pub struct Final {
     pub transfer: Transfer,
     pub outcome: Outcome,
-}
-
-/// A transfer whose prepare round or decision logging is running in this process.
-struct Inflight {
-    transfer: Transfer,
-    done: watch::Receiver<Option<Final>>,
-}
-
-enum Claim {
-    Running(watch::Receiver<Option<Final>>),
-    Logged(TransferRecord),
-}
-
-/// A durable decision some shard has not acknowledged yet.
-struct Owed {
-    machine: TransferMachine,
-    decided_at: Instant,
-    last_sent: Instant,
 }
 
 /// What `GET /transactions?status=in_doubt` shows.
@@ -116,278 +110,138 @@ pub struct InDoubt {
     pub awaiting_shards: Vec<ShardId>,
 }
 
+type Reply<T> = oneshot::Sender<T>;
+
+enum Command {
+    Submit { id: TransferId, transfer: Transfer, made_by: Option<String>, reply: Reply<Result<Final, EngineError>> },
+    Query { items: Vec<DecisionQueryItem>, reply: Reply<Result<Vec<QueryAnswer>, EngineError>> },
+    /// `None` in the reply: the shard has no link.
+    Read { shard: ShardId, account: AccountId, reply: Reply<Option<Option<AccountRecord>>> },
+    Running { id: Option<TransferId>, account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer)>> },
+    Owed { reply: Reply<Vec<OwedView>> },
+}
+
+pub(crate) enum Event {
+    LinkUp { shard: ShardId, generation: u64, frames: mpsc::Sender<participants::Outgoing> },
+    LinkDown { shard: ShardId, generation: u64 },
+    /// A connection attempt failed while no link was up (reported once per outage).
+    LinkFailed { shard: ShardId },
+    Replies { shard: ShardId, replies: Vec<FromShard> },
+    Synced { barrier: u64, decisions: bool },
+}
+
 pub struct Engine {
     pub config: EngineConfig,
     pub wal: Wal,
     pub participants: Vec<ParticipantClient>,
-    inflight: Mutex<HashMap<TransferId, Inflight>>,
-    owed: Mutex<HashMap<TransferId, Owed>>,
-    admission: Arc<Semaphore>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // These maps are only touched by short, non-panicking sections; recover the data if one ever did panic.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    commands: mpsc::Sender<Command>,
 }
 
 impl Engine {
-    /// Builds the engine and queues every committed-but-unacknowledged transfer from the log for re-delivery.
-    pub fn recover(
-        config: EngineConfig,
-        wal: Wal,
-        participants: Vec<ParticipantClient>,
-    ) -> Result<Arc<Self>, WalError> {
-        let mut owed = HashMap::new();
-        let long_ago = Instant::now().checked_sub(REDELIVER_AFTER).unwrap_or_else(Instant::now);
-        for (id, record) in wal.unacked()? {
-            let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
-            let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked);
-            owed.insert(id, Owed { machine, decided_at: Instant::now(), last_sent: long_ago });
+    /// Reads the decisions still owed acks from the log, starts the core task and one link per participant.
+    pub fn start(config: EngineConfig, wal: Wal, participants: Vec<ParticipantClient>) -> Result<Arc<Self>, WalError> {
+        let unacked = wal.unacked()?;
+        if !unacked.is_empty() {
+            tracing::info!(count = unacked.len(), "recovered committed transfers still owed acks: re-sending");
+            metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(unacked.len() as u64);
         }
-        if !owed.is_empty() {
-            tracing::info!(count = owed.len(), "recovered committed transfers still owed acks: re-sending");
-            metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(owed.len() as u64);
+        let core_config = CoreConfig {
+            shard_count: config.shard_count,
+            coordinator_url: config.coordinator_url.clone(),
+            prepare_timeout_ms: config.prepare_timeout.as_millis() as u64,
+            redeliver_after_ms: REDELIVER_AFTER.as_millis() as u64,
+            transfers_in_flight_max: config.transfers_in_flight_max,
+            frame_items_max: stream::FRAME_ITEMS_MAX,
+        };
+        let core = CoordinatorCore::new(core_config, 0, unacked);
+        let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+        let (events, event_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+        let wakes: Vec<Arc<tokio::sync::Notify>> = participants.iter().map(|_| Arc::default()).collect();
+        for client in &participants {
+            let link = participants::Link {
+                wake: wakes[client.shard as usize].clone(),
+                shard: client.shard,
+                url: client.url.clone(),
+                cluster_id: config.cluster_id.clone(),
+                cluster_token: config.cluster_token.clone(),
+                events: events.clone(),
+            };
+            tokio::spawn(link.run_forever());
         }
-        let admission = Arc::new(Semaphore::new(config.transfers_in_flight_max));
-        Ok(Arc::new(Engine {
-            config,
-            wal,
-            participants,
-            inflight: Mutex::new(HashMap::new()),
-            owed: Mutex::new(owed),
-            admission,
-        }))
+        let shell = Shell {
+            core,
+            wal: wal.clone(),
+            origin: Instant::now(),
+            events: events.clone(),
+            links: vec![None; config.shard_count as usize],
+            waiters: HashMap::new(),
+            queries: HashMap::new(),
+            reads: HashMap::new(),
+            next_read: 0,
+            wakes,
+        };
+        tokio::spawn(shell.run(command_rx, event_rx));
+        Ok(Arc::new(Engine { config, wal, participants, commands }))
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.map_err(|_| EngineError::CoreGone)?;
+        answer.await.map_err(|_| EngineError::CoreGone)
     }
 
     /// Runs (or joins, or replays) the transfer `id` and returns its final outcome, durable.
-    pub async fn submit(
-        self: &Arc<Self>,
-        id: TransferId,
-        transfer: Transfer,
-        made_by: Option<String>,
-    ) -> Result<Final, EngineError> {
-        let mut done = match self.claim(id, &transfer, made_by)? {
-            Claim::Running(done) => done,
-            Claim::Logged(record) => {
-                // It may have been written by a decision query a moment ago: make sure it is on disk.
-                self.wal.sync().await?;
-                return Ok(Final { transfer: record.transfer, outcome: record.outcome });
-            }
+    pub async fn submit(&self, id: TransferId, transfer: Transfer, made_by: Option<String>) -> Result<Final, EngineError> {
+        self.ask(|reply| Command::Submit { id, transfer, made_by, reply }).await?
+    }
+
+    /// Answers a participant in doubt (see [`CoordinatorCore::handle_query`]).
+    pub async fn answer_queries(&self, items: Vec<DecisionQueryItem>) -> Result<Vec<QueryAnswer>, EngineError> {
+        self.ask(|reply| Command::Query { items, reply }).await?
+    }
+
+    /// Reads an account through the shard's stream, behind every decision sent there before. `Ok(None)`: the
+    /// account does not exist; `Err(())`: the shard is unavailable.
+    pub async fn read(&self, shard: ShardId, account: AccountId, timeout: Duration) -> Result<Option<AccountRecord>, ()> {
+        let asked = self.ask(|reply| Command::Read { shard, account, reply });
+        match tokio::time::timeout(timeout, asked).await {
+            Ok(Ok(Some(found))) => Ok(found),
+            _ => Err(()),
+        }
+    }
+
+    /// `pending` while this process is deciding `id`, else what the log says.
+    pub async fn status(&self, id: &TransferId) -> Result<Option<(Transfer, Option<Outcome>)>, EngineError> {
+        let running = self.ask(|reply| Command::Running { id: Some(*id), account: None, limit: 1, reply }).await?;
+        if let Some((_, transfer)) = running.into_iter().next() {
+            return Ok(Some((transfer, None)));
+        }
+        Ok(self.wal.get(id)?.map(|r| (r.transfer, Some(r.outcome))))
+    }
+
+    /// The transfers in flight and then the newest decided ones, of one account or (`None`) of the whole ledger.
+    pub async fn transfers_of(
+        &self,
+        account: Option<&AccountId>,
+        limit: usize,
+    ) -> Result<Vec<(TransferId, Transfer, Option<Outcome>)>, EngineError> {
+        let account_owned = account.cloned();
+        let running =
+            self.ask(|reply| Command::Running { id: None, account: account_owned, limit, reply }).await?;
+        let mut out: Vec<(TransferId, Transfer, Option<Outcome>)> =
+            running.into_iter().map(|(id, t)| (id, t, None)).collect();
+        let rest = limit - out.len();
+        let logged = match account {
+            Some(account) => self.wal.by_account(account, rest)?,
+            None => self.wal.recent(rest)?,
         };
-        loop {
-            if let Some(fin) = done.borrow_and_update().clone() {
-                return Ok(fin);
-            }
-            if done.changed().await.is_err() {
-                return Err(EngineError::TaskLost);
-            }
-        }
+        out.extend(logged.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
+        Ok(out)
     }
 
-    /// Joins the run of `id` in progress, or finds its logged outcome, or starts running it.
-    fn claim(
-        self: &Arc<Self>,
-        id: TransferId,
-        transfer: &Transfer,
-        made_by: Option<String>,
-    ) -> Result<Claim, EngineError> {
-        let mut inflight = lock(&self.inflight);
-        if let Some(running) = inflight.get(&id) {
-            if running.transfer != *transfer {
-                return Err(EngineError::IdempotencyConflict);
-            }
-            return Ok(Claim::Running(running.done.clone()));
-        }
-        if let Some(record) = self.wal.get(&id)? {
-            if record.transfer != *transfer {
-                return Err(EngineError::IdempotencyConflict);
-            }
-            return Ok(Claim::Logged(record));
-        }
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
-        let (tx, rx) = watch::channel(None);
-        inflight.insert(id, Inflight { transfer: transfer.clone(), done: rx.clone() });
-        let engine = self.clone();
-        let transfer = transfer.clone();
-        let span = tracing::info_span!("transfer", transfer_id = %id);
-        tokio::spawn(
-            async move {
-                let result = engine.run(id, transfer, made_by).await;
-                drop(permit);
-                match result {
-                    Ok(fin) => {
-                        let _ = tx.send(Some(fin));
-                    }
-                    Err(error) => {
-                        // Nothing final was said; the id stays unknown and may be submitted again.
-                        tracing::error!(%error, "transfer failed before a final outcome");
-                        lock(&engine.inflight).remove(&id);
-                    }
-                }
-            }
-            .instrument(span),
-        );
-        Ok(Claim::Running(rx))
-    }
-
-    /// One transfer, from Prepare to the client's answer. Phase two continues after the answer if shards lag.
-    async fn run(
-        self: &Arc<Self>,
-        id: TransferId,
-        transfer: Transfer,
-        made_by: Option<String>,
-    ) -> Result<Final, EngineError> {
-        let mut machine = TransferMachine::new(id, transfer.clone(), self.config.shard_count);
-        let prepares = machine.shards().into_iter().map(|shard| {
-            let item = PrepareItem {
-                id,
-                transfer: transfer.clone(),
-                postings: transfer.postings_for(shard, self.config.shard_count),
-                coordinator_url: self.config.coordinator_url.clone(),
-            };
-            let client = &self.participants[shard as usize];
-            let actor = made_by.clone();
-            async move {
-                let started = Instant::now();
-                let vote = match tokio::time::timeout(self.config.prepare_timeout, client.prepare(item, actor)).await {
-                    Ok(Ok(vote)) => {
-                        let shard_label = shard.to_string();
-                        metrics::histogram!(metric::PREPARE_SECONDS, "shard" => shard_label).record(started.elapsed());
-                        VoteResult::Vote(vote)
-                    }
-                    Ok(Err(CallError::Failed(error))) => {
-                        tracing::warn!(shard, %error, "prepare failed");
-                        VoteResult::Unavailable
-                    }
-                    Err(_) => {
-                        tracing::warn!(shard, "prepare timed out");
-                        VoteResult::Unavailable
-                    }
-                };
-                (shard, vote)
-            }
-        });
-        let votes = join_all(prepares).await;
-        let mut outcome = None;
-        for (shard, vote) in votes {
-            tracing::debug!(shard, ?vote, "vote");
-            outcome = outcome.or(machine.on_vote(shard, vote));
-        }
-        let outcome = outcome.or_else(|| machine.on_prepare_timeout()).expect("every shard has voted or timed out");
-        crash::point(crash::COORDINATOR_VOTES_RECEIVED);
-
-        // Force the decision to the log before anyone hears of it.
-        let record = TransferRecord {
-            transfer: transfer.clone(),
-            outcome,
-            shards: transfer.shards(self.config.shard_count),
-            decided_at_unix_ms: now_unix_ms(),
-        };
-        self.wal.put(&id, &record, made_by.as_deref())?;
-        self.wal.sync().await?;
-        crash::point(crash::COORDINATOR_DECISION_LOGGED);
-        tracing::info!(?outcome, "decision logged");
-        let (label, reason) = match outcome {
-            Outcome::Committed => ("committed", "none"),
-            Outcome::Aborted(reason) => ("aborted", reason.code()),
-        };
-        metrics::counter!(metric::TRANSFERS, "outcome" => label, "reason" => reason).increment(1);
-
-        let (decision, targets) = machine.on_decision_logged();
-        let fin = Final { transfer, outcome };
-        if targets.is_empty() {
-            lock(&self.inflight).remove(&id);
-            return Ok(fin);
-        }
-        let now = Instant::now();
-        lock(&self.owed).insert(id, Owed { machine, decided_at: now, last_sent: now });
-        lock(&self.inflight).remove(&id);
-        let delivery = self.clone().deliver(id, decision, targets);
-        if outcome == Outcome::Committed {
-            // Wait (bounded) so the client's next read already sees the money moved.
-            let _ = tokio::time::timeout(self.config.commit_ack_wait, delivery).await;
-        } else {
-            tokio::spawn(delivery.in_current_span());
-        }
-        Ok(fin)
-    }
-
-    /// Sends a durable decision to `targets` and records their acks; the last ack ends the transfer.
-    async fn deliver(self: Arc<Self>, id: TransferId, decision: common::wire::Decision, targets: Vec<ShardId>) {
-        let sends = targets.into_iter().map(|shard| {
-            let client = &self.participants[shard as usize];
-            async move {
-                let started = Instant::now();
-                let result = client.decide(DecideItem { id, decision }).await;
-                if result.is_ok() {
-                    let name =
-                        if decision == Decision::Commit { metric::COMMIT_SECONDS } else { metric::ABORT_SECONDS };
-                    metrics::histogram!(name, "shard" => shard.to_string()).record(started.elapsed());
-                }
-                (shard, result)
-            }
-        });
-        for (shard, result) in join_all(sends).await {
-            match result {
-                Ok(DecideAck::Done) => self.on_ack(id, shard),
-                Ok(DecideAck::Refused) => {
-                    tracing::error!(transfer_id = %id, shard, ?decision, "shard refused the decision: needs an operator");
-                }
-                Err(error) => {
-                    tracing::warn!(transfer_id = %id, shard, %error, "decision not delivered; will retry")
-                }
-            }
-        }
-    }
-
-    fn on_ack(&self, id: TransferId, shard: ShardId) {
-        let finished = {
-            let mut owed = lock(&self.owed);
-            let Some(entry) = owed.get_mut(&id) else {
-                return;
-            };
-            if !entry.machine.on_ack(shard) {
-                return;
-            }
-            owed.remove(&id)
-        };
-        let Some(entry) = finished else { return };
-        if let Phase::Decided { outcome: Outcome::Committed, .. } = entry.machine.phase() {
-            crash::point(crash::COORDINATOR_BEFORE_END);
-            // Not flushed: if the end is lost, recovery re-sends a commit the shards acknowledge idempotently.
-            if let Err(error) = self.wal.end(&id) {
-                tracing::error!(transfer_id = %id, %error, "cannot record the end of a transfer; recovery will re-send");
-            }
-        }
-        tracing::debug!(transfer_id = %id, "all shards acknowledged");
-    }
-
-    /// Re-sends decisions that are still owed acks (lost messages, shards that were down, recovered transfers).
-    pub async fn redeliver_forever(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(REDELIVER_SCAN_INTERVAL).await;
-            let in_doubt = self.in_doubt();
-            metrics::gauge!(metric::IN_DOUBT).set(in_doubt.len() as f64);
-            let oldest_ms = in_doubt.first().map_or(0, |d| d.age_ms);
-            metrics::gauge!(metric::IN_DOUBT_OLDEST_SECONDS).set(oldest_ms as f64 / 1000.0);
-            let due: Vec<(TransferId, common::wire::Decision, Vec<ShardId>)> = {
-                let mut owed = lock(&self.owed);
-                let now = Instant::now();
-                owed.iter_mut()
-                    .filter(|(_, o)| now.duration_since(o.last_sent) >= REDELIVER_AFTER)
-                    .filter_map(|(id, o)| {
-                        o.last_sent = now;
-                        let Phase::Decided { outcome, unacked } = o.machine.phase() else {
-                            return None;
-                        };
-                        Some((*id, decision_of(*outcome), unacked.iter().copied().collect()))
-                    })
-                    .collect()
-            };
-            for (id, decision, targets) in due {
-                tokio::spawn(self.clone().deliver(id, decision, targets));
-            }
-        }
+    pub async fn in_doubt(&self) -> Vec<InDoubt> {
+        let owed = self.ask(|reply| Command::Owed { reply }).await.unwrap_or_default();
+        owed.into_iter().map(in_doubt_view).collect()
     }
 
     /// Keeps the participant-up gauge current for dashboards and alerts.
@@ -401,97 +255,329 @@ impl Engine {
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success());
-                metrics::gauge!(metric::PARTICIPANT_UP, "shard" => client.shard.to_string()).set(if up {
-                    1.0
-                } else {
-                    0.0
-                });
+                let shard = client.shard.to_string();
+                metrics::gauge!(metric::PARTICIPANT_UP, "shard" => shard).set(if up { 1.0 } else { 0.0 });
             }
-            tokio::time::sleep(PROBE_INTERVAL).await;
+            let in_doubt = self.in_doubt().await;
+            metrics::gauge!(metric::IN_DOUBT).set(in_doubt.len() as f64);
+            let oldest_ms = in_doubt.first().map_or(0, |d| d.age_ms);
+            metrics::gauge!(metric::IN_DOUBT_OLDEST_SECONDS).set(oldest_ms as f64 / 1000.0);
+            tokio::time::sleep(PROBE_INTERVAL.min(GAUGE_INTERVAL * 2)).await;
         }
-    }
-
-    /// Answers a participant in doubt. Never "abort" while the transfer may still commit; an abort given for an
-    /// unknown transfer is logged first, so it binds any later submission of the same id.
-    pub async fn answer_queries(&self, items: Vec<DecisionQueryItem>) -> Result<Vec<QueryAnswer>, EngineError> {
-        let mut answers = Vec::with_capacity(items.len());
-        for item in items {
-            let inflight = lock(&self.inflight);
-            let record = self.wal.get(&item.id)?;
-            let answer = match plan_query_answer(inflight.contains_key(&item.id), record.map(|r| r.outcome)) {
-                QueryPlan::Answer(answer) => {
-                    metrics::counter!(metric::DECISION_QUERIES, "answer" => format!("{answer:?}").to_lowercase())
-                        .increment(1);
-                    answer
-                }
-                QueryPlan::LogAbortThenAnswer => {
-                    let record = TransferRecord {
-                        transfer: item.transfer,
-                        outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted),
-                        shards: Vec::new(),
-                        decided_at_unix_ms: now_unix_ms(),
-                    };
-                    self.wal.put(&item.id, &record, None)?;
-                    tracing::info!(transfer_id = %item.id, "presumed abort for a transfer with no decision");
-                    metrics::counter!(metric::DECISION_QUERIES, "answer" => "presumed_abort").increment(1);
-                    QueryAnswer::Abort
-                }
-            };
-            drop(inflight);
-            answers.push(answer);
-        }
-        self.wal.sync().await?;
-        Ok(answers)
-    }
-
-    /// `pending` while this process is deciding `id`, else what the log says.
-    pub fn status(&self, id: &TransferId) -> Result<Option<(Transfer, Option<Outcome>)>, EngineError> {
-        if let Some(running) = lock(&self.inflight).get(id) {
-            return Ok(Some((running.transfer.clone(), None)));
-        }
-        Ok(self.wal.get(id)?.map(|r| (r.transfer, Some(r.outcome))))
-    }
-
-    /// The transfers in flight and then the newest decided ones, of one account or (`None`) of the whole ledger.
-    pub fn transfers_of(
-        &self,
-        account: Option<&common::ledger::AccountId>,
-        limit: usize,
-    ) -> Result<Vec<(TransferId, Transfer, Option<Outcome>)>, EngineError> {
-        let touches = |t: &Transfer| account.is_none_or(|a| t.from == *a || t.to == *a);
-        let mut out: Vec<(TransferId, Transfer, Option<Outcome>)> = lock(&self.inflight)
-            .iter()
-            .filter(|(_, f)| touches(&f.transfer))
-            .map(|(id, f)| (*id, f.transfer.clone(), None))
-            .take(limit)
-            .collect();
-        let rest = limit - out.len();
-        let logged = match account {
-            Some(account) => self.wal.by_account(account, rest)?,
-            None => self.wal.recent(rest)?,
-        };
-        out.extend(logged.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
-        Ok(out)
-    }
-
-    pub fn in_doubt(&self) -> Vec<InDoubt> {
-        let owed = lock(&self.owed);
-        let mut list: Vec<InDoubt> = owed
-            .iter()
-            .map(|(id, o)| {
-                let decision = match o.machine.phase() {
-                    Phase::Decided { outcome: Outcome::Committed, .. } => "commit",
-                    _ => "abort",
-                };
-                InDoubt {
-                    id: *id,
-                    decision,
-                    age_ms: o.decided_at.elapsed().as_millis() as u64,
-                    awaiting_shards: o.machine.unacked(),
-                }
-            })
-            .collect();
-        list.sort_by_key(|d| std::cmp::Reverse(d.age_ms));
-        list
     }
 }
+
+fn in_doubt_view(o: OwedView) -> InDoubt {
+    let decision = if o.decision == common::wire::Decision::Commit { "commit" } else { "abort" };
+    InDoubt { id: o.id, decision, age_ms: o.age_ms, awaiting_shards: o.awaiting_shards }
+}
+
+/// The task that owns the core, and the callers waiting on it.
+struct Shell {
+    core: CoordinatorCore,
+    wal: Wal,
+    /// The core's clock starts here.
+    origin: Instant,
+    events: mpsc::Sender<Event>,
+    /// The current link to each shard: its generation and where its frames go.
+    links: Vec<Option<(u64, mpsc::Sender<participants::Outgoing>)>>,
+    /// Clients waiting for a transfer's answer (the first submission and any joined duplicates).
+    waiters: HashMap<TransferId, Vec<Reply<Result<Final, EngineError>>>>,
+    queries: HashMap<u64, Reply<Result<Vec<QueryAnswer>, EngineError>>>,
+    reads: HashMap<u64, (ShardId, Reply<Option<Option<AccountRecord>>>)>,
+    next_read: u64,
+    /// Wakes each link task out of its reconnect backoff.
+    wakes: Vec<Arc<tokio::sync::Notify>>,
+}
+
+impl Shell {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut events: mpsc::Receiver<Event>) {
+        loop {
+            let deadline = self.core.poll_timeout().map(|ms| self.origin + Duration::from_millis(ms));
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                event = events.recv() => match event {
+                    Some(event) => self.event(event),
+                    None => return,
+                },
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return, // the server is shutting down
+                },
+                () = sleep => {}
+            }
+            // Take whatever else is waiting, so one frame and one sync serve the whole burst.
+            for _ in 0..BURST_INPUTS_MAX {
+                if let Ok(event) = events.try_recv() {
+                    self.event(event);
+                } else if let Ok(command) = commands.try_recv() {
+                    self.command(command);
+                } else {
+                    break;
+                }
+            }
+            let now = self.now_ms();
+            self.core.handle_timeout(now);
+            self.drive();
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = self.now_ms();
+        match command {
+            Command::Submit { id, transfer, made_by, reply } => {
+                let logged = if self.core.running(&id).is_some() {
+                    None
+                } else {
+                    match self.wal.get(&id) {
+                        Ok(logged) => logged,
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                };
+                match self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()) {
+                    Ok(()) => self.waiters.entry(id).or_default().push(reply),
+                    Err(SubmitError::IdempotencyConflict) => drop(reply.send(Err(EngineError::IdempotencyConflict))),
+                    Err(SubmitError::Overloaded) => drop(reply.send(Err(EngineError::Overloaded))),
+                }
+            }
+            Command::Query { items, reply } => {
+                let mut asked = Vec::with_capacity(items.len());
+                for item in items {
+                    match self.wal.get(&item.id) {
+                        Ok(logged) => asked.push((item, logged.map(|r| r.outcome))),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
+                let query = self.core.handle_query(asked);
+                self.queries.insert(query, reply);
+            }
+            Command::Read { shard, account, reply } => {
+                if self.reads.len() >= READS_PENDING_MAX {
+                    // Callers that gave up no longer need their reply.
+                    self.reads.retain(|_, (_, waiter)| !waiter.is_closed());
+                }
+                if self.reads.len() >= READS_PENDING_MAX {
+                    let _ = reply.send(None);
+                    return;
+                }
+                self.next_read += 1;
+                self.core.queue_read(shard, self.next_read, account);
+                self.reads.insert(self.next_read, (shard, reply));
+            }
+            Command::Running { id, account, limit, reply } => {
+                let list = match id {
+                    Some(id) => self.core.running(&id).map(|t| (id, t.clone())).into_iter().collect(),
+                    None => self
+                        .core
+                        .running_transfers()
+                        .filter(|(_, t)| account.as_ref().is_none_or(|a| t.from == *a || t.to == *a))
+                        .take(limit)
+                        .map(|(id, t)| (*id, t.clone()))
+                        .collect(),
+                };
+                let _ = reply.send(list);
+            }
+            Command::Owed { reply } => drop(reply.send(self.core.owed(now))),
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        let now = self.now_ms();
+        match event {
+            Event::LinkUp { shard, generation, frames } => {
+                self.links[shard as usize] = Some((generation, frames));
+                tracing::info!(shard, "stream to participant up");
+                self.core.handle_link(now, shard, true);
+            }
+            Event::LinkDown { shard, generation } => {
+                if self.links[shard as usize].as_ref().is_some_and(|(g, _)| *g == generation) {
+                    self.link_lost(shard);
+                }
+            }
+            Event::LinkFailed { shard } => {
+                if self.links[shard as usize].is_none() {
+                    self.link_lost(shard);
+                }
+            }
+            Event::Replies { shard, replies } => {
+                if replies.iter().any(|r| matches!(r, FromShard::Vote { .. })) {
+                    crash::point(crash::COORDINATOR_PREPARE_SENT);
+                }
+                let commit_acked = replies.iter().any(
+                    |r| matches!(r, FromShard::Ack { decision, .. } if *decision == common::wire::Decision::Commit),
+                );
+                if commit_acked {
+                    crash::point(crash::COORDINATOR_COMMIT_SENT);
+                }
+                for reply in &replies {
+                    if let FromShard::Account { read, account } = reply {
+                        if let Some((_, waiter)) = self.reads.remove(read) {
+                            let _ = waiter.send(Some(*account));
+                        }
+                    }
+                }
+                self.core.handle_replies(now, shard, replies);
+            }
+            Event::Synced { barrier, decisions } => {
+                if decisions {
+                    crash::point(crash::COORDINATOR_DECISION_LOGGED);
+                }
+                self.core.handle_synced(now, barrier);
+            }
+        }
+    }
+
+    fn link_lost(&mut self, shard: ShardId) {
+        if self.links[shard as usize].take().is_some() {
+            tracing::warn!(shard, "stream to participant down");
+        }
+        self.core.handle_link(self.now_ms(), shard, false);
+        // Reads sent on the lost link will get no reply: they fail now.
+        let lost: Vec<u64> = self.reads.iter().filter(|(_, (s, _))| *s == shard).map(|(read, _)| *read).collect();
+        for read in lost {
+            if let Some((_, waiter)) = self.reads.remove(&read) {
+                let _ = waiter.send(None);
+            }
+        }
+    }
+
+    /// Carries out everything the core asks for, until it asks for nothing more.
+    fn drive(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(batch) = self.core.poll_log() {
+                progressed = true;
+                self.write_log(batch);
+            }
+            while let Some((shard, items)) = self.core.poll_transmit() {
+                progressed = true;
+                let sent = match &self.links[shard as usize] {
+                    Some((_, frames)) => frames.try_send(participants::Outgoing::new(items)).is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    // A link that cannot take a frame is as good as lost: drop it, and its task reconnects.
+                    self.link_lost(shard);
+                }
+            }
+            while let Some(answer) = self.core.poll_answer() {
+                progressed = true;
+                self.release(answer);
+            }
+            while let Some(notice) = self.core.poll_notice() {
+                if let Notice::LinkWanted { shard } = notice {
+                    self.wakes[shard as usize].notify_one();
+                }
+                notify(notice);
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn write_log(&mut self, batch: protocol::coordinator_core::LogBatch) {
+        let mut decisions = false;
+        for write in batch.writes {
+            let result = match write {
+                LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
+                    crash::point(crash::COORDINATOR_VOTES_RECEIVED);
+                    decisions = true;
+                    let record = common::records::TransferRecord {
+                        transfer,
+                        outcome,
+                        shards,
+                        decided_at_unix_ms: common::http::now_unix_ms(),
+                    };
+                    self.wal.put(&id, &record, made_by.as_deref())
+                }
+                LogWrite::End { id } => {
+                    crash::point(crash::COORDINATOR_BEFORE_END);
+                    self.wal.end(&id)
+                }
+            };
+            if let Err(error) = result {
+                // The core already counts the write as made: memory would run ahead of the log.
+                tracing::error!(%error, "decision log write failed: stopping so recovery starts from the log");
+                std::process::abort();
+            }
+        }
+        if let Some(barrier) = batch.sync {
+            let (wal, events) = (self.wal.clone(), self.events.clone());
+            tokio::spawn(async move {
+                if let Err(error) = wal.sync().await {
+                    tracing::error!(%error, "decision log sync failed: stopping so recovery starts from the log");
+                    std::process::abort();
+                }
+                let _ = events.send(Event::Synced { barrier, decisions }).await;
+            });
+        }
+    }
+
+    fn release(&mut self, answer: Answer) {
+        match answer {
+            Answer::Transfer { id, transfer, outcome } => {
+                let (label, reason) = match outcome {
+                    Outcome::Committed => ("committed", "none"),
+                    Outcome::Aborted(reason) => ("aborted", reason.code()),
+                };
+                let waiters = self.waiters.remove(&id).unwrap_or_default();
+                if !waiters.is_empty() {
+                    metrics::counter!(metric::TRANSFERS, "outcome" => label, "reason" => reason).increment(1);
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(Ok(Final { transfer: transfer.clone(), outcome }));
+                }
+            }
+            Answer::Queries { query, answers } => {
+                if let Some(waiter) = self.queries.remove(&query) {
+                    let _ = waiter.send(Ok(answers));
+                }
+            }
+        }
+    }
+}
+
+fn notify(notice: Notice) {
+    match notice {
+        Notice::Refused { id, shard, decision } => {
+            tracing::error!(transfer_id = %id, shard, ?decision, "shard refused the decision: needs an operator")
+        }
+        Notice::PresumedAbort { id } => {
+            tracing::info!(transfer_id = %id, "presumed abort for a transfer with no decision");
+            metrics::counter!(metric::DECISION_QUERIES, "answer" => "presumed_abort").increment(1);
+        }
+        Notice::QueryAnswered { answer } => {
+            let label = format!("{answer:?}").to_lowercase();
+            metrics::counter!(metric::DECISION_QUERIES, "answer" => label).increment(1);
+        }
+        Notice::ShardSilent { id, shard } => {
+            tracing::warn!(transfer_id = %id, shard, "no vote from the shard in time: aborting")
+        }
+        Notice::Redelivered { shard, count } => tracing::debug!(shard, count, "decisions re-sent"),
+        Notice::LinkWanted { shard } => tracing::debug!(shard, "work waits for the stream: reconnecting now"),
+    }
+}
+
+/// The address (host:port) of a participant's base URL.
+pub(crate) fn address_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+

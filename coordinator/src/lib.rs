@@ -30,6 +30,8 @@ pub struct Config {
     pub advertise_url: Option<String>,
     pub durability: Durability,
     pub prepare_timeout: Duration,
+    /// Accepted for existing command lines; answers no longer wait for the shards' acks (reads travel behind
+    /// the commit on the same ordered stream, so a client reads its own writes without waiting).
     pub commit_ack_wait: Duration,
     /// Timeout of account reads, account creation and health checks sent to a participant.
     pub participant_call_timeout: Duration,
@@ -97,7 +99,7 @@ pub async fn run(
         .enumerate()
         .map(|(shard, url)| {
             let url = url.trim_end_matches('/').to_string();
-            ParticipantClient::new(shard as u32, url, http.clone(), config.prepare_timeout)
+            ParticipantClient::new(shard as u32, url, http.clone())
         })
         .collect();
     for (shard, url) in config.participants.iter().enumerate() {
@@ -108,18 +110,17 @@ pub async fn run(
         shard_count,
         coordinator_url: advertise_url.clone(),
         prepare_timeout: config.prepare_timeout,
-        commit_ack_wait: config.commit_ack_wait,
         transfers_in_flight_max: config.transfers_in_flight_max,
+        cluster_id: wal.cluster_id().to_string(),
+        cluster_token: config.cluster_token.as_ref().map(|t| t.as_str().to_owned()),
     };
-    let engine = Engine::recover(engine_config, wal, participants)?;
-    let redelivery = tokio::spawn(engine.clone().redeliver_forever());
+    let engine = Engine::start(engine_config, wal, participants)?;
     let probes = tokio::spawn(engine.clone().probe_participants_forever());
     let app = api::router(engine.clone(), &config);
     let cluster_id = engine.wal.cluster_id();
     tracing::info!(addr = %local, advertise = %advertise_url, shards = shard_count, %cluster_id, "coordinator ready");
     let listener = common::http::LimitedListener::new(listener, config.connections_max);
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    redelivery.abort();
     probes.abort();
     engine.wal.sync().await.ok();
     served?;

@@ -29,8 +29,9 @@ struct Cli {
     /// A participant that has not answered Prepare within this many milliseconds aborts the transfer (503).
     #[arg(long, env = "LEDGER_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
     prepare_timeout_ms: u64,
-    /// How long a committed transfer's answer waits for the shards to apply it (milliseconds). The commit is
-    /// durable either way; waiting makes the client's next read see the new balances.
+    /// Accepted so existing command lines keep working; it no longer changes anything. A committed transfer is
+    /// answered as soon as its decision is durable, and reads reach a shard on the same ordered stream behind
+    /// the commit, so the client's next read sees the new balances without the answer waiting for the shards.
     #[arg(long, env = "LEDGER_COMMIT_ACK_WAIT_MS", default_value_t = 1_000)]
     commit_ack_wait_ms: u64,
     /// Timeout for account reads, account creation and health checks sent to participants (milliseconds).

@@ -1,109 +1,40 @@
-//! Clients for the participants. Prepares and decisions are queued per participant and sent in batches: a
-//! batcher task takes everything waiting, sends it as one HTTP request, and hands each caller its own answer.
-//! With a bounded number of requests in flight per participant, batches grow by themselves under load.
+//! The coordinator's connections to the participants: a plain HTTP client per participant for the operator
+//! calls (accounts, journal, audit, health, the introduction at start-up), and the [`Link`] that keeps the
+//! binary stream to each one open for the protocol's hot path (see `common::stream`).
 
+use crate::engine::{address_of, Event};
 use common::crash;
 use common::ledger::ShardId;
-use common::wire::{
-    self, DecideAck, DecideBatch, DecideItem, DecideReply, Decision, PrepareBatch, PrepareItem, PrepareReply, Vote,
-};
-use serde::{de::DeserializeOwned, Serialize};
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use common::stream::{self, Down, StreamError, Up};
+use common::wire;
+use futures::{SinkExt, StreamExt};
+use protocol::coordinator_core::ToShard;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
-/// Items in one request: bounds a request's size and a participant's time under its lock.
-const BATCH_ITEMS_MAX: usize = 512;
-/// Requests in flight to one participant per kind: enough to keep it busy while the previous batch fsyncs.
-const INFLIGHT_BATCHES_MAX: usize = 4;
-/// Callers that may queue for one participant before `call` waits for room.
-const QUEUE_MAX: usize = 16_384;
 /// Backoff bounds while a participant cannot be introduced to.
 const JOIN_RETRY_MIN: Duration = Duration::from_millis(100);
 const JOIN_RETRY_MAX: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CallError {
-    #[error("participant unreachable or failed: {0}")]
-    Failed(String),
-}
-
-/// One kind of batched call.
-trait BatchKind: Send + 'static {
-    type Item: Serialize + Send + 'static;
-    type Answer: Send + 'static;
-    type Request: Serialize + Send;
-    type Reply: DeserializeOwned;
-    const PATH: &'static str;
-    fn request(items: Vec<Self::Item>) -> Self::Request;
-    fn answers(reply: Self::Reply) -> Vec<Self::Answer>;
-    /// The crash point to reach once this batch's answer has arrived.
-    fn crash_point(items: &[Self::Item]) -> Option<&'static str>;
-}
-
-struct Prepare;
-impl BatchKind for Prepare {
-    /// The item and the name of the API token that submitted it.
-    type Item = (PrepareItem, Option<String>);
-    type Answer = Vote;
-    type Request = PrepareBatch;
-    type Reply = PrepareReply;
-    const PATH: &'static str = wire::PATH_PREPARE;
-    fn request(items: Vec<(PrepareItem, Option<String>)>) -> PrepareBatch {
-        let (items, actors) = items.into_iter().unzip();
-        PrepareBatch { items, actors }
-    }
-    fn answers(reply: PrepareReply) -> Vec<Vote> {
-        reply.votes
-    }
-    fn crash_point(_items: &[(PrepareItem, Option<String>)]) -> Option<&'static str> {
-        Some(crash::COORDINATOR_PREPARE_SENT)
-    }
-}
-
-struct Decide;
-impl BatchKind for Decide {
-    type Item = DecideItem;
-    type Answer = DecideAck;
-    type Request = DecideBatch;
-    type Reply = DecideReply;
-    const PATH: &'static str = wire::PATH_DECIDE;
-    fn request(items: Vec<DecideItem>) -> DecideBatch {
-        DecideBatch { items }
-    }
-    fn answers(reply: DecideReply) -> Vec<DecideAck> {
-        reply.acks
-    }
-    fn crash_point(items: &[DecideItem]) -> Option<&'static str> {
-        items.iter().any(|i| i.decision == Decision::Commit).then_some(crash::COORDINATOR_COMMIT_SENT)
-    }
-}
-
-type Job<K> = (<K as BatchKind>::Item, oneshot::Sender<Result<<K as BatchKind>::Answer, CallError>>);
+/// Backoff bounds while a participant's stream cannot be opened.
+const LINK_RETRY_MIN: Duration = Duration::from_millis(50);
+const LINK_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Frames queued for one link's socket. The core's work is bounded by the transfers in flight, so a link this
+/// far behind is stuck, and is dropped.
+const LINK_QUEUE_FRAMES_MAX: usize = 4_096;
+/// Frames sent and not yet answered on one link: a participant answers every frame, in order.
+const LINK_UNANSWERED_MAX: usize = LINK_QUEUE_FRAMES_MAX + 64;
 
 pub struct ParticipantClient {
     pub shard: ShardId,
     pub url: String,
     http: reqwest::Client,
-    prepares: mpsc::Sender<Job<Prepare>>,
-    decisions: mpsc::Sender<Job<Decide>>,
 }
 
 impl ParticipantClient {
-    pub fn new(shard: ShardId, url: String, http: reqwest::Client, call_timeout: Duration) -> Self {
-        let (prepares, prepare_rx) = mpsc::channel(QUEUE_MAX);
-        let (decisions, decide_rx) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(batcher::<Prepare>(http.clone(), url.clone(), call_timeout, prepare_rx));
-        tokio::spawn(batcher::<Decide>(http.clone(), url.clone(), call_timeout, decide_rx));
-        ParticipantClient { shard, url, http, prepares, decisions }
-    }
-
-    pub async fn prepare(&self, item: PrepareItem, actor: Option<String>) -> Result<Vote, CallError> {
-        call::<Prepare>(&self.prepares, (item, actor)).await
-    }
-
-    pub async fn decide(&self, item: DecideItem) -> Result<DecideAck, CallError> {
-        call::<Decide>(&self.decisions, item).await
+    pub fn new(shard: ShardId, url: String, http: reqwest::Client) -> Self {
+        ParticipantClient { shard, url, http }
     }
 
     /// Introduces this coordinator until the participant accepts: binds it to the cluster id and checks it
@@ -128,80 +59,167 @@ impl ParticipantClient {
         }
     }
 
-    /// The plain (unbatched) HTTP client, for account calls and health checks.
+    /// The plain HTTP client, for account calls and health checks.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
 }
 
-async fn call<K: BatchKind>(queue: &mpsc::Sender<Job<K>>, item: K::Item) -> Result<K::Answer, CallError> {
-    let (tx, rx) = oneshot::channel();
-    queue.send((item, tx)).await.map_err(|_| CallError::Failed("client stopped".into()))?;
-    rx.await.map_err(|_| CallError::Failed("batch dropped".into()))?
+/// What kinds of work a frame carries, for the round-trip histograms.
+#[derive(Clone, Copy, Debug, Default)]
+struct Kinds {
+    prepares: bool,
+    commits: bool,
+    aborts: bool,
 }
 
-async fn batcher<K: BatchKind>(
-    http: reqwest::Client,
-    url: String,
-    call_timeout: Duration,
-    mut rx: mpsc::Receiver<Job<K>>,
-) {
-    let slots = Arc::new(Semaphore::new(INFLIGHT_BATCHES_MAX));
-    let endpoint = format!("{url}{}", K::PATH);
-    while let Some(first) = rx.recv().await {
-        // Waiting for a slot before draining lets the batch grow while earlier requests are in flight.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < BATCH_ITEMS_MAX {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+/// A frame on its way to a participant.
+pub struct Outgoing {
+    frame: bytes::Bytes,
+    kinds: Kinds,
+}
+
+impl Outgoing {
+    pub fn new(items: Vec<ToShard>) -> Self {
+        let mut kinds = Kinds::default();
+        for item in &items {
+            match item {
+                ToShard::Prepare { .. } => kinds.prepares = true,
+                ToShard::Decide { decision: wire::Decision::Commit, .. } => kinds.commits = true,
+                ToShard::Decide { .. } => kinds.aborts = true,
+                ToShard::Read { .. } => {}
             }
         }
-        let http = http.clone();
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            let (items, replies): (Vec<K::Item>, Vec<_>) = jobs.into_iter().unzip();
-            let crash_point = K::crash_point(&items);
-            let result = send::<K>(&http, &endpoint, call_timeout, K::request(items)).await;
-            drop(slot);
-            match result {
-                Ok(answers) if answers.len() == replies.len() => {
-                    if let Some(point) = crash_point {
-                        crash::point(point);
-                    }
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Ok(answers) => {
-                    let error = CallError::Failed(format!("{} answers for {} items", answers.len(), replies.len()));
-                    replies.into_iter().for_each(|r| drop(r.send(Err(error.clone()))));
-                }
-                Err(error) => replies.into_iter().for_each(|r| drop(r.send(Err(error.clone())))),
-            }
-        });
+        Outgoing { frame: stream::encode(&Up::Items(items)), kinds }
     }
 }
 
-async fn send<K: BatchKind>(
-    http: &reqwest::Client,
-    endpoint: &str,
-    call_timeout: Duration,
-    body: K::Request,
-) -> Result<Vec<K::Answer>, CallError> {
-    let reply = http
-        .post(endpoint)
-        .timeout(call_timeout)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| CallError::Failed(e.to_string()))?;
-    if !reply.status().is_success() {
-        return Err(CallError::Failed(format!("{endpoint} answered {}", reply.status())));
+/// Keeps the stream to one participant open: connects, upgrades, reports the link up to the core task,
+/// forwards frames both ways with heartbeats, and on any failure reports the link down and reconnects with
+/// backoff.
+pub(crate) struct Link {
+    pub shard: ShardId,
+    pub url: String,
+    pub cluster_id: String,
+    pub cluster_token: Option<String>,
+    pub events: mpsc::Sender<Event>,
+    /// Work is waiting: retry now rather than at the end of the backoff.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Link {
+    pub async fn run_forever(self) {
+        let address = address_of(&self.url);
+        let mut backoff = LINK_RETRY_MIN;
+        let mut generation = 0;
+        let mut refused_before = false;
+        loop {
+            match stream::connect(&address, &self.cluster_id, self.cluster_token.as_deref()).await {
+                Ok(framed) => {
+                    backoff = LINK_RETRY_MIN;
+                    refused_before = false;
+                    generation += 1;
+                    let (frames, frame_rx) = mpsc::channel(LINK_QUEUE_FRAMES_MAX);
+                    let up = Event::LinkUp { shard: self.shard, generation, frames };
+                    if self.events.send(up).await.is_err() {
+                        return;
+                    }
+                    let ended = self.serve(framed, frame_rx).await;
+                    tracing::warn!(shard = self.shard, reason = %ended, "stream to participant ended");
+                    if self.events.send(Event::LinkDown { shard: self.shard, generation }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    match &error {
+                        StreamError::Refused(why) if !refused_before => {
+                            refused_before = true;
+                            tracing::error!(shard = self.shard, url = %self.url, %why, "participant refused the stream");
+                        }
+                        _ => tracing::debug!(shard = self.shard, %error, "participant stream not open"),
+                    }
+                    if self.events.send(Event::LinkFailed { shard: self.shard }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(LINK_RETRY_MAX),
+                () = self.wake.notified() => {}
+            }
+        }
     }
-    let reply: K::Reply = reply.json().await.map_err(|e| CallError::Failed(e.to_string()))?;
-    Ok(K::answers(reply))
+
+    /// Runs one connection until it fails, the participant falls silent, or the core task drops it.
+    async fn serve(
+        &self,
+        framed: stream::FramedStream<tokio::net::TcpStream>,
+        mut frames: mpsc::Receiver<Outgoing>,
+    ) -> StreamError {
+        let (mut sink, mut source) = framed.split();
+        let sent: Arc<Mutex<VecDeque<(Instant, Kinds)>>> = Arc::default();
+        let shard_label = self.shard.to_string();
+        let writer = {
+            let sent = sent.clone();
+            async move {
+                loop {
+                    let next = tokio::time::timeout(stream::HEARTBEAT_INTERVAL, frames.recv()).await;
+                    let (frame, kinds) = match next {
+                        Err(_) => (stream::encode(&Up::Heartbeat), None),
+                        Ok(None) => return StreamError::Closed,
+                        Ok(Some(out)) => (out.frame, Some(out.kinds)),
+                    };
+                    if let Some(kinds) = kinds {
+                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                        if sent.len() >= LINK_UNANSWERED_MAX {
+                            return StreamError::Refused("the participant stopped answering frames".into());
+                        }
+                        sent.push_back((Instant::now(), kinds));
+                    }
+                    if let Err(e) = sink.send(frame).await {
+                        return StreamError::Io(e);
+                    }
+                    if kinds.is_some() {
+                        crash::point(crash::COORDINATOR_FRAME_SENT);
+                    }
+                }
+            }
+        };
+        let reader = async {
+            loop {
+                let next = match tokio::time::timeout(stream::SILENCE_TIMEOUT, source.next()).await {
+                    Err(_) => return StreamError::Timeout,
+                    Ok(None) => return StreamError::Closed,
+                    Ok(Some(Err(e))) => return StreamError::Io(e),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+                let replies = match stream::decode::<Down>(&next) {
+                    Err(e) => return e,
+                    Ok(Down::Heartbeat) => continue,
+                    Ok(Down::Replies(replies)) => replies,
+                };
+                let answered = sent.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                if let Some((at, kinds)) = answered {
+                    let took = at.elapsed();
+                    let label = shard_label.clone();
+                    if kinds.prepares {
+                        metrics::histogram!(crate::engine::metric::PREPARE_SECONDS, "shard" => label.clone()).record(took);
+                    }
+                    if kinds.commits {
+                        metrics::histogram!(crate::engine::metric::COMMIT_SECONDS, "shard" => label.clone()).record(took);
+                    }
+                    if kinds.aborts {
+                        metrics::histogram!(crate::engine::metric::ABORT_SECONDS, "shard" => label).record(took);
+                    }
+                }
+                if self.events.send(Event::Replies { shard: self.shard, replies }).await.is_err() {
+                    return StreamError::Closed;
+                }
+            }
+        };
+        tokio::select! {
+            ended = writer => ended,
+            ended = reader => ended,
+        }
+    }
 }

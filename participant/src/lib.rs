@@ -7,6 +7,7 @@ mod books;
 pub mod journal;
 mod resolver;
 mod server;
+mod stream;
 pub mod storage;
 
 use common::auth::{AuthConfigError, ClusterToken};

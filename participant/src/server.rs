@@ -80,6 +80,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(wire::PATH_PREPARE, post(prepare))
         .route(wire::PATH_DECIDE, post(decide))
         .route(wire::PATH_JOIN, post(join))
+        .route(common::stream::PATH_STREAM, get(crate::stream::upgrade))
         .layer(middleware::from_fn_with_state(node.clone(), require_own_cluster));
     let internal = Router::new()
         .route(&format!("{}/{{id}}", wire::PATH_ACCOUNTS), get(get_account))
@@ -304,7 +305,7 @@ pub(crate) async fn apply_decisions(
 /// account with amount 0 (a heuristic abort, so the operator's act is on record); heuristic decisions also get
 /// their own record for the audit.
 #[allow(clippy::too_many_arguments)]
-fn journal_decision(
+pub(crate) fn journal_decision(
     node: &Node,
     state: &mut crate::ShardState,
     id: uuid::Uuid,

@@ -8,6 +8,7 @@
 //! code.
 
 pub mod coordinator;
+pub mod coordinator_core;
 pub mod ledger;
 pub mod msg;
 pub mod participant;

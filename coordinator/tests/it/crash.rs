@@ -168,6 +168,16 @@ async fn coordinator_killed_before_the_end_record_re_sends_commit_harmlessly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn coordinator_killed_after_writing_the_prepare_frame_resolves_abort() {
+    drill(crash::COORDINATOR_FRAME_SENT, Victim::Coordinator, Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn participant_killed_with_a_frame_read_but_not_applied_aborts() {
+    drill(crash::PARTICIPANT_FRAME_RECEIVED, Victim::DebitShard, Expect::Aborted).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn participant_killed_after_creating_an_account_keeps_it() {
     let mut c = Cluster::start().await;
     let id = "created-then-killed";

@@ -1,0 +1,750 @@
+//! The coordinator's core: every rule the coordinator follows, for every transfer at once, with no I/O.
+//!
+//! It runs each transfer's [`TransferMachine`], batches the work for each shard into frames, owns the prepare
+//! deadlines, the re-delivery of decisions still owed acks (on a timer, and at once when a shard's link comes
+//! back), the answers to participants' decision queries (presumed abort included), idempotent replays, and
+//! recovery from the log. It never answers or sends anything that depends on a log write before the shell
+//! reports that write durable ([`CoordinatorCore::handle_synced`]).
+//!
+//! The shell feeds it inputs (`handle_*`, each with the current time in milliseconds of a monotonic clock) and
+//! carries out what it asks for, in this order after every input: [`CoordinatorCore::poll_log`] (writes to
+//! apply to the log, and a sync barrier to wait for), [`CoordinatorCore::poll_transmit`] (frames to send),
+//! [`CoordinatorCore::poll_answer`] (answers to release) and [`CoordinatorCore::poll_timeout`] (when to call
+//! [`CoordinatorCore::handle_timeout`] next). The simulator drives this same type.
+
+use crate::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use crate::ledger::{AccountId, ShardId, Transfer, TransferId};
+use crate::msg::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
+use crate::state::{AbortReason, AccountRecord, Outcome, TransferRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+/// The core's settings (the shell's flags, in milliseconds).
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub shard_count: u32,
+    /// Where participants ask about transfers they are in doubt on (kept in their prepared records).
+    pub coordinator_url: String,
+    /// A shard that has not voted this long after its Prepare was queued counts as unavailable.
+    pub prepare_timeout_ms: u64,
+    /// A decision unacknowledged this long is sent again.
+    pub redeliver_after_ms: u64,
+    /// Transfers being prepared or logged at once; more are refused as overloaded, not queued without end.
+    pub transfers_in_flight_max: usize,
+    /// Items in one frame to a shard: bounds a frame's size and a shard's time under its lock.
+    pub frame_items_max: usize,
+}
+
+/// One piece of work for a shard. A frame carries several, and a shard handles them in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToShard {
+    Prepare {
+        item: PrepareItem,
+        /// The name of the API token that submitted the transfer, for the shard's journal.
+        made_by: Option<String>,
+    },
+    Decide {
+        id: TransferId,
+        decision: Decision,
+    },
+    /// Read an account. It travels behind every decision queued before it, so a client that was told its
+    /// transfer committed reads the new balance.
+    Read {
+        read: u64,
+        account: AccountId,
+    },
+}
+
+/// A shard's answer to one [`ToShard`] item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromShard {
+    Vote {
+        id: TransferId,
+        #[serde(with = "vote_as_refusal")]
+        vote: Vote,
+    },
+    Ack { id: TransferId, decision: Decision, ack: DecideAck },
+    Account { read: u64, account: Option<AccountRecord> },
+}
+
+/// [`Vote`]'s own serde form is tagged for JSON, which bincode cannot read back; on the stream a vote is the
+/// refusal it carries, if any.
+mod vote_as_refusal {
+    use crate::msg::{RefusalReason, Vote};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(vote: &Vote, s: S) -> Result<S::Ok, S::Error> {
+        let refusal = match vote {
+            Vote::Yes => None,
+            Vote::No(reason) => Some(*reason),
+        };
+        refusal.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vote, D::Error> {
+        Ok(Option::<RefusalReason>::deserialize(d)?.map_or(Vote::Yes, Vote::No))
+    }
+}
+
+/// A write the shell applies to its log, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogWrite {
+    /// The decision of a transfer, with (for a commit) the marker that it is still owed acks.
+    Decision { id: TransferId, transfer: Transfer, outcome: Outcome, shards: Vec<ShardId>, made_by: Option<String> },
+    /// Every shard has applied the commit: its owed-acks marker goes. Needs no sync: if lost, recovery re-sends
+    /// a commit the shards acknowledge again without applying it twice.
+    End { id: TransferId },
+}
+
+/// What the shell must write, and whether it must then wait for a sync and report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogBatch {
+    pub writes: Vec<LogWrite>,
+    /// Call [`CoordinatorCore::handle_synced`] with this once every write so far is durable.
+    pub sync: Option<u64>,
+}
+
+/// Something final the shell may now tell someone: every write it depends on is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The outcome of a transfer, for every client waiting on `id`.
+    Transfer { id: TransferId, transfer: Transfer, outcome: Outcome },
+    /// The answers to one decision query, in the order of its items.
+    Queries { query: u64, answers: Vec<QueryAnswer> },
+}
+
+/// Why a submission was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The id is known with a different body.
+    IdempotencyConflict,
+    Overloaded,
+}
+
+/// Events worth a log line or a metric; the core itself says nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A shard refused a decision: it contradicts the shard's state, and needs an operator.
+    Refused { id: TransferId, shard: ShardId, decision: Decision },
+    /// A decision query about a transfer with no decision and none in progress: presumed abort, logged.
+    PresumedAbort { id: TransferId },
+    QueryAnswered { answer: QueryAnswer },
+    /// A transfer's prepare round to `shard` ended without a vote (timeout or lost link).
+    ShardSilent { id: TransferId, shard: ShardId },
+    /// Work is waiting for a shard whose link is down: the shell should try to connect now.
+    LinkWanted { shard: ShardId },
+    /// Decisions owed to a shard were queued again (timer or reconnection).
+    Redelivered { shard: ShardId, count: usize },
+}
+
+/// The shell's link to one shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not yet connected since start: work is queued, and goes once the link is up (or fails by its deadline).
+    Connecting,
+    Up,
+    /// Lost, or the shard refused or did not answer a connection. New work makes it `Connecting` again and
+    /// asks the shell for a fresh attempt ([`Notice::LinkWanted`]); a failed attempt fails the work at once,
+    /// as a refused connection does.
+    Down,
+}
+
+/// A transfer whose prepare round or decision logging is under way.
+#[derive(Clone, Debug)]
+struct Run {
+    machine: TransferMachine,
+    made_by: Option<String>,
+}
+
+/// A durable decision some shard has not acknowledged yet.
+#[derive(Clone, Debug)]
+struct Owed {
+    machine: TransferMachine,
+    decided_at_ms: u64,
+    last_sent_ms: u64,
+}
+
+/// What becomes possible once a sync barrier is durable.
+#[derive(Clone, Debug)]
+enum AfterSync {
+    Decided(TransferId),
+    Answer(Answer),
+}
+
+/// A decided transfer some shard still owes an ack (for the in-doubt listing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwedView {
+    pub id: TransferId,
+    pub decision: Decision,
+    pub age_ms: u64,
+    pub awaiting_shards: Vec<ShardId>,
+}
+
+#[derive(Debug)]
+pub struct CoordinatorCore {
+    config: CoreConfig,
+    running: HashMap<TransferId, Run>,
+    owed: HashMap<TransferId, Owed>,
+    /// Work queued per shard, in the order the shard must see it.
+    outbox: Vec<VecDeque<ToShard>>,
+    /// The state of the shell's link to each shard.
+    links: Vec<LinkState>,
+    /// Prepare deadlines in the order they were set (all are `now + prepare_timeout_ms`, so already sorted).
+    deadlines: VecDeque<(u64, TransferId)>,
+    log: Vec<LogWrite>,
+    /// The last barrier handed out, and the last one reported durable.
+    barrier_issued: u64,
+    barrier_synced: u64,
+    /// Something waits for the next barrier, which is not handed out yet.
+    sync_wanted: bool,
+    after_sync: VecDeque<(u64, AfterSync)>,
+    answers: VecDeque<Answer>,
+    notices: VecDeque<Notice>,
+    next_query: u64,
+    /// When the owed decisions are next checked for re-delivery.
+    next_redeliver_ms: u64,
+}
+
+impl CoordinatorCore {
+    /// A core after a (re)start: `unacked` are the committed decisions the log still marks as owed acks.
+    pub fn new(config: CoreConfig, now_ms: u64, unacked: Vec<(TransferId, TransferRecord)>) -> Self {
+        assert!(config.shard_count > 0 && config.frame_items_max > 0 && config.transfers_in_flight_max > 0);
+        let shards = config.shard_count as usize;
+        let owed = unacked
+            .into_iter()
+            .map(|(id, record)| {
+                let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
+                let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked);
+                // Never sent by this incarnation: due at the first re-delivery check, or when a link comes up.
+                (id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: 0 })
+            })
+            .collect();
+        CoordinatorCore {
+            running: HashMap::new(),
+            owed,
+            outbox: vec![VecDeque::new(); shards],
+            links: vec![LinkState::Connecting; shards],
+            deadlines: VecDeque::new(),
+            log: Vec::new(),
+            barrier_issued: 0,
+            barrier_synced: 0,
+            sync_wanted: false,
+            after_sync: VecDeque::new(),
+            answers: VecDeque::new(),
+            notices: VecDeque::new(),
+            next_query: 0,
+            next_redeliver_ms: now_ms,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// A client asks for transfer `id`. `logged` is what the log holds for `id` (the shell reads it; it is only
+    /// consulted when `id` is not running here). On `Ok`, an [`Answer::Transfer`] for `id` follows.
+    pub fn handle_submit(
+        &mut self,
+        now_ms: u64,
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+        logged: Option<&TransferRecord>,
+    ) -> Result<(), SubmitError> {
+        if let Some(run) = self.running.get(&id) {
+            return if run.machine.transfer == transfer { Ok(()) } else { Err(SubmitError::IdempotencyConflict) };
+        }
+        if let Some(record) = logged {
+            if record.transfer != transfer {
+                return Err(SubmitError::IdempotencyConflict);
+            }
+            // A decision query may have written it a moment ago: answer only once it is surely durable.
+            let answer = Answer::Transfer { id, transfer, outcome: record.outcome };
+            self.after_next_sync(AfterSync::Answer(answer));
+            return Ok(());
+        }
+        if self.running.len() >= self.config.transfers_in_flight_max {
+            return Err(SubmitError::Overloaded);
+        }
+        let machine = TransferMachine::new(id, transfer, self.config.shard_count);
+        let shards = machine.shards();
+        self.running.insert(id, Run { machine, made_by: made_by.clone() });
+        self.deadlines.push_back((now_ms + self.config.prepare_timeout_ms, id));
+        for shard in shards {
+            self.want_link(shard);
+            let run = &self.running[&id];
+            let item = PrepareItem {
+                id,
+                transfer: run.machine.transfer.clone(),
+                postings: run.machine.transfer.postings_for(shard, self.config.shard_count),
+                coordinator_url: self.config.coordinator_url.clone(),
+            };
+            self.outbox[shard as usize].push_back(ToShard::Prepare { item, made_by: made_by.clone() });
+        }
+        Ok(())
+    }
+
+    /// Answers arrived from `shard`.
+    pub fn handle_replies(&mut self, now_ms: u64, shard: ShardId, replies: Vec<FromShard>) {
+        for reply in replies {
+            match reply {
+                FromShard::Vote { id, vote } => self.vote(id, shard, VoteResult::Vote(vote)),
+                FromShard::Ack { id, decision, ack } => self.ack(id, shard, decision, ack),
+                // Reads are routed by the shell; the core only orders them.
+                FromShard::Account { .. } => {}
+            }
+        }
+        let _ = now_ms;
+    }
+
+    /// The shell's link to `shard` came up (a fresh connection) or went down (closed, failed, silent, or could
+    /// not be opened).
+    pub fn handle_link(&mut self, now_ms: u64, shard: ShardId, up: bool) {
+        let s = shard as usize;
+        self.links[s] = if up { LinkState::Up } else { LinkState::Down };
+        if up {
+            // Decisions owed to this shard go first, before any new work or read on the fresh link: a shard
+            // that restarted must apply them before it answers a read, or a client could see money unmoved.
+            self.redeliver(now_ms, Some(shard), true);
+            return;
+        }
+        // Whatever was queued or in flight on the old link may be lost. Decisions stay owed and go again on
+        // the next link; a prepare round waiting for this shard ends now, as for a refused connection.
+        self.outbox[s].clear();
+        let waiting: Vec<TransferId> = self
+            .running
+            .iter()
+            .filter(|(_, run)| awaits_vote(&run.machine, shard))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.notices.push_back(Notice::ShardSilent { id, shard });
+            self.vote(id, shard, VoteResult::Unavailable);
+        }
+    }
+
+    /// A participant asks what became of `items`; `logged[i]` is what the log holds for item i. An
+    /// [`Answer::Queries`] with the returned number follows, once every answer is durable.
+    pub fn handle_query(&mut self, items: Vec<(DecisionQueryItem, Option<Outcome>)>) -> u64 {
+        self.next_query += 1;
+        let query = self.next_query;
+        let mut answers = Vec::with_capacity(items.len());
+        for (item, logged) in items {
+            let answer = match plan_query_answer(self.running.contains_key(&item.id), logged) {
+                QueryPlan::Answer(answer) => answer,
+                QueryPlan::LogAbortThenAnswer => {
+                    self.log.push(LogWrite::Decision {
+                        id: item.id,
+                        transfer: item.transfer,
+                        outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted),
+                        shards: Vec::new(),
+                        made_by: None,
+                    });
+                    self.notices.push_back(Notice::PresumedAbort { id: item.id });
+                    QueryAnswer::Abort
+                }
+            };
+            self.notices.push_back(Notice::QueryAnswered { answer });
+            answers.push(answer);
+        }
+        // Every answer waits for a sync, not only the presumed aborts: a commit or abort read from the log may
+        // itself not be durable yet.
+        self.after_next_sync(AfterSync::Answer(Answer::Queries { query, answers }));
+        query
+    }
+
+    /// Every log write handed out with barriers up to `barrier` is durable.
+    pub fn handle_synced(&mut self, now_ms: u64, barrier: u64) {
+        self.barrier_synced = self.barrier_synced.max(barrier);
+        while let Some((b, _)) = self.after_sync.front() {
+            if *b > self.barrier_synced {
+                break;
+            }
+            let Some((_, after)) = self.after_sync.pop_front() else { break };
+            match after {
+                AfterSync::Answer(answer) => self.answers.push_back(answer),
+                AfterSync::Decided(id) => self.decided(now_ms, id),
+            }
+        }
+    }
+
+    /// Time passed: prepare rounds past their deadline end, and owed decisions are sent again.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        while let Some(&(deadline, id)) = self.deadlines.front() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(run) = self.running.get_mut(&id) else { continue };
+            let silent: Vec<ShardId> =
+                (0..self.config.shard_count).filter(|s| awaits_vote(&run.machine, *s)).collect();
+            if let Some(outcome) = run.machine.on_prepare_timeout() {
+                for shard in silent {
+                    self.notices.push_back(Notice::ShardSilent { id, shard });
+                }
+                self.log_decision(id, outcome);
+            }
+        }
+        if now_ms >= self.next_redeliver_ms {
+            self.next_redeliver_ms = now_ms + (self.config.redeliver_after_ms / 2).max(1);
+            self.redeliver(now_ms, None, false);
+        }
+    }
+
+    /// Queues a read of `account` to `shard`, behind everything already queued there. If the link is lost
+    /// before it goes, the shell fails it.
+    pub fn queue_read(&mut self, shard: ShardId, read: u64, account: AccountId) {
+        self.want_link(shard);
+        self.outbox[shard as usize].push_back(ToShard::Read { read, account });
+    }
+
+    /// New work for a shard whose link is down: ask the shell to try connecting now, as a plain request would.
+    /// If that fails too, the work fails at once ([`CoordinatorCore::handle_link`] with `up: false`).
+    fn want_link(&mut self, shard: ShardId) {
+        if self.links[shard as usize] == LinkState::Down {
+            self.links[shard as usize] = LinkState::Connecting;
+            self.notices.push_back(Notice::LinkWanted { shard });
+        }
+    }
+
+    /// The next log writes to apply, with a barrier to sync when something waits on them.
+    pub fn poll_log(&mut self) -> Option<LogBatch> {
+        if self.log.is_empty() && !self.sync_wanted {
+            return None;
+        }
+        let sync = self.sync_wanted.then(|| {
+            self.sync_wanted = false;
+            self.barrier_issued += 1;
+            self.barrier_issued
+        });
+        Some(LogBatch { writes: std::mem::take(&mut self.log), sync })
+    }
+
+    /// The next frame to send: up to `frame_items_max` items for one shard, in order.
+    pub fn poll_transmit(&mut self) -> Option<(ShardId, Vec<ToShard>)> {
+        let max = self.config.frame_items_max;
+        let links = &self.links;
+        let (shard, queue) =
+            self.outbox.iter_mut().enumerate().find(|(s, q)| links[*s] == LinkState::Up && !q.is_empty())?;
+        let take = queue.len().min(max);
+        Some((shard as ShardId, queue.drain(..take).collect()))
+    }
+
+    pub fn poll_answer(&mut self) -> Option<Answer> {
+        self.answers.pop_front()
+    }
+
+    pub fn poll_notice(&mut self) -> Option<Notice> {
+        self.notices.pop_front()
+    }
+
+    /// When the shell must call [`CoordinatorCore::handle_timeout`] next, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let prepare = self.deadlines.front().map(|(at, _)| *at);
+        let redeliver = (!self.owed.is_empty()).then_some(self.next_redeliver_ms);
+        prepare.into_iter().chain(redeliver).min()
+    }
+
+    /// The transfer as it runs here (`None` once decided and answered: then the log knows it).
+    pub fn running(&self, id: &TransferId) -> Option<&Transfer> {
+        self.running.get(id).map(|r| &r.machine.transfer)
+    }
+
+    pub fn running_transfers(&self) -> impl Iterator<Item = (&TransferId, &Transfer)> {
+        self.running.iter().map(|(id, r)| (id, &r.machine.transfer))
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Decided transfers still owed an ack, oldest first.
+    pub fn owed(&self, now_ms: u64) -> Vec<OwedView> {
+        let mut list: Vec<OwedView> = self
+            .owed
+            .iter()
+            .filter_map(|(id, o)| match o.machine.phase() {
+                Phase::Decided { outcome, unacked } => Some(OwedView {
+                    id: *id,
+                    decision: decision_of(*outcome),
+                    age_ms: now_ms.saturating_sub(o.decided_at_ms),
+                    awaiting_shards: unacked.iter().copied().collect(),
+                }),
+                _ => None,
+            })
+            .collect();
+        list.sort_by_key(|o| (std::cmp::Reverse(o.age_ms), o.id));
+        list
+    }
+
+    pub fn owed_count(&self) -> usize {
+        self.owed.len()
+    }
+
+    fn after_next_sync(&mut self, after: AfterSync) {
+        self.sync_wanted = true;
+        self.after_sync.push_back((self.barrier_issued + 1, after));
+    }
+
+    fn vote(&mut self, id: TransferId, shard: ShardId, vote: VoteResult) {
+        let Some(run) = self.running.get_mut(&id) else {
+            return; // A vote after the decision changes nothing.
+        };
+        if let Some(outcome) = run.machine.on_vote(shard, vote) {
+            self.log_decision(id, outcome);
+        }
+    }
+
+    /// The outcome is chosen: it goes to the log, and nobody hears of it before the log is durable.
+    fn log_decision(&mut self, id: TransferId, outcome: Outcome) {
+        let run = &self.running[&id];
+        self.log.push(LogWrite::Decision {
+            id,
+            transfer: run.machine.transfer.clone(),
+            outcome,
+            shards: run.machine.transfer.shards(self.config.shard_count),
+            made_by: run.made_by.clone(),
+        });
+        self.after_next_sync(AfterSync::Decided(id));
+    }
+
+    /// The decision of `id` is durable: tell the client, and the shards that prepared.
+    fn decided(&mut self, now_ms: u64, id: TransferId) {
+        let Some(Run { mut machine, .. }) = self.running.remove(&id) else {
+            unreachable!("transfer {id} was logged while not running");
+        };
+        let (decision, targets) = machine.on_decision_logged();
+        let outcome = match machine.phase() {
+            Phase::Decided { outcome, .. } => *outcome,
+            other => unreachable!("transfer {id} is not decided after its decision was logged: {other:?}"),
+        };
+        self.answers.push_back(Answer::Transfer { id, transfer: machine.transfer.clone(), outcome });
+        if targets.is_empty() {
+            return;
+        }
+        for shard in &targets {
+            if self.links[*shard as usize] != LinkState::Down {
+                self.outbox[*shard as usize].push_back(ToShard::Decide { id, decision });
+            }
+        }
+        self.owed.insert(id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: now_ms });
+    }
+
+    fn ack(&mut self, id: TransferId, shard: ShardId, decision: Decision, ack: DecideAck) {
+        if ack == DecideAck::Refused {
+            self.notices.push_back(Notice::Refused { id, shard, decision });
+            return;
+        }
+        let Some(owed) = self.owed.get_mut(&id) else {
+            return; // A repeated ack, after the transfer ended.
+        };
+        if !owed.machine.unacked().contains(&shard) {
+            return;
+        }
+        if owed.machine.on_ack(shard) {
+            let owed = self.owed.remove(&id);
+            if let Some(Phase::Decided { outcome: Outcome::Committed, .. }) = owed.as_ref().map(|o| o.machine.phase()) {
+                self.log.push(LogWrite::End { id });
+            }
+        }
+    }
+
+    /// Queues owed decisions again: those unacknowledged for `redeliver_after_ms` (or all, when `all`), to
+    /// `only` shard or to every shard with a link.
+    fn redeliver(&mut self, now_ms: u64, only: Option<ShardId>, all: bool) {
+        let after = self.config.redeliver_after_ms;
+        let mut counts = vec![0usize; self.outbox.len()];
+        for (id, owed) in self.owed.iter_mut() {
+            if !all && now_ms.saturating_sub(owed.last_sent_ms) < after {
+                continue;
+            }
+            let Phase::Decided { outcome, unacked } = owed.machine.phase() else { continue };
+            let decision = decision_of(*outcome);
+            let mut sent = false;
+            for shard in unacked.iter().copied().filter(|s| only.is_none_or(|o| o == *s)) {
+                if self.links[shard as usize] == LinkState::Up {
+                    self.outbox[shard as usize].push_back(ToShard::Decide { id: *id, decision });
+                    counts[shard as usize] += 1;
+                    sent = true;
+                }
+            }
+            if sent {
+                owed.last_sent_ms = now_ms;
+            }
+        }
+        for (shard, count) in counts.into_iter().enumerate() {
+            if count > 0 {
+                self.notices.push_back(Notice::Redelivered { shard: shard as ShardId, count });
+            }
+        }
+    }
+}
+
+fn awaits_vote(machine: &TransferMachine, shard: ShardId) -> bool {
+    match machine.phase() {
+        Phase::Preparing { votes } => votes.iter().any(|(s, v)| *s == shard && v.is_none()),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Amount;
+    use crate::msg::RefusalReason;
+
+    fn config() -> CoreConfig {
+        CoreConfig {
+            shard_count: 2,
+            coordinator_url: "http://c".into(),
+            prepare_timeout_ms: 100,
+            redeliver_after_ms: 1_000,
+            transfers_in_flight_max: 8,
+            frame_items_max: 64,
+        }
+    }
+
+    /// alice and bob sit on different shards of two (pinned in the ledger tests).
+    fn transfer(amount: i64) -> Transfer {
+        let id = |s: &str| AccountId::new(s).expect("valid id");
+        Transfer { from: id("alice"), to: id("bob"), amount: Amount::new(amount).expect("positive") }
+    }
+
+    fn up(core: &mut CoordinatorCore) {
+        core.handle_link(0, 0, true);
+        core.handle_link(0, 1, true);
+    }
+
+    fn drain_frames(core: &mut CoordinatorCore) -> Vec<(ShardId, Vec<ToShard>)> {
+        std::iter::from_fn(|| core.poll_transmit()).collect()
+    }
+
+    fn vote_all(core: &mut CoordinatorCore, frames: &[(ShardId, Vec<ToShard>)], vote: Vote) {
+        for (shard, items) in frames {
+            let replies = items
+                .iter()
+                .filter_map(|i| match i {
+                    ToShard::Prepare { item, .. } => Some(FromShard::Vote { id: item.id, vote }),
+                    _ => None,
+                })
+                .collect();
+            core.handle_replies(0, *shard, replies);
+        }
+    }
+
+    #[test]
+    fn commit_is_answered_and_sent_only_after_the_log_is_durable() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        up(&mut core);
+        let id = TransferId::from_u128(1);
+        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        let frames = drain_frames(&mut core);
+        assert_eq!(frames.len(), 2, "a Prepare to each shard");
+        vote_all(&mut core, &frames, Vote::Yes);
+        let batch = core.poll_log().expect("the decision is logged");
+        assert!(matches!(batch.writes[..], [LogWrite::Decision { outcome: Outcome::Committed, .. }]));
+        assert!(core.poll_transmit().is_none() && core.poll_answer().is_none(), "nothing before the sync");
+        // A query meanwhile must hear pending, never abort.
+        let q = core.handle_query(vec![(DecisionQueryItem { id, transfer: transfer(5) }, None)]);
+        let barrier2 = core.poll_log().and_then(|b| b.sync).expect("the answer waits for a sync");
+        core.handle_synced(0, batch.sync.expect("a barrier"));
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Committed, .. })));
+        assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard");
+        core.handle_synced(0, barrier2);
+        assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers: vec![QueryAnswer::Pending] }));
+        for shard in 0..2 {
+            let ack = FromShard::Ack { id, decision: Decision::Commit, ack: DecideAck::Done };
+            core.handle_replies(0, shard, vec![ack]);
+        }
+        assert_eq!(core.poll_log().map(|b| b.writes), Some(vec![LogWrite::End { id }]));
+        assert_eq!(core.owed_count(), 0);
+    }
+
+    #[test]
+    fn a_silent_or_lost_shard_aborts_and_the_abort_is_redelivered_on_reconnect() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        up(&mut core);
+        let id = TransferId::from_u128(2);
+        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        drain_frames(&mut core);
+        core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::Yes }]);
+        core.handle_link(10, 1, false);
+        let batch = core.poll_log().expect("logged");
+        let aborted = Outcome::Aborted(AbortReason::ParticipantUnavailable);
+        assert!(matches!(&batch.writes[..], [LogWrite::Decision { outcome, .. }] if *outcome == aborted));
+        core.handle_synced(10, batch.sync.expect("barrier"));
+        // Only shard 0 prepared... but shard 1 may have too before the link broke: it is owed an abort.
+        let frames = drain_frames(&mut core);
+        assert_eq!(frames.len(), 1);
+        core.handle_link(20, 1, true);
+        let frames = drain_frames(&mut core);
+        assert_eq!(frames, vec![(1, vec![ToShard::Decide { id, decision: Decision::Abort }])]);
+    }
+
+    #[test]
+    fn the_prepare_deadline_aborts_and_refusals_carry_their_reason() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        up(&mut core);
+        let (a, b) = (TransferId::from_u128(3), TransferId::from_u128(4));
+        core.handle_submit(0, a, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, b, transfer(6), None, None).expect("taken");
+        core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::No(RefusalReason::InsufficientFunds) }]);
+        assert_eq!(core.poll_timeout(), Some(100));
+        core.handle_timeout(100);
+        let batch = core.poll_log().expect("both decided");
+        let outcomes: Vec<Outcome> = batch
+            .writes
+            .iter()
+            .map(|w| match w {
+                LogWrite::Decision { outcome, .. } => *outcome,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert!(outcomes.contains(&Outcome::Aborted(AbortReason::ParticipantUnavailable)));
+        assert!(outcomes.contains(&Outcome::Aborted(AbortReason::InsufficientFunds)));
+    }
+
+    #[test]
+    fn replays_conflicts_and_overload() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        up(&mut core);
+        let id = TransferId::from_u128(5);
+        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        assert_eq!(core.handle_submit(0, id, transfer(5), None, None), Ok(()), "joins the run");
+        assert_eq!(core.handle_submit(0, id, transfer(6), None, None), Err(SubmitError::IdempotencyConflict));
+        let record =
+            TransferRecord { transfer: transfer(7), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: 0 };
+        let other = TransferId::from_u128(6);
+        core.handle_submit(0, other, transfer(7), None, Some(&record)).expect("a replay");
+        let barrier = core.poll_log().and_then(|b| b.sync).expect("a replay waits for a sync");
+        core.handle_synced(0, barrier);
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, .. }) if id == other));
+        let mut small = config();
+        small.transfers_in_flight_max = 1;
+        let mut core = CoordinatorCore::new(small, 0, Vec::new());
+        up(&mut core);
+        core.handle_submit(0, TransferId::from_u128(7), transfer(1), None, None).expect("taken");
+        let refused = core.handle_submit(0, TransferId::from_u128(8), transfer(1), None, None);
+        assert_eq!(refused, Err(SubmitError::Overloaded));
+    }
+
+    #[test]
+    fn recovered_commits_are_sent_when_links_come_up() {
+        let id = TransferId::from_u128(9);
+        let record =
+            TransferRecord { transfer: transfer(3), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: 0 };
+        let mut core = CoordinatorCore::new(config(), 5_000, vec![(id, record)]);
+        assert_eq!(core.owed(5_000).len(), 1);
+        core.handle_link(5_000, 0, true);
+        let frames = drain_frames(&mut core);
+        assert_eq!(frames, vec![(0, vec![ToShard::Decide { id, decision: Decision::Commit }])]);
+        // An unknown transfer asked about is presumed aborted, in the log first.
+        let unknown = TransferId::from_u128(10);
+        let q = core.handle_query(vec![(DecisionQueryItem { id: unknown, transfer: transfer(1) }, None)]);
+        let batch = core.poll_log().expect("the abort is logged");
+        assert!(matches!(&batch.writes[..], [LogWrite::Decision { id, .. }] if *id == unknown));
+        core.handle_synced(5_000, batch.sync.expect("barrier"));
+        assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers: vec![QueryAnswer::Abort] }));
+    }
+}

@@ -1,0 +1,186 @@
+//! The participant's end of the coordinator's binary stream (`common::stream`): the upgrade route, and the
+//! loop that applies each frame's items in order, as one store batch under one lock, then answers once that
+//! batch is durable.
+//!
+//! Frames are pipelined: while one frame's fsync is under way the next is already applied in memory, and the
+//! group commit lets one fsync cover several frames. Replies leave in frame order, each only after every write
+//! before it is durable, so a YES vote or an ack is never sent for a write that a crash could still lose, and
+//! a read never shows what a crash could take back.
+
+use crate::server::{journal_decision, metric, persist};
+use crate::{journal, Node};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::crash;
+use common::http::{error_response, now_unix_ms};
+use common::stream::{self, Down, StreamError, Up};
+use futures::StreamExt;
+use protocol::coordinator_core::{FromShard, ToShard};
+use protocol::msg::{DecideAck, Vote};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+/// Frames applied in memory but not yet answered, per connection. Past it the loop stops reading, so a
+/// coordinator that sends faster than the disk syncs is slowed down rather than buffered without end.
+const PIPELINE_FRAMES_MAX: usize = 64;
+
+/// `GET /internal/stream` with `Upgrade: ledger-stream/1`. The cluster token and id were checked by the
+/// middleware before this runs.
+pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    let asked = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    if asked != Some(stream::UPGRADE_PROTOCOL) {
+        let message = format!("this route upgrades to {}", stream::UPGRADE_PROTOCOL);
+        return error_response(StatusCode::BAD_REQUEST, "bad_upgrade", message);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = tracing::info_span!("stream", shard = node.shard);
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => match serve(node, hyper_util::rt::TokioIo::new(upgraded)).await {
+                    Ok(()) | Err(StreamError::Closed) => tracing::debug!("stream closed"),
+                    Err(error) => tracing::warn!(%error, "stream closed"),
+                },
+                Err(error) => tracing::warn!(%error, "stream upgrade failed"),
+            }
+        }
+        .instrument(span),
+    );
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static(stream::UPGRADE_PROTOCOL));
+    response
+}
+
+/// A frame applied in memory, waiting to be answered.
+struct Applied {
+    /// Whether the frame wrote anything (or may repeat an answer for a write not yet durable).
+    needs_sync: bool,
+    prepared: bool,
+    decided: bool,
+    replies: Vec<FromShard>,
+}
+
+async fn serve<S>(node: Arc<Node>, io: S) -> Result<(), StreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut source) = stream::framed(io).split();
+    let (applied_tx, mut applied_rx) = mpsc::channel::<Applied>(PIPELINE_FRAMES_MAX);
+    let writer_node = node.clone();
+    let writer = tokio::spawn(async move {
+        use futures::SinkExt;
+        loop {
+            let next = tokio::time::timeout(stream::HEARTBEAT_INTERVAL, applied_rx.recv()).await;
+            let down = match next {
+                Err(_) => Down::Heartbeat,
+                Ok(None) => return Ok::<(), StreamError>(()),
+                Ok(Some(applied)) => {
+                    if applied.needs_sync {
+                        writer_node.store.sync().await.map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+                    }
+                    if applied.prepared {
+                        crash::point(crash::PARTICIPANT_PREPARE_FLUSHED);
+                    }
+                    if applied.decided {
+                        crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
+                    }
+                    Down::Replies(applied.replies)
+                }
+            };
+            sink.send(stream::encode(&down)).await?;
+        }
+    });
+    let result = read_loop(&node, &mut source, &applied_tx).await;
+    drop(applied_tx);
+    // Let the replies of frames already applied go out (they are durable-then-sent, never sent early).
+    let _ = writer.await;
+    result
+}
+
+async fn read_loop<S>(
+    node: &Node,
+    source: &mut futures::stream::SplitStream<stream::FramedStream<S>>,
+    applied: &mpsc::Sender<Applied>,
+) -> Result<(), StreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let frame = match tokio::time::timeout(stream::SILENCE_TIMEOUT, source.next()).await {
+            Err(_) => return Err(StreamError::Timeout),
+            Ok(None) => return Err(StreamError::Closed),
+            Ok(Some(frame)) => frame?,
+        };
+        let up: Up = stream::decode(&frame)?;
+        stream::check_up(&up)?;
+        let Up::Items(items) = up else { continue };
+        crash::point(crash::PARTICIPANT_FRAME_RECEIVED);
+        if items.iter().any(|i| matches!(i, ToShard::Prepare { item, .. } if item.postings.is_empty())) {
+            return Err(StreamError::Refused("a prepare item without postings".into()));
+        }
+        let frame = apply(node, items);
+        if applied.send(frame).await.is_err() {
+            return Err(StreamError::Closed);
+        }
+    }
+}
+
+/// Applies one frame's items in order, as one atomic store batch.
+fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
+    let prepared = items.iter().any(|i| matches!(i, ToShard::Prepare { .. }));
+    let decided = items.iter().any(|i| matches!(i, ToShard::Decide { .. }));
+    if prepared {
+        crash::point(crash::PARTICIPANT_PREPARE_RECEIVED);
+    }
+    if decided {
+        crash::point(crash::PARTICIPANT_DECIDE_RECEIVED);
+    }
+    let now = now_unix_ms();
+    let mut replies = Vec::with_capacity(items.len());
+    let mut state = node.machine();
+    let mut writes = Vec::with_capacity(items.len() * 3);
+    let mut extra = Vec::new();
+    for item in items {
+        match item {
+            ToShard::Prepare { item, made_by } => {
+                let vote = state.prepare(&item, now, &mut writes);
+                if let (Vote::Yes, Some(actor)) = (vote, made_by) {
+                    // Who asked, for the journal entries at commit.
+                    extra.push((journal::prefixed(journal::ACTOR, item.id.as_bytes()), Some(actor.into_bytes())));
+                }
+                let label = if vote == Vote::Yes { "yes" } else { "no" };
+                metrics::counter!(metric::VOTES, "vote" => label).increment(1);
+                tracing::debug_span!("transfer", transfer_id = %item.id).in_scope(|| tracing::debug!(?vote, "prepare"));
+                replies.push(FromShard::Vote { id: item.id, vote });
+            }
+            ToShard::Decide { id, decision } => {
+                let postings = state.prepared_transfer(&id).map(|p| p.postings.clone());
+                let ack = state.decide(id, decision, &mut writes);
+                if let (DecideAck::Done, Some(postings)) = (ack, postings) {
+                    journal_decision(node, &mut state, id, decision, &postings, None, now, &mut extra);
+                }
+                let span = tracing::info_span!("transfer", transfer_id = %id);
+                if ack == DecideAck::Refused {
+                    span.in_scope(|| tracing::error!(?decision, "decision contradicts this shard's state: refused"));
+                } else {
+                    span.in_scope(|| tracing::debug!(?decision, "decided"));
+                    let label = if decision == protocol::msg::Decision::Commit { "commit" } else { "abort" };
+                    metrics::counter!(metric::DECISIONS, "decision" => label).increment(1);
+                }
+                replies.push(FromShard::Ack { id, decision, ack });
+            }
+            ToShard::Read { read, account } => {
+                replies.push(FromShard::Account { read, account: state.account(&account) });
+            }
+        }
+    }
+    persist(node, &writes, &extra);
+    if prepared || decided {
+        metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
+    }
+    Applied { needs_sync: prepared || decided, prepared, decided, replies }
+}
