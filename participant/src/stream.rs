@@ -73,25 +73,36 @@ where
     let writer_node = node.clone();
     let writer = tokio::spawn(async move {
         use futures::SinkExt;
+        let mut ready = Vec::with_capacity(PIPELINE_FRAMES_MAX);
         loop {
-            let next = tokio::time::timeout(stream::HEARTBEAT_INTERVAL, applied_rx.recv()).await;
-            let down = match next {
-                Err(_) => Down::Heartbeat,
-                Ok(None) => return Ok::<(), StreamError>(()),
-                Ok(Some(applied)) => {
-                    if applied.needs_sync {
-                        writer_node.store.sync().await.map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
-                    }
-                    if applied.prepared {
-                        crash::point(crash::PARTICIPANT_PREPARE_FLUSHED);
-                    }
-                    if applied.decided {
-                        crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
-                    }
-                    Down::Replies(applied.replies)
+            match tokio::time::timeout(stream::HEARTBEAT_INTERVAL, applied_rx.recv()).await {
+                Err(_) => {
+                    sink.send(stream::encode(&Down::Heartbeat)).await?;
+                    continue;
                 }
-            };
-            sink.send(stream::encode(&down)).await?;
+                Ok(None) => return Ok::<(), StreamError>(()),
+                Ok(Some(first)) => ready.push(first),
+            }
+            // Every frame applied meanwhile shares this sync (group commit across frames).
+            while ready.len() < PIPELINE_FRAMES_MAX {
+                match applied_rx.try_recv() {
+                    Ok(next) => ready.push(next),
+                    Err(_) => break,
+                }
+            }
+            if ready.iter().any(|a| a.needs_sync) {
+                writer_node.store.sync().await.map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+            }
+            if ready.iter().any(|a| a.prepared) {
+                crash::point(crash::PARTICIPANT_PREPARE_FLUSHED);
+            }
+            if ready.iter().any(|a| a.decided) {
+                crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
+            }
+            for applied in ready.drain(..) {
+                sink.feed(stream::encode(&Down::Replies(applied.replies))).await?;
+            }
+            sink.flush().await?;
         }
     });
     let result = read_loop(&node, &mut source, &applied_tx).await;
