@@ -104,11 +104,13 @@ struct AppState {
     engine: Arc<Engine>,
     call_timeout: Duration,
     api_tokens: Option<Arc<ApiTokens>>,
+    rates: Arc<crate::rates::TransferRates>,
 }
 
 pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
     let api_tokens = config.api_tokens.clone().map(Arc::new);
-    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens };
+    let rates = Arc::default();
+    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens, rates };
     let admin = Router::new()
         .route("/accounts", post(create_account))
         .layer(middleware::from_fn_with_state(Role::Admin, require_role));
@@ -370,7 +372,9 @@ async fn create_transfer(
     let started = std::time::Instant::now();
     let fin = state.engine.submit(id, transfer, made_by).await?;
     tracing::debug!(transfer_id = %id, outcome = ?fin.outcome, "transfer answered");
-    metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(started.elapsed());
+    let took = started.elapsed();
+    metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(took);
+    state.rates.record(fin.outcome == Outcome::Committed, took);
     Ok(outcome_response(id, &fin))
 }
 
@@ -512,6 +516,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         "flush_waiters": s.waiters.load(Relaxed),
         "flush_micros": s.flush_micros.load(Relaxed),
         "in_doubt": state.engine.in_doubt().await.len(),
+        "transfers": state.rates.to_json(),
     }))
 }
 

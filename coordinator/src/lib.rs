@@ -7,6 +7,7 @@ mod api;
 mod audit;
 pub mod engine;
 mod participants;
+mod rates;
 pub mod wal;
 
 use common::auth::{ApiTokens, AuthConfigError, ClusterToken};
