@@ -17,6 +17,7 @@ use common::http::{error_response, now_unix_ms};
 use common::stream::{self, Down, StreamError, Up};
 use futures::StreamExt;
 use protocol::coordinator_core::{FromShard, ToShard};
+use protocol::participant_core::{apply_frame, frame_is_well_formed};
 use protocol::msg::{DecideAck, Vote};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -130,7 +131,7 @@ where
         stream::check_up(&up)?;
         let Up::Items(items) = up else { continue };
         crash::point(crash::PARTICIPANT_FRAME_RECEIVED);
-        if items.iter().any(|i| matches!(i, ToShard::Prepare { item, .. } if item.postings.is_empty())) {
+        if !frame_is_well_formed(&items) {
             return Err(StreamError::Refused("a prepare item without postings".into()));
         }
         let frame = apply(node, items);
@@ -140,7 +141,8 @@ where
     }
 }
 
-/// Applies one frame's items in order, as one atomic store batch.
+/// Applies one frame's items in order, as one atomic store batch (the rule is `apply_frame`'s), and journals
+/// what it settled.
 fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
     let prepared = items.iter().any(|i| matches!(i, ToShard::Prepare { .. }));
     let decided = items.iter().any(|i| matches!(i, ToShard::Decide { .. }));
@@ -151,47 +153,40 @@ fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
         crash::point(crash::PARTICIPANT_DECIDE_RECEIVED);
     }
     let now = now_unix_ms();
-    let mut replies = Vec::with_capacity(items.len());
     let mut state = node.machine();
     let mut writes = Vec::with_capacity(items.len() * 3);
     let mut extra = Vec::new();
-    for item in items {
-        match item {
-            ToShard::Prepare { item, made_by } => {
-                let vote = state.prepare(&item, now, &mut writes);
-                if let (Vote::Yes, Some(actor)) = (vote, made_by) {
-                    // Who asked, for the journal entries at commit.
-                    extra.push((journal::prefixed(journal::ACTOR, item.id.as_bytes()), Some(actor.into_bytes())));
-                }
-                let label = if vote == Vote::Yes { "yes" } else { "no" };
+    let frame = apply_frame(&mut state, items, now, &mut writes);
+    for (id, name) in frame.prepared_by {
+        // Who asked, for the journal entries at commit.
+        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), Some(name.into_bytes())));
+    }
+    for (id, decision, postings) in &frame.settled {
+        journal_decision(node, &mut state, *id, *decision, postings, None, now, &mut extra);
+    }
+    for reply in &frame.replies {
+        match reply {
+            FromShard::Vote { id, vote } => {
+                let label = if *vote == Vote::Yes { "yes" } else { "no" };
                 metrics::counter!(metric::VOTES, "vote" => label).increment(1);
-                tracing::debug_span!("transfer", transfer_id = %item.id).in_scope(|| tracing::debug!(?vote, "prepare"));
-                replies.push(FromShard::Vote { id: item.id, vote });
+                tracing::debug_span!("transfer", transfer_id = %id).in_scope(|| tracing::debug!(?vote, "prepare"));
             }
-            ToShard::Decide { id, decision } => {
-                let postings = state.prepared_transfer(&id).map(|p| p.postings.clone());
-                let ack = state.decide(id, decision, &mut writes);
-                if let (DecideAck::Done, Some(postings)) = (ack, postings) {
-                    journal_decision(node, &mut state, id, decision, &postings, None, now, &mut extra);
-                }
-                let span = tracing::info_span!("transfer", transfer_id = %id);
-                if ack == DecideAck::Refused {
+            FromShard::Ack { id, decision, ack } => {
+                let span = tracing::debug_span!("transfer", transfer_id = %id);
+                if *ack == DecideAck::Refused {
                     span.in_scope(|| tracing::error!(?decision, "decision contradicts this shard's state: refused"));
                 } else {
                     span.in_scope(|| tracing::debug!(?decision, "decided"));
-                    let label = if decision == protocol::msg::Decision::Commit { "commit" } else { "abort" };
+                    let label = if *decision == protocol::msg::Decision::Commit { "commit" } else { "abort" };
                     metrics::counter!(metric::DECISIONS, "decision" => label).increment(1);
                 }
-                replies.push(FromShard::Ack { id, decision, ack });
             }
-            ToShard::Read { read, account } => {
-                replies.push(FromShard::Account { read, account: state.account(&account) });
-            }
+            FromShard::Account { .. } => {}
         }
     }
     persist(node, &writes, &extra);
-    if prepared || decided {
+    if frame.needs_sync {
         metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
     }
-    Applied { needs_sync: prepared || decided, prepared, decided, replies }
+    Applied { needs_sync: frame.needs_sync, prepared, decided, replies: frame.replies }
 }

@@ -17,7 +17,7 @@ use crate::ledger::{AccountId, ShardId, Transfer, TransferId};
 use crate::msg::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
 use crate::state::{AbortReason, AccountRecord, Outcome, TransferRecord};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The core's settings (the shell's flags, in milliseconds).
 #[derive(Clone, Debug)]
@@ -183,8 +183,9 @@ pub struct OwedView {
 #[derive(Debug)]
 pub struct CoordinatorCore {
     config: CoreConfig,
-    running: HashMap<TransferId, Run>,
-    owed: HashMap<TransferId, Owed>,
+    // Ordered maps: the core must be deterministic (the simulator replays a seed exactly).
+    running: BTreeMap<TransferId, Run>,
+    owed: BTreeMap<TransferId, Owed>,
     /// Work queued per shard, in the order the shard must see it.
     outbox: Vec<VecDeque<ToShard>>,
     /// The state of the shell's link to each shard.
@@ -220,7 +221,7 @@ impl CoordinatorCore {
             })
             .collect();
         CoordinatorCore {
-            running: HashMap::new(),
+            running: BTreeMap::new(),
             owed,
             outbox: vec![VecDeque::new(); shards],
             links: vec![LinkState::Connecting; shards],
@@ -476,6 +477,16 @@ impl CoordinatorCore {
             .collect();
         list.sort_by_key(|o| (std::cmp::Reverse(o.age_ms), o.id));
         list
+    }
+
+    /// Nothing running, owed, queued or waiting for a sync: the state a healed, quiet cluster reaches.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty()
+            && self.owed.is_empty()
+            && self.after_sync.is_empty()
+            && self.log.is_empty()
+            && !self.sync_wanted
+            && self.outbox.iter().all(VecDeque::is_empty)
     }
 
     pub fn owed_count(&self) -> usize {

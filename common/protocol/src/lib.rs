@@ -12,4 +12,5 @@ pub mod coordinator_core;
 pub mod ledger;
 pub mod msg;
 pub mod participant;
+pub mod participant_core;
 pub mod state;

@@ -5,7 +5,7 @@
 //!
 //! Each seed builds a [`Cluster`]: one coordinator, two or three participants and a set of clients, all in
 //! one thread, in virtual time, driven by a seeded event queue (no sockets, no sleeps, no tokio). The nodes
-//! behave as `coordinator/src/engine.rs`, `participant/src/server.rs` and `participant/src/resolver.rs` do:
+//! behave as `coordinator/src/engine.rs`, `participant/src/stream.rs` and `participant/src/resolver.rs` do:
 //!
 //! - A participant applies the [`Write`]s its machine returns to a simulated disk. They become durable only at
 //!   the next flush, and it votes or acknowledges only after that flush (group commit: one flush releases every
@@ -13,13 +13,15 @@
 //!   prefix of them) and all in-memory state; the restart rebuilds the machine with
 //!   [`ParticipantMachine::restore`] from the durable records, and its resolver first asks about every
 //!   prepared transfer, then about those older than the in-doubt age, backing off while unanswered.
-//! - The coordinator runs each transfer's [`TransferMachine`]: it sends the Prepares, feeds the votes (a refused
-//!   connection or the prepare timeout counts as unavailable), writes the decision to its log, and sends it
-//!   only once a log flush has made it durable. It keeps decision records forever; committed ones carry an
-//!   "unacked" marker, removed (unflushed) after the last ack, that recovery uses to re-send commits. Decisions
-//!   still owed acks are re-sent periodically. Participants' queries are answered with
-//!   [`plan_query_answer`]; a presumed abort is logged and flushed before it is answered, and every answer
-//!   waits for a flush, as `answer_queries` does.
+//! - The coordinator is the real [`CoordinatorCore`], the one `coordinator/src/engine.rs` drives: every rule
+//!   (batching into frames, prepare deadlines, re-delivery, decision queries and presumed abort, idempotent
+//!   replays, recovery from the log) is the code that runs. The simulation only plays its shell: it applies
+//!   the core's log writes to a simulated log (durable at the next flush, then reported with
+//!   `handle_synced`), carries its frames over the faulty network, hands answers to clients and participants,
+//!   calls `handle_timeout` when the core asks, and tells it when a shard's link is up or down (a link drops
+//!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices).
+//! - A participant applies each frame with [`apply_frame`], the function the participant's stream shell
+//!   calls, and replies once the frame's writes are flushed.
 //! - Clients submit transfers (random accounts and amounts: some lack funds, some name missing accounts),
 //!   sometimes twice at once, and resubmit the same id while unanswered, as the API invites them to.
 //!
@@ -38,10 +40,11 @@
 //! meant to refuse), which the default run leaves out: see `reused_ids` below.
 
 use common::ledger::{AccountId, Amount, Posting, ShardId, Transfer, TransferId};
-use protocol::coordinator::{plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
+use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
+use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
+use protocol::coordinator_core::{self, Answer, CoordinatorCore, CoreConfig, FromShard, Notice, SubmitError, ToShard};
 use protocol::participant::{ParticipantMachine, Write};
-use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord};
-use common::wire::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
+use protocol::participant_core::apply_frame;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
@@ -52,9 +55,13 @@ use uuid::Uuid;
 // Timings in virtual milliseconds, after the shells' defaults.
 /// The coordinator's prepare round (`--prepare-timeout-ms`).
 const PREPARE_TIMEOUT: u64 = 2_000;
-/// The coordinator's re-delivery scan and the age at which an unacknowledged decision is sent again.
-const REDELIVER_SCAN: u64 = 500;
+/// The age at which an unacknowledged decision is sent again.
 const REDELIVER_AFTER: u64 = 1_000;
+/// How often the coordinator's links are looked at: a link to a crashed, restarted or cut-off shard drops
+/// about this long after the fact (the stream's heartbeats and silence timeout).
+const LINK_CHECK: u64 = 250;
+/// Items per frame: small, so frames split and the simulation sees batches of several frames.
+const FRAME_ITEMS_MAX: usize = 4;
 /// The participant's resolver: scan interval, in-doubt age (`--in-doubt-after-ms`), query timeout, backoff.
 const RESOLVER_SCAN: u64 = 500;
 const IN_DOUBT_AFTER: u64 = 3_000;
@@ -138,32 +145,16 @@ enum Msg {
         id: TransferId,
         answer: ClientAnswer,
     },
-    Prepare {
+    /// A frame on the coordinator's link to one life of a participant: a later life never reads it.
+    Frame {
         epoch: u64,
-        item: PrepareItem,
+        life: u64,
+        items: Vec<ToShard>,
     },
-    /// The participant was down: the coordinator's call fails at once.
-    PrepareRefused {
+    Replies {
         epoch: u64,
         shard: ShardId,
-        id: TransferId,
-    },
-    Vote {
-        epoch: u64,
-        shard: ShardId,
-        id: TransferId,
-        vote: Vote,
-    },
-    Decide {
-        epoch: u64,
-        id: TransferId,
-        decision: Decision,
-    },
-    Ack {
-        epoch: u64,
-        shard: ShardId,
-        id: TransferId,
-        ack: DecideAck,
+        replies: Vec<FromShard>,
     },
     Query {
         shard: ShardId,
@@ -190,11 +181,28 @@ impl Msg {
                 format!("Submit {} {}->{} {}", short(id), transfer.from, transfer.to, transfer.amount.minor())
             }
             Msg::Answer { id, answer } => format!("Answer {} {answer:?}", short(id)),
-            Msg::Prepare { epoch, item } => format!("Prepare e{epoch} {} {:?}", short(&item.id), item.postings),
-            Msg::PrepareRefused { epoch, shard, id } => format!("PrepareRefused e{epoch} P{shard} {}", short(id)),
-            Msg::Vote { epoch, shard, id, vote } => format!("Vote e{epoch} P{shard} {} {vote:?}", short(id)),
-            Msg::Decide { epoch, id, decision } => format!("Decide e{epoch} {} {decision:?}", short(id)),
-            Msg::Ack { epoch, shard, id, ack } => format!("Ack e{epoch} P{shard} {} {ack:?}", short(id)),
+            Msg::Frame { epoch, life, items } => {
+                let items: Vec<String> = items
+                    .iter()
+                    .map(|i| match i {
+                        ToShard::Prepare { item, .. } => format!("Prepare {} {:?}", short(&item.id), item.postings),
+                        ToShard::Decide { id, decision } => format!("{decision:?} {}", short(id)),
+                        ToShard::Read { read, .. } => format!("Read {read}"),
+                    })
+                    .collect();
+                format!("Frame e{epoch} l{life} {items:?}")
+            }
+            Msg::Replies { epoch, shard, replies } => {
+                let replies: Vec<String> = replies
+                    .iter()
+                    .map(|r| match r {
+                        FromShard::Vote { id, vote } => format!("Vote {} {vote:?}", short(id)),
+                        FromShard::Ack { id, ack, .. } => format!("Ack {} {ack:?}", short(id)),
+                        FromShard::Account { read, .. } => format!("Account {read}"),
+                    })
+                    .collect();
+                format!("Replies e{epoch} P{shard} {replies:?}")
+            }
             Msg::Query { shard, life, qid, items } => {
                 let ids: Vec<String> = items.iter().map(|i| short(&i.id)).collect();
                 format!("Query P{shard} l{life} q{qid} {ids:?}")
@@ -216,8 +224,11 @@ struct Envelope {
 enum Event {
     Deliver(Envelope),
     Flush { node: Node, life: u64 },
-    PrepareTimeout { epoch: u64, id: TransferId },
-    RedeliverTick { epoch: u64 },
+    /// The time the core asked to be called back at (`poll_timeout`).
+    CoordinatorTimer { epoch: u64, at: u64 },
+    LinkTick { epoch: u64 },
+    /// The core wants a link now (`Notice::LinkWanted`).
+    LinkCheck { epoch: u64, shard: ShardId },
     ResolverTick { shard: ShardId, life: u64 },
     QueryTimeout { shard: ShardId, life: u64, qid: u64 },
     ClientSubmit { intent: usize },
@@ -436,42 +447,58 @@ struct LogRecord {
     unacked_marker: bool,
 }
 
+impl LogRecord {
+    /// The record as the coordinator's log hands it to the core.
+    fn to_record(&self) -> TransferRecord {
+        let (transfer, outcome, shards) = (self.transfer.clone(), self.outcome, self.shards.clone());
+        TransferRecord { transfer, outcome, shards, decided_at_unix_ms: 0 }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum LogWrite {
     Put(TransferId, LogRecord),
     End(TransferId),
 }
 
-#[derive(Clone, Debug)]
-enum AfterLogFlush {
-    DecisionLogged(TransferId),
-    AnswerClient { id: TransferId, answer: ClientAnswer },
-    AnswerQuery { shard: ShardId, life: u64, qid: u64, answers: Vec<QueryAnswer> },
-}
-
-struct Run {
-    machine: TransferMachine,
-    /// Clients waiting for this transfer's final answer (the first submission and any joined duplicates).
-    waiters: usize,
-}
-
-struct Owed {
-    machine: TransferMachine,
-    last_sent: u64,
-}
-
 struct Coordinator {
-    up: bool,
+    /// The real core; `None` while the coordinator is down.
+    core: Option<CoordinatorCore>,
     /// Bumped at every crash.
     epoch: u64,
     durable: BTreeMap<TransferId, LogRecord>,
     /// The log as the process reads it: durable records plus unflushed writes.
     memory: BTreeMap<TransferId, LogRecord>,
     unflushed: Vec<LogWrite>,
-    after_flush: Vec<AfterLogFlush>,
+    /// The last sync barrier the core handed out: the next flush makes it durable.
+    barrier: u64,
     flush_scheduled: bool,
-    inflight: BTreeMap<TransferId, Run>,
-    owed: BTreeMap<TransferId, Owed>,
+    /// The shell's side of the core's answers: clients waiting per transfer, and whose query is which.
+    waiters: BTreeMap<TransferId, usize>,
+    queries: BTreeMap<u64, (ShardId, u64, u64)>,
+    /// Per shard, the participant life the link is connected to, if up.
+    links: Vec<Option<u64>>,
+    /// Per shard, the core asked for a link that is not up.
+    wanted: Vec<bool>,
+    /// The callback time last scheduled.
+    timer_at: Option<u64>,
+}
+
+impl Coordinator {
+    fn up(&self) -> bool {
+        self.core.is_some()
+    }
+}
+
+fn core_config(shard_count: u32) -> CoreConfig {
+    CoreConfig {
+        shard_count,
+        coordinator_url: COORDINATOR_URL.into(),
+        prepare_timeout_ms: PREPARE_TIMEOUT,
+        redeliver_after_ms: REDELIVER_AFTER,
+        transfers_in_flight_max: 1_000,
+        frame_items_max: FRAME_ITEMS_MAX,
+    }
 }
 
 /// One transfer a client wants made, and what it has heard.
@@ -617,15 +644,18 @@ impl Cluster {
             healed_at: None,
             isolated: BTreeSet::new(),
             coordinator: Coordinator {
-                up: true,
+                core: Some(CoordinatorCore::new(core_config(shard_count), 0, Vec::new())),
                 epoch: 0,
                 durable: BTreeMap::new(),
                 memory: BTreeMap::new(),
                 unflushed: Vec::new(),
-                after_flush: Vec::new(),
+                barrier: 0,
                 flush_scheduled: false,
-                inflight: BTreeMap::new(),
-                owed: BTreeMap::new(),
+                waiters: BTreeMap::new(),
+                queries: BTreeMap::new(),
+                links: vec![None; shard_count as usize],
+                wanted: vec![false; shard_count as usize],
+                timer_at: None,
             },
             participants,
             intents: Vec::new(),
@@ -641,7 +671,7 @@ impl Cluster {
             digest: 0xcbf2_9ce4_8422_2325,
         };
         cluster.plan_workload();
-        cluster.schedule(0, Event::RedeliverTick { epoch: 0 });
+        cluster.schedule(0, Event::LinkTick { epoch: 0 });
         for s in 0..shard_count {
             cluster.schedule(0, Event::ResolverTick { shard: s, life: 0 });
         }
@@ -782,7 +812,7 @@ impl Cluster {
                 Ok(Some(env.to))
             }
             Event::Flush { node: Node::Coordinator, life } => {
-                if self.coordinator.up && self.coordinator.epoch == life {
+                if self.coordinator.up() && self.coordinator.epoch == life {
                     self.coordinator_flush()?;
                 }
                 Ok(Some(Node::Coordinator))
@@ -794,23 +824,29 @@ impl Cluster {
                 Ok(Some(Node::Participant(s)))
             }
             Event::Flush { node: Node::Client, .. } => Err("clients have no disk".into()),
-            Event::PrepareTimeout { epoch, id } => {
-                if self.coordinator.up && self.coordinator.epoch == epoch {
-                    let decided = match self.coordinator.inflight.get_mut(&id) {
-                        Some(run) => run.machine.on_prepare_timeout(),
-                        None => None,
-                    };
-                    if let Some(outcome) = decided {
-                        self.note(|| format!("C prepare timeout t{} -> {outcome:?}", id.as_u128() & 0xffff));
-                        self.log_decision(id, outcome);
+            Event::CoordinatorTimer { epoch, at } => {
+                let c = &mut self.coordinator;
+                if c.epoch == epoch && c.timer_at == Some(at) {
+                    c.timer_at = None;
+                    if let Some(core) = c.core.as_mut() {
+                        core.handle_timeout(self.now);
+                        self.drive_coordinator()?;
                     }
                 }
                 Ok(Some(Node::Coordinator))
             }
-            Event::RedeliverTick { epoch } => {
-                if self.coordinator.up && self.coordinator.epoch == epoch {
-                    self.redeliver();
-                    self.schedule(self.now + REDELIVER_SCAN, Event::RedeliverTick { epoch });
+            Event::LinkTick { epoch } => {
+                if self.coordinator.up() && self.coordinator.epoch == epoch {
+                    for shard in 0..self.shard_count {
+                        self.check_link(shard)?;
+                    }
+                    self.schedule(self.now + LINK_CHECK, Event::LinkTick { epoch });
+                }
+                Ok(None)
+            }
+            Event::LinkCheck { epoch, shard } => {
+                if self.coordinator.up() && self.coordinator.epoch == epoch {
+                    self.check_link(shard)?;
                 }
                 Ok(None)
             }
@@ -860,7 +896,7 @@ impl Cluster {
                 self.faults = Faults::none();
                 self.isolated.clear();
                 let down: Vec<Node> = std::iter::once(Node::Coordinator)
-                    .filter(|_| !self.coordinator.up)
+                    .filter(|_| !self.coordinator.up())
                     .chain(self.participants.iter().filter(|p| p.machine.is_none()).map(|p| Node::Participant(p.shard)))
                     .collect();
                 for node in down {
@@ -899,7 +935,7 @@ impl Cluster {
 
     fn crash(&mut self, node: Node) -> Check {
         match node {
-            Node::Coordinator if self.coordinator.up => {
+            Node::Coordinator if self.coordinator.up() => {
                 self.stats.coordinator_crashes += 1;
                 let keep = self.torn_prefix(self.coordinator.unflushed.len());
                 let kept: Vec<LogWrite> = self.coordinator.unflushed.drain(..).take(keep).collect();
@@ -907,13 +943,15 @@ impl Cluster {
                     self.make_durable(write)?;
                 }
                 let c = &mut self.coordinator;
-                c.up = false;
+                c.core = None;
                 c.epoch += 1;
                 c.memory = c.durable.clone();
-                c.after_flush.clear();
                 c.flush_scheduled = false;
-                c.inflight.clear();
-                c.owed.clear();
+                c.waiters.clear();
+                c.queries.clear();
+                c.links.iter_mut().for_each(|l| *l = None);
+                c.wanted.iter_mut().for_each(|w| *w = false);
+                c.timer_at = None;
                 self.note(|| format!("crash C (kept {keep} unflushed writes)"));
             }
             Node::Participant(s) if self.participants[s as usize].machine.is_some() => {
@@ -947,23 +985,22 @@ impl Cluster {
 
     fn restart(&mut self, node: Node) -> Check {
         match node {
-            Node::Coordinator if !self.coordinator.up => {
-                // `Engine::recover`: every commit still marked unacked is owed to all its shards, re-sent at once.
+            Node::Coordinator if !self.coordinator.up() => {
+                // `Engine::start`: every commit still marked unacked is owed to all its shards.
                 let c = &mut self.coordinator;
-                c.up = true;
                 c.memory = c.durable.clone();
-                let long_ago = self.now.saturating_sub(REDELIVER_AFTER);
-                for (id, record) in &c.durable {
-                    if record.unacked_marker {
-                        let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
-                        let machine = TransferMachine::recovered(*id, record.transfer.clone(), record.outcome, unacked);
-                        c.owed.insert(*id, Owed { machine, last_sent: long_ago });
-                        self.stats.recovered_commits += 1;
-                    }
-                }
+                let unacked: Vec<(TransferId, TransferRecord)> = c
+                    .durable
+                    .iter()
+                    .filter(|(_, r)| r.unacked_marker)
+                    .map(|(id, r)| (*id, r.to_record()))
+                    .collect();
+                self.stats.recovered_commits += unacked.len() as u64;
+                c.core = Some(CoordinatorCore::new(core_config(self.shard_count), self.now, unacked));
                 let epoch = c.epoch;
                 self.note(|| format!("restart C as e{epoch}"));
-                self.schedule(self.now, Event::RedeliverTick { epoch });
+                self.schedule(self.now, Event::LinkTick { epoch });
+                self.drive_coordinator()?;
             }
             Node::Participant(s) if self.participants[s as usize].machine.is_none() => {
                 let p = &mut self.participants[s as usize];
@@ -982,10 +1019,14 @@ impl Cluster {
     }
 
     // ---------------------------------------------------------------------------------------------------------
-    // The coordinator, as `coordinator/src/engine.rs`.
+    // The coordinator: the real core, and the shell's part of `coordinator/src/engine.rs`.
+
+    fn core(&mut self) -> &mut CoordinatorCore {
+        self.coordinator.core.as_mut().expect("only a running coordinator is driven")
+    }
 
     fn coordinator_receive(&mut self, from: Node, msg: Msg) -> Check {
-        if !self.coordinator.up {
+        if !self.coordinator.up() {
             // Connection refused, or no answer before the caller's timeout.
             if let (Msg::Query { life, qid, .. }, Node::Participant(s)) = (&msg, from) {
                 if self.rng.chance(0.5) {
@@ -995,155 +1036,160 @@ impl Cluster {
             return Ok(());
         }
         let epoch = self.coordinator.epoch;
+        let now = self.now;
         match msg {
-            Msg::Submit { id, transfer } => self.submit(id, transfer),
-            Msg::Vote { epoch: e, shard, id, vote } if e == epoch => self.on_vote(id, shard, VoteResult::Vote(vote)),
-            Msg::PrepareRefused { epoch: e, shard, id } if e == epoch => {
-                self.on_vote(id, shard, VoteResult::Unavailable)
+            Msg::Submit { id, transfer } => {
+                let logged = match self.core().running(&id) {
+                    Some(_) => None,
+                    None => self.coordinator.memory.get(&id).map(LogRecord::to_record),
+                };
+                match self.core().handle_submit(now, id, transfer, None, logged.as_ref()) {
+                    Ok(()) => *self.coordinator.waiters.entry(id).or_default() += 1,
+                    Err(SubmitError::IdempotencyConflict) => {
+                        self.stats.conflicts += 1;
+                        self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Conflict });
+                    }
+                    Err(SubmitError::Overloaded) => {} // the client retries
+                }
             }
-            Msg::Ack { epoch: e, shard, id, ack } if e == epoch => self.on_ack(id, shard, ack)?,
-            Msg::Vote { .. } | Msg::PrepareRefused { .. } | Msg::Ack { .. } => {} // for an earlier incarnation
-            Msg::Query { shard, life, qid, items } => self.answer_queries(shard, life, qid, items),
+            Msg::Replies { epoch: e, shard, replies } if e == epoch => self.core().handle_replies(now, shard, replies),
+            Msg::Replies { .. } => {} // for an earlier incarnation
+            Msg::Query { shard, life, qid, items } => {
+                let asked: Vec<(DecisionQueryItem, Option<Outcome>)> = items
+                    .into_iter()
+                    .map(|item| {
+                        let logged = self.coordinator.memory.get(&item.id).map(|r| r.outcome);
+                        (item, logged)
+                    })
+                    .collect();
+                let query = self.core().handle_query(asked);
+                self.coordinator.queries.insert(query, (shard, life, qid));
+            }
             other => return Err(format!("the coordinator got a message it never receives: {other:?}")),
         }
-        Ok(())
+        self.drive_coordinator()
     }
 
-    /// `Engine::claim`: join the run in progress, or answer from the log, or start the prepare round.
-    fn submit(&mut self, id: TransferId, transfer: Transfer) {
-        let c = &mut self.coordinator;
-        if let Some(run) = c.inflight.get_mut(&id) {
-            if run.machine.transfer != transfer {
-                self.stats.conflicts += 1;
-                self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Conflict });
-            } else {
-                run.waiters += 1;
-            }
-            return;
-        }
-        if let Some(record) = c.memory.get(&id) {
-            let answer =
-                if record.transfer != transfer { ClientAnswer::Conflict } else { ClientAnswer::Final(record.outcome) };
-            if answer == ClientAnswer::Conflict {
-                self.stats.conflicts += 1;
-                self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
-            } else {
-                // It may have been written by a decision query a moment ago: answer once it is on disk.
-                c.after_flush.push(AfterLogFlush::AnswerClient { id, answer });
-                self.schedule_flush(Node::Coordinator);
-            }
-            return;
-        }
-        let machine = TransferMachine::new(id, transfer.clone(), self.shard_count);
-        let epoch = c.epoch;
-        let shards = machine.shards();
-        c.inflight.insert(id, Run { machine, waiters: 1 });
-        for shard in shards {
-            let item = PrepareItem {
-                id,
-                transfer: transfer.clone(),
-                postings: transfer.postings_for(shard, self.shard_count),
-                coordinator_url: COORDINATOR_URL.into(),
-            };
-            self.send(Node::Coordinator, Node::Participant(shard), Msg::Prepare { epoch, item });
-        }
-        self.schedule(self.now + PREPARE_TIMEOUT, Event::PrepareTimeout { epoch, id });
+    /// The life of `shard` the coordinator could hold a connection to now: both up, neither cut off.
+    fn reachable(&self, shard: ShardId) -> Option<u64> {
+        let p = &self.participants[shard as usize];
+        let cut = self.isolated.contains(&Node::Coordinator) || self.isolated.contains(&Node::Participant(shard));
+        (p.machine.is_some() && !cut).then_some(p.life)
     }
 
-    fn on_vote(&mut self, id: TransferId, shard: ShardId, vote: VoteResult) {
-        let Some(run) = self.coordinator.inflight.get_mut(&id) else {
-            return; // decided and gone: a late or repeated vote changes nothing
-        };
-        if let Some(outcome) = run.machine.on_vote(shard, vote) {
-            self.log_decision(id, outcome);
-        }
-    }
-
-    /// Forces the decision to the log; it is sent once the flush completes.
-    fn log_decision(&mut self, id: TransferId, outcome: Outcome) {
-        let c = &mut self.coordinator;
-        let transfer = c.inflight[&id].machine.transfer.clone();
-        let record = LogRecord {
-            shards: transfer.shards(self.shard_count),
-            transfer,
-            outcome,
-            unacked_marker: outcome == Outcome::Committed,
-        };
-        c.memory.insert(id, record.clone());
-        c.unflushed.push(LogWrite::Put(id, record));
-        c.after_flush.push(AfterLogFlush::DecisionLogged(id));
-        self.schedule_flush(Node::Coordinator);
-    }
-
-    fn on_ack(&mut self, id: TransferId, shard: ShardId, ack: DecideAck) -> Check {
-        if ack == DecideAck::Refused {
-            return Err(format!("P{shard} refused the decision on {id}: the shard and the coordinator disagree"));
-        }
-        let c = &mut self.coordinator;
-        let Some(owed) = c.owed.get_mut(&id) else {
-            return Ok(());
-        };
-        if !owed.machine.on_ack(shard) {
-            return Ok(());
-        }
-        let owed = c.owed.remove(&id).expect("present a moment ago");
-        if let Phase::Decided { outcome: Outcome::Committed, .. } = owed.machine.phase() {
-            // Not flushed: if the end is lost, recovery re-sends a commit the shards acknowledge idempotently.
-            if let Some(record) = c.memory.get_mut(&id) {
-                record.unacked_marker = false;
-            }
-            c.unflushed.push(LogWrite::End(id));
-        }
-        Ok(())
-    }
-
-    fn redeliver(&mut self) {
-        let epoch = self.coordinator.epoch;
+    /// What the link task sees: a link to a life that is gone or cut off drops; a reachable shard gets a link;
+    /// a wanted link to an unreachable shard fails at once.
+    fn check_link(&mut self, shard: ShardId) -> Check {
+        let reachable = self.reachable(shard);
+        let s = shard as usize;
+        let current = self.coordinator.links[s];
         let now = self.now;
-        let mut sends = Vec::new();
-        for (id, owed) in self.coordinator.owed.iter_mut() {
-            if now.saturating_sub(owed.last_sent) < REDELIVER_AFTER {
-                continue;
-            }
-            owed.last_sent = now;
-            if let Phase::Decided { outcome, unacked } = owed.machine.phase() {
-                let decision = protocol::coordinator::decision_of(*outcome);
-                for shard in unacked {
-                    sends.push((*shard, Msg::Decide { epoch, id: *id, decision }));
+        if current.is_some() && current != reachable {
+            self.note(|| format!("C link to P{shard} down"));
+            self.coordinator.links[s] = None;
+            self.core().handle_link(now, shard, false);
+        }
+        if self.coordinator.links[s].is_none() {
+            match reachable {
+                Some(life) => {
+                    self.note(|| format!("C link to P{shard} up (l{life})"));
+                    self.coordinator.links[s] = Some(life);
+                    self.core().handle_link(now, shard, true);
                 }
+                None if self.coordinator.wanted[s] => self.core().handle_link(now, shard, false),
+                None => {}
             }
+            self.coordinator.wanted[s] = false;
         }
-        for (shard, msg) in sends {
-            self.stats.redeliveries += 1;
-            self.send(Node::Coordinator, Node::Participant(shard), msg);
-        }
+        self.drive_coordinator()
     }
 
-    /// `Engine::answer_queries`: never abort what may still commit; log a presumed abort before saying it.
-    fn answer_queries(&mut self, shard: ShardId, life: u64, qid: u64, items: Vec<DecisionQueryItem>) {
-        let c = &mut self.coordinator;
-        let mut answers = Vec::with_capacity(items.len());
-        for item in items {
-            let logged = c.memory.get(&item.id).map(|r| r.outcome);
-            let answer = match plan_query_answer(c.inflight.contains_key(&item.id), logged) {
-                QueryPlan::Answer(answer) => answer,
-                QueryPlan::LogAbortThenAnswer => {
-                    self.stats.presumed_aborts += 1;
-                    let record = LogRecord {
-                        transfer: item.transfer,
-                        outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted),
-                        shards: Vec::new(),
-                        unacked_marker: false,
-                    };
-                    c.memory.insert(item.id, record.clone());
-                    c.unflushed.push(LogWrite::Put(item.id, record));
-                    QueryAnswer::Abort
+    /// Carries out what the core asks for, as the engine's `drive` does.
+    fn drive_coordinator(&mut self) -> Check {
+        let epoch = self.coordinator.epoch;
+        loop {
+            let mut progressed = false;
+            while let Some(batch) = self.core().poll_log() {
+                progressed = true;
+                for write in batch.writes {
+                    match write {
+                        coordinator_core::LogWrite::Decision { id, transfer, outcome, shards, .. } => {
+                            match outcome {
+                                Outcome::Committed => self.stats.committed += 1,
+                                Outcome::Aborted(AbortReason::ParticipantUnavailable) => {
+                                    self.stats.aborted_unavailable += 1
+                                }
+                                Outcome::Aborted(AbortReason::CoordinatorRestarted) => {}
+                                Outcome::Aborted(_) => self.stats.aborted_refused += 1,
+                            }
+                            let unacked_marker = outcome == Outcome::Committed;
+                            let record = LogRecord { transfer, outcome, shards, unacked_marker };
+                            self.coordinator.memory.insert(id, record.clone());
+                            self.coordinator.unflushed.push(LogWrite::Put(id, record));
+                        }
+                        coordinator_core::LogWrite::End { id } => {
+                            // Not flushed: if the end is lost, recovery re-sends a commit acknowledged idempotently.
+                            if let Some(record) = self.coordinator.memory.get_mut(&id) {
+                                record.unacked_marker = false;
+                            }
+                            self.coordinator.unflushed.push(LogWrite::End(id));
+                        }
+                    }
                 }
-            };
-            answers.push(answer);
+                if let Some(barrier) = batch.sync {
+                    self.coordinator.barrier = barrier;
+                    self.schedule_flush(Node::Coordinator);
+                }
+            }
+            while let Some((shard, items)) = self.core().poll_transmit() {
+                progressed = true;
+                let life = self.coordinator.links[shard as usize]
+                    .ok_or_else(|| format!("the core sent a frame to P{shard} without a link"))?;
+                self.send(Node::Coordinator, Node::Participant(shard), Msg::Frame { epoch, life, items });
+            }
+            while let Some(answer) = self.core().poll_answer() {
+                progressed = true;
+                match answer {
+                    Answer::Transfer { id, outcome, .. } => {
+                        let waiters = self.coordinator.waiters.remove(&id).unwrap_or(0);
+                        for _ in 0..waiters {
+                            let answer = ClientAnswer::Final(outcome);
+                            self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
+                        }
+                    }
+                    Answer::Queries { query, answers } => {
+                        if let Some((shard, life, qid)) = self.coordinator.queries.remove(&query) {
+                            let answers = Msg::Answers { life, qid, answers };
+                            self.send(Node::Coordinator, Node::Participant(shard), answers);
+                        }
+                    }
+                }
+            }
+            while let Some(notice) = self.core().poll_notice() {
+                match notice {
+                    Notice::Refused { id, shard, decision } => {
+                        return Err(format!("P{shard} refused {decision:?} on {id}: the shard and the coordinator disagree"));
+                    }
+                    Notice::PresumedAbort { .. } => self.stats.presumed_aborts += 1,
+                    Notice::Redelivered { count, .. } => self.stats.redeliveries += count as u64,
+                    Notice::LinkWanted { shard } => {
+                        self.coordinator.wanted[shard as usize] = true;
+                        self.schedule(self.now + 1, Event::LinkCheck { epoch, shard });
+                    }
+                    Notice::QueryAnswered { .. } | Notice::ShardSilent { .. } => {}
+                }
+            }
+            if !progressed {
+                break;
+            }
         }
-        c.after_flush.push(AfterLogFlush::AnswerQuery { shard, life, qid, answers });
-        self.schedule_flush(Node::Coordinator);
+        if let Some(at) = self.core().poll_timeout() {
+            if self.coordinator.timer_at != Some(at) {
+                self.coordinator.timer_at = Some(at);
+                self.schedule(at.max(self.now), Event::CoordinatorTimer { epoch, at });
+            }
+        }
+        Ok(())
     }
 
     fn coordinator_flush(&mut self) -> Check {
@@ -1160,19 +1206,10 @@ impl Cluster {
             self.note(|| "C crashes after flushing, before answering".into());
             return self.crash_and_schedule_restart(Node::Coordinator);
         }
-        let after = std::mem::take(&mut self.coordinator.after_flush);
-        for action in after {
-            match action {
-                AfterLogFlush::DecisionLogged(id) => self.decision_logged(id)?,
-                AfterLogFlush::AnswerClient { id, answer } => {
-                    self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
-                }
-                AfterLogFlush::AnswerQuery { shard, life, qid, answers } => {
-                    self.send(Node::Coordinator, Node::Participant(shard), Msg::Answers { life, qid, answers });
-                }
-            }
-        }
-        Ok(())
+        // Everything written before this flush is durable: so is every barrier handed out so far.
+        let (now, barrier) = (self.now, self.coordinator.barrier);
+        self.core().handle_synced(now, barrier);
+        self.drive_coordinator()
     }
 
     /// One log write reaches the disk. A durable outcome never changes; a durable commit is money in flight
@@ -1189,33 +1226,6 @@ impl Cluster {
             }
         }
         apply_log_write(&mut self.coordinator.durable, write);
-        Ok(())
-    }
-
-    /// The decision is durable: answer the clients, then send it to every shard that may hold the transfer.
-    fn decision_logged(&mut self, id: TransferId) -> Check {
-        let c = &mut self.coordinator;
-        let mut run = c.inflight.remove(&id).ok_or_else(|| format!("decision for {id} logged with no run"))?;
-        let outcome = match run.machine.phase() {
-            Phase::Logging { outcome, .. } => *outcome,
-            other => return Err(format!("decision for {id} logged in phase {other:?}")),
-        };
-        let (decision, targets) = run.machine.on_decision_logged();
-        match outcome {
-            Outcome::Committed => self.stats.committed += 1,
-            Outcome::Aborted(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
-            Outcome::Aborted(_) => self.stats.aborted_refused += 1,
-        }
-        let epoch = c.epoch;
-        if !targets.is_empty() {
-            c.owed.insert(id, Owed { machine: run.machine, last_sent: self.now });
-        }
-        for shard in targets {
-            self.send(Node::Coordinator, Node::Participant(shard), Msg::Decide { epoch, id, decision });
-        }
-        for _ in 0..run.waiters {
-            self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Final(outcome) });
-        }
         Ok(())
     }
 
@@ -1251,29 +1261,16 @@ impl Cluster {
         let p = &mut self.participants[s as usize];
         let life = p.life;
         let Some(machine) = p.machine.as_mut() else {
-            if let Msg::Prepare { epoch, item } = &msg {
-                if self.rng.chance(0.5) {
-                    let refused = Msg::PrepareRefused { epoch: *epoch, shard: s, id: item.id };
-                    self.send(Node::Participant(s), Node::Coordinator, refused);
-                }
-            }
             return Ok(());
         };
         match msg {
-            Msg::Prepare { epoch, item } => {
+            Msg::Frame { life: l, .. } if l != life => Ok(()), // a connection to an earlier life
+            Msg::Frame { epoch, items, .. } => {
                 let mut writes = Vec::new();
-                let vote = machine.prepare(&item, now, &mut writes);
+                // Replies always wait for the flush: a repeated Prepare may answer YES for a write not yet on disk.
+                let applied = apply_frame(machine, items, now, &mut writes);
                 machine.check_invariants();
-                // Always wait for the flush: a repeated Prepare may answer YES for a write not yet on disk.
-                let reply = Msg::Vote { epoch, shard: s, id: item.id, vote };
-                let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
-                self.persist(s, writes, AfterParticipantFlush::Reply(to))
-            }
-            Msg::Decide { epoch, id, decision } => {
-                let mut writes = Vec::new();
-                let ack = machine.decide(id, decision, &mut writes);
-                machine.check_invariants();
-                let reply = Msg::Ack { epoch, shard: s, id, ack };
+                let reply = Msg::Replies { epoch, shard: s, replies: applied.replies };
                 let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
                 self.persist(s, writes, AfterParticipantFlush::Reply(to))
             }
@@ -1483,10 +1480,7 @@ impl Cluster {
     fn quiescent(&self) -> bool {
         let c = &self.coordinator;
         self.messages_in_flight == 0
-            && c.up
-            && c.inflight.is_empty()
-            && c.owed.is_empty()
-            && c.after_flush.is_empty()
+            && c.core.as_ref().is_some_and(CoordinatorCore::is_idle)
             && self.intents.iter().all(|i| i.answer.is_some())
             && self.participants.iter().all(|p| {
                 p.machine.as_ref().is_some_and(|m| m.prepared().next().is_none())
@@ -1578,11 +1572,11 @@ impl Cluster {
         let prepared: Vec<usize> =
             self.participants.iter().map(|p| p.machine.as_ref().map_or(usize::MAX, |m| m.prepared().count())).collect();
         format!(
-            "coordinator up={} inflight={} owed={}; unanswered clients={unanswered}; prepared per shard={prepared:?}; \
+            "coordinator up={} running={} owed={}; unanswered clients={unanswered}; prepared per shard={prepared:?}; \
              messages in flight={}",
-            c.up,
-            c.inflight.len(),
-            c.owed.len(),
+            c.up(),
+            c.core.as_ref().map_or(0, CoordinatorCore::running_count),
+            c.core.as_ref().map_or(0, CoordinatorCore::owed_count),
             self.messages_in_flight
         )
     }
@@ -1634,11 +1628,8 @@ fn discriminant(msg: &Msg) -> u64 {
     match msg {
         Msg::Submit { .. } => 1,
         Msg::Answer { .. } => 2,
-        Msg::Prepare { .. } => 3,
-        Msg::PrepareRefused { .. } => 4,
-        Msg::Vote { .. } => 5,
-        Msg::Decide { .. } => 6,
-        Msg::Ack { .. } => 7,
+        Msg::Frame { .. } => 3,
+        Msg::Replies { .. } => 5,
         Msg::Query { .. } => 8,
         Msg::QueryRefused { .. } => 9,
         Msg::Answers { .. } => 10,
