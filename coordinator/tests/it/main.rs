@@ -7,4 +7,5 @@ mod crash;
 mod fuzz;
 mod harness;
 mod load;
+mod partition;
 mod security;
