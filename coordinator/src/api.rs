@@ -494,13 +494,7 @@ async fn transactions(
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
     let checks = state.engine.participants.iter().map(|client| async move {
-        let up = client
-            .http()
-            .get(format!("{}/health", client.url))
-            .timeout(HEALTH_TIMEOUT)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
+        let up = client.is_up(HEALTH_TIMEOUT).await;
         json!({"shard": client.shard, "url": client.url, "up": up})
     });
     let participants = futures::future::join_all(checks).await;

@@ -248,13 +248,7 @@ impl Engine {
     pub async fn probe_participants_forever(self: Arc<Self>) {
         loop {
             for client in &self.participants {
-                let up = client
-                    .http()
-                    .get(format!("{}/health", client.url))
-                    .timeout(PROBE_TIMEOUT)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
+                let up = client.is_up(PROBE_TIMEOUT).await;
                 let shard = client.shard.to_string();
                 metrics::gauge!(metric::PARTICIPANT_UP, "shard" => shard).set(if up { 1.0 } else { 0.0 });
             }

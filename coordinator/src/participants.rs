@@ -59,6 +59,12 @@ impl ParticipantClient {
         }
     }
 
+    /// Whether the participant answers `GET /health` with a success within `timeout`.
+    pub async fn is_up(&self, timeout: Duration) -> bool {
+        let probe = self.http.get(format!("{}/health", self.url)).timeout(timeout).send().await;
+        probe.is_ok_and(|r| r.status().is_success())
+    }
+
     /// The plain HTTP client, for account calls and health checks.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
