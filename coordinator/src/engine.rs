@@ -488,29 +488,26 @@ impl Shell {
 
     fn write_log(&mut self, batch: protocol::coordinator_core::LogBatch) {
         let mut decisions = false;
+        let mut writes = self.wal.batch();
         for write in batch.writes {
-            let result = match write {
+            match write {
                 LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
                     crash::point(crash::COORDINATOR_VOTES_RECEIVED);
                     decisions = true;
-                    let record = common::records::TransferRecord {
-                        transfer,
-                        outcome,
-                        shards,
-                        decided_at_unix_ms: common::http::now_unix_ms(),
-                    };
-                    self.wal.put(&id, &record, made_by.as_deref())
+                    let decided_at_unix_ms = common::http::now_unix_ms();
+                    let record = common::records::TransferRecord { transfer, outcome, shards, decided_at_unix_ms };
+                    writes.put(&id, &record, made_by.as_deref());
                 }
                 LogWrite::End { id } => {
                     crash::point(crash::COORDINATOR_BEFORE_END);
-                    self.wal.end(&id)
+                    writes.end(&id);
                 }
-            };
-            if let Err(error) = result {
-                // The core already counts the write as made: memory would run ahead of the log.
-                tracing::error!(%error, "decision log write failed: stopping so recovery starts from the log");
-                std::process::abort();
             }
+        }
+        if let Err(error) = self.wal.apply(writes) {
+            // The core already counts the writes as made: memory would run ahead of the log.
+            tracing::error!(%error, "decision log write failed: stopping so recovery starts from the log");
+            std::process::abort();
         }
         if let Some(barrier) = batch.sync {
             let (wal, events) = (self.wal.clone(), self.events.clone());

@@ -41,6 +41,34 @@ impl From<records::RecordError> for WalError {
     }
 }
 
+/// Writes gathered for one [`Wal::apply`].
+pub struct WalBatch(sled::Batch);
+
+impl WalBatch {
+    /// A decision. A commit also gets a marker, removed by `end` once every shard has acknowledged it; aborts
+    /// need none (a participant left in doubt asks, and hears abort).
+    pub fn put(&mut self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) {
+        let batch = &mut self.0;
+        batch.insert(&key(RECORD, id)[..], records::encode(record));
+        if let Some(name) = made_by {
+            batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
+        }
+        let at = record.decided_at_unix_ms;
+        for account in [&record.transfer.from, &record.transfer.to] {
+            batch.insert(time_key(account_prefix(account), at, id), &[][..]);
+        }
+        batch.insert(time_key(vec![BY_TIME], at, id), &[][..]);
+        if record.outcome == Outcome::Committed {
+            batch.insert(&key(UNACKED, id)[..], &[][..]);
+        }
+    }
+
+    /// Every shard has applied the commit: recovery need not re-send it.
+    pub fn end(&mut self, id: &TransferId) {
+        self.0.remove(&key(UNACKED, id)[..]);
+    }
+}
+
 #[derive(Clone)]
 pub struct Wal {
     store: Store,
@@ -120,29 +148,15 @@ impl Wal {
         }
     }
 
-    /// Writes a decision (not yet durable: call `sync`). A commit also gets a marker, removed by `end` once every
-    /// shard has acknowledged it; aborts need none (a participant left in doubt asks, and hears abort).
-    pub fn put(&self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) -> Result<(), WalError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(&key(RECORD, id)[..], records::encode(record));
-        if let Some(name) = made_by {
-            batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
-        }
-        let at = record.decided_at_unix_ms;
-        for account in [&record.transfer.from, &record.transfer.to] {
-            batch.insert(time_key(account_prefix(account), at, id), &[][..]);
-        }
-        batch.insert(time_key(vec![BY_TIME], at, id), &[][..]);
-        if record.outcome == Outcome::Committed {
-            batch.insert(&key(UNACKED, id)[..], &[][..]);
-        }
-        self.store.db.apply_batch(batch)?;
-        Ok(())
+    /// A set of log writes to apply as one atomic store batch ([`Wal::apply`]).
+    pub fn batch(&self) -> WalBatch {
+        WalBatch(sled::Batch::default())
     }
 
-    /// Every shard has applied the commit: recovery need not re-send it.
-    pub fn end(&self, id: &TransferId) -> Result<(), WalError> {
-        self.store.db.remove(key(UNACKED, id))?;
+    /// Applies `batch` (not yet durable: call `sync`). One store batch per burst of decisions, not one per
+    /// decision: each sled batch costs a log write of its own.
+    pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
+        self.store.db.apply_batch(batch.0)?;
         Ok(())
     }
 

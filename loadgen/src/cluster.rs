@@ -334,6 +334,15 @@ impl Cluster {
             for a in accounts {
                 settled &= self.account(a).await["held"] == json!(0);
             }
+            // A prepared credit holds nothing visible: ask every shard whether it still holds a transfer prepared.
+            for p in &self.participants {
+                let health = self.http.get(format!("{}/health", p.url())).send().await;
+                let prepared = match health {
+                    Ok(r) => r.json::<Value>().await.ok().and_then(|h| h["prepared"].as_u64()),
+                    Err(_) => None,
+                };
+                settled &= prepared == Some(0);
+            }
             if settled {
                 return;
             }

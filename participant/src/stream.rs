@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use common::crash;
 use common::http::{error_response, now_unix_ms};
 use common::stream::{self, Down, StreamError, Up};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use protocol::coordinator_core::{FromShard, ToShard};
-use protocol::participant_core::{apply_frame, frame_is_well_formed};
+use protocol::participant_core::{apply_frame, frame_is_well_formed, FrameApplied};
 use protocol::msg::{DecideAck, Vote};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -26,6 +26,8 @@ use tracing::Instrument;
 /// Frames applied in memory but not yet answered, per connection. Past it the loop stops reading, so a
 /// coordinator that sends faster than the disk syncs is slowed down rather than buffered without end.
 const PIPELINE_FRAMES_MAX: usize = 64;
+/// Frames already received that are applied together, as one store batch.
+const COALESCE_FRAMES_MAX: usize = 64;
 
 /// `GET /internal/stream` with `Upgrade: ledger-stream/1`. The cluster token and id were checked by the
 /// middleware before this runs.
@@ -62,7 +64,8 @@ struct Applied {
     needs_sync: bool,
     prepared: bool,
     decided: bool,
-    replies: Vec<FromShard>,
+    /// Per frame, in order: each frame gets its own reply frame.
+    replies: Vec<Vec<FromShard>>,
 }
 
 async fn serve<S>(node: Arc<Node>, io: S) -> Result<(), StreamError>
@@ -100,8 +103,8 @@ where
             if ready.iter().any(|a| a.decided) {
                 crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
             }
-            for applied in ready.drain(..) {
-                sink.feed(stream::encode(&Down::Replies(applied.replies))).await?;
+            for replies in ready.drain(..).flat_map(|a| a.replies) {
+                sink.feed(stream::encode(&Down::Replies(replies))).await?;
             }
             sink.flush().await?;
         }
@@ -122,30 +125,52 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     loop {
-        let frame = match tokio::time::timeout(stream::SILENCE_TIMEOUT, source.next()).await {
+        let first = match tokio::time::timeout(stream::SILENCE_TIMEOUT, source.next()).await {
             Err(_) => return Err(StreamError::Timeout),
             Ok(None) => return Err(StreamError::Closed),
             Ok(Some(frame)) => frame?,
         };
-        let up: Up = stream::decode(&frame)?;
-        stream::check_up(&up)?;
-        let Up::Items(items) = up else { continue };
-        crash::point(crash::PARTICIPANT_FRAME_RECEIVED);
-        if !frame_is_well_formed(&items) {
-            return Err(StreamError::Refused("a prepare item without postings".into()));
+        // Every frame already here joins one store batch: each sled batch costs a log write of its own.
+        let mut frames = Vec::new();
+        let mut failed = checked(&first).map(|items| frames.extend(items)).err();
+        while failed.is_none() && frames.len() < COALESCE_FRAMES_MAX {
+            match source.next().now_or_never() {
+                None => break,
+                Some(None) => failed = Some(StreamError::Closed),
+                Some(Some(Err(e))) => failed = Some(StreamError::Io(e)),
+                Some(Some(Ok(frame))) => match checked(&frame) {
+                    Ok(items) => frames.extend(items),
+                    Err(e) => failed = Some(e),
+                },
+            }
         }
-        let frame = apply(node, items);
-        if applied.send(frame).await.is_err() {
+        // The frames before a bad one are whole and valid: they are applied and answered; the bad one is not.
+        if !frames.is_empty() && applied.send(apply(node, frames)).await.is_err() {
             return Err(StreamError::Closed);
+        }
+        if let Some(error) = failed {
+            return Err(error);
         }
     }
 }
 
-/// Applies one frame's items in order, as one atomic store batch (the rule is `apply_frame`'s), and journals
-/// what it settled.
-fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
-    let prepared = items.iter().any(|i| matches!(i, ToShard::Prepare { .. }));
-    let decided = items.iter().any(|i| matches!(i, ToShard::Decide { .. }));
+/// A frame decoded and checked, or why the connection must close: `None` for a heartbeat.
+fn checked(frame: &[u8]) -> Result<Option<Vec<ToShard>>, StreamError> {
+    let up: Up = stream::decode(frame)?;
+    stream::check_up(&up)?;
+    let Up::Items(items) = up else { return Ok(None) };
+    crash::point(crash::PARTICIPANT_FRAME_RECEIVED);
+    if !frame_is_well_formed(&items) {
+        return Err(StreamError::Refused("a prepare item without postings".into()));
+    }
+    Ok(Some(items))
+}
+
+/// Applies frames in order, each with `apply_frame`, as one atomic store batch, and journals what they settled.
+fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
+    let all = || frames.iter().flatten();
+    let prepared = all().any(|i| matches!(i, ToShard::Prepare { .. }));
+    let decided = all().any(|i| matches!(i, ToShard::Decide { .. }));
     if prepared {
         crash::point(crash::PARTICIPANT_PREPARE_RECEIVED);
     }
@@ -154,15 +179,31 @@ fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
     }
     let now = now_unix_ms();
     let mut state = node.machine();
-    let mut writes = Vec::with_capacity(items.len() * 3);
+    let mut writes = Vec::with_capacity(all().count() * 3);
     let mut extra = Vec::new();
-    let frame = apply_frame(&mut state, items, now, &mut writes);
-    for (id, name) in frame.prepared_by {
+    let mut needs_sync = false;
+    let mut replies = Vec::with_capacity(frames.len());
+    for items in frames {
+        let frame = apply_frame(&mut state, items, now, &mut writes);
+        journal(node, &mut state, &frame, now, &mut extra);
+        needs_sync |= frame.needs_sync;
+        replies.push(frame.replies);
+    }
+    persist(node, &writes, &extra);
+    if needs_sync {
+        metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
+    }
+    Applied { needs_sync, prepared, decided, replies }
+}
+
+/// The journal's side of one applied frame, and its metrics.
+fn journal(node: &Node, state: &mut crate::ShardState, frame: &FrameApplied, now: u64, extra: &mut journal::Inserts) {
+    for (id, name) in &frame.prepared_by {
         // Who asked, for the journal entries at commit.
-        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), Some(name.into_bytes())));
+        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), Some(name.as_bytes().to_vec())));
     }
     for (id, decision, postings) in &frame.settled {
-        journal_decision(node, &mut state, *id, *decision, postings, None, now, &mut extra);
+        journal_decision(node, state, *id, *decision, postings, None, now, extra);
     }
     for reply in &frame.replies {
         match reply {
@@ -184,9 +225,4 @@ fn apply(node: &Node, items: Vec<ToShard>) -> Applied {
             FromShard::Account { .. } => {}
         }
     }
-    persist(node, &writes, &extra);
-    if frame.needs_sync {
-        metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
-    }
-    Applied { needs_sync: frame.needs_sync, prepared, decided, replies: frame.replies }
 }
