@@ -453,13 +453,61 @@ async fn list_transfers(
     let Query(query) = query?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
     let limit = list_limit(query.limit)?;
-    let transfers = state.engine.transfers_of(account.as_ref(), limit).await?;
+    let mut transfers = state.engine.running_of(account.as_ref(), limit).await?;
+    let rest = limit - transfers.len();
+    let storage = |e: crate::wal::WalError| ApiError::Storage(e.to_string());
+    match &account {
+        // The account's own journal on its shard names its committed transfers: the log keeps no index by
+        // account, so a decision costs one record.
+        Some(account) => {
+            for id in journal_transfer_ids(&state, account, rest).await? {
+                if let Some(record) = state.engine.wal.get(&id).map_err(storage)? {
+                    transfers.push((id, record.transfer, Some(record.outcome)));
+                }
+            }
+        }
+        None => {
+            let recent = state.engine.wal.recent(rest).map_err(storage)?;
+            transfers.extend(recent.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
+        }
+    }
     let list: Vec<Value> = transfers.iter().map(|(id, t, o)| transfer_json(*id, t, *o)).collect();
     let mut body = json!({"transfers": list});
     if let Some(account) = account {
         body["account"] = json!(account);
     }
     Ok(Json(body))
+}
+
+/// The newest `limit` distinct transfers in `account`'s journal, newest first (several postings of one transfer
+/// on one account give one id).
+async fn journal_transfer_ids(state: &AppState, account: &AccountId, limit: usize) -> Result<Vec<Uuid>, ApiError> {
+    let shard = shard_of(account, state.engine.config.shard_count);
+    let mut ids: Vec<Uuid> = Vec::with_capacity(limit);
+    let mut after: Option<u64> = None;
+    while ids.len() < limit {
+        let mut path = format!("{}/{account}/entries?limit={LIST_LIMIT_MAX}", wire::PATH_ACCOUNTS);
+        if let Some(after) = after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let reply = shard_get(state, shard, path).await?;
+        let page: Value = match reply.status() {
+            StatusCode::OK => reply.json().await.map_err(|_| ApiError::ParticipantUnavailable(shard))?,
+            StatusCode::NOT_FOUND => return Err(ApiError::AccountNotFound),
+            _ => return Err(ApiError::ParticipantUnavailable(shard)),
+        };
+        let entries = page["entries"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for id in entries.iter().filter_map(|e| e["transfer_id"].as_str()).filter_map(|t| Uuid::parse_str(t).ok()) {
+            if ids.len() < limit && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        match page["next"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(ids)
 }
 
 async fn get_transfer(

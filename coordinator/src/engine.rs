@@ -219,24 +219,15 @@ impl Engine {
         Ok(self.wal.get(id)?.map(|r| (r.transfer, Some(r.outcome))))
     }
 
-    /// The transfers in flight and then the newest decided ones, of one account or (`None`) of the whole ledger.
-    pub async fn transfers_of(
+    /// The transfers in flight (of one account, or of the whole ledger), at most `limit`.
+    pub async fn running_of(
         &self,
         account: Option<&AccountId>,
         limit: usize,
     ) -> Result<Vec<(TransferId, Transfer, Option<Outcome>)>, EngineError> {
-        let account_owned = account.cloned();
-        let running =
-            self.ask(|reply| Command::Running { id: None, account: account_owned, limit, reply }).await?;
-        let mut out: Vec<(TransferId, Transfer, Option<Outcome>)> =
-            running.into_iter().map(|(id, t)| (id, t, None)).collect();
-        let rest = limit - out.len();
-        let logged = match account {
-            Some(account) => self.wal.by_account(account, rest)?,
-            None => self.wal.recent(rest)?,
-        };
-        out.extend(logged.into_iter().map(|(id, r)| (id, r.transfer, Some(r.outcome))));
-        Ok(out)
+        let account = account.cloned();
+        let running = self.ask(|reply| Command::Running { id: None, account, limit, reply }).await?;
+        Ok(running.into_iter().map(|(id, t)| (id, t, None)).collect())
     }
 
     pub async fn in_doubt(&self) -> Vec<InDoubt> {

@@ -2,7 +2,7 @@
 //! idempotent retries and participants' questions), plus a marker per committed transfer that some shard has not
 //! yet acknowledged, so recovery finds them without scanning every record. The only module that touches sled.
 
-use common::ledger::{AccountId, TransferId};
+use common::ledger::TransferId;
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{Durability, Store, StoreError, StoreKind};
 use std::path::Path;
@@ -14,8 +14,6 @@ const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 /// Prefix of the name of the API token that submitted a transfer.
 const MADE_BY: u8 = b'n';
-/// Prefix of the per-account index: account id, a zero byte, decision time, transfer id.
-const BY_ACCOUNT: u8 = b'x';
 /// Prefix of the ledger-wide index by decision time: decision time, transfer id.
 const BY_TIME: u8 = b'r';
 
@@ -53,11 +51,7 @@ impl WalBatch {
         if let Some(name) = made_by {
             batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
         }
-        let at = record.decided_at_unix_ms;
-        for account in [&record.transfer.from, &record.transfer.to] {
-            batch.insert(time_key(account_prefix(account), at, id), &[][..]);
-        }
-        batch.insert(time_key(vec![BY_TIME], at, id), &[][..]);
+        batch.insert(time_key(vec![BY_TIME], record.decided_at_unix_ms, id), &[][..]);
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
         }
@@ -76,13 +70,6 @@ pub struct Wal {
     cluster_id: Uuid,
 }
 
-fn account_prefix(account: &AccountId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + account.as_str().len() + 24);
-    k.push(BY_ACCOUNT);
-    k.extend_from_slice(account.as_str().as_bytes());
-    k.push(0); // account ids never contain a zero byte, so one account's prefix never matches another's
-    k
-}
 
 /// A key of an index by decision time: the index's prefix, the decision time, the transfer id.
 fn time_key(mut prefix: Vec<u8>, decided_at_unix_ms: u64, id: &TransferId) -> Vec<u8> {
@@ -158,11 +145,6 @@ impl Wal {
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
         self.store.db.apply_batch(batch.0)?;
         Ok(())
-    }
-
-    /// The newest `limit` decided transfers touching `account`, newest first.
-    pub fn by_account(&self, account: &AccountId, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
-        self.newest(&account_prefix(account), limit)
     }
 
     /// The newest `limit` decided transfers of the whole ledger, newest first.

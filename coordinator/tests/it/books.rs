@@ -64,9 +64,8 @@ async fn the_journal_records_every_posting_newest_first_with_pages() {
     let list: Value = list.send().await.expect("reply").json().await.expect("JSON");
     let statuses: Vec<Value> =
         list["transfers"].as_array().expect("list").iter().map(|t| t["status"].clone()).collect();
-    assert_eq!(statuses.len(), 4);
-    assert_eq!(statuses.iter().filter(|s| **s == "committed").count(), 3);
-    assert_eq!(statuses.iter().filter(|s| **s == "aborted").count(), 1);
+    // The account's journal names its committed transfers; an aborted one moved nothing and is found by id.
+    assert_eq!(statuses, vec![json!("committed"); 3], "{list}");
 
     let bad = c.http.get(c.api(&format!("/accounts/{alice}/entries?limit=0"))).bearer_auth("client-token-0123456789");
     assert_eq!(bad.send().await.expect("reply").status(), 400);
