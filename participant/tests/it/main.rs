@@ -1,19 +1,21 @@
 //! The participant binary on its own, driven through its internal API: holds survive SIGKILL, decisions are
 //! idempotent, and a store is bound to its shard.
 
+mod stream;
+
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Participant {
-    child: Child,
-    url: String,
-    http: reqwest::Client,
+pub(crate) struct Participant {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+    pub(crate) http: reqwest::Client,
     /// The cluster id these tests present, as a coordinator would.
-    cluster_id: String,
+    pub(crate) cluster_id: String,
 }
 
-const CLUSTER_ID: &str = "6f0c1f56-8d0e-4b3f-9a77-3b1f2f0f7a10";
+pub(crate) const CLUSTER_ID: &str = "6f0c1f56-8d0e-4b3f-9a77-3b1f2f0f7a10";
 
 impl Drop for Participant {
     fn drop(&mut self) {
@@ -22,11 +24,11 @@ impl Drop for Participant {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
-fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
+pub(crate) fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_participant"));
     cmd.args(["--shard", &shard.to_string(), "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data)
@@ -38,11 +40,11 @@ fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
     cmd
 }
 
-async fn start(shard: u32, data: &std::path::Path) -> Participant {
+pub(crate) async fn start(shard: u32, data: &std::path::Path) -> Participant {
     start_with(command(shard, free_port(), data)).await
 }
 
-async fn start_with(mut cmd: Command) -> Participant {
+pub(crate) async fn start_with(mut cmd: Command) -> Participant {
     let listen = cmd.get_args().skip_while(|a| *a != "--listen").nth(1).expect("--listen given");
     let url = format!("http://{}", listen.to_string_lossy());
     let child = cmd.spawn().expect("spawn participant");
@@ -56,7 +58,7 @@ async fn start_with(mut cmd: Command) -> Participant {
 }
 
 impl Participant {
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .http
             .post(format!("{}{path}", self.url))
@@ -68,7 +70,7 @@ impl Participant {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
-    async fn account(&self, id: &str) -> Value {
+    pub(crate) async fn account(&self, id: &str) -> Value {
         let r = self.http.get(format!("{}/internal/accounts/{id}", self.url)).send().await.expect("reply");
         r.json().await.expect("account JSON")
     }
