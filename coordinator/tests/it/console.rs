@@ -194,3 +194,44 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
         page.screenshot(&path).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_charts_committed_transfers_per_second_and_latency() {
+    let c = Cluster::start().await;
+    let (alice, bob) = cross_shard_pair("chart");
+    c.create_account(&alice, 1_000_000).await;
+    c.create_account(&bob, 1_000_000).await;
+    let mut page = Browser::open(&c.api("/")).await;
+    page.wait_until("the chart's first reading", "document.querySelector('#rates') !== null").await;
+
+    let load_for = Duration::from_secs(6);
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (http, url) = (c.http.clone(), c.api("/transfers"));
+            let (from, to) = if i % 2 == 0 { (alice.clone(), bob.clone()) } else { (bob.clone(), alice.clone()) };
+            tokio::spawn(async move {
+                let started = Instant::now();
+                while started.elapsed() < load_for {
+                    let body = json!({"from": from, "to": to, "amount": 1});
+                    let reply = http.post(&url).json(&body).send().await.expect("answer");
+                    assert_eq!(reply.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let now = "document.getElementById('rates-now')";
+    page.wait_until(
+        "committed transfers per second and latencies while transfers run",
+        &format!("Number({now}?.dataset.committedPerS) > 0 && Number({now}?.dataset.p50Ms) > 0 && Number({now}?.dataset.p99Ms) >= Number({now}?.dataset.p50Ms)"),
+    )
+    .await;
+    let lines = page.eval("document.querySelectorAll('#rates svg polyline').length").await;
+    assert_eq!(lines, json!(3), "a line each for committed/s, p50 and p99");
+    let drawn = page.eval("document.querySelector('#rates svg polyline.rate').getAttribute('points').split(' ').length").await;
+    assert!(drawn.as_u64().is_some_and(|n| n >= 1), "the committed/s line has points: {drawn}");
+    for client in clients {
+        client.await.expect("client");
+    }
+    page.wait_until("the rate back to zero once the load stops", &format!("Number({now}?.dataset.committedPerS) === 0"))
+        .await;
+}
