@@ -1,12 +1,16 @@
 //! The live console in headless Chromium. The page stays open while a participant dies and comes back and while
-//! a transfer in doubt resolves; the test reads what the page shows through the DevTools protocol.
-//! Set `LEDGER_CONSOLE_SCREENSHOT=<file.png>` to keep a screenshot of the page at the end.
+//! a transfer in doubt resolves, and its chart follows load and a coordinator restart; the tests read what the page
+//! shows through the DevTools protocol.
+//! Set `LEDGER_CONSOLE_SCREENSHOT=<file.png>` to keep a screenshot of the page at the end (and
+//! `LEDGER_CONSOLE_CHART_SCREENSHOT` for the chart's test, with load and a coordinator restart behind it).
 
 use crate::harness::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -195,43 +199,135 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
     }
 }
 
+/// Records each state the chart panel passes through (`loading…`, `waiting` for a second reading, `chart`, or its
+/// text otherwise), from before the page's script runs, so the test can see states that last only a second.
+const RECORD_CHART_STATES: &str = "window.chartStates = []; new MutationObserver(() => { \
+    const box = document.getElementById('rates'); if (!box) return; \
+    const state = document.getElementById('rates-waiting') ? 'waiting' \
+      : box.querySelector('svg') ? 'chart' : box.textContent; \
+    if (chartStates[chartStates.length - 1] !== state) chartStates.push(state); \
+  }).observe(document, { childList: true, subtree: true, characterData: true });";
+
+/// What the chart panel shows now, as the page's `#rates-now` data attributes.
+async fn chart_now(page: &mut Browser) -> Value {
+    page.eval("JSON.stringify(document.getElementById('rates-now')?.dataset ?? null)")
+        .await
+        .as_str()
+        .map(|text| serde_json::from_str(text).expect("JSON"))
+        .unwrap_or(Value::Null)
+}
+
+fn chart_shows(condition: &str) -> String {
+    format!("(() => {{ const now = document.getElementById('rates-now')?.dataset; return !!now && ({condition}); }})()")
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn the_console_charts_committed_transfers_per_second_and_latency() {
-    let c = Cluster::start().await;
+async fn the_console_charts_committed_transfers_per_second_and_latency_across_a_coordinator_restart() {
+    let mut c = Cluster::start().await;
     let (alice, bob) = cross_shard_pair("chart");
     c.create_account(&alice, 1_000_000).await;
     c.create_account(&bob, 1_000_000).await;
-    let mut page = Browser::open(&c.api("/")).await;
-    page.wait_until("the chart's first reading", "document.querySelector('#rates') !== null").await;
+    let (_, stats) = c.get("/stats").await;
+    let bounds: Vec<u64> = serde_json::from_value(stats["transfers"]["latency_bounds_micros"].clone()).expect("bounds");
+    assert_eq!(stats["transfers"]["committed"], 0, "no transfer yet");
 
-    let load_for = Duration::from_secs(6);
-    let clients: Vec<_> = (0..4)
-        .map(|i| {
+    let mut page = Browser::open(&c.api("/")).await;
+    // The reload runs the recorder from the page's start (Page.reload did nothing here until Page was enabled).
+    page.call("Page.enable", json!({})).await;
+    page.call("Page.addScriptToEvaluateOnNewDocument", json!({"source": RECORD_CHART_STATES})).await;
+    page.call("Page.reload", json!({})).await;
+    page.wait_until(
+        "an idle interval in the reloaded page: nothing committed, no latency",
+        &chart_shows(
+            "Array.isArray(window.chartStates) && now.committedPerSecond === '0' && now.p50Micros === '' && \
+             now.p99Micros === ''",
+        ),
+    )
+    .await;
+    let states = page.eval("JSON.stringify(chartStates.filter((s) => s !== 'loading…'))").await;
+    assert_eq!(states, json!(r#"["waiting","chart"]"#), "a waiting state until the second reading, then the chart");
+    let idle = page.eval("document.getElementById('rates-now').innerText").await;
+    assert_eq!(idle, json!("0 committed/s · 0 aborted/s · p50 – · p99 –"), "the idle figures as text");
+
+    // Load (throttled: the machine is shared) until the page shows it, so the page sees it whatever its timing.
+    let committed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = [(alice.clone(), bob.clone()), (bob.clone(), alice.clone())]
+        .into_iter()
+        .map(|(from, to)| {
             let (http, url) = (c.http.clone(), c.api("/transfers"));
-            let (from, to) = if i % 2 == 0 { (alice.clone(), bob.clone()) } else { (bob.clone(), alice.clone()) };
+            let (committed, stop) = (committed.clone(), stop.clone());
             tokio::spawn(async move {
-                let started = Instant::now();
-                while started.elapsed() < load_for {
+                while !stop.load(Relaxed) {
                     let body = json!({"from": from, "to": to, "amount": 1});
                     let reply = http.post(&url).json(&body).send().await.expect("answer");
-                    assert_eq!(reply.status(), 200);
+                    let reply: Value = reply.json().await.expect("JSON");
+                    assert_eq!(reply["status"], "committed", "{reply}");
+                    committed.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             })
         })
         .collect();
-    let now = "document.getElementById('rates-now')";
+    let bounds_js = format!("{bounds:?}");
     page.wait_until(
-        "committed transfers per second and latencies while transfers run",
-        &format!("Number({now}?.dataset.committedPerS) > 0 && Number({now}?.dataset.p50Ms) > 0 && Number({now}?.dataset.p99Ms) >= Number({now}?.dataset.p50Ms)"),
+        "committed transfers per second, and p50 <= p99 among the histogram's bounds, while transfers run",
+        &chart_shows(&format!(
+            "Number(now.committedPerSecond) > 0 && {bounds_js}.includes(Number(now.p50Micros)) && \
+             {bounds_js}.includes(Number(now.p99Micros)) && Number(now.p50Micros) <= Number(now.p99Micros)"
+        )),
     )
     .await;
-    let lines = page.eval("document.querySelectorAll('#rates svg polyline').length").await;
-    assert_eq!(lines, json!(3), "a line each for committed/s, p50 and p99");
-    let drawn = page.eval("document.querySelector('#rates svg polyline.rate').getAttribute('points').split(' ').length").await;
-    assert!(drawn.as_u64().is_some_and(|n| n >= 1), "the committed/s line has points: {drawn}");
+    let text = page.eval("document.getElementById('rates-now').innerText").await;
+    let text = text.as_str().expect("text");
+    assert!(text.contains(" committed/s · ") && text.contains(" · p50 ") && !text.contains("p50 –"), "{text}");
+    let lines = page.eval("[...document.querySelectorAll('#rates path.series')].map((p) => p.dataset.series)").await;
+    assert_eq!(lines, json!(["committed", "p50", "p99"]), "a line each for committed/s, p50 and p99");
+    stop.store(true, Relaxed);
     for client in clients {
         client.await.expect("client");
     }
-    page.wait_until("the rate back to zero once the load stops", &format!("Number({now}?.dataset.committedPerS) === 0"))
-        .await;
+    let total = committed.load(Relaxed);
+    assert_eq!(c.get("/stats").await.1["transfers"]["committed"], total, "the coordinator counted every transfer");
+
+    page.wait_until(
+        "the rate back to zero once the load stops, and every committed transfer in the chart's window",
+        &chart_shows(&format!("now.committedPerSecond === '0' && now.committedInWindow === '{total}'")),
+    )
+    .await;
+    let committed_line = "document.querySelector('#rates path[data-series=\"committed\"]').getAttribute('d')";
+    let segments = page.eval(&format!("{committed_line}.split(' L').length")).await;
+    assert!(segments.as_u64().is_some_and(|n| n >= 3), "the committed/s line joins its readings: {segments}");
+
+    c.node("coordinator").kill();
+    page.wait_until(
+        "the last chart, marked stale, while the coordinator is down",
+        "document.querySelector('#rates p.stale') !== null && document.querySelector('#rates svg') !== null",
+    )
+    .await;
+    let points_before_restart = chart_now(&mut page).await["points"].clone();
+    // The restarted coordinator counts from zero: the chart must take that as a new start, not a negative interval.
+    c.restart("coordinator", None).await;
+    page.wait_until(
+        "the restart noticed, the chart fresh again",
+        "document.getElementById('events').innerText.includes('counters started again from zero') && \
+         document.querySelector('#rates p.stale') === null",
+    )
+    .await;
+    for _ in 0..5 {
+        let (status, body) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 1})).await;
+        assert_eq!((status, &body["status"]), (200, &json!("committed")), "{body}");
+    }
+    let after = total + 5;
+    page.wait_until(
+        "the transfers after the restart added to the chart's window",
+        &chart_shows(&format!("now.committedInWindow === '{after}'")),
+    )
+    .await;
+    let now = chart_now(&mut page).await;
+    let points = |v: &Value| v.as_str().and_then(|s| s.parse::<u64>().ok()).expect("points");
+    assert!(points(&now["points"]) > points(&points_before_restart), "the chart kept its history: {now}");
+    if let Ok(path) = std::env::var("LEDGER_CONSOLE_CHART_SCREENSHOT") {
+        page.screenshot(&path).await;
+    }
 }

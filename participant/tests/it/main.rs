@@ -1,5 +1,5 @@
 //! The participant binary on its own, driven through its internal API: holds survive SIGKILL, decisions are
-//! idempotent, and a store is bound to its shard.
+//! idempotent, and a store is bound to its shard. `stream` drives the binary stream the coordinator uses.
 
 mod stream;
 
@@ -13,9 +13,13 @@ pub(crate) struct Participant {
     pub(crate) http: reqwest::Client,
     /// The cluster id these tests present, as a coordinator would.
     pub(crate) cluster_id: String,
+    /// The cluster secret the helpers present, when the participant was started with one.
+    pub(crate) cluster_token: Option<String>,
 }
 
 pub(crate) const CLUSTER_ID: &str = "6f0c1f56-8d0e-4b3f-9a77-3b1f2f0f7a10";
+/// The secret of participants started by `start_with_cluster_token`.
+pub(crate) const CLUSTER_TOKEN: &str = "0123456789abcdef0123";
 
 impl Drop for Participant {
     fn drop(&mut self) {
@@ -48,7 +52,8 @@ pub(crate) async fn start_with(mut cmd: Command) -> Participant {
     let listen = cmd.get_args().skip_while(|a| *a != "--listen").nth(1).expect("--listen given");
     let url = format!("http://{}", listen.to_string_lossy());
     let child = cmd.spawn().expect("spawn participant");
-    let p = Participant { child, url, http: reqwest::Client::new(), cluster_id: CLUSTER_ID.into() };
+    let p =
+        Participant { child, url, http: reqwest::Client::new(), cluster_id: CLUSTER_ID.into(), cluster_token: None };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !p.http.get(format!("{}/health", p.url)).send().await.is_ok_and(|r| r.status().is_success()) {
         assert!(Instant::now() < deadline, "participant did not start");
@@ -57,22 +62,47 @@ pub(crate) async fn start_with(mut cmd: Command) -> Participant {
     p
 }
 
+/// A shard 0 participant that requires `CLUSTER_TOKEN` (kept in `dir/token`, its store in `dir/data`); the
+/// helpers below present it.
+pub(crate) async fn start_with_cluster_token(dir: &std::path::Path) -> Participant {
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, CLUSTER_TOKEN).expect("write token");
+    let mut cmd = command(0, free_port(), &dir.join("data"));
+    cmd.arg("--cluster-token-file").arg(&token_file);
+    let mut p = start_with(cmd).await;
+    p.cluster_token = Some(CLUSTER_TOKEN.into());
+    p
+}
+
 impl Participant {
+    /// host:port, as `common::stream::connect` takes it.
+    pub(crate) fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// The cluster id, and the secret if there is one, as a coordinator sends them.
+    fn internal(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = request.header("x-ledger-cluster-id", &self.cluster_id);
+        match &self.cluster_token {
+            Some(token) => request.header("x-ledger-cluster-token", token),
+            None => request,
+        }
+    }
+
     pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .header("x-ledger-cluster-id", &self.cluster_id)
-            .json(&body)
-            .send()
-            .await
-            .expect("reply");
+        let r = self.internal(self.http.post(format!("{}{path}", self.url))).json(&body).send().await.expect("reply");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.internal(self.http.get(format!("{}{path}", self.url))).send().await.expect("reply");
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     pub(crate) async fn account(&self, id: &str) -> Value {
-        let r = self.http.get(format!("{}/internal/accounts/{id}", self.url)).send().await.expect("reply");
-        r.json().await.expect("account JSON")
+        let (status, body) = self.get(&format!("/internal/accounts/{id}")).await;
+        assert_eq!(status, 200, "account {id}: {body}");
+        body
     }
 }
 
@@ -139,11 +169,7 @@ async fn a_store_belongs_to_one_shard() {
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_without_the_secret_or_from_another_cluster_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, "0123456789abcdef0123").expect("write token");
-    let mut cmd = command(0, free_port(), &dir.path().join("data"));
-    cmd.arg("--cluster-token-file").arg(&token_file);
-    let p = start_with(cmd).await;
+    let p = start_with_cluster_token(dir.path()).await;
     let create = json!({"id": "alice", "balance": 5});
     let url = format!("{}/internal/accounts", p.url);
 
@@ -155,16 +181,14 @@ async fn calls_without_the_secret_or_from_another_cluster_are_refused() {
     let read = p.http.get(format!("{}/internal/applied", p.url)).send().await.expect("reply");
     assert_eq!(read.status(), 401, "reads of internal state need the secret too");
 
-    let with = |id: &str| {
-        p.http.post(&url).header("x-ledger-cluster-token", "0123456789abcdef0123").header("x-ledger-cluster-id", id)
-    };
+    let with =
+        |id: &str| p.http.post(&url).header("x-ledger-cluster-token", CLUSTER_TOKEN).header("x-ledger-cluster-id", id);
     assert_eq!(with(CLUSTER_ID).json(&create).send().await.expect("reply").status(), 201);
     let other = with("00000000-0000-4000-8000-000000000001").json(&json!({"id": "bob"})).send().await.expect("reply");
     assert_eq!(other.status(), 403, "the first coordinator fixed the cluster");
     let body: Value = other.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "wrong_cluster");
-    let missing =
-        p.http.post(&url).header("x-ledger-cluster-token", "0123456789abcdef0123").json(&json!({"id": "bob"}));
+    let missing = p.http.post(&url).header("x-ledger-cluster-token", CLUSTER_TOKEN).json(&json!({"id": "bob"}));
     assert_eq!(missing.send().await.expect("reply").status(), 400);
     // The health check stays open for load balancers.
     assert_eq!(p.http.get(format!("{}/health", p.url)).send().await.expect("reply").status(), 200);
