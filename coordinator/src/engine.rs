@@ -53,7 +53,7 @@ pub mod metric {
 
 /// A decision unacknowledged this long is sent again.
 const REDELIVER_AFTER: Duration = Duration::from_secs(1);
-/// Health probes of the participants, for the up/down gauge.
+/// Health probes of the participants (the up/down gauge) and the in-doubt gauges are refreshed this often.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Commands from the HTTP handlers that may wait for the core task; past it a handler waits for room.
@@ -65,8 +65,6 @@ const EVENT_QUEUE_MAX: usize = 16_384;
 const BURST_INPUTS_MAX: usize = 1_024;
 /// Account reads waiting for their shard's reply; past it reads are refused (503) until some return.
 const READS_PENDING_MAX: usize = 65_536;
-/// In-doubt gauges are refreshed this often.
-const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -247,7 +245,7 @@ impl Engine {
             metrics::gauge!(metric::IN_DOUBT).set(in_doubt.len() as f64);
             let oldest_ms = in_doubt.first().map_or(0, |d| d.age_ms);
             metrics::gauge!(metric::IN_DOUBT_OLDEST_SECONDS).set(oldest_ms as f64 / 1000.0);
-            tokio::time::sleep(PROBE_INTERVAL.min(GAUGE_INTERVAL * 2)).await;
+            tokio::time::sleep(PROBE_INTERVAL).await;
         }
     }
 }

@@ -287,7 +287,7 @@ impl CoordinatorCore {
     }
 
     /// Answers arrived from `shard`.
-    pub fn handle_replies(&mut self, now_ms: u64, shard: ShardId, replies: Vec<FromShard>) {
+    pub fn handle_replies(&mut self, _now_ms: u64, shard: ShardId, replies: Vec<FromShard>) {
         for reply in replies {
             match reply {
                 FromShard::Vote { id, vote } => self.vote(id, shard, VoteResult::Vote(vote)),
@@ -296,7 +296,6 @@ impl CoordinatorCore {
                 FromShard::Account { .. } => {}
             }
         }
-        let _ = now_ms;
     }
 
     /// The shell's link to `shard` came up (a fresh connection) or went down (closed, failed, silent, or could
