@@ -18,11 +18,13 @@
 
 use crate::cluster::{Cluster, Node, Options};
 use crate::drill::Rng;
+use crate::http1::{Http1Client, Http1Error};
 use common::ledger::{shard_of, AccountId};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -274,21 +276,22 @@ async fn client_loop(
     window: (Instant, Instant),
 ) -> Result<Tally> {
     let (window_start, window_end) = window;
-    // A client of its own per task: each simulated client holds its own connection, as separate clients would.
-    let http = reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| BenchError(format!("building an HTTP client: {e}")))?;
+    // A connection of its own per task, as separate clients would hold.
+    let mut http = Http1Client::new(&url, REQUEST_TIMEOUT).map_err(|e| BenchError(format!("client for {url}: {e}")))?;
+    let mut body = Vec::with_capacity(256);
     let mut tally = Tally::default();
     while Instant::now() < window_end {
         let a = &accounts[0][rng.below(accounts[0].len() as u64) as usize];
         let b = &accounts[1][rng.below(accounts[1].len() as u64) as usize];
         let (from, to) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
         let amount = 1 + rng.below(AMOUNT_MAX);
-        let body = json!({"from": from, "to": to, "amount": amount, "id": uuid::Uuid::new_v4()});
+        body.clear();
+        let id = uuid::Uuid::new_v4();
+        // Account ids are [A-Za-z0-9_-], so they need no JSON escaping.
+        write!(body, r#"{{"from":"{from}","to":"{to}","amount":{amount},"id":"{id}"}}"#)
+            .map_err(|e| BenchError(format!("formatting a body: {e}")))?;
         let sent = Instant::now();
-        let answer = transfer(&http, &url, &body).await;
+        let answer = transfer(&mut http, &body).await;
         let done = Instant::now();
         let counted = done >= window_start && done < window_end;
         match answer {
@@ -320,24 +323,38 @@ async fn client_loop(
     Ok(tally)
 }
 
-/// Sends one transfer and classifies the answer. The body is always read to the end, so the connection is reused.
-async fn transfer(http: &reqwest::Client, url: &str, body: &Value) -> Answer {
-    let reply = match http.post(url).json(body).send().await {
-        Ok(reply) => reply,
-        Err(e) if e.is_timeout() => return Answer::Error("transport: timeout".into()),
-        Err(e) if e.is_connect() => return Answer::Error("transport: connect".into()),
+/// The fields of a transfer's answer the benchmark looks at.
+#[derive(serde::Deserialize)]
+struct Reply<'a> {
+    #[serde(borrow)]
+    status: Option<&'a str>,
+    #[serde(borrow)]
+    reason: Option<&'a str>,
+    #[serde(borrow)]
+    error: Option<ReplyError<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplyError<'a> {
+    #[serde(borrow)]
+    code: Option<&'a str>,
+}
+
+/// Sends one transfer and classifies the answer.
+async fn transfer(http: &mut Http1Client, body: &[u8]) -> Answer {
+    let (status, reply) = match http.post_json(body).await {
+        Ok(answer) => answer,
+        Err(Http1Error::Timeout) => return Answer::Error("transport: timeout".into()),
+        Err(Http1Error::Connect(_)) => return Answer::Error("transport: connect".into()),
         Err(e) => return Answer::Error(format!("transport: {e}")),
     };
-    let status = reply.status();
-    let Ok(reply) = reply.json::<Value>().await else {
-        return Answer::Error(format!("{} with an unreadable body", status.as_u16()));
+    let Ok(reply) = serde_json::from_slice::<Reply>(reply) else {
+        return Answer::Error(format!("{status} with an unreadable body"));
     };
-    match reply["status"].as_str() {
-        Some("committed") if status.is_success() => Answer::Committed,
-        Some("aborted") => {
-            Answer::Aborted(format!("{} {}", status.as_u16(), reply["reason"].as_str().unwrap_or("no reason")))
-        }
-        _ => Answer::Error(format!("{} {}", status.as_u16(), reply["error"]["code"].as_str().unwrap_or("no code"))),
+    match reply.status {
+        Some("committed") if (200..300).contains(&status) => Answer::Committed,
+        Some("aborted") => Answer::Aborted(format!("{status} {}", reply.reason.unwrap_or("no reason"))),
+        _ => Answer::Error(format!("{status} {}", reply.error.and_then(|e| e.code).unwrap_or("no code"))),
     }
 }
 

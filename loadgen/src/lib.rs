@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod cluster;
 pub mod drill;
+pub mod http1;
