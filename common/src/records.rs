@@ -7,7 +7,7 @@ pub use protocol::state::*;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Layout version written in front of every record value.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 const _: () = assert!(RECORD_VERSION as u32 == migrations::LAYOUT_VERSION);
 
 #[derive(Debug, thiserror::Error)]

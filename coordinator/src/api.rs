@@ -345,7 +345,9 @@ async fn list_accounts(
 async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     match crate::audit::run(&state.engine).await {
         Ok(report) => Ok(Json(report)),
-        Err(crate::audit::AuditError::ShardUnavailable(shard, _)) => Err(ApiError::ParticipantUnavailable(shard)),
+        Err(crate::audit::AuditError::ShardUnavailable(shard, _) | crate::audit::AuditError::SnapshotTooOld(shard)) => {
+            Err(ApiError::ParticipantUnavailable(shard))
+        }
         Err(crate::audit::AuditError::Wal(e)) => Err(ApiError::Storage(e.to_string())),
     }
 }

@@ -24,7 +24,13 @@ pub enum AuditError {
     ShardUnavailable(ShardId, String),
     #[error("log unreadable: {0}")]
     Wal(#[from] crate::wal::WalError),
+    #[error("shard {0} restarted during every attempt at an audit")]
+    SnapshotTooOld(ShardId),
 }
+
+/// Audits taken again when a shard restarts between its two snapshots (it then answers 409 snapshot_too_old:
+/// its list of recent commits starts after the restart).
+const AUDIT_ATTEMPTS_MAX: u32 = 3;
 
 async fn snapshot(engine: &Engine, shard: ShardId, after_seq: Option<u64>) -> Result<ShardAudit, AuditError> {
     let client = &engine.participants[shard as usize];
@@ -34,6 +40,9 @@ async fn snapshot(engine: &Engine, shard: ShardId, after_seq: Option<u64>) -> Re
     }
     let unavailable = |e: String| AuditError::ShardUnavailable(shard, e);
     let reply = client.http().get(url).send().await.map_err(|e| unavailable(e.to_string()))?;
+    if reply.status() == reqwest::StatusCode::CONFLICT {
+        return Err(AuditError::SnapshotTooOld(shard));
+    }
     if !reply.status().is_success() {
         return Err(unavailable(format!("answered {}", reply.status())));
     }
@@ -58,6 +67,16 @@ async fn commit_seqs(engine: &Engine, shard: ShardId, ids: Vec<TransferId>) -> R
 }
 
 pub async fn run(engine: &Engine) -> Result<Value, AuditError> {
+    let mut attempt = 1;
+    loop {
+        match run_once(engine).await {
+            Err(AuditError::SnapshotTooOld(_)) if attempt < AUDIT_ATTEMPTS_MAX => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+async fn run_once(engine: &Engine) -> Result<Value, AuditError> {
     let shard_count = engine.config.shard_count;
     let shards: Vec<ShardId> = (0..shard_count).collect();
     let mut first_seq = Vec::new();

@@ -109,6 +109,8 @@ pub struct InDoubt {
 }
 
 type Reply<T> = oneshot::Sender<T>;
+/// A read through the stream: `None` if the shard could not be asked, `Some(None)` if the account does not exist.
+type ReadAnswer = Option<Option<AccountRecord>>;
 
 enum Command {
     Submit { id: TransferId, transfer: Transfer, made_by: Option<String>, reply: Reply<Result<Final, EngineError>> },
@@ -267,7 +269,7 @@ struct Shell {
     /// Clients waiting for a transfer's answer (the first submission and any joined duplicates).
     waiters: HashMap<TransferId, Vec<Reply<Result<Final, EngineError>>>>,
     queries: HashMap<u64, Reply<Result<Vec<QueryAnswer>, EngineError>>>,
-    reads: HashMap<u64, (ShardId, Reply<Option<Option<AccountRecord>>>)>,
+    reads: HashMap<u64, (ShardId, Reply<ReadAnswer>)>,
     next_read: u64,
     /// Wakes each link task out of its reconnect backoff.
     wakes: Vec<Arc<tokio::sync::Notify>>,

@@ -1,6 +1,7 @@
 //! The coordinator's write-ahead log of decisions: one record per decided transfer, kept forever (it answers
-//! idempotent retries and participants' questions), plus a marker per committed transfer that some shard has not
-//! yet acknowledged, so recovery finds them without scanning every record. The only module that touches sled.
+//! idempotent retries and participants' questions) and holding who submitted it, a key in the ledger-wide index
+//! by decision time, plus a marker per committed transfer that some shard has not yet acknowledged, so recovery
+//! finds them without scanning every record. The only module that touches sled.
 
 use common::ledger::TransferId;
 use common::records::{self, Outcome, TransferRecord};
@@ -12,8 +13,6 @@ const RECORD: u8 = b't';
 const UNACKED: u8 = b'u';
 const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
-/// Prefix of the name of the API token that submitted a transfer.
-const MADE_BY: u8 = b'n';
 /// Prefix of the ledger-wide index by decision time: decision time, transfer id.
 const BY_TIME: u8 = b'r';
 
@@ -39,6 +38,19 @@ impl From<records::RecordError> for WalError {
     }
 }
 
+/// What the `t` key holds: the decision and the name of the API token that submitted the transfer.
+#[derive(serde::Deserialize)]
+struct Decided {
+    record: TransferRecord,
+    made_by: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct DecidedRef<'a> {
+    record: &'a TransferRecord,
+    made_by: Option<&'a str>,
+}
+
 /// Writes gathered for one [`Wal::apply`].
 pub struct WalBatch(sled::Batch);
 
@@ -47,10 +59,7 @@ impl WalBatch {
     /// need none (a participant left in doubt asks, and hears abort).
     pub fn put(&mut self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) {
         let batch = &mut self.0;
-        batch.insert(&key(RECORD, id)[..], records::encode(record));
-        if let Some(name) = made_by {
-            batch.insert(&key(MADE_BY, id)[..], name.as_bytes());
-        }
+        batch.insert(&key(RECORD, id)[..], records::encode(&DecidedRef { record, made_by }));
         batch.insert(time_key(vec![BY_TIME], record.decided_at_unix_ms, id), &[][..]);
         if record.outcome == Outcome::Committed {
             batch.insert(&key(UNACKED, id)[..], &[][..]);
@@ -123,12 +132,16 @@ impl Wal {
         self.cluster_id
     }
 
-    /// Records which API token submitted `id` (written with the decision, in the same batch).
+    /// The name of the API token that submitted `id`, if it was decided and a token was used.
     pub fn made_by(&self, id: &TransferId) -> Result<Option<String>, WalError> {
-        Ok(self.store.db.get(key(MADE_BY, id))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.decided(id)?.and_then(|d| d.made_by))
     }
 
     pub fn get(&self, id: &TransferId) -> Result<Option<TransferRecord>, WalError> {
+        Ok(self.decided(id)?.map(|d| d.record))
+    }
+
+    fn decided(&self, id: &TransferId) -> Result<Option<Decided>, WalError> {
         match self.store.db.get(key(RECORD, id))? {
             Some(bytes) => Ok(Some(records::decode(&bytes)?)),
             None => Ok(None),
@@ -185,5 +198,44 @@ impl Wal {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::ledger::{AccountId, Amount, Transfer};
+
+    #[tokio::test]
+    async fn a_layout_1_log_migrates_the_token_name_into_the_decision() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (named, anonymous) = (Uuid::new_v4(), Uuid::new_v4());
+        let record = TransferRecord {
+            transfer: Transfer {
+                from: AccountId::new("alice").expect("valid"),
+                to: AccountId::new("bob").expect("valid"),
+                amount: Amount::new(5).expect("positive"),
+            },
+            outcome: Outcome::Committed,
+            shards: vec![0, 1],
+            decided_at_unix_ms: 3,
+        };
+        {
+            let db = sled::open(dir.path().join("store")).expect("sled opens");
+            migrations::migrate(&db, StoreKind::Coordinator).expect("fresh store");
+            migrations::stamp_version(&db, 1).expect("stamp");
+            let mut v1 = vec![1];
+            v1.extend(bincode::serialize(&record).expect("serialises"));
+            db.insert(key(RECORD, &named), v1.clone()).expect("insert");
+            db.insert(key(b'n', &named), &b"teller"[..]).expect("insert");
+            db.insert(key(RECORD, &anonymous), v1).expect("insert");
+            db.flush().expect("flush");
+        }
+        let wal = Wal::open(dir.path(), Durability::NoFsync, 2).await.expect("a layout-1 log opens");
+        assert_eq!(wal.get(&named).expect("readable"), Some(record.clone()));
+        assert_eq!(wal.made_by(&named).expect("readable").as_deref(), Some("teller"));
+        assert_eq!(wal.get(&anonymous).expect("readable"), Some(record));
+        assert_eq!(wal.made_by(&anonymous).expect("readable"), None);
+        assert_eq!(wal.store().db.scan_prefix([b'n']).count(), 0, "the name keys are gone");
     }
 }

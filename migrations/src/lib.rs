@@ -6,8 +6,9 @@
 //! a store written by a newer binary, or of the other kind, is refused with a clear error.
 
 /// The layout this binary writes. Version 1 is the initial layout: participant accounts, prepared and finished
-/// transfers in one prefixed tree; coordinator transfer records keyed by id.
-pub const LAYOUT_VERSION: u32 = 1;
+/// transfers in one prefixed tree; coordinator transfer records keyed by id. Version 2 writes fewer keys per
+/// transfer (see [`v2_fewer_keys`]).
+pub const LAYOUT_VERSION: u32 = 2;
 
 const META_TREE: &str = "meta";
 const VERSION_KEY: &[u8] = b"layout_version";
@@ -36,8 +37,110 @@ pub struct Migration {
     pub apply: fn(&sled::Db, StoreKind) -> sled::Result<()>,
 }
 
-/// Every migration, in order. Empty while version 1 is the only layout.
-pub const MIGRATIONS: &[Migration] = &[];
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    to_version: 2,
+    description: "fewer keys per transfer: balances only, token names and commit seqs inside their records",
+    apply: v2_fewer_keys,
+}];
+
+/// Records (values of the default tree) changed in this many keys per sled batch.
+const MIGRATION_BATCH_KEYS: usize = 10_000;
+
+/// Version 1 → 2. Every record value starts with its layout version byte, which becomes 2. Beyond that:
+/// - participant `a` account: `{balance, held, incoming}` → `balance` (holds follow from the prepared records);
+/// - participant `p` prepared: gains `made_by`, taken from the `w` key, which goes;
+/// - participant `f` finished: gains `commit_seq`, taken from the `c` key, which goes; the `r` commit-order keys
+///   go too (the audit lists recent commits from memory), and `mjournal_next_seq` is written once, so a start
+///   needs no scan of the journal;
+/// - coordinator `t` decision: gains `made_by`, taken from the `n` key, which goes.
+///
+/// Each record is rewritten in the same batch that removes the key it absorbed, and records already at version
+/// 2 are left alone, so a migration cut short by a crash resumes where it stopped.
+fn v2_fewer_keys(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
+    const V1: u8 = 1;
+    const V2: u8 = 2;
+    // bincode's encoding of Option<String> / Option<u64>, as the records' new last fields.
+    fn opt_string(v: Option<&[u8]>) -> Vec<u8> {
+        let v = v.map(|b| String::from_utf8_lossy(b).into_owned());
+        bincode::serialize(&v).expect("bincode into a Vec is infallible")
+    }
+    fn opt_u64(v: Option<&[u8]>) -> Vec<u8> {
+        let v = v.and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+        bincode::serialize(&v).expect("bincode into a Vec is infallible")
+    }
+    let with_prefix = |prefix: u8, key: &[u8]| {
+        let mut k = Vec::with_capacity(key.len());
+        k.push(prefix);
+        k.extend_from_slice(&key[1..]);
+        k
+    };
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    let mut journal_next_seq = 1u64;
+    for entry in db.iter() {
+        let (key, value) = entry?;
+        let (Some(&prefix), Some(&version)) = (key.first(), value.first()) else { continue };
+        if kind == StoreKind::Participant && prefix == b'j' && key.len() >= 8 {
+            let seq: [u8; 8] = key[key.len() - 8..].try_into().expect("8 bytes");
+            journal_next_seq = journal_next_seq.max(u64::from_be_bytes(seq) + 1);
+        }
+        let versioned: &[u8] = match kind {
+            StoreKind::Participant => b"apfjh",
+            StoreKind::Coordinator => b"t",
+        };
+        if !versioned.contains(&prefix) || version != V1 {
+            continue;
+        }
+        let body = &value[1..];
+        let mut new = vec![V2];
+        match (kind, prefix) {
+            (StoreKind::Participant, b'a') => new.extend_from_slice(&body[..8.min(body.len())]),
+            (StoreKind::Participant, b'p') | (StoreKind::Coordinator, b't') => {
+                let name_prefix = if kind == StoreKind::Participant { b'w' } else { b'n' };
+                let name_key = with_prefix(name_prefix, &key);
+                new.extend_from_slice(body);
+                new.extend_from_slice(&opt_string(db.get(&name_key)?.as_deref()));
+                batch.remove(name_key);
+            }
+            (StoreKind::Participant, b'f') => {
+                let seq_key = with_prefix(b'c', &key);
+                new.extend_from_slice(body);
+                new.extend_from_slice(&opt_u64(db.get(&seq_key)?.as_deref()));
+                batch.remove(seq_key);
+            }
+            _ => new.extend_from_slice(body),
+        }
+        batch.insert(key, new);
+        in_batch += 1;
+        if in_batch == MIGRATION_BATCH_KEYS {
+            db.apply_batch(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
+    }
+    db.apply_batch(batch)?;
+    if kind == StoreKind::Participant {
+        // Keys the new layout no longer has. Names (`w`) of transfers no longer prepared, and `c` keys, were
+        // read above; any left over belong to nothing.
+        let mut batch = sled::Batch::default();
+        for prefix in [b'c', b'r', b'w'] {
+            for entry in db.scan_prefix([prefix]) {
+                batch.remove(entry?.0);
+            }
+        }
+        if db.get(b"mjournal_next_seq")?.is_none() {
+            batch.insert(&b"mjournal_next_seq"[..], &journal_next_seq.to_be_bytes()[..]);
+        }
+        db.apply_batch(batch)?;
+    } else {
+        let mut batch = sled::Batch::default();
+        for entry in db.scan_prefix([b'n']) {
+            batch.remove(entry?.0);
+        }
+        db.apply_batch(batch)?;
+    }
+    Ok(())
+}
 
 const _: () = assert!(MIGRATIONS.len() as u32 + 1 == LAYOUT_VERSION, "one migration per version after 1");
 
@@ -126,7 +229,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let db = open(dir.path());
-        assert_eq!(migrate(&db, StoreKind::Participant).expect("v1 store opens"), 1);
+        assert_eq!(migrate(&db, StoreKind::Participant).expect("store reopens"), LAYOUT_VERSION);
         assert_eq!(db.get(b"a-key").expect("get").as_deref(), Some(&b"value"[..]));
     }
 

@@ -138,7 +138,9 @@ pub async fn audit(
         negative_balances: Vec::new(),
         invariant_violation: state.violation(),
         prepared: state.prepared().map(|(id, _)| *id).collect(),
-        commits_since: storage::commits_between(&node.store, query.after_seq.unwrap_or(seq), seq)?,
+        commits_since: state
+            .journal
+            .commits_between(query.after_seq.unwrap_or(seq), seq)?,
         heuristics,
     };
     for (id, account) in state.accounts() {

@@ -5,20 +5,24 @@
 //!
 //! Key layout (participant store, beside the protocol records):
 //! - `j` account `\0` seq → [`JournalEntry`]: an account's entries in order;
-//! - `c` transfer id → seq: the entry that applied a committed transfer here;
-//! - `r` seq → transfer id: commits in the order they were applied.
+//! - `mjournal_next_seq` → the next sequence number, so a restart need not scan the entries.
+//!
+//! The entry that applied a committed transfer here is named by its finished record (`commit_seq`). The audit's
+//! "commits applied since seq S" comes from a bounded list of recent commits in memory: the audit asks about
+//! the few milliseconds between two snapshots, so no key per commit is written for it.
 
 use common::ledger::{AccountId, TransferId};
 use common::records;
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
 
 pub const ENTRY: u8 = b'j';
-pub const COMMIT_SEQ: u8 = b'c';
-pub const COMMIT_ORDER: u8 = b'r';
 /// Sum of all opening balances: money that entered the ledger.
 pub const CREATED_TOTAL_KEY: &[u8] = b"mcreated_total";
-/// `w` transfer id → name of the API token that submitted it, kept from Prepare until the commit is journaled.
-pub const ACTOR: u8 = b'w';
+/// The journal's next sequence number, written with every batch that adds entries.
+pub const NEXT_SEQ_KEY: &[u8] = b"mjournal_next_seq";
+/// Recent commits kept in memory for the audit (about 4 MB): at 10,000 commits/s, the last 13 s.
+pub const RECENT_COMMITS_MAX: usize = 131_072;
 /// `h` transfer id → [`HeuristicRecord`]: outcomes an operator forced here.
 pub const HEURISTIC: u8 = b'h';
 
@@ -64,20 +68,72 @@ pub struct JournalState {
     pub next_seq: u64,
     /// Sum of every opening balance.
     pub created_total: i128,
+    /// (seq, transfer) of the latest commits applied since start, oldest first, at most `RECENT_COMMITS_MAX`.
+    recent_commits: VecDeque<(u64, TransferId)>,
+    /// The last sequence number before the oldest commit `recent_commits` may be missing: commits after it
+    /// are all listed.
+    recent_from: u64,
 }
 
-/// Key changes to add to the batch that makes the change: a value to insert, or `None` to remove the key.
-pub type Inserts = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// Changes to add to the batch that makes the change.
+#[derive(Debug, Default)]
+pub struct Inserts {
+    /// A value to insert, or `None` to remove the key.
+    pub keys: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The journal sequence number of each commit journaled, for its finished record.
+    pub commit_seqs: HashMap<TransferId, u64>,
+    /// The journal's next sequence number, if entries were added.
+    pub next_seq: Option<u64>,
+}
+
+impl Inserts {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.commit_seqs.is_empty() && self.next_seq.is_none()
+    }
+}
+
+/// The recent-commits list no longer reaches back to the sequence number asked about.
+#[derive(Debug, thiserror::Error)]
+#[error("commits after journal seq {after} are no longer listed here (the list starts after seq {from}); take a new snapshot")]
+pub struct TooOld {
+    pub after: u64,
+    pub from: u64,
+}
 
 impl JournalState {
+    pub fn new(next_seq: u64, created_total: i128) -> Self {
+        let next_seq = next_seq.max(1);
+        JournalState { next_seq, created_total, recent_commits: VecDeque::new(), recent_from: next_seq - 1 }
+    }
+
     /// The last sequence number handed out (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.next_seq.saturating_sub(1)
     }
 
+    /// Transfers committed here with a sequence number in `(after, upto]`, in apply order.
+    pub fn commits_between(&self, after: u64, upto: u64) -> Result<Vec<TransferId>, TooOld> {
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        if after < self.recent_from {
+            return Err(TooOld { after, from: self.recent_from });
+        }
+        Ok(self.recent_commits.iter().filter(|(seq, _)| *seq > after && *seq <= upto).map(|(_, id)| *id).collect())
+    }
+
+    fn remember_commit(&mut self, seq: u64, id: TransferId) {
+        if self.recent_commits.len() == RECENT_COMMITS_MAX {
+            if let Some((oldest, _)) = self.recent_commits.pop_front() {
+                self.recent_from = oldest;
+            }
+        }
+        self.recent_commits.push_back((seq, id));
+    }
+
     pub fn opened(&mut self, account: &AccountId, balance: i64, now: u64, out: &mut Inserts) {
         self.created_total += i128::from(balance);
-        out.push((CREATED_TOTAL_KEY.to_vec(), Some(self.created_total.to_be_bytes().to_vec())));
+        out.keys.push((CREATED_TOTAL_KEY.to_vec(), Some(self.created_total.to_be_bytes().to_vec())));
         self.entry(account, EntryKind::Opened, None, balance, balance, now, None, out);
     }
 
@@ -97,8 +153,8 @@ impl JournalState {
             last = self.entry(account, kind, Some(id), *delta, *after, now, actor, out);
         }
         if matches!(kind, EntryKind::Posting | EntryKind::HeuristicCommit) {
-            out.push((prefixed(COMMIT_SEQ, id.as_bytes()), Some(last.to_be_bytes().to_vec())));
-            out.push((prefixed(COMMIT_ORDER, &last.to_be_bytes()), Some(id.as_bytes().to_vec())));
+            out.commit_seqs.insert(id, last);
+            self.remember_commit(last, id);
         }
     }
 
@@ -116,6 +172,7 @@ impl JournalState {
     ) -> u64 {
         let seq = self.next_seq.max(1);
         self.next_seq = seq + 1;
+        out.next_seq = Some(self.next_seq);
         let entry = JournalEntry {
             seq,
             account: account.clone(),
@@ -126,7 +183,7 @@ impl JournalState {
             at_unix_ms,
             actor: actor.map(str::to_owned),
         };
-        out.push((entry_key(account, seq), Some(records::encode(&entry))));
+        out.keys.push((entry_key(account, seq), Some(records::encode(&entry))));
         seq
     }
 }
@@ -150,4 +207,27 @@ pub fn prefixed(prefix: u8, rest: &[u8]) -> Vec<u8> {
     k.push(prefix);
     k.extend_from_slice(rest);
     k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_commits_answer_since_start_and_refuse_older_snapshots() {
+        let mut state = JournalState::new(11, 0);
+        let account = AccountId::new("alice").expect("valid");
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let mut out = Inserts::default();
+        state.applied(a, EntryKind::Posting, &[(account.clone(), 5, 5)], None, 0, &mut out);
+        state.applied(b, EntryKind::Posting, &[(account, -5, 0)], None, 0, &mut out);
+        assert_eq!(out.commit_seqs.get(&a), Some(&11));
+        assert_eq!(out.next_seq, Some(13));
+        assert_eq!(state.commits_between(10, 12).expect("listed"), vec![a, b]);
+        assert_eq!(state.commits_between(11, 12).expect("listed"), vec![b]);
+        assert_eq!(state.commits_between(12, 12).expect("nothing after the last"), Vec::<TransferId>::new());
+        // Seq 10 was handed out before this start: what came after it up to 10 is unknown here.
+        let err = state.commits_between(9, 12).expect_err("from before the start");
+        assert_eq!((err.after, err.from), (9, 10));
+    }
 }

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use common::crash;
 use common::http::{error_response, now_unix_ms, JsonBody};
 use common::ledger::AccountId;
+use common::records::PreparedRecord;
 use protocol::participant::{CreateError, Write};
 use common::store::StoreError;
 use common::wire::{
@@ -53,6 +54,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("stored data unreadable: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    SnapshotTooOld(#[from] crate::journal::TooOld),
 }
 
 impl IntoResponse for ApiError {
@@ -69,6 +72,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %e, "unreadable stored data");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "storage is unavailable")
             }
+            ApiError::SnapshotTooOld(e) => error_response(StatusCode::CONFLICT, "snapshot_too_old", e.to_string()),
         }
     }
 }
@@ -185,7 +189,7 @@ async fn create_account(
         state.create_account(req.id.clone(), req.balance, &mut writes).map_err(|e| match e {
             CreateError::Exists => ApiError::AccountExists,
         })?;
-        let mut extra = Vec::new();
+        let mut extra = journal::Inserts::default();
         state.journal.opened(&req.id, req.balance, now_unix_ms(), &mut extra);
         persist(&node, &writes, &extra);
     }
@@ -223,15 +227,11 @@ async fn prepare(
     let votes: Vec<Vote> = {
         let mut machine = node.machine();
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
-        let votes: Vec<Vote> = batch.items.iter().map(|item| machine.prepare(item, now, &mut writes)).collect();
-        // Remember who asked for each newly prepared transfer, for its journal entries at commit.
-        let mut extra = Vec::new();
-        for ((item, vote), actor) in batch.items.iter().zip(&votes).zip(&batch.actors) {
-            if let (Vote::Yes, Some(actor)) = (vote, actor) {
-                extra.push((journal::prefixed(journal::ACTOR, item.id.as_bytes()), Some(actor.as_bytes().to_vec())));
-            }
-        }
-        persist(&node, &writes, &extra);
+        // Who asked is kept in each prepared record, for its journal entries at commit.
+        let actors = batch.actors.iter().cloned().chain(std::iter::repeat(None));
+        let votes: Vec<Vote> =
+            batch.items.iter().zip(actors).map(|(item, actor)| machine.prepare_by(item, actor, now, &mut writes)).collect();
+        persist(&node, &writes, &journal::Inserts::default());
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         votes
     };
@@ -273,13 +273,12 @@ pub(crate) async fn apply_decisions(
     let acks: Vec<DecideAck> = {
         let mut machine = node.machine();
         let mut writes = Vec::new();
-        let mut extra = Vec::new();
+        let mut extra = journal::Inserts::default();
         let acks = decisions
             .map(|(id, decision)| {
-                let postings = machine.prepared_transfer(&id).map(|p| p.postings.clone());
-                let ack = machine.decide(id, decision, &mut writes);
-                if let (DecideAck::Done, Some(postings)) = (ack, postings) {
-                    journal_decision(node, &mut machine, id, decision, &postings, operator, now, &mut extra);
+                let (ack, settled) = machine.settle(id, decision, &mut writes);
+                if let (DecideAck::Done, Some(record)) = (ack, settled) {
+                    journal_decision(&mut machine, id, decision, &record, operator, now, &mut extra);
                 }
                 let span = tracing::info_span!("transfer", transfer_id = %id);
                 let _entered = span.enter();
@@ -306,21 +305,15 @@ pub(crate) async fn apply_decisions(
 /// their own record for the audit.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn journal_decision(
-    node: &Node,
     state: &mut crate::ShardState,
     id: uuid::Uuid,
     decision: wire::Decision,
-    postings: &[common::ledger::Posting],
+    record: &PreparedRecord,
     operator: Option<&str>,
     now: u64,
     extra: &mut journal::Inserts,
 ) {
-    // The token name kept since Prepare, if any: its key is removed only when it exists, so a cluster
-    // without API tokens logs no removal per decision.
-    let submitter = storage::actor(&node.store, &id).ok().flatten();
-    if submitter.is_some() {
-        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), None));
-    }
+    let postings = &record.postings;
     let kind = match (operator, decision) {
         (None, wire::Decision::Commit) => journal::EntryKind::Posting,
         (None, wire::Decision::Abort) => return,
@@ -335,10 +328,10 @@ pub(crate) fn journal_decision(
             (p.account.clone(), amount, after)
         })
         .collect();
-    state.journal.applied(id, kind, &lines, operator.or(submitter.as_deref()), now, extra);
+    state.journal.applied(id, kind, &lines, operator.or(record.made_by.as_deref()), now, extra);
     if let Some(operator) = operator {
         let record = journal::HeuristicRecord { decision, operator: operator.to_owned(), at_unix_ms: now };
-        extra.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));
+        extra.keys.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));
     }
 }
 

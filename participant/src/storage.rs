@@ -34,25 +34,32 @@ impl From<records::RecordError> for LoadError {
 }
 
 /// Applies the machine's `writes` and the journal's `extra` changes as one atomic batch (in sled's memory;
-/// `Store::sync` makes it durable).
+/// `Store::sync` makes it durable). Per cross-shard transfer a shard writes one record at prepare (the prepared
+/// record) and four at commit (the balance, the prepared record's removal, the finished record, the journal
+/// entry), plus the journal's next sequence number once per batch.
 pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), sled::Error> {
     if writes.is_empty() && extra.is_empty() {
         return Ok(());
     }
     let mut batch = sled::Batch::default();
-    for (key, value) in extra {
+    for (key, value) in &extra.keys {
         match value {
             Some(v) => batch.insert(key.as_slice(), v.as_slice()),
             None => batch.remove(key.as_slice()),
         }
     }
+    if let Some(next) = extra.next_seq {
+        batch.insert(journal::NEXT_SEQ_KEY, &next.to_be_bytes()[..]);
+    }
     for write in writes {
         match write {
-            Write::Account(id, record) => batch.insert(keys::account(id), records::encode(record)),
+            // Only the balance is durable: holds follow from the prepared records.
+            Write::Account(id, record) => batch.insert(keys::account(id), records::encode(&record.balance)),
             Write::Prepared(id, record) => batch.insert(&keys::prepared(id)[..], records::encode(record)),
             Write::ClearPrepared(id) => batch.remove(&keys::prepared(id)[..]),
             Write::Finished(id, decision) => {
-                batch.insert(&keys::finished(id)[..], records::encode(&FinishedRecord { decision: *decision }))
+                let record = FinishedRecord { decision: *decision, commit_seq: extra.commit_seqs.get(id).copied() };
+                batch.insert(&keys::finished(id)[..], records::encode(&record))
             }
         }
     }
@@ -91,18 +98,18 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
     let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
     let mut prepared: HashMap<TransferId, PreparedRecord> = HashMap::new();
     let mut finished = HashMap::new();
-    let mut journal = JournalState { next_seq: 1, created_total: 0 };
+    let mut created_total = 0;
     if let Some(bytes) = store.db.get(journal::CREATED_TOTAL_KEY)? {
         let raw: [u8; 16] =
             bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(journal::CREATED_TOTAL_KEY.to_vec()))?;
-        journal.created_total = i128::from_be_bytes(raw);
+        created_total = i128::from_be_bytes(raw);
     }
-    // Entries are keyed by account, so the highest sequence number is found by looking at all of them.
-    for entry in store.db.scan_prefix([journal::ENTRY]) {
-        let (key, _) = entry?;
-        let raw: [u8; 8] = key[key.len() - 8..].try_into().map_err(|_| LoadError::BadKey(key.to_vec()))?;
-        journal.next_seq = journal.next_seq.max(u64::from_be_bytes(raw) + 1);
+    let mut next_seq = 1;
+    if let Some(bytes) = store.db.get(journal::NEXT_SEQ_KEY)? {
+        let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(journal::NEXT_SEQ_KEY.to_vec()))?;
+        next_seq = u64::from_be_bytes(raw);
     }
+    let journal = JournalState::new(next_seq, created_total);
     for entry in store.db.iter() {
         let (key, value) = entry?;
         let Some((&prefix, rest)) = key.split_first() else {
@@ -114,7 +121,8 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
                     .ok()
                     .and_then(|s| AccountId::new(s).ok())
                     .ok_or_else(|| LoadError::BadKey(key.to_vec()))?;
-                accounts.insert(id, records::decode(&value)?);
+                let balance: i64 = records::decode(&value)?;
+                accounts.insert(id, AccountRecord { balance, held: 0, incoming: 0 });
             }
             keys::PREPARED => {
                 prepared.insert(transfer_id(&key, rest)?, records::decode(&value)?);
@@ -148,32 +156,10 @@ pub fn journal_page(
 
 /// The journal sequence number at which transfer `id` was committed here, if it was.
 pub fn commit_seq(store: &Store, id: &TransferId) -> Result<Option<u64>, LoadError> {
-    let key = journal::prefixed(journal::COMMIT_SEQ, id.as_bytes());
-    match store.db.get(&key)? {
+    match store.db.get(keys::finished(id))? {
         None => Ok(None),
-        Some(v) => Ok(Some(u64::from_be_bytes(v.as_ref().try_into().map_err(|_| LoadError::BadKey(key))?))),
+        Some(bytes) => Ok(records::decode::<FinishedRecord>(&bytes)?.commit_seq),
     }
-}
-
-/// Transfers committed here with a sequence number in `(after, upto]`, in apply order.
-pub fn commits_between(store: &Store, after: u64, upto: u64) -> Result<Vec<TransferId>, LoadError> {
-    if after >= upto {
-        return Ok(Vec::new());
-    }
-    let start = journal::prefixed(journal::COMMIT_ORDER, &(after + 1).to_be_bytes());
-    let end = journal::prefixed(journal::COMMIT_ORDER, &upto.to_be_bytes());
-    let mut out = Vec::new();
-    for entry in store.db.range(start..=end) {
-        let (key, value) = entry?;
-        out.push(Uuid::from_slice(&value).map_err(|_| LoadError::BadKey(key.to_vec()))?);
-    }
-    Ok(out)
-}
-
-/// The API token name recorded at Prepare for transfer `id`.
-pub fn actor(store: &Store, id: &TransferId) -> Result<Option<String>, LoadError> {
-    let key = journal::prefixed(journal::ACTOR, id.as_bytes());
-    Ok(store.db.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
 /// Every outcome an operator forced on this shard.
@@ -188,4 +174,98 @@ pub fn heuristics(store: &Store) -> Result<Vec<(TransferId, HeuristicRecord)>, L
 
 fn transfer_id(key: &[u8], rest: &[u8]) -> Result<TransferId, LoadError> {
     Uuid::from_slice(rest).map_err(|_| LoadError::BadKey(key.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::ledger::{Amount, Posting, Transfer};
+    use common::store::Durability;
+    use common::wire::Decision;
+    use serde::Serialize;
+
+    /// A prepared record as layout 1 wrote it (no `made_by`).
+    #[derive(Serialize)]
+    struct PreparedV1 {
+        transfer: Transfer,
+        postings: Vec<Posting>,
+        coordinator_url: String,
+        prepared_at_unix_ms: u64,
+    }
+
+    fn v1<T: Serialize>(value: &T) -> Vec<u8> {
+        let mut out = vec![1];
+        out.extend(bincode::serialize(value).expect("serialises"));
+        out
+    }
+
+    fn key(prefix: u8, rest: &[u8]) -> Vec<u8> {
+        journal::prefixed(prefix, rest)
+    }
+
+    /// A layout-1 store: alice (100, 30 held by a prepared transfer named by a token), a commit journaled at
+    /// seq 7 with its `c` and `r` keys.
+    fn write_v1_store(dir: &std::path::Path) -> (TransferId, TransferId) {
+        let db = sled::open(dir.join("store")).expect("sled opens");
+        migrations::migrate(&db, migrations::StoreKind::Participant).expect("fresh store");
+        migrations::stamp_version(&db, 1).expect("stamp");
+        let alice = AccountId::new("alice").expect("valid");
+        let (prepared, committed) = (Uuid::new_v4(), Uuid::new_v4());
+        db.insert(keys::account(&alice), v1(&AccountRecord { balance: 100, held: 30, incoming: 0 })).expect("insert");
+        let transfer = Transfer { from: alice.clone(), to: AccountId::new("bob").expect("valid"), amount: Amount::new(30).expect("positive") };
+        let record = PreparedV1 {
+            transfer,
+            postings: vec![Posting { account: alice.clone(), delta: -30 }],
+            coordinator_url: "http://127.0.0.1:1".into(),
+            prepared_at_unix_ms: 5,
+        };
+        db.insert(keys::prepared(&prepared), v1(&record)).expect("insert");
+        db.insert(key(b'w', prepared.as_bytes()), &b"teller"[..]).expect("insert");
+        db.insert(keys::finished(&committed), v1(&Decision::Commit)).expect("insert");
+        db.insert(key(b'c', committed.as_bytes()), &7u64.to_be_bytes()[..]).expect("insert");
+        db.insert(key(b'r', &7u64.to_be_bytes()), committed.as_bytes()).expect("insert");
+        let entry = JournalEntry {
+            seq: 7,
+            account: alice.clone(),
+            kind: journal::EntryKind::Posting,
+            transfer_id: Some(committed),
+            amount: 5,
+            balance_after: 100,
+            at_unix_ms: 9,
+            actor: None,
+        };
+        db.insert(journal::entry_key(&alice, 7), v1(&entry)).expect("insert");
+        db.flush().expect("flush");
+        (prepared, committed)
+    }
+
+    async fn check_v2(store: &Store, prepared: TransferId, committed: TransferId) {
+        let alice = AccountId::new("alice").expect("valid");
+        let (machine, journal) = load(store, 0).await.expect("a migrated store loads");
+        assert_eq!(machine.account(&alice), Some(AccountRecord { balance: 100, held: 30, incoming: 0 }));
+        let record = machine.prepared_transfer(&prepared).expect("still prepared");
+        assert_eq!(record.made_by.as_deref(), Some("teller"), "the token name moved into the record");
+        assert_eq!(machine.finished_decision(&committed), Some(Decision::Commit));
+        assert_eq!(commit_seq(store, &committed).expect("readable"), Some(7), "the commit seq moved too");
+        assert_eq!(journal.next_seq, 8, "the next seq is stored, not scanned for");
+        let page = journal_page(store, &alice, None, 10).expect("journal readable");
+        assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![7]);
+        for gone in [b'c', b'r', b'w'] {
+            assert_eq!(store.db.scan_prefix([gone]).count(), 0, "no {} keys are left", gone as char);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_layout_1_store_migrates_and_a_rerun_changes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (prepared, committed) = write_v1_store(dir.path());
+        {
+            let store = Store::open(dir.path(), migrations::StoreKind::Participant, Durability::NoFsync).expect("opens");
+            check_v2(&store, prepared, committed).await;
+            // A crash before the version bump re-runs the migration on migrated records.
+            migrations::stamp_version(&store.db, 1).expect("stamp");
+        }
+        let store = Store::open(dir.path(), migrations::StoreKind::Participant, Durability::NoFsync).expect("reopens");
+        check_v2(&store, prepared, committed).await;
+    }
 }

@@ -180,12 +180,12 @@ fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
     let now = now_unix_ms();
     let mut state = node.machine();
     let mut writes = Vec::with_capacity(all().count() * 3);
-    let mut extra = Vec::new();
+    let mut extra = journal::Inserts::default();
     let mut needs_sync = false;
     let mut replies = Vec::with_capacity(frames.len());
     for items in frames {
         let frame = apply_frame(&mut state, items, now, &mut writes);
-        journal(node, &mut state, &frame, now, &mut extra);
+        journal(&mut state, &frame, now, &mut extra);
         needs_sync |= frame.needs_sync;
         replies.push(frame.replies);
     }
@@ -197,13 +197,9 @@ fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
 }
 
 /// The journal's side of one applied frame, and its metrics.
-fn journal(node: &Node, state: &mut crate::ShardState, frame: &FrameApplied, now: u64, extra: &mut journal::Inserts) {
-    for (id, name) in &frame.prepared_by {
-        // Who asked, for the journal entries at commit.
-        extra.push((journal::prefixed(journal::ACTOR, id.as_bytes()), Some(name.as_bytes().to_vec())));
-    }
-    for (id, decision, postings) in &frame.settled {
-        journal_decision(node, state, *id, *decision, postings, None, now, extra);
+fn journal(state: &mut crate::ShardState, frame: &FrameApplied, now: u64, extra: &mut journal::Inserts) {
+    for (id, decision, record) in &frame.settled {
+        journal_decision(state, *id, *decision, record, None, now, extra);
     }
     for reply in &frame.replies {
         match reply {

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 /// A change the caller must persist.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
+    /// An account was created or its balance changed (a commit). Its `held` and `incoming` are not durable
+    /// state: [`ParticipantMachine::restore`] derives them from the prepared records.
     Account(AccountId, AccountRecord),
     Prepared(TransferId, PreparedRecord),
     ClearPrepared(TransferId),
@@ -52,13 +54,30 @@ impl ParticipantMachine {
         ParticipantMachine { shard, ..Default::default() }
     }
 
-    /// Rebuilds the state read back from disk, refusing a state that breaks an invariant.
+    /// Rebuilds the state read back from disk, refusing a state that breaks an invariant. Only the accounts'
+    /// balances are read: their `held` and `incoming` are recomputed from `prepared`.
     pub fn restore(
         shard: ShardId,
-        accounts: HashMap<AccountId, AccountRecord>,
+        mut accounts: HashMap<AccountId, AccountRecord>,
         prepared: HashMap<TransferId, PreparedRecord>,
         finished: HashMap<TransferId, Decision>,
     ) -> Result<Self, RestoreError> {
+        for record in accounts.values_mut() {
+            record.held = 0;
+            record.incoming = 0;
+        }
+        for (id, p) in &prepared {
+            for posting in &p.postings {
+                let record =
+                    accounts.get_mut(&posting.account).ok_or(RestoreError::MissingAccount(*id, posting.account.clone()))?;
+                if posting.delta < 0 {
+                    record.held = record.held.checked_add(-posting.delta).ok_or(RestoreError::BadBalance(posting.account.clone()))?;
+                } else {
+                    record.incoming =
+                        record.incoming.checked_add(posting.delta).ok_or(RestoreError::BadBalance(posting.account.clone()))?;
+                }
+            }
+        }
         let machine = ParticipantMachine { shard, accounts, prepared, finished };
         machine.verify()?;
         Ok(machine)
@@ -110,6 +129,17 @@ impl ParticipantMachine {
 
     /// Phase one. YES reserves the debits (holds) and the credits' headroom; NO changes nothing.
     pub fn prepare(&mut self, item: &PrepareItem, now_unix_ms: u64, writes: &mut Vec<Write>) -> Vote {
+        self.prepare_by(item, None, now_unix_ms, writes)
+    }
+
+    /// [`Self::prepare`], recording who submitted the transfer (kept in its prepared record until the decision).
+    pub fn prepare_by(
+        &mut self,
+        item: &PrepareItem,
+        made_by: Option<String>,
+        now_unix_ms: u64,
+        writes: &mut Vec<Write>,
+    ) -> Vote {
         match self.finished.get(&item.id) {
             // Only a YES can have led to a commit, so repeating it is the truthful answer.
             Some(Decision::Commit) => return Vote::Yes,
@@ -140,15 +170,16 @@ impl ParticipantMachine {
                 None => touched.push((posting.account.clone(), next)),
             }
         }
+        // No account write: the holds follow from the prepared record (see `restore`).
         for (id, record) in touched {
-            self.accounts.insert(id.clone(), record);
-            writes.push(Write::Account(id, record));
+            self.accounts.insert(id, record);
         }
         let record = PreparedRecord {
             transfer: item.transfer.clone(),
             postings: item.postings.clone(),
             coordinator_url: item.coordinator_url.clone(),
             prepared_at_unix_ms: now_unix_ms,
+            made_by,
         };
         self.prepared.insert(item.id, record.clone());
         writes.push(Write::Prepared(item.id, record));
@@ -158,17 +189,27 @@ impl ParticipantMachine {
     /// Phase two. Commit applies the postings and releases the holds; abort only releases them. Both are
     /// idempotent; an abort of an unknown id leaves a tombstone so a late Prepare of it is refused.
     pub fn decide(&mut self, id: TransferId, decision: Decision, writes: &mut Vec<Write>) -> DecideAck {
+        self.settle(id, decision, writes).0
+    }
+
+    /// [`Self::decide`], also handing back the prepared record this decision settled, if it settled one.
+    pub fn settle(
+        &mut self,
+        id: TransferId,
+        decision: Decision,
+        writes: &mut Vec<Write>,
+    ) -> (DecideAck, Option<PreparedRecord>) {
         if let Some(&done) = self.finished.get(&id) {
-            return if done == decision { DecideAck::Done } else { DecideAck::Refused };
+            return (if done == decision { DecideAck::Done } else { DecideAck::Refused }, None);
         }
         let Some(prepared) = self.prepared.remove(&id) else {
             return match decision {
                 // Never prepared here, so never voted YES: a commit would be a coordinator bug.
-                Decision::Commit => DecideAck::Refused,
+                Decision::Commit => (DecideAck::Refused, None),
                 Decision::Abort => {
                     self.finished.insert(id, Decision::Abort);
                     writes.push(Write::Finished(id, Decision::Abort));
-                    DecideAck::Done
+                    (DecideAck::Done, None)
                 }
             };
         };
@@ -178,12 +219,15 @@ impl ParticipantMachine {
                 .get_mut(&posting.account)
                 .expect("a prepared transfer's accounts exist (checked at prepare and at restore)");
             *record = release_hold(*record, posting.delta, decision);
-            writes.push(Write::Account(posting.account.clone(), *record));
+            // An abort changes no balance, and the released hold needs no write (see `restore`).
+            if decision == Decision::Commit {
+                writes.push(Write::Account(posting.account.clone(), *record));
+            }
         }
         writes.push(Write::ClearPrepared(id));
         self.finished.insert(id, decision);
         writes.push(Write::Finished(id, decision));
-        DecideAck::Done
+        (DecideAck::Done, Some(prepared))
     }
 
     /// Prepared transfers at least `age_min_ms` old: the ones to ask the coordinator about.
@@ -372,11 +416,34 @@ mod tests {
     }
 
     #[test]
-    fn restore_rejects_a_state_whose_holds_do_not_add_up() {
-        let mut accounts = HashMap::new();
-        accounts.insert(id("alice"), AccountRecord { balance: 10, held: 4, incoming: 0 });
-        let err = ParticipantMachine::restore(0, accounts, HashMap::new(), HashMap::new());
-        assert!(matches!(err, Err(RestoreError::HoldMismatch { .. })));
+    fn restore_derives_holds_from_the_prepared_records() {
+        let mut m = machine_with(&[("alice", 100), ("bob", 0)]);
+        let mut w = Vec::new();
+        let (tx, tx2) = (Uuid::new_v4(), Uuid::new_v4());
+        m.prepare(&item(tx, "alice", "bob", 30, vec![("alice", -30), ("bob", 30)]), 0, &mut w);
+        m.prepare(&item(tx2, "alice", "bob", 20, vec![("alice", -20), ("bob", 20)]), 0, &mut w);
+        assert!(!w.iter().any(|x| matches!(x, Write::Account(..))), "a prepare writes no account");
+        m.decide(tx2, Decision::Commit, &mut w);
+        // What a store holds: balances as last written, stale holds, and the prepared records.
+        let stale = |b| AccountRecord { balance: b, held: 7, incoming: 7 };
+        let accounts: HashMap<_, _> = [(id("alice"), stale(80)), (id("bob"), stale(20))].into();
+        let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
+        let finished: HashMap<_, _> = m.finished().map(|(k, v)| (*k, *v)).collect();
+        let restored = ParticipantMachine::restore(0, accounts, prepared, finished).expect("consistent");
+        assert_eq!(restored.account(&id("alice")), m.account(&id("alice")));
+        assert_eq!(restored.account(&id("bob")), Some(AccountRecord { balance: 20, held: 0, incoming: 30 }));
+    }
+
+    #[test]
+    fn restore_rejects_holds_beyond_the_balance() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let mut w = Vec::new();
+        let tx = Uuid::new_v4();
+        m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &mut w);
+        let accounts: HashMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0 })].into();
+        let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
+        let err = ParticipantMachine::restore(0, accounts, prepared, HashMap::new());
+        assert!(matches!(err, Err(RestoreError::BadBalance(_))));
     }
 
     #[test]

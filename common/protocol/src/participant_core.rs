@@ -4,20 +4,19 @@
 //! only once the frame's writes are durable (the caller's job: it holds the replies until its sync is done).
 
 use crate::coordinator_core::{FromShard, ToShard};
-use crate::ledger::{Posting, TransferId};
-use crate::msg::{DecideAck, Decision, Vote};
+use crate::ledger::TransferId;
+use crate::msg::{DecideAck, Decision};
 use crate::participant::{ParticipantMachine, Write};
+use crate::state::PreparedRecord;
 
 /// What one frame did, beyond its writes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrameApplied {
     /// One reply per item, in order.
     pub replies: Vec<FromShard>,
-    /// Prepared transfers this frame decided here, with the postings the decision applied or released (for
-    /// the shell's journal).
-    pub settled: Vec<(TransferId, Decision, Vec<Posting>)>,
-    /// Transfers newly prepared here (YES) with the name of whoever submitted them.
-    pub prepared_by: Vec<(TransferId, String)>,
+    /// Prepared transfers this frame decided here, with the record the decision settled (for the shell's
+    /// journal: its postings and who submitted it).
+    pub settled: Vec<(TransferId, Decision, PreparedRecord)>,
     /// Whether the frame held work that writes (or may repeat an answer for a write not yet durable), so its
     /// replies must wait for a sync.
     pub needs_sync: bool,
@@ -42,18 +41,14 @@ pub fn apply_frame(
         match item {
             ToShard::Prepare { item, made_by } => {
                 out.needs_sync = true;
-                let vote = machine.prepare(&item, now_unix_ms, writes);
-                if let (Vote::Yes, Some(name)) = (vote, made_by) {
-                    out.prepared_by.push((item.id, name));
-                }
+                let vote = machine.prepare_by(&item, made_by, now_unix_ms, writes);
                 out.replies.push(FromShard::Vote { id: item.id, vote });
             }
             ToShard::Decide { id, decision } => {
                 out.needs_sync = true;
-                let postings = machine.prepared_transfer(&id).map(|p| p.postings.clone());
-                let ack = machine.decide(id, decision, writes);
-                if let (DecideAck::Done, Some(postings)) = (ack, postings) {
-                    out.settled.push((id, decision, postings));
+                let (ack, settled) = machine.settle(id, decision, writes);
+                if let (DecideAck::Done, Some(record)) = (ack, settled) {
+                    out.settled.push((id, decision, record));
                 }
                 out.replies.push(FromShard::Ack { id, decision, ack });
             }

@@ -7,7 +7,8 @@ use crate::msg::Decision;
 use serde::{Deserialize, Serialize};
 
 /// Participant: one account's money. `held` is reserved by prepared debits; `incoming` is promised to prepared
-/// credits, so a commit can never overflow the balance.
+/// credits, so a commit can never overflow the balance. Only `balance` is stored: `held` and `incoming` follow
+/// from the prepared records, so a prepare writes one record, not two.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountRecord {
     pub balance: i64,
@@ -28,12 +29,17 @@ pub struct PreparedRecord {
     pub postings: Vec<Posting>,
     pub coordinator_url: String,
     pub prepared_at_unix_ms: u64,
+    /// The name of the API token that submitted the transfer, for its journal entries at commit.
+    pub made_by: Option<String>,
 }
 
 /// Participant: a transfer that is over here, kept forever so a late Prepare or decision is recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinishedRecord {
     pub decision: Decision,
+    /// The journal sequence number of the commit's last entry here (none for an abort): which audit snapshots
+    /// include it.
+    pub commit_seq: Option<u64>,
 }
 
 /// Why a transfer was aborted, as the client is told.

@@ -294,6 +294,7 @@ impl LedgerModel {
                     postings: item.postings,
                     coordinator_url: item.coordinator_url,
                     prepared_at_unix_ms: 0,
+                    made_by: None,
                 };
                 (tid(*t), record)
             })

@@ -314,7 +314,8 @@ impl Records {
         for write in writes {
             match write {
                 Write::Account(id, record) => {
-                    self.accounts.insert(id.clone(), *record);
+                    // Only the balance is durable; holds follow from the prepared records.
+                    self.accounts.insert(id.clone(), AccountRecord { balance: record.balance, held: 0, incoming: 0 });
                 }
                 Write::Prepared(id, record) => {
                     if self.finished.contains_key(id) {
@@ -343,6 +344,21 @@ impl Records {
             }
         }
         Ok(())
+    }
+
+    /// The accounts as a restart rebuilds them: stored balances, holds and credits from the prepared records.
+    fn accounts_with_holds(&self) -> BTreeMap<AccountId, AccountRecord> {
+        let mut accounts = self.accounts.clone();
+        for p in self.prepared.values().flat_map(|r| &r.postings) {
+            if let Some(a) = accounts.get_mut(&p.account) {
+                if p.delta < 0 {
+                    a.held -= p.delta;
+                } else {
+                    a.incoming += p.delta;
+                }
+            }
+        }
+        accounts
     }
 
     fn restore(&self, shard: ShardId) -> Result<ParticipantMachine, String> {
@@ -381,7 +397,7 @@ impl Records {
                 }
             }
         }
-        for (id, record) in &self.accounts {
+        for (id, record) in &self.accounts_with_holds() {
             let (balance, held, incoming) = expected[id];
             let actual = (record.balance, record.held, record.incoming);
             if actual != (balance, held, incoming) {
@@ -1598,9 +1614,8 @@ fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: LogWrite) {
 /// The writes a machine returned must describe exactly the state it holds: what a restart would rebuild.
 fn compare_with_shadow(machine: &ParticipantMachine, shadow: &Records) -> Check {
     let s = machine.shard();
-    if machine.accounts().count() != shadow.accounts.len()
-        || machine.accounts().any(|(id, r)| shadow.accounts.get(id) != Some(r))
-    {
+    let accounts = shadow.accounts_with_holds();
+    if machine.accounts().count() != accounts.len() || machine.accounts().any(|(id, r)| accounts.get(id) != Some(r)) {
         return Err(format!("P{s}: the accounts in memory differ from what the writes recorded"));
     }
     if machine.prepared().count() != shadow.prepared.len()

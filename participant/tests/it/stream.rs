@@ -97,7 +97,7 @@ async fn read_alice(stream: &mut Stream, read: u64) -> Result<Option<AccountReco
         .await
         .map_err(|e| format!("send: {e}"))?;
     match replies(stream).await?.as_slice() {
-        [FromShard::Account { read: answered, account }] if *answered == read => Ok(account.clone()),
+        [FromShard::Account { read: answered, account }] if *answered == read => Ok(*account),
         other => Err(format!("a Read was answered with {other:?}")),
     }
 }
