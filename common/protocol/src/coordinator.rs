@@ -11,14 +11,14 @@ use crate::msg::{Decision, QueryAnswer, RefusalReason, Vote};
 use std::collections::BTreeSet;
 
 /// What one shard said to Prepare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VoteResult {
     Vote(Vote),
     /// No answer in time, or the call failed: the shard may or may not have prepared.
     Unavailable,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Phase {
     Preparing {
         votes: Vec<(ShardId, Option<VoteResult>)>,
@@ -35,7 +35,7 @@ pub enum Phase {
     },
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TransferMachine {
     pub id: TransferId,
     pub transfer: Transfer,

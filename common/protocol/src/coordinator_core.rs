@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The core's settings (the shell's flags, in milliseconds).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoreConfig {
     pub shard_count: u32,
     /// Where participants ask about transfers they are in doubt on (kept in their prepared records).
@@ -36,7 +36,7 @@ pub struct CoreConfig {
 }
 
 /// One piece of work for a shard. A frame carries several, and a shard handles them in order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ToShard {
     Prepare {
         item: PrepareItem,
@@ -56,7 +56,7 @@ pub enum ToShard {
 }
 
 /// A shard's answer to one [`ToShard`] item.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum FromShard {
     Vote {
         id: TransferId,
@@ -87,7 +87,7 @@ mod vote_as_refusal {
 }
 
 /// A write the shell applies to its log, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LogWrite {
     /// The decision of a transfer, with (for a commit) the marker that it is still owed acks.
     Decision { id: TransferId, transfer: Transfer, outcome: Outcome, shards: Vec<ShardId>, made_by: Option<String> },
@@ -97,7 +97,7 @@ pub enum LogWrite {
 }
 
 /// What the shell must write, and whether it must then wait for a sync and report it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LogBatch {
     pub writes: Vec<LogWrite>,
     /// Call [`CoordinatorCore::handle_synced`] with this once every write so far is durable.
@@ -105,7 +105,7 @@ pub struct LogBatch {
 }
 
 /// Something final the shell may now tell someone: every write it depends on is durable.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Answer {
     /// The outcome of a transfer, for every client waiting on `id`.
     Transfer { id: TransferId, transfer: Transfer, outcome: Outcome },
@@ -114,7 +114,7 @@ pub enum Answer {
 }
 
 /// Why a submission was not taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SubmitError {
     /// The id is known with a different body.
     IdempotencyConflict,
@@ -122,7 +122,7 @@ pub enum SubmitError {
 }
 
 /// Events worth a log line or a metric; the core itself says nothing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Notice {
     /// A shard refused a decision: it contradicts the shard's state, and needs an operator.
     Refused { id: TransferId, shard: ShardId, decision: Decision },
@@ -138,7 +138,7 @@ pub enum Notice {
 }
 
 /// The shell's link to one shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LinkState {
     /// Not yet connected since start: work is queued, and goes once the link is up (or fails by its deadline).
     Connecting,
@@ -150,14 +150,14 @@ pub enum LinkState {
 }
 
 /// A transfer whose prepare round or decision logging is under way.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Run {
     machine: TransferMachine,
     made_by: Option<String>,
 }
 
 /// A durable decision some shard has not acknowledged yet.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Owed {
     machine: TransferMachine,
     decided_at_ms: u64,
@@ -165,7 +165,7 @@ struct Owed {
 }
 
 /// What becomes possible once a sync barrier is durable.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum AfterSync {
     Decided(TransferId),
     Answer(Answer),
@@ -180,7 +180,7 @@ pub struct OwedView {
     pub awaiting_shards: Vec<ShardId>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoordinatorCore {
     config: CoreConfig,
     // Ordered maps: the core must be deterministic (the simulator replays a seed exactly).

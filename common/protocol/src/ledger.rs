@@ -99,7 +99,7 @@ pub type TransferId = Uuid;
 pub type ShardId = u32;
 
 /// What a client asked for: move `amount` from `from` to `to`. The body compared for idempotency.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Transfer {
     pub from: AccountId,
     pub to: AccountId,
@@ -107,7 +107,7 @@ pub struct Transfer {
 }
 
 /// One signed change to one account: negative debits, positive credits.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Posting {
     pub account: AccountId,
     pub delta: i64,

@@ -13,4 +13,5 @@ pub mod ledger;
 pub mod msg;
 pub mod participant;
 pub mod participant_core;
+pub mod resolver;
 pub mod state;

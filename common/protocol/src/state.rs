@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// Participant: one account's money. `held` is reserved by prepared debits; `incoming` is promised to prepared
 /// credits, so a commit can never overflow the balance. Only `balance` is stored: `held` and `incoming` follow
 /// from the prepared records, so a prepare writes one record, not two.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AccountRecord {
     pub balance: i64,
     pub held: i64,
@@ -23,7 +23,7 @@ impl AccountRecord {
 }
 
 /// Participant: a transfer this shard voted YES on and has not yet seen decided.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PreparedRecord {
     pub transfer: Transfer,
     pub postings: Vec<Posting>,
@@ -34,7 +34,7 @@ pub struct PreparedRecord {
 }
 
 /// Participant: a transfer that is over here, kept forever so a late Prepare or decision is recognised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FinishedRecord {
     pub decision: Decision,
     /// The journal sequence number of the commit's last entry here (none for an abort): which audit snapshots
@@ -65,7 +65,7 @@ impl AbortReason {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     Committed,
     Aborted(AbortReason),
@@ -73,7 +73,7 @@ pub enum Outcome {
 
 /// Coordinator: the decision for one transfer. Kept forever: it answers idempotent retries and participants'
 /// decision queries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TransferRecord {
     pub transfer: Transfer,
     pub outcome: Outcome,
