@@ -68,8 +68,9 @@ pub(crate) struct Node {
 pub(crate) struct ShardState {
     pub machine: ParticipantMachine,
     pub journal: journal::JournalState,
-    /// What the coordinator last said about each transfer in doubt here, and when (for the in-doubt view).
-    pub last_heard: std::collections::HashMap<uuid::Uuid, (String, u64)>,
+    /// Which transfers in doubt to ask the coordinator about and when, and what it last said about each (for
+    /// the in-doubt view).
+    pub resolver: resolver::ResolverCore,
 }
 
 impl std::ops::Deref for ShardState {
@@ -113,11 +114,13 @@ pub async fn run(
     let cluster_id = storage::cluster_id(&store)?;
     let prepared = machine.prepared().count();
     tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
+    let in_doubt_after_ms = u64::try_from(config.in_doubt_after.as_millis()).unwrap_or(u64::MAX);
+    let resolver = resolver::ResolverCore::new(resolver::ResolverConfig::new(in_doubt_after_ms), common::http::now_unix_ms());
     let http = reqwest::Client::builder().timeout(config.query_timeout).build()?;
     let node = Arc::new(Node {
         shard: config.shard,
         store,
-        machine: Mutex::new(ShardState { machine, journal, last_heard: Default::default() }),
+        machine: Mutex::new(ShardState { machine, journal, resolver }),
         cluster_id: tokio::sync::Mutex::new(cluster_id),
         http,
         config,

@@ -1,102 +1,68 @@
-//! The in-doubt resolver: asks the coordinator what became of prepared transfers that have waited too long for
-//! a decision (all of them right after a restart), applies the answers, and backs off while the coordinator is
-//! unreachable. Holds stay in place until an answer arrives: a participant never decides alone.
+//! The in-doubt resolver's shell: carries out what [`ResolverCore`] asks (which prepared transfers to ask the
+//! coordinator about, when, and how long to back off). It sends the queries, applies the answers durably and
+//! reports back. Holds stay in place until an answer arrives: a participant never decides alone.
 
 use crate::{server, Node};
 use common::http::now_unix_ms;
-use common::wire::{self, Decision, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer};
-use std::collections::BTreeMap;
+use common::wire::{self, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer};
+use protocol::resolver::Query;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often to look for transfers in doubt when all is well.
-const SCAN_INTERVAL: Duration = Duration::from_millis(500);
-/// Backoff bounds while the coordinator does not answer.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Transfers per query: bounds one request's size.
-const QUERY_ITEMS_MAX: usize = 1_000;
+pub use protocol::resolver::{ResolverConfig, ResolverCore};
 
 pub async fn run(node: Arc<Node>) {
-    let mut backoff = BACKOFF_MIN;
-    // Right after start every prepared transfer is in doubt: its decision may have come and gone while down.
-    let mut age_min = Duration::ZERO;
     loop {
-        let in_doubt = node.machine().in_doubt(now_unix_ms(), age_min.as_millis() as u64);
-        let mut by_coordinator: BTreeMap<String, Vec<DecisionQueryItem>> = BTreeMap::new();
-        for (id, prepared) in in_doubt {
-            let items = by_coordinator.entry(prepared.coordinator_url).or_default();
-            if items.len() < QUERY_ITEMS_MAX {
-                items.push(DecisionQueryItem { id, transfer: prepared.transfer });
-            }
+        let (queries, due) = {
+            let now = now_unix_ms();
+            let mut guard = node.machine();
+            let state = &mut *guard;
+            state.resolver.handle_timeout(now, state.machine.prepared());
+            (std::iter::from_fn(|| state.resolver.poll_query()).collect::<Vec<_>>(), state.resolver.poll_timeout())
+        };
+        for query in queries {
+            ask(&node, query).await;
         }
-        let mut all_answered = true;
-        for (url, items) in by_coordinator {
-            match ask(&node, &url, items).await {
-                Ok(resolved) if resolved > 0 => {
-                    tracing::info!(resolved, "resolved transfers in doubt")
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    all_answered = false;
-                    tracing::warn!(coordinator = %url, %error, retry_in_ms = backoff.as_millis() as u64, "cannot reach the coordinator for decisions");
-                }
-            }
-        }
-        if all_answered {
-            backoff = BACKOFF_MIN;
-            age_min = node.config.in_doubt_after;
-            tokio::time::sleep(SCAN_INTERVAL).await;
-        } else {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        // While a round is under way `due` is none; every query above has been reported, so it is set again.
+        let wait_ms = due.or_else(|| node.machine().resolver.poll_timeout()).map_or(0, |at| at.saturating_sub(now_unix_ms()));
+        tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
     }
 }
 
-/// One query round trip; returns how many transfers it resolved.
-async fn ask(node: &Node, url: &str, items: Vec<DecisionQueryItem>) -> Result<usize, String> {
-    let ids: Vec<uuid::Uuid> = items.iter().map(|i| i.id).collect();
-    let answers = match query(node, url, items).await {
+/// One query round trip, reported to the core.
+async fn ask(node: &Node, query: Query) {
+    let answers = match self::query(node, &query.coordinator_url, query.items).await {
         Ok(answers) => answers,
         Err(error) => {
-            let now = now_unix_ms();
             let mut state = node.machine();
-            for id in &ids {
-                state.last_heard.insert(*id, (format!("unreachable: {error}"), now));
-            }
-            return Err(error);
+            let retry_in_ms = state.resolver.retry_in_ms();
+            tracing::warn!(coordinator = %query.coordinator_url, %error, retry_in_ms, "cannot reach the coordinator for decisions");
+            state.resolver.handle_unreachable(now_unix_ms(), query.id, &error);
+            return;
         }
     };
-    let decided: Vec<(uuid::Uuid, Decision)> = {
-        let now = now_unix_ms();
-        let mut state = node.machine();
-        ids.into_iter()
-            .zip(answers)
-            .filter_map(|(id, answer)| match answer {
-                QueryAnswer::Commit => Some((id, Decision::Commit)),
-                QueryAnswer::Abort => Some((id, Decision::Abort)),
-                QueryAnswer::Pending => {
-                    state.last_heard.insert(id, ("pending".into(), now));
-                    None
-                }
-            })
-            .collect()
+    let decided = node.machine().resolver.handle_answers(now_unix_ms(), query.id, &answers);
+    let decided = match decided {
+        Ok(decided) => decided,
+        Err(error) => {
+            tracing::warn!(coordinator = %query.coordinator_url, %error, "unusable answer to a decision query");
+            return;
+        }
     };
     for (id, decision) in &decided {
         tracing::info_span!("transfer", transfer_id = %id)
             .in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
     }
     metrics::counter!(server::metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
-    let count = decided.len();
-    {
-        let mut state = node.machine();
-        for (id, _) in &decided {
-            state.last_heard.remove(id);
+    let applied = server::apply_decisions(node, decided.into_iter(), None).await;
+    let mut state = node.machine();
+    match applied {
+        Ok(_) => state.resolver.handle_applied(now_unix_ms(), query.id),
+        Err(error) => {
+            tracing::warn!(%error, "cannot apply the coordinator's decisions; asking again after the backoff");
+            state.resolver.handle_apply_failed(now_unix_ms(), query.id);
         }
     }
-    server::apply_decisions(node, decided.into_iter(), None).await.map_err(|e| e.to_string())?;
-    Ok(count)
 }
 
 /// Asks the coordinator at `url` about `items`; one answer per item, in order.
