@@ -11,8 +11,16 @@
 //!   the next flush, and it votes or acknowledges only after that flush (group commit: one flush releases every
 //!   reply waiting on it). A crash loses every unflushed write (or, like sled's background flusher, keeps a
 //!   prefix of them) and all in-memory state; the restart rebuilds the machine with
-//!   [`ParticipantMachine::restore`] from the durable records, and its resolver first asks about every
-//!   prepared transfer, then about those older than the in-doubt age, backing off while unanswered.
+//!   [`ParticipantMachine::restore`] from the durable records.
+//! - A participant's in-doubt resolver is the real [`ResolverCore`], a fresh one per life started at the
+//!   virtual now (the clock that also stamps `prepared_at_unix_ms`): which transfers are in doubt (all of them
+//!   until a round is answered, then those older than the in-doubt age), how queries are formed, the scan
+//!   interval and the backoff are the core's rules. The simulation plays its shell: it calls `handle_timeout`
+//!   with the machine's prepared transfers when `poll_timeout` is due, sends every `poll_query` to the
+//!   coordinator, hands the answers to `handle_answers`, applies the decisions it returns to the machine and
+//!   reports `handle_applied` once they are flushed (a crash before that ends the life and its core), and
+//!   reports a refused or timed-out query (the shell's `--query-timeout`, still the shell's) with
+//!   `handle_unreachable`.
 //! - The coordinator is the real [`CoordinatorCore`], the one `coordinator/src/engine.rs` drives: every rule
 //!   (batching into frames, prepare deadlines, re-delivery, decision queries and presumed abort, idempotent
 //!   replays, recovery from the log) is the code that runs. The simulation only plays its shell: it applies
@@ -45,6 +53,7 @@ use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{self, Answer, CoordinatorCore, CoreConfig, FromShard, Notice, SubmitError, ToShard};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::apply_frame;
+use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
@@ -62,14 +71,12 @@ const REDELIVER_AFTER: u64 = 1_000;
 const LINK_CHECK: u64 = 250;
 /// Items per frame: small, so frames split and the simulation sees batches of several frames.
 const FRAME_ITEMS_MAX: usize = 4;
-/// The participant's resolver: scan interval, in-doubt age (`--in-doubt-after-ms`), query timeout, backoff.
-const RESOLVER_SCAN: u64 = 500;
+/// The participant's in-doubt age (`--in-doubt-after-ms`); the scan interval, backoff and query size are the
+/// [`ResolverCore`]'s own.
 const IN_DOUBT_AFTER: u64 = 3_000;
+/// How long the participant's shell waits for a decision query's answer (`--query-timeout`): the core does not
+/// own this one, the shell reports the timeout with `handle_unreachable`.
 const QUERY_TIMEOUT: u64 = 2_000;
-const BACKOFF_MIN: u64 = 200;
-const BACKOFF_MAX: u64 = 5_000;
-/// Transfers per decision query, as the resolver bounds them.
-const QUERY_ITEMS_MAX: usize = 1_000;
 /// How long after the faults stop the cluster has to become quiescent.
 const QUIESCE_WITHIN: u64 = 120_000;
 /// Events one seed may process before it is declared stuck.
@@ -229,7 +236,8 @@ enum Event {
     LinkTick { epoch: u64 },
     /// The core wants a link now (`Notice::LinkWanted`).
     LinkCheck { epoch: u64, shard: ShardId },
-    ResolverTick { shard: ShardId, life: u64 },
+    /// The time a participant's resolver asked to be called back at (`poll_timeout`).
+    ResolverTick { shard: ShardId, life: u64, at: u64 },
     QueryTimeout { shard: ShardId, life: u64, qid: u64 },
     ClientSubmit { intent: usize },
     Nemesis,
@@ -419,7 +427,8 @@ impl Records {
 #[derive(Clone, Debug)]
 enum AfterParticipantFlush {
     Reply(Envelope),
-    ResolverRoundDone,
+    /// The decisions the resolver's answers to this query returned are durable: `handle_applied`.
+    ResolverApplied { qid: u64 },
 }
 
 struct Participant {
@@ -434,24 +443,14 @@ struct Participant {
     unflushed: Vec<Vec<Write>>,
     after_flush: Vec<AfterParticipantFlush>,
     flush_scheduled: bool,
-    resolver: Resolver,
+    /// The real in-doubt resolver of this life; `None` while down.
+    resolver: Option<ResolverCore>,
+    /// The resolver callback time last scheduled in this life.
+    resolver_timer_at: Option<u64>,
 }
 
-#[derive(Clone, Debug)]
-struct Resolver {
-    /// 0 right after a start: every prepared transfer is in doubt then.
-    age_min: u64,
-    backoff: u64,
-    waiting: Option<u64>,
-    /// The ids the outstanding query asked about, in order.
-    asked: Vec<TransferId>,
-    next_qid: u64,
-}
-
-impl Resolver {
-    fn fresh() -> Self {
-        Resolver { age_min: 0, backoff: BACKOFF_MIN, waiting: None, asked: Vec::new(), next_qid: 0 }
-    }
+fn new_resolver(now: u64) -> ResolverCore {
+    ResolverCore::new(ResolverConfig::new(IN_DOUBT_AFTER), now)
 }
 
 #[derive(Clone, Debug)]
@@ -643,7 +642,8 @@ impl Cluster {
                     unflushed: Vec::new(),
                     after_flush: Vec::new(),
                     flush_scheduled: false,
-                    resolver: Resolver::fresh(),
+                    resolver: Some(new_resolver(0)),
+                    resolver_timer_at: None,
                 }
             })
             .collect();
@@ -689,7 +689,7 @@ impl Cluster {
         cluster.plan_workload();
         cluster.schedule(0, Event::LinkTick { epoch: 0 });
         for s in 0..shard_count {
-            cluster.schedule(0, Event::ResolverTick { shard: s, life: 0 });
+            cluster.drive_resolver(s).expect("a resolver that has just started only asks for its first round");
         }
         cluster.schedule(100, Event::Nemesis);
         cluster.schedule(fault_end, Event::Heal);
@@ -866,15 +866,20 @@ impl Cluster {
                 }
                 Ok(None)
             }
-            Event::ResolverTick { shard, life } => {
-                let p = &self.participants[shard as usize];
-                if p.machine.is_some() && p.life == life && p.resolver.waiting.is_none() {
-                    self.resolver_scan(shard);
+            Event::ResolverTick { shard, life, at } => {
+                let now = self.now;
+                let p = &mut self.participants[shard as usize];
+                if p.life == life && p.resolver_timer_at == Some(at) {
+                    p.resolver_timer_at = None;
+                    if let (Some(machine), Some(resolver)) = (p.machine.as_ref(), p.resolver.as_mut()) {
+                        resolver.handle_timeout(now, machine.prepared());
+                        self.drive_resolver(shard)?;
+                    }
                 }
                 Ok(None)
             }
             Event::QueryTimeout { shard, life, qid } => {
-                self.resolver_failed(shard, life, qid);
+                self.resolver_unreachable(shard, life, qid, "timed out")?;
                 Ok(None)
             }
             Event::ClientSubmit { intent } => {
@@ -982,7 +987,10 @@ impl Cluster {
                 p.memory = p.disk.clone();
                 p.after_flush.clear();
                 p.flush_scheduled = false;
-                p.resolver = Resolver::fresh();
+                // The life ends with its resolver: decisions it was applying are lost or durable, and the next
+                // life's resolver asks about every transfer still prepared.
+                p.resolver = None;
+                p.resolver_timer_at = None;
                 self.note(|| format!("crash P{s} (kept {keep} unflushed batches)"));
             }
             _ => {}
@@ -1024,10 +1032,11 @@ impl Cluster {
                 p.disk.check_books(s, &self.opening, "durable records at restart")?;
                 p.machine = Some(machine);
                 p.memory = p.disk.clone();
-                p.resolver = Resolver::fresh();
+                p.resolver = Some(new_resolver(self.now));
+                p.resolver_timer_at = None;
                 let life = p.life;
                 self.note(|| format!("restart P{s} as l{life}"));
-                self.schedule(self.now, Event::ResolverTick { shard: s, life });
+                self.drive_resolver(s)?;
             }
             _ => {}
         }
@@ -1290,22 +1299,19 @@ impl Cluster {
                 let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
                 self.persist(s, writes, AfterParticipantFlush::Reply(to))
             }
-            Msg::Answers { life: l, qid, answers } => {
-                if l != life || p.resolver.waiting != Some(qid) {
-                    return Ok(()); // a reply to an earlier life or an abandoned query
-                }
-                p.resolver.waiting = None;
-                let asked = std::mem::take(&mut p.resolver.asked);
-                if asked.len() != answers.len() {
-                    return Err(format!("{} answers for {} questions", answers.len(), asked.len()));
-                }
+            Msg::Answers { life: l, .. } if l != life => Ok(()), // a reply to an earlier life
+            Msg::Answers { qid, answers, .. } => {
+                let resolver = p.resolver.as_mut().expect("a running participant has a resolver");
+                let decisions = match resolver.handle_answers(now, qid, &answers) {
+                    Ok(decisions) => decisions,
+                    // A duplicate, or a reply to a query already given up as unreachable.
+                    Err(AnswerError::NotWaiting(_)) => return Ok(()),
+                    Err(error @ AnswerError::CountMismatch { .. }) => {
+                        return Err(format!("P{s}'s query {qid} got a wrong reply from the coordinator: {error}"));
+                    }
+                };
                 let mut writes = Vec::new();
-                for (id, answer) in asked.into_iter().zip(answers) {
-                    let decision = match answer {
-                        QueryAnswer::Commit => Decision::Commit,
-                        QueryAnswer::Abort => Decision::Abort,
-                        QueryAnswer::Pending => continue,
-                    };
+                for (id, decision) in decisions {
                     self.stats.in_doubt_resolved += 1;
                     let ack = machine.decide(id, decision, &mut writes);
                     if ack == DecideAck::Refused {
@@ -1313,12 +1319,9 @@ impl Cluster {
                     }
                 }
                 machine.check_invariants();
-                self.persist(s, writes, AfterParticipantFlush::ResolverRoundDone)
+                self.persist(s, writes, AfterParticipantFlush::ResolverApplied { qid })
             }
-            Msg::QueryRefused { life: l, qid } => {
-                self.resolver_failed(s, l, qid);
-                Ok(())
-            }
+            Msg::QueryRefused { life: l, qid } => self.resolver_unreachable(s, l, qid, "connection refused"),
             other => Err(format!("P{s} got a message it never receives: {other:?}")),
         }
     }
@@ -1378,52 +1381,61 @@ impl Cluster {
         for action in after {
             match action {
                 AfterParticipantFlush::Reply(env) => self.send(env.from, env.to, env.msg),
-                AfterParticipantFlush::ResolverRoundDone => {
-                    let p = &mut self.participants[s as usize];
-                    p.resolver.backoff = BACKOFF_MIN;
-                    p.resolver.age_min = IN_DOUBT_AFTER;
-                    let life = p.life;
-                    self.schedule(self.now + RESOLVER_SCAN, Event::ResolverTick { shard: s, life });
+                AfterParticipantFlush::ResolverApplied { qid } => {
+                    let now = self.now;
+                    let resolver = self.participants[s as usize].resolver.as_mut().expect("a running participant");
+                    resolver.handle_applied(now, qid);
+                    self.drive_resolver(s)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// One pass of `resolver::run`: ask about the transfers in doubt, or sleep if there are none.
-    fn resolver_scan(&mut self, s: ShardId) {
-        let now = self.now;
+    /// Carries out what the resolver asks for, as the participant's resolver shell does: sends every query it
+    /// has formed (each with the shell's own timeout), and schedules its next callback.
+    fn drive_resolver(&mut self, s: ShardId) -> Check {
         let p = &mut self.participants[s as usize];
-        let machine = p.machine.as_ref().expect("checked by the caller");
-        let mut in_doubt = machine.in_doubt(now, p.resolver.age_min);
-        in_doubt.sort_by_key(|(id, _)| *id); // the machine's map has no stable order; the simulation must
-        in_doubt.truncate(QUERY_ITEMS_MAX);
         let life = p.life;
-        if in_doubt.is_empty() {
-            p.resolver.backoff = BACKOFF_MIN;
-            p.resolver.age_min = IN_DOUBT_AFTER;
-            self.schedule(now + RESOLVER_SCAN, Event::ResolverTick { shard: s, life });
-            return;
+        let Some(resolver) = p.resolver.as_mut() else {
+            return Ok(());
+        };
+        let mut queries = Vec::new();
+        while let Some(query) = resolver.poll_query() {
+            queries.push(query);
         }
-        let qid = p.resolver.next_qid;
-        p.resolver.next_qid += 1;
-        p.resolver.waiting = Some(qid);
-        let items: Vec<DecisionQueryItem> =
-            in_doubt.into_iter().map(|(id, prepared)| DecisionQueryItem { id, transfer: prepared.transfer }).collect();
-        p.resolver.asked = items.iter().map(|i| i.id).collect();
-        self.send(Node::Participant(s), Node::Coordinator, Msg::Query { shard: s, life, qid, items });
-        self.schedule(now + QUERY_TIMEOUT, Event::QueryTimeout { shard: s, life, qid });
+        let due = resolver.poll_timeout();
+        for query in queries {
+            if query.coordinator_url != COORDINATOR_URL {
+                return Err(format!("P{s} asked {:?}, which is no coordinator", query.coordinator_url));
+            }
+            let (qid, items) = (query.id, query.items);
+            self.send(Node::Participant(s), Node::Coordinator, Msg::Query { shard: s, life, qid, items });
+            self.schedule(self.now + QUERY_TIMEOUT, Event::QueryTimeout { shard: s, life, qid });
+        }
+        if let Some(at) = due {
+            let p = &mut self.participants[s as usize];
+            if p.resolver_timer_at != Some(at) {
+                p.resolver_timer_at = Some(at);
+                self.schedule(at.max(self.now), Event::ResolverTick { shard: s, life, at });
+            }
+        }
+        Ok(())
     }
 
-    fn resolver_failed(&mut self, s: ShardId, life: u64, qid: u64) {
+    /// A decision query of this life was refused or timed out: the core backs off (a query already answered,
+    /// or of an earlier life, is ignored).
+    fn resolver_unreachable(&mut self, s: ShardId, life: u64, qid: u64, error: &str) -> Check {
+        let now = self.now;
         let p = &mut self.participants[s as usize];
-        if p.machine.is_none() || p.life != life || p.resolver.waiting != Some(qid) {
-            return;
+        if p.life != life {
+            return Ok(());
         }
-        p.resolver.waiting = None;
-        let delay = p.resolver.backoff;
-        p.resolver.backoff = (p.resolver.backoff * 2).min(BACKOFF_MAX);
-        self.schedule(self.now + delay, Event::ResolverTick { shard: s, life });
+        let Some(resolver) = p.resolver.as_mut() else {
+            return Ok(());
+        };
+        resolver.handle_unreachable(now, qid, error);
+        self.drive_resolver(s)
     }
 
     // ---------------------------------------------------------------------------------------------------------
