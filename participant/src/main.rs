@@ -42,6 +42,11 @@ struct Cli {
     no_fsync: bool,
 }
 
+// Most of a transfer's allocations are small and short-lived (frames, sled's node copies, JSON): mimalloc
+// serves them with less CPU than glibc's malloc, whose free-list work showed up in every profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -230,15 +230,6 @@ impl ParticipantMachine {
         (DecideAck::Done, Some(prepared))
     }
 
-    /// Prepared transfers at least `age_min_ms` old: the ones to ask the coordinator about.
-    pub fn in_doubt(&self, now_unix_ms: u64, age_min_ms: u64) -> Vec<(TransferId, PreparedRecord)> {
-        self.prepared
-            .iter()
-            .filter(|(_, p)| now_unix_ms.saturating_sub(p.prepared_at_unix_ms) >= age_min_ms)
-            .map(|(id, p)| (*id, p.clone()))
-            .collect()
-    }
-
     /// Panics if an invariant is broken: only a bug can break one, and carrying on would corrupt money.
     pub fn check_invariants(&self) {
         if let Err(e) = self.verify() {
@@ -444,15 +435,5 @@ mod tests {
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let err = ParticipantMachine::restore(0, accounts, prepared, HashMap::new());
         assert!(matches!(err, Err(RestoreError::BadBalance(_))));
-    }
-
-    #[test]
-    fn in_doubt_lists_old_prepared_transfers() {
-        let mut m = machine_with(&[("alice", 100)]);
-        let mut w = Vec::new();
-        let tx = Uuid::new_v4();
-        m.prepare(&item(tx, "alice", "bob", 1, vec![("alice", -1)]), 1_000, &mut w);
-        assert!(m.in_doubt(1_500, 1_000).is_empty());
-        assert_eq!(m.in_doubt(2_000, 1_000).len(), 1);
     }
 }
