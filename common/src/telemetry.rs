@@ -49,6 +49,10 @@ pub mod names {
     pub const WAL_FSYNCS: &str = "ledger_wal_fsyncs_total";
 }
 
+/// How often histogram samples are folded into their buckets, which bounds the samples held in memory to
+/// about this long's worth.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Installs the process-wide Prometheus recorder (once) and returns the handle that renders `/metrics`.
 pub fn install_metrics() -> metrics_exporter_prometheus::PrometheusHandle {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -63,6 +67,16 @@ pub fn install_metrics() -> metrics_exporter_prometheus::PrometheusHandle {
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
+            // Histogram samples wait in the recorder until upkeep folds them into buckets; without it they pile
+            // up for as long as nobody scrapes `/metrics` (8 bytes per sample, several samples per transfer).
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+                std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start the metrics upkeep thread: histograms grow until scraped");
+            }
             // Fails only if another recorder is installed; then ours renders nothing, which tests would show.
             let _ = metrics::set_global_recorder(recorder);
             metrics::describe_histogram!(
