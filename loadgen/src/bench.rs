@@ -6,7 +6,8 @@
 //!
 //! Per level it reports committed transfers/s, aborts, errors, latency percentiles, the CPU seconds each
 //! process used during the window (`/proc/<pid>/stat`), and fsyncs per committed transfer on each node (the
-//! difference of `GET /stats` `fsyncs` over the window). Afterwards it waits for the cluster to settle and checks
+//! difference of `GET /stats` `fsyncs` over the window), committed transfers per fsync (how well group commit
+//! shares each one), and each node's resident memory at the end of the window. Afterwards it waits for the cluster to settle and checks
 //! that the total money is conserved.
 //!
 //! Only requests that complete inside the measured window count, so a warm-up request finishing late, or the
@@ -446,6 +447,8 @@ struct LevelReport {
     /// Per node, in `nodes()` order.
     flush: Vec<Flush>,
     node_names: Vec<String>,
+    /// Resident memory of each node at the end of the window, in `nodes()` order (`None`: unreadable).
+    rss_bytes: Vec<Option<u64>>,
     loadavg: String,
 }
 
@@ -475,6 +478,7 @@ async fn measure_level(
     tokio::time::sleep_until(tokio::time::Instant::from_std(window_end)).await;
     let after = snapshot(cluster).await?;
     let loadavg = loadavg();
+    let rss_bytes = nodes(cluster).map(|node| node.pid().and_then(rss_bytes_of)).collect();
 
     let mut tally = Tally::default();
     for task in tasks {
@@ -504,8 +508,17 @@ async fn measure_level(
         cpu,
         flush,
         node_names: nodes(cluster).map(|n| n.name.clone()).collect(),
+        rss_bytes,
         loadavg,
     })
+}
+
+/// VmRSS of a process, from `/proc/<pid>/status`.
+fn rss_bytes_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Column headings; the group labels above them line up with the `|` separators of the second line.
@@ -594,8 +607,9 @@ impl LevelReport {
                     format!("{name} no fsyncs")
                 } else {
                     format!(
-                        "{name} {} fsyncs, {:.1} writers/fsync, {:.2} ms/fsync",
+                        "{name} {} fsyncs, {:.1} committed transfers/fsync, {:.1} sync calls/fsync, {:.2} ms/fsync",
                         f.fsyncs,
+                        self.tally.committed as f64 / f.fsyncs as f64,
                         f.waiters as f64 / f.fsyncs as f64,
                         f.micros as f64 / f.fsyncs as f64 / 1_000.0
                     )
@@ -619,6 +633,16 @@ impl LevelReport {
                 total / self.window.as_secs_f64(),
             ));
         }
+        let rss: Vec<String> = self
+            .node_names
+            .iter()
+            .zip(&self.rss_bytes)
+            .map(|(name, rss)| match rss {
+                Some(bytes) => format!("{name} {:.1}", *bytes as f64 / (1024.0 * 1024.0)),
+                None => format!("{name} ?"),
+            })
+            .collect();
+        lines.push(format!("clients={}: RSS MiB at the end of the window: {}", self.clients, rss.join(", ")));
         if !self.tally.abort_reasons.is_empty() {
             lines.push(format!("clients={}: aborts by reason: {:?}", self.clients, self.tally.abort_reasons));
         }
