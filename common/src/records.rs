@@ -6,9 +6,10 @@ use crate::ledger::{AccountId, TransferId};
 pub use protocol::state::*;
 use serde::{de::DeserializeOwned, Serialize};
 
-/// Layout version written in front of every record value.
+/// Layout version written in front of every record value: the layout in which record values last changed
+/// (layout 3 changed only keys).
 pub const RECORD_VERSION: u8 = 2;
-const _: () = assert!(RECORD_VERSION as u32 == migrations::LAYOUT_VERSION);
+const _: () = assert!(RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {

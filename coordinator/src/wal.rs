@@ -1,20 +1,26 @@
 //! The coordinator's write-ahead log of decisions: one record per decided transfer, kept forever (it answers
-//! idempotent retries and participants' questions) and holding who submitted it, a key in the ledger-wide index
-//! by decision time, plus a marker per committed transfer that some shard has not yet acknowledged, so recovery
-//! finds them without scanning every record. The only module that touches sled.
+//! idempotent retries and participants' questions) and holding who submitted it, plus a key in the
+//! ledger-wide index by decision time. Which commits some shard has not acknowledged yet is one mark, not a
+//! key per commit: every commit decided before the mark is acknowledged everywhere, so recovery re-sends the
+//! commits the time index lists from the mark on (some already acknowledged: a shard acks a repeated Commit
+//! without applying it twice). The only module that touches sled.
 
 use common::ledger::TransferId;
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{Durability, Store, StoreError, StoreKind};
+use migrations::ACKED_BEFORE_KEY;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
 
 const RECORD: u8 = b't';
-const UNACKED: u8 = b'u';
 const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 /// Prefix of the ledger-wide index by decision time: decision time, transfer id.
 const BY_TIME: u8 = b'r';
+/// The mark's value when no commit is owed acks.
+const NOTHING_OWED: u64 = u64::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -52,23 +58,57 @@ struct DecidedRef<'a> {
 }
 
 /// Writes gathered for one [`Wal::apply`].
-pub struct WalBatch(sled::Batch);
+pub struct WalBatch {
+    batch: sled::Batch,
+    /// Commits decided in this batch: owed acks from now on.
+    owed: Vec<(u64, TransferId)>,
+    /// Commits every shard has acknowledged.
+    ended: Vec<TransferId>,
+}
 
 impl WalBatch {
-    /// A decision. A commit also gets a marker, removed by `end` once every shard has acknowledged it; aborts
-    /// need none (a participant left in doubt asks, and hears abort).
+    /// A decision. A commit is owed acks until `end`; aborts need nothing (a participant left in doubt asks,
+    /// and hears abort).
     pub fn put(&mut self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) {
-        let batch = &mut self.0;
-        batch.insert(&key(RECORD, id)[..], records::encode(&DecidedRef { record, made_by }));
-        batch.insert(time_key(vec![BY_TIME], record.decided_at_unix_ms, id), &[][..]);
+        self.batch.insert(&key(RECORD, id)[..], records::encode(&DecidedRef { record, made_by }));
+        self.batch.insert(time_key(vec![BY_TIME], record.decided_at_unix_ms, id), &[][..]);
         if record.outcome == Outcome::Committed {
-            batch.insert(&key(UNACKED, id)[..], &[][..]);
+            self.owed.push((record.decided_at_unix_ms, *id));
         }
     }
 
     /// Every shard has applied the commit: recovery need not re-send it.
     pub fn end(&mut self, id: &TransferId) {
-        self.0.remove(&key(UNACKED, id)[..]);
+        self.ended.push(*id);
+    }
+}
+
+/// The commits owed acks, by decision time, and the mark last written for them.
+#[derive(Debug, Default)]
+struct Owed {
+    by_time: BTreeSet<(u64, TransferId)>,
+    time_of: HashMap<TransferId, u64>,
+    /// The mark in the store (or in a batch applied to it); `None` before the first.
+    mark: Option<u64>,
+}
+
+impl Owed {
+    fn insert(&mut self, decided_at_unix_ms: u64, id: TransferId) {
+        if let Some(previous) = self.time_of.insert(id, decided_at_unix_ms) {
+            self.by_time.remove(&(previous, id));
+        }
+        self.by_time.insert((decided_at_unix_ms, id));
+    }
+
+    fn remove(&mut self, id: &TransferId) {
+        if let Some(at) = self.time_of.remove(id) {
+            self.by_time.remove(&(at, *id));
+        }
+    }
+
+    /// The mark these owed commits need: at or before the earliest of them.
+    fn needed_mark(&self) -> u64 {
+        self.by_time.first().map_or(NOTHING_OWED, |(at, _)| *at)
     }
 }
 
@@ -77,6 +117,9 @@ pub struct Wal {
     store: Store,
     /// Fixed at first start; every internal call carries it, and participants refuse other clusters.
     cluster_id: Uuid,
+    /// Only the engine's task writes the log, so this lock is never contended. Bounded by the commits owed acks,
+    /// which the core bounds.
+    owed: Arc<Mutex<Owed>>,
 }
 
 
@@ -125,7 +168,31 @@ impl Wal {
                 id
             }
         };
-        Ok(Wal { store, cluster_id })
+        let wal = Wal { store, cluster_id, owed: Arc::default() };
+        let mark = wal.stored_mark()?;
+        let unacked = wal.unacked()?;
+        let mut owed = wal.owed();
+        owed.mark = mark;
+        for (id, record) in unacked {
+            owed.insert(record.decided_at_unix_ms, id);
+        }
+        drop(owed);
+        Ok(wal)
+    }
+
+    fn owed(&self) -> MutexGuard<'_, Owed> {
+        // Poisoned only by a panic mid-update, and the engine aborts on any failure before that could matter.
+        self.owed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn stored_mark(&self) -> Result<Option<u64>, WalError> {
+        match self.store.db.get(ACKED_BEFORE_KEY)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| WalError::BadKey(ACKED_BEFORE_KEY.to_vec()))?;
+                Ok(Some(u64::from_be_bytes(raw)))
+            }
+        }
     }
 
     pub fn cluster_id(&self) -> Uuid {
@@ -150,13 +217,27 @@ impl Wal {
 
     /// A set of log writes to apply as one atomic store batch ([`Wal::apply`]).
     pub fn batch(&self) -> WalBatch {
-        WalBatch(sled::Batch::default())
+        WalBatch { batch: sled::Batch::default(), owed: Vec::new(), ended: Vec::new() }
     }
 
     /// Applies `batch` (not yet durable: call `sync`). One store batch per burst of decisions, not one per
-    /// decision: each sled batch costs a log write of its own.
+    /// decision: each sled batch costs a log write of its own. The mark moves in the same batch as the
+    /// decisions that hold it back, so no crash can leave a commit owed acks behind the mark on disk.
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
-        self.store.db.apply_batch(batch.0)?;
+        let WalBatch { mut batch, owed: decided, ended } = batch;
+        let mut owed = self.owed();
+        for (at, id) in decided {
+            owed.insert(at, id);
+        }
+        for id in &ended {
+            owed.remove(id);
+        }
+        let mark = owed.needed_mark();
+        if owed.mark != Some(mark) {
+            batch.insert(ACKED_BEFORE_KEY, &mark.to_be_bytes()[..]);
+        }
+        self.store.db.apply_batch(batch)?;
+        owed.mark = Some(mark);
         Ok(())
     }
 
@@ -183,14 +264,26 @@ impl Wal {
         Ok(self.store.sync().await?)
     }
 
-    /// Committed transfers some shard has not acknowledged: what recovery must re-send.
+    /// Committed transfers some shard may not have acknowledged: every commit decided at or after the mark.
+    /// What recovery re-sends; bounded by how far the oldest unacknowledged commit lags, not by history.
     pub fn unacked(&self) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
+        let Some(mark) = self.stored_mark()? else {
+            return Ok(Vec::new()); // no commit was ever logged
+        };
         let mut out = Vec::new();
-        for entry in self.store.db.scan_prefix([UNACKED]) {
+        if mark == NOTHING_OWED {
+            return Ok(out);
+        }
+        let from = time_key(vec![BY_TIME], mark, &Uuid::nil());
+        for entry in self.store.db.range(from..) {
             let (k, _) = entry?;
-            let id = Uuid::from_slice(&k[1..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
-            if let Some(record) = self.get(&id)? {
-                out.push((id, record));
+            if k.first() != Some(&BY_TIME) {
+                break;
+            }
+            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
+            match self.get(&id)? {
+                Some(record) if record.outcome == Outcome::Committed => out.push((id, record)),
+                _ => {}
             }
         }
         Ok(out)
@@ -205,6 +298,94 @@ impl Wal {
 mod tests {
     use super::*;
     use common::ledger::{AccountId, Amount, Transfer};
+    use common::records::AbortReason;
+
+    fn record(outcome: Outcome, decided_at_unix_ms: u64) -> TransferRecord {
+        TransferRecord {
+            transfer: Transfer {
+                from: AccountId::new("alice").expect("valid"),
+                to: AccountId::new("bob").expect("valid"),
+                amount: Amount::new(5).expect("positive"),
+            },
+            outcome,
+            shards: vec![0, 1],
+            decided_at_unix_ms,
+        }
+    }
+
+    fn ids(unacked: Vec<(TransferId, TransferRecord)>) -> Vec<TransferId> {
+        let mut ids: Vec<TransferId> = unacked.into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        ids
+    }
+
+    fn sorted(mut ids: Vec<TransferId>) -> Vec<TransferId> {
+        ids.sort();
+        ids
+    }
+
+    fn decide(wal: &Wal, decisions: &[(TransferId, Outcome, u64)], ended: &[TransferId]) {
+        let mut batch = wal.batch();
+        for (id, outcome, at) in decisions {
+            batch.put(id, &record(*outcome, *at), None);
+        }
+        for id in ended {
+            batch.end(id);
+        }
+        wal.apply(batch).expect("applies");
+    }
+
+    #[tokio::test]
+    async fn recovery_re_sends_every_commit_not_yet_acknowledged_and_no_older_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (early, late, aborted, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        {
+            let wal = Wal::open(dir.path(), Durability::Fsync, 2).await.expect("opens");
+            assert!(wal.unacked().expect("readable").is_empty(), "a fresh log owes nothing");
+            decide(&wal, &[(early, Outcome::Committed, 100), (late, Outcome::Committed, 200)], &[]);
+            decide(&wal, &[(aborted, Outcome::Aborted(AbortReason::InsufficientFunds), 300)], &[]);
+            assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![early, late]), "aborts are never owed");
+            // The early one is acknowledged: the mark moves to the late one.
+            decide(&wal, &[], &[early]);
+            assert_eq!(ids(wal.unacked().expect("readable")), vec![late]);
+            // The clock went back: a commit decided "before" the mark holds the mark back with it.
+            decide(&wal, &[(later, Outcome::Committed, 50)], &[]);
+            assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![late, later, early]), "from 50 on");
+            wal.sync().await.expect("syncs");
+        }
+        let wal = Wal::open(dir.path(), Durability::Fsync, 2).await.expect("reopens");
+        let owed = ids(wal.unacked().expect("readable"));
+        assert!(owed.contains(&late) && owed.contains(&later), "every commit still owed is re-sent: {owed:?}");
+        // What recovery re-sends, the core ends once the shards ack it again.
+        decide(&wal, &[], &owed);
+        assert!(wal.unacked().expect("readable").is_empty(), "all acknowledged: nothing to re-send");
+        assert_eq!(wal.get(&early).expect("readable").map(|r| r.outcome), Some(Outcome::Committed), "kept forever");
+    }
+
+    #[tokio::test]
+    async fn a_layout_2_log_trades_its_owed_markers_for_the_mark() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (owed_early, owed_late, acked) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        {
+            let db = sled::open(dir.path().join("store")).expect("sled opens");
+            migrations::migrate(&db, StoreKind::Coordinator).expect("fresh store");
+            migrations::stamp_version(&db, 2).expect("stamp");
+            for (id, at, marked) in [(acked, 10, false), (owed_early, 20, true), (owed_late, 30, true)] {
+                let record = record(Outcome::Committed, at);
+                db.insert(key(RECORD, &id), records::encode(&DecidedRef { record: &record, made_by: None }))
+                    .expect("insert");
+                db.insert(time_key(vec![BY_TIME], at, &id), &[][..]).expect("insert");
+                if marked {
+                    db.insert(key(b'u', &id), &[][..]).expect("insert");
+                }
+            }
+            db.flush().expect("flush");
+        }
+        let wal = Wal::open(dir.path(), Durability::NoFsync, 2).await.expect("a layout-2 log opens");
+        assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![owed_early, owed_late]));
+        assert_eq!(wal.store().db.scan_prefix([b'u']).count(), 0, "the markers are gone");
+        assert_eq!(wal.stored_mark().expect("readable"), Some(20), "the earliest owed decision");
+    }
 
     #[tokio::test]
     async fn a_layout_1_log_migrates_the_token_name_into_the_decision() {

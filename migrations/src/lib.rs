@@ -7,8 +7,13 @@
 
 /// The layout this binary writes. Version 1 is the initial layout: participant accounts, prepared and finished
 /// transfers in one prefixed tree; coordinator transfer records keyed by id. Version 2 writes fewer keys per
-/// transfer (see [`v2_fewer_keys`]).
-pub const LAYOUT_VERSION: u32 = 2;
+/// transfer (see [`v2_fewer_keys`]). Version 3 replaces the coordinator's marker per commit owed acks with one
+/// mark (see [`v3_acked_before_mark`]); record values are unchanged since version 2.
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
+/// shards; commits at or after it may not be. `u64::MAX`: none is owed.
+pub const ACKED_BEFORE_KEY: &[u8] = b"macked_before";
 
 const META_TREE: &str = "meta";
 const VERSION_KEY: &[u8] = b"layout_version";
@@ -38,11 +43,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    to_version: 2,
-    description: "fewer keys per transfer: balances only, token names and commit seqs inside their records",
-    apply: v2_fewer_keys,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to_version: 2,
+        description: "fewer keys per transfer: balances only, token names and commit seqs inside their records",
+        apply: v2_fewer_keys,
+    },
+    Migration {
+        to_version: 3,
+        description: "coordinator: one acked-before mark instead of a marker per commit owed acks",
+        apply: v3_acked_before_mark,
+    },
+];
 
 /// Records (values of the default tree) changed in this many keys per sled batch.
 const MIGRATION_BATCH_KEYS: usize = 10_000;
@@ -140,6 +152,40 @@ fn v2_fewer_keys(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
         db.apply_batch(batch)?;
     }
     Ok(())
+}
+
+/// Version 2 → 3, coordinator only. The `u` marker of each commit some shard had not acknowledged goes; the
+/// [`ACKED_BEFORE_KEY`] mark takes their place: the earliest decision time among them (`u64::MAX` if none), so
+/// recovery, which re-sends every commit decided at or after the mark, still re-sends each of them. One atomic
+/// batch, so a crash leaves either the markers or the mark.
+fn v3_acked_before_mark(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
+    /// The coordinator's `t` record value after its version byte (layout 2 and 3).
+    #[derive(serde::Deserialize)]
+    struct Decided {
+        record: protocol::state::TransferRecord,
+        #[allow(dead_code)]
+        made_by: Option<String>,
+    }
+    if kind != StoreKind::Coordinator {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let mut mark = u64::MAX;
+    for entry in db.scan_prefix([b'u']) {
+        let (key, _) = entry?;
+        batch.remove(key.clone());
+        let mut record_key = key.to_vec();
+        record_key[0] = b't';
+        let Some(value) = db.get(&record_key)? else { continue };
+        let decided: Decided = bincode::deserialize(value.get(1..).unwrap_or_default()).map_err(|e| {
+            sled::Error::Unsupported(format!("decision record {record_key:?} does not decode: {e}"))
+        })?;
+        mark = mark.min(decided.record.decided_at_unix_ms);
+    }
+    if db.get(ACKED_BEFORE_KEY)?.is_none() {
+        batch.insert(ACKED_BEFORE_KEY, &mark.to_be_bytes()[..]);
+    }
+    db.apply_batch(batch)
 }
 
 const _: () = assert!(MIGRATIONS.len() as u32 + 1 == LAYOUT_VERSION, "one migration per version after 1");
