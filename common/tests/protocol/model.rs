@@ -20,8 +20,10 @@
 //! may next move. Its log is two parts: the batches `poll_log` handed out and not yet synced (a crash loses
 //! them) and the durable records; a sync makes every pending batch durable and reports its last barrier with
 //! `handle_synced`. A restart builds a new core from the durable log, with every commit still marked unacked
-//! owed to its shards. Time is a number in the state that moves only to the core's own deadline
-//! (`poll_timeout`), so prepare timeouts and re-delivery fire through the core's rules. The shell's link to
+//! owed to its shards, and either no other commit or every acknowledged one as well (the log's acked-before
+//! mark makes recovery return a superset of the commits owed acks). Time is a number in the state that moves
+//! only to the core's own deadline (`poll_timeout`), so prepare timeouts and re-delivery fire through the
+//! core's rules. The shell's link to
 //! each shard is up to one life of the participant; it drops (`handle_link(false)`) once that life is gone,
 //! comes up (`handle_link(true)`) when the shard is up, and a wanted link to a down shard fails.
 //!
@@ -173,7 +175,11 @@ enum Action {
     /// A wanted link to a down shard cannot be opened.
     LinkFail(ShardId),
     CrashCoordinator,
-    RestartCoordinator,
+    /// A new core from the durable log. `resend_acked`: recovery hands it the commits every shard has
+    /// already acknowledged too, as `Wal::unacked` does for those decided at or after its acked-before mark.
+    RestartCoordinator {
+        resend_acked: bool,
+    },
     CrashParticipant(ShardId),
     RestartParticipant(ShardId),
 }
@@ -381,11 +387,16 @@ impl LedgerModel {
                 c.links.iter_mut().for_each(|l| *l = None);
                 c.wanted.iter_mut().for_each(|w| *w = false);
             }
-            Action::RestartCoordinator => {
-                // `Engine::start`: every commit still marked unacked is owed to all its shards.
+            Action::RestartCoordinator { resend_acked } => {
+                // `Engine::start`: every commit still marked unacked is owed to all its shards, and the log may
+                // return acknowledged ones with them (the shards ack those again without applying them twice).
                 let c = &mut s.coordinator;
-                let unacked: Vec<(TransferId, TransferRecord)> =
-                    c.durable.iter().filter(|(_, r)| r.unacked).map(|(id, r)| (*id, r.to_record())).collect();
+                let unacked: Vec<(TransferId, TransferRecord)> = c
+                    .durable
+                    .iter()
+                    .filter(|(_, r)| r.unacked || (*resend_acked && r.outcome == Outcome::Committed))
+                    .map(|(id, r)| (*id, r.to_record()))
+                    .collect();
                 c.core = Some(CoordinatorCore::new(core_config(), c.now, unacked));
                 self.drive(s)?;
             }
@@ -746,7 +757,7 @@ impl LedgerModel {
     /// resubmit. No bound of the model applies (time, queries).
     fn healing_action(&self, s: &State) -> Option<Action> {
         let c = &s.coordinator;
-        let Some(core) = &c.core else { return Some(Action::RestartCoordinator) };
+        let Some(core) = &c.core else { return Some(Action::RestartCoordinator { resend_acked: false }) };
         if let Some(p) = s.participants.iter().position(|p| !p.up) {
             return Some(Action::RestartParticipant(p as ShardId));
         }
@@ -903,7 +914,10 @@ impl Model for LedgerModel {
                 actions.push(Action::CrashCoordinator);
             }
         } else {
-            actions.push(Action::RestartCoordinator);
+            actions.push(Action::RestartCoordinator { resend_acked: false });
+            if c.durable.values().any(|r| r.outcome == Outcome::Committed && !r.unacked) {
+                actions.push(Action::RestartCoordinator { resend_acked: true });
+            }
         }
         for (p, ps) in s.participants.iter().enumerate() {
             let p = p as ShardId;
@@ -992,6 +1006,14 @@ impl Model for LedgerModel {
                 c.epoch > 0
                     && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| o.decision == Decision::Commit))
             }),
+            Property::sometimes(
+                "a recovered coordinator re-sends a commit every shard acknowledged",
+                |_, s: &State| {
+                    let c = &s.coordinator;
+                    let acked = |id: &TransferId| c.durable.get(id).is_some_and(|r| !r.unacked);
+                    c.epoch > 0 && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| acked(&o.id)))
+                },
+            ),
         ]);
         properties
     }

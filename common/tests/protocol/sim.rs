@@ -27,7 +27,10 @@
 //!   the core's log writes to a simulated log (durable at the next flush, then reported with
 //!   `handle_synced`), carries its frames over the faulty network, hands answers to clients and participants,
 //!   calls `handle_timeout` when the core asks, and tells it when a shard's link is up or down (a link drops
-//!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices).
+//!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices). A restart hands
+//!   the core what `Wal::unacked` returns: every commit still owed acks and, as the log keeps only an
+//!   acked-before mark, some commits every shard has already acknowledged (chosen by the seed), which the
+//!   shards must acknowledge again without applying them twice.
 //! - A participant applies each frame with [`apply_frame`], the function the participant's stream shell
 //!   calls, and replies once the frame's writes are flushed.
 //! - Clients submit transfers (random accounts and amounts: some lack funds, some name missing accounts),
@@ -458,7 +461,11 @@ struct LogRecord {
     transfer: Transfer,
     outcome: Outcome,
     shards: Vec<ShardId>,
-    /// The "unacked" marker a commit carries until every shard has acknowledged it.
+    /// When the decision was logged (virtual ms): with the id, its place in the log's index by decision time.
+    decided_at: u64,
+    /// The simulation's own knowledge, not a key of the real log: a commit is owed acks until an `End` for it
+    /// is durable (every shard has acknowledged it). The real log keeps only a mark before which every commit
+    /// is acknowledged, so recovery hands the core these and some acknowledged ones too (see `restart`).
     unacked_marker: bool,
 }
 
@@ -466,7 +473,7 @@ impl LogRecord {
     /// The record as the coordinator's log hands it to the core.
     fn to_record(&self) -> TransferRecord {
         let (transfer, outcome, shards) = (self.transfer.clone(), self.outcome, self.shards.clone());
-        TransferRecord { transfer, outcome, shards, decided_at_unix_ms: 0 }
+        TransferRecord { transfer, outcome, shards, decided_at_unix_ms: self.decided_at }
     }
 }
 
@@ -497,6 +504,9 @@ struct Coordinator {
     wanted: Vec<bool>,
     /// The callback time last scheduled.
     timer_at: Option<u64>,
+    /// Every commit a restart re-sent although the durable log had it acknowledged by all its shards: any
+    /// Commit a shard gets for one of them afterwards is such a repeat (nothing else owes it any more).
+    resent_acked: BTreeSet<TransferId>,
 }
 
 impl Coordinator {
@@ -539,6 +549,11 @@ pub struct Stats {
     pub in_doubt_resolved: u64,
     pub redeliveries: u64,
     pub recovered_commits: u64,
+    /// Commits every shard had acknowledged that a restart handed the core anyway, as `Wal::unacked` does for
+    /// those decided at or after its acked-before mark.
+    pub acked_commits_resent: u64,
+    /// Re-sent, already acknowledged commits a shard answered again (`DecideAck::Done`, nothing written).
+    pub acked_commits_acked_again: u64,
     pub duplicate_submissions: u64,
     pub conflicts: u64,
     pub dropped: u64,
@@ -558,6 +573,8 @@ impl Stats {
         self.in_doubt_resolved += o.in_doubt_resolved;
         self.redeliveries += o.redeliveries;
         self.recovered_commits += o.recovered_commits;
+        self.acked_commits_resent += o.acked_commits_resent;
+        self.acked_commits_acked_again += o.acked_commits_acked_again;
         self.duplicate_submissions += o.duplicate_submissions;
         self.conflicts += o.conflicts;
         self.dropped += o.dropped;
@@ -672,6 +689,7 @@ impl Cluster {
                 links: vec![None; shard_count as usize],
                 wanted: vec![false; shard_count as usize],
                 timer_at: None,
+                resent_acked: BTreeSet::new(),
             },
             participants,
             intents: Vec::new(),
@@ -1010,19 +1028,28 @@ impl Cluster {
     fn restart(&mut self, node: Node) -> Check {
         match node {
             Node::Coordinator if !self.coordinator.up() => {
-                // `Engine::start`: every commit still marked unacked is owed to all its shards.
+                // `Engine::start` hands the core `Wal::unacked`: every commit still owed acks, and with them the
+                // acknowledged ones decided at or after the log's acked-before mark (or, to cover any superset,
+                // a random few of them).
+                self.coordinator.memory = self.coordinator.durable.clone();
+                let resent = self.acked_commits_to_resend();
                 let c = &mut self.coordinator;
-                c.memory = c.durable.clone();
+                let owed = c.durable.values().filter(|r| r.unacked_marker).count();
+                self.stats.recovered_commits += owed as u64;
+                self.stats.acked_commits_resent += resent.len() as u64;
+                c.resent_acked.extend(resent.iter().copied());
                 let unacked: Vec<(TransferId, TransferRecord)> = c
                     .durable
                     .iter()
-                    .filter(|(_, r)| r.unacked_marker)
+                    .filter(|(id, r)| r.unacked_marker || resent.contains(id))
                     .map(|(id, r)| (*id, r.to_record()))
                     .collect();
-                self.stats.recovered_commits += unacked.len() as u64;
                 c.core = Some(CoordinatorCore::new(core_config(self.shard_count), self.now, unacked));
                 let epoch = c.epoch;
-                self.note(|| format!("restart C as e{epoch}"));
+                self.note(|| {
+                    let resent: Vec<String> = resent.iter().map(|id| format!("t{}", id.as_u128() & 0xffff)).collect();
+                    format!("restart C as e{epoch} (owed {owed}, acknowledged re-sent {resent:?})")
+                });
                 self.schedule(self.now, Event::LinkTick { epoch });
                 self.drive_coordinator()?;
             }
@@ -1041,6 +1068,32 @@ impl Cluster {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The commits every shard has acknowledged that recovery re-sends anyway, chosen by the seed. Half the
+    /// time as the real log does: its acked-before mark sits at or before the earliest commit still owed (by
+    /// decision time, then id), anywhere from the first commit on, and every commit from the mark on is
+    /// re-sent; the other half, each acknowledged commit by a coin toss, for any superset a log might return.
+    fn acked_commits_to_resend(&mut self) -> BTreeSet<TransferId> {
+        let mut commits: Vec<(u64, TransferId, bool)> = self
+            .coordinator
+            .durable
+            .iter()
+            .filter(|(_, r)| r.outcome == Outcome::Committed)
+            .map(|(id, r)| (r.decided_at, *id, r.unacked_marker))
+            .collect();
+        if commits.iter().all(|(_, _, owed)| *owed) {
+            return BTreeSet::new();
+        }
+        commits.sort();
+        if self.rng.chance(0.5) {
+            let earliest_owed = commits.iter().position(|(_, _, owed)| *owed).unwrap_or(commits.len());
+            let mark = self.rng.range(0, earliest_owed as u64) as usize;
+            commits[mark..].iter().filter(|(_, _, owed)| !owed).map(|(_, id, _)| *id).collect()
+        } else {
+            let acked: Vec<TransferId> = commits.iter().filter(|(_, _, owed)| !owed).map(|(_, id, _)| *id).collect();
+            acked.into_iter().filter(|_| self.rng.chance(0.5)).collect()
+        }
     }
 
     // ---------------------------------------------------------------------------------------------------------
@@ -1148,7 +1201,8 @@ impl Cluster {
                                 Outcome::Aborted(_) => self.stats.aborted_refused += 1,
                             }
                             let unacked_marker = outcome == Outcome::Committed;
-                            let record = LogRecord { transfer, outcome, shards, unacked_marker };
+                            let decided_at = self.now;
+                            let record = LogRecord { transfer, outcome, shards, decided_at, unacked_marker };
                             self.coordinator.memory.insert(id, record.clone());
                             self.coordinator.unflushed.push(LogWrite::Put(id, record));
                         }
@@ -1295,6 +1349,16 @@ impl Cluster {
                 // Replies always wait for the flush: a repeated Prepare may answer YES for a write not yet on disk.
                 let applied = apply_frame(machine, items, now, &mut writes);
                 machine.check_invariants();
+                // A Commit re-sent after the log had it acknowledged: already finished here, it must be acked
+                // without a write (a second `Finished` fails the write shadow, a balance moved twice the books).
+                self.stats.acked_commits_acked_again += applied
+                    .replies
+                    .iter()
+                    .filter(|r| {
+                        matches!(r, FromShard::Ack { id, decision: Decision::Commit, ack: DecideAck::Done }
+                            if self.coordinator.resent_acked.contains(id))
+                    })
+                    .count() as u64;
                 let reply = Msg::Replies { epoch, shard: s, replies: applied.replies };
                 let to = Envelope { from: Node::Participant(s), to: Node::Coordinator, msg: reply };
                 self.persist(s, writes, AfterParticipantFlush::Reply(to))
@@ -1792,6 +1856,8 @@ fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
             ("torn flushes", stats.torn_crashes),
             ("in-doubt resolutions", stats.in_doubt_resolved),
             ("commits recovered from the log", stats.recovered_commits),
+            ("acknowledged commits re-sent by a restart", stats.acked_commits_resent),
+            ("re-sent acknowledged commits acked again by a shard", stats.acked_commits_acked_again),
             ("re-deliveries", stats.redeliveries),
             ("duplicate submissions", stats.duplicate_submissions),
             ("dropped messages", stats.dropped),
