@@ -7,7 +7,8 @@
 //! Per level it reports committed transfers/s, aborts, errors, latency percentiles, the CPU seconds each
 //! process used during the window (`/proc/<pid>/stat`), and fsyncs per committed transfer on each node (the
 //! difference of `GET /stats` `fsyncs` over the window), committed transfers per fsync (how well group commit
-//! shares each one), and each node's resident memory at the end of the window. Afterwards it waits for the cluster to settle and checks
+//! shares each one), the bytes each node sent to disk per committed transfer (`/proc/<pid>/io`), and each
+//! node's resident memory at the end of the window. Afterwards it waits for the cluster to settle and checks
 //! that the total money is conserved.
 //!
 //! Only requests that complete inside the measured window count, so a warm-up request finishing late, or the
@@ -392,6 +393,8 @@ struct Flush {
 /// benchmark itself.
 struct Snapshot {
     cpu_seconds: Vec<f64>,
+    /// Bytes each node has sent to the storage layer (`write_bytes` of `/proc/<pid>/io`), in `nodes()` order.
+    disk_bytes: Vec<Option<u64>>,
     flush: Vec<Flush>,
 }
 
@@ -402,8 +405,15 @@ async fn snapshot(cluster: &Cluster) -> Result<Snapshot> {
         cpu_seconds.push(cpu_seconds_of(&format!("/proc/{pid}/stat"))?);
     }
     cpu_seconds.push(cpu_seconds_of("/proc/self/stat")?);
+    let disk_bytes = nodes(cluster).map(|node| node.pid().and_then(disk_bytes_of)).collect();
     let flush = futures::future::try_join_all(nodes(cluster).map(|node| flush_stats(&cluster.http, node))).await?;
-    Ok(Snapshot { cpu_seconds, flush })
+    Ok(Snapshot { cpu_seconds, disk_bytes, flush })
+}
+
+/// Bytes a process has caused to be written to storage, page by page (`write_bytes` in `/proc/<pid>/io`).
+fn disk_bytes_of(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// utime + stime of a process, in seconds, from its `/proc/<pid>/stat`.
@@ -449,6 +459,8 @@ struct LevelReport {
     node_names: Vec<String>,
     /// Resident memory of each node at the end of the window, in `nodes()` order (`None`: unreadable).
     rss_bytes: Vec<Option<u64>>,
+    /// Bytes each node sent to storage during the window, in `nodes()` order (`None`: unreadable).
+    disk_bytes: Vec<Option<u64>>,
     loadavg: String,
 }
 
@@ -488,6 +500,8 @@ async fn measure_level(
     progress.abort();
 
     let cpu = after.cpu_seconds.iter().zip(&before.cpu_seconds).map(|(a, b)| a - b).collect();
+    let disk_bytes =
+        after.disk_bytes.iter().zip(&before.disk_bytes).map(|(a, b)| Some(a.as_ref()?.saturating_sub((*b)?))).collect();
     let flush = after
         .flush
         .iter()
@@ -509,6 +523,7 @@ async fn measure_level(
         flush,
         node_names: nodes(cluster).map(|n| n.name.clone()).collect(),
         rss_bytes,
+        disk_bytes,
         loadavg,
     })
 }
@@ -643,6 +658,22 @@ impl LevelReport {
             })
             .collect();
         lines.push(format!("clients={}: RSS MiB at the end of the window: {}", self.clients, rss.join(", ")));
+        if self.tally.committed > 0 {
+            let disk: Vec<String> = self
+                .node_names
+                .iter()
+                .zip(&self.disk_bytes)
+                .map(|(name, bytes)| match bytes {
+                    Some(bytes) => format!("{name} {:.0}", *bytes as f64 / self.tally.committed as f64),
+                    None => format!("{name} ?"),
+                })
+                .collect();
+            lines.push(format!(
+                "clients={}: bytes sent to disk per committed transfer (whole pages): {}",
+                self.clients,
+                disk.join(", ")
+            ));
+        }
         if !self.tally.abort_reasons.is_empty() {
             lines.push(format!("clients={}: aborts by reason: {:?}", self.clients, self.tally.abort_reasons));
         }
