@@ -57,9 +57,10 @@ struct DecidedRef<'a> {
     made_by: Option<&'a str>,
 }
 
-/// Writes gathered for one [`Wal::apply`].
+/// Writes gathered for one [`Wal::apply`], in the order they go to the log.
 pub struct WalBatch {
-    batch: sled::Batch,
+    /// Key and value of each insert: the log only ever inserts.
+    inserts: Vec<(Vec<u8>, Vec<u8>)>,
     /// Commits decided in this batch: owed acks from now on.
     owed: Vec<(u64, TransferId)>,
     /// Commits every shard has acknowledged.
@@ -70,8 +71,10 @@ impl WalBatch {
     /// A decision. A commit is owed acks until `end`; aborts need nothing (a participant left in doubt asks,
     /// and hears abort).
     pub fn put(&mut self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) {
-        self.batch.insert(&key(RECORD, id)[..], records::encode(&DecidedRef { record, made_by }));
-        self.batch.insert(time_key(vec![BY_TIME], record.decided_at_unix_ms, id), &[][..]);
+        // The index key first: a log cut short after it leaves a key whose record is missing, which readers
+        // skip; never a record the index and recovery cannot find.
+        self.inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, id), Vec::new()));
+        self.inserts.push((key(RECORD, id).to_vec(), records::encode(&DecidedRef { record, made_by })));
         if record.outcome == Outcome::Committed {
             self.owed.push((record.decided_at_unix_ms, *id));
         }
@@ -122,6 +125,21 @@ pub struct Wal {
     owed: Arc<Mutex<Owed>>,
 }
 
+
+/// The order a batch's inserts go to the log in, with the mark moving from `old_mark` to `new_mark`: before the
+/// decisions when it moves back (or is the first), after them when it moves on, not at all when it stays.
+fn log_order(inserts: Vec<(Vec<u8>, Vec<u8>)>, old_mark: Option<u64>, new_mark: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if old_mark == Some(new_mark) {
+        return inserts;
+    }
+    let mark = (ACKED_BEFORE_KEY.to_vec(), new_mark.to_be_bytes().to_vec());
+    // No mark yet claims nothing, like a lower one: it goes first too.
+    if old_mark.is_none_or(|old| new_mark < old) {
+        std::iter::once(mark).chain(inserts).collect()
+    } else {
+        inserts.into_iter().chain(std::iter::once(mark)).collect()
+    }
+}
 
 /// A key of an index by decision time: the index's prefix, the decision time, the transfer id.
 fn time_key(mut prefix: Vec<u8>, decided_at_unix_ms: u64, id: &TransferId) -> Vec<u8> {
@@ -215,16 +233,19 @@ impl Wal {
         }
     }
 
-    /// A set of log writes to apply as one atomic store batch ([`Wal::apply`]).
+    /// A set of log writes to apply together ([`Wal::apply`]).
     pub fn batch(&self) -> WalBatch {
-        WalBatch { batch: sled::Batch::default(), owed: Vec::new(), ended: Vec::new() }
+        WalBatch { inserts: Vec::new(), owed: Vec::new(), ended: Vec::new() }
     }
 
-    /// Applies `batch` (not yet durable: call `sync`). One store batch per burst of decisions, not one per
-    /// decision: each sled batch costs a log write of its own. The mark moves in the same batch as the
-    /// decisions that hold it back, so no crash can leave a commit owed acks behind the mark on disk.
+    /// Applies `batch` (not yet durable: call `sync`) as plain inserts in order, not as a sled batch: a batch
+    /// costs sled two more log-buffer writes, each waited for on disk, on the client's path. sled's recovery
+    /// keeps a prefix of its log (it stops at the first torn entry), so a crash may lose the tail of these
+    /// inserts but never keep one without those before it. The order makes every prefix safe: each index key
+    /// before its record, and the mark before the decisions when it moves back (a lower mark claims less) and
+    /// after them when it moves on, so no durable commit owed acks is ever behind the durable mark.
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
-        let WalBatch { mut batch, owed: decided, ended } = batch;
+        let WalBatch { inserts, owed: decided, ended } = batch;
         let mut owed = self.owed();
         for (at, id) in decided {
             owed.insert(at, id);
@@ -233,10 +254,9 @@ impl Wal {
             owed.remove(id);
         }
         let mark = owed.needed_mark();
-        if owed.mark != Some(mark) {
-            batch.insert(ACKED_BEFORE_KEY, &mark.to_be_bytes()[..]);
+        for (key, value) in log_order(inserts, owed.mark, mark) {
+            self.store.db.insert(key, value)?;
         }
-        self.store.db.apply_batch(batch)?;
         owed.mark = Some(mark);
         Ok(())
     }
@@ -360,6 +380,74 @@ mod tests {
         decide(&wal, &[], &owed);
         assert!(wal.unacked().expect("readable").is_empty(), "all acknowledged: nothing to re-send");
         assert_eq!(wal.get(&early).expect("readable").map(|r| r.outcome), Some(Outcome::Committed), "kept forever");
+    }
+
+    /// Every prefix of what `apply` writes, as a crash could leave it (sled keeps a prefix of its log), keeps
+    /// the log's two promises: each decision record has its index key, and no commit owed acks is behind the
+    /// mark. Cases: the first batch, a batch whose mark moves on (acks) while new commits come in, and one
+    /// whose mark moves back (a commit decided after the wall clock went back).
+    #[test]
+    fn every_prefix_of_a_log_write_keeps_owed_commits_at_or_after_the_mark() {
+        struct Case {
+            /// The mark on disk before, and the commits owed acks then (decision times).
+            old_mark: Option<u64>,
+            owed_before: Vec<u64>,
+            decided: Vec<u64>,
+            ended_before: usize,
+        }
+        let cases = [
+            Case { old_mark: None, owed_before: vec![], decided: vec![100, 101], ended_before: 0 },
+            Case { old_mark: Some(50), owed_before: vec![50, 200], decided: vec![300], ended_before: 1 },
+            Case { old_mark: Some(200), owed_before: vec![200], decided: vec![50], ended_before: 0 },
+        ];
+        for (n, case) in cases.iter().enumerate() {
+            let wal_owed: Vec<(u64, TransferId)> = case.owed_before.iter().map(|at| (*at, Uuid::new_v4())).collect();
+            let mut owed = Owed { mark: case.old_mark, ..Owed::default() };
+            for (at, id) in &wal_owed {
+                owed.insert(*at, *id);
+            }
+            let mut batch = WalBatch { inserts: Vec::new(), owed: Vec::new(), ended: Vec::new() };
+            let decided: Vec<TransferId> = case.decided.iter().map(|_| Uuid::new_v4()).collect();
+            for (id, at) in decided.iter().zip(&case.decided) {
+                batch.put(id, &record(Outcome::Committed, *at), None);
+            }
+            for (_, id) in wal_owed.iter().take(case.ended_before) {
+                batch.end(id);
+            }
+            for (at, id) in &batch.owed {
+                owed.insert(*at, *id);
+            }
+            for id in &batch.ended {
+                owed.remove(id);
+            }
+            let new_mark = owed.needed_mark();
+            let written = log_order(batch.inserts, case.old_mark, new_mark);
+            let still_owed_before: Vec<u64> = wal_owed.iter().skip(case.ended_before).map(|(at, _)| *at).collect();
+            for cut in 0..=written.len() {
+                let prefix = &written[..cut];
+                let mark = prefix
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k.as_slice() == ACKED_BEFORE_KEY)
+                    .map(|(_, v)| u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes")))
+                    .or(case.old_mark);
+                let durable_commits: Vec<u64> = prefix
+                    .iter()
+                    .filter(|(k, _)| k[0] == RECORD)
+                    .map(|(k, _)| {
+                        let id = Uuid::from_slice(&k[1..]).expect("id");
+                        let at = case.decided[decided.iter().position(|d| *d == id).expect("decided here")];
+                        let indexed = prefix.iter().any(|(k2, _)| k2.as_slice() == time_key(vec![BY_TIME], at, &id));
+                        assert!(indexed, "case {n}, cut {cut}: a record without its index key");
+                        at
+                    })
+                    .collect();
+                for at in durable_commits.iter().chain(&still_owed_before) {
+                    let mark = mark.unwrap_or_else(|| panic!("case {n}, cut {cut}: a commit owed acks and no mark"));
+                    assert!(*at >= mark, "case {n}, cut {cut}: commit at {at} behind the mark {mark}");
+                }
+            }
+        }
     }
 
     #[tokio::test]
