@@ -349,7 +349,9 @@ impl TransactionalTree {
     }
 
     fn unstage(&self) {
-        unimplemented!()
+        // Ledger patch (upstream leaves this unimplemented): only a failed `stage` or `validate` calls this, and in 0.34.7
+        // `stage` always succeeds and `validate` is always true. Same panic if that ever changes.
+        unreachable!("sled 0.34.7 never unstages a transaction: stage cannot fail and validate is always true")
     }
 
     const fn validate(&self) -> bool {
