@@ -13,7 +13,9 @@ pub const PARTICIPANT_DECIDE_APPLIED: &str = "participant.decide.applied";
 pub const PARTICIPANT_ACCOUNT_CREATED: &str = "participant.account.created";
 pub const COORDINATOR_TRANSFER_RECEIVED: &str = "coordinator.transfer.received";
 pub const COORDINATOR_PREPARE_SENT: &str = "coordinator.prepare.sent";
+/// Every vote is in and the decision is about to go to the log (for a commit, the staging record is durable).
 pub const COORDINATOR_VOTES_RECEIVED: &str = "coordinator.votes.received";
+/// A sync that made staging records or decisions durable has completed.
 pub const COORDINATOR_DECISION_LOGGED: &str = "coordinator.decision.logged";
 pub const COORDINATOR_COMMIT_SENT: &str = "coordinator.commit.sent";
 pub const COORDINATOR_BEFORE_END: &str = "coordinator.before_end";

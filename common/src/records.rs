@@ -10,11 +10,16 @@ use serde::{de::DeserializeOwned, Serialize};
 /// (layout 3 changed only keys).
 pub const RECORD_VERSION: u8 = 2;
 const _: () = assert!(RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
+/// The coordinator's staging record, new in layout 4: its own version byte tells it from a decision under the
+/// same key.
+pub const STAGED_RECORD_VERSION: u8 = 4;
+const _: () = assert!(STAGED_RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
+const _: () = assert!(STAGED_RECORD_VERSION != RECORD_VERSION);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("record has layout version {found}, this binary reads {RECORD_VERSION}")]
-    Version { found: u8 },
+    #[error("record has layout version {found}, this binary reads {expected} here")]
+    Version { found: u8, expected: u8 },
     #[error("record is empty")]
     Empty,
     #[error("record does not decode: {0}")]
@@ -22,17 +27,26 @@ pub enum RecordError {
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
+    encode_as(RECORD_VERSION, value)
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    decode_as(RECORD_VERSION, bytes)
+}
+
+/// A record whose version byte is `version` rather than [`RECORD_VERSION`].
+pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
     // Serialising plain owned data into a Vec cannot fail.
     bincode::serialize_into(&mut out, value).expect("bincode into a Vec is infallible");
     out
 }
 
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+pub fn decode_as<T: DeserializeOwned>(version: u8, bytes: &[u8]) -> Result<T, RecordError> {
     match bytes.split_first() {
         None => Err(RecordError::Empty),
-        Some((&RECORD_VERSION, body)) => Ok(bincode::deserialize(body)?),
-        Some((&found, _)) => Err(RecordError::Version { found }),
+        Some((&found, body)) if found == version => Ok(bincode::deserialize(body)?),
+        Some((&found, _)) => Err(RecordError::Version { found, expected: version }),
     }
 }
 

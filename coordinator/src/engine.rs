@@ -140,10 +140,14 @@ pub struct Engine {
 impl Engine {
     /// Reads the decisions still owed acks from the log, starts the core task and one link per participant.
     pub fn start(config: EngineConfig, wal: Wal, participants: Vec<ParticipantClient>) -> Result<Arc<Self>, WalError> {
-        let unacked = wal.unacked()?;
-        if !unacked.is_empty() {
-            tracing::info!(count = unacked.len(), "recovered committed transfers still owed acks: re-sending");
-            metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(unacked.len() as u64);
+        let recovery = wal.recovery()?;
+        if !recovery.unacked.is_empty() {
+            let count = recovery.unacked.len();
+            tracing::info!(count, "recovered committed transfers still owed acks: re-sending");
+            metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(count as u64);
+        }
+        if !recovery.staged.is_empty() {
+            tracing::info!(count = recovery.staged.len(), "recovered staged transfers with no decision: preparing them again");
         }
         let core_config = CoreConfig {
             shard_count: config.shard_count,
@@ -153,7 +157,7 @@ impl Engine {
             transfers_in_flight_max: config.transfers_in_flight_max,
             frame_items_max: stream::FRAME_ITEMS_MAX,
         };
-        let core = CoordinatorCore::new(core_config, 0, unacked);
+        let core = CoordinatorCore::new(core_config, 0, recovery.unacked, recovery.staged);
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (events, event_rx) = mpsc::channel(EVENT_QUEUE_MAX);
         let wakes: Vec<Arc<tokio::sync::Notify>> = participants.iter().map(|_| Arc::default()).collect();
@@ -482,12 +486,16 @@ impl Shell {
         let mut writes = self.wal.batch();
         for write in batch.writes {
             match write {
+                LogWrite::Stage { id, transfer, shards, made_by } => {
+                    decisions = true;
+                    writes.stage(&id, transfer, shards, made_by, common::http::now_unix_ms());
+                }
                 LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
                     crash::point(crash::COORDINATOR_VOTES_RECEIVED);
                     decisions = true;
                     let decided_at_unix_ms = common::http::now_unix_ms();
                     let record = common::records::TransferRecord { transfer, outcome, shards, decided_at_unix_ms };
-                    writes.put(&id, &record, made_by.as_deref());
+                    writes.put(&id, record, made_by);
                 }
                 LogWrite::End { id } => {
                     crash::point(crash::COORDINATOR_BEFORE_END);

@@ -1,14 +1,17 @@
-//! The coordinator's write-ahead log of decisions: one record per decided transfer, kept forever (it answers
-//! idempotent retries and participants' questions) and holding who submitted it, plus a key in the
-//! ledger-wide index by decision time. Which commits some shard has not acknowledged yet is one mark, not a
-//! key per commit: every commit decided before the mark is acknowledged everywhere, so recovery re-sends the
-//! commits the time index lists from the mark on (some already acknowledged: a shard acks a repeated Commit
-//! without applying it twice). The only module that touches sled.
+//! The coordinator's write-ahead log: one entry per transfer, kept forever (it answers idempotent retries and
+//! participants' questions) and holding who submitted it, plus a key in the ledger-wide index by the time the
+//! entry was first written. A transfer's entry is first its staging record, written while its Prepares run
+//! (parallel commits: see `protocol::coordinator_core`), then its decision, which overwrites it. Which
+//! transfers recovery must look at is one mark, not a key per transfer: every transfer indexed before the mark
+//! is decided and, if committed, acknowledged everywhere. Recovery reads the time index from the mark on: the
+//! commits there are re-sent (some already acknowledged: a shard acks a repeated Commit without applying it
+//! twice), and the staged transfers with no decision are finished. The only module that touches sled.
 
-use common::ledger::TransferId;
+use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{Durability, Store, StoreError, StoreKind};
 use migrations::ACKED_BEFORE_KEY;
+use protocol::coordinator_core::StagedTransfer;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,9 +20,9 @@ use uuid::Uuid;
 const RECORD: u8 = b't';
 const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
-/// Prefix of the ledger-wide index by decision time: decision time, transfer id.
+/// Prefix of the ledger-wide index by the time a transfer's entry was first written: time, transfer id.
 const BY_TIME: u8 = b'r';
-/// The mark's value when no commit is owed acks.
+/// The mark's value when no transfer is owed anything.
 const NOTHING_OWED: u64 = u64::MAX;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,7 @@ impl From<records::RecordError> for WalError {
     }
 }
 
-/// What the `t` key holds: the decision and the name of the API token that submitted the transfer.
+/// What the `t` key holds once decided: the decision and the name of the API token that submitted the transfer.
 #[derive(serde::Deserialize)]
 struct Decided {
     record: TransferRecord,
@@ -57,36 +60,51 @@ struct DecidedRef<'a> {
     made_by: Option<&'a str>,
 }
 
+/// What the `t` key holds while the transfer is staged (layout 4): enough to prepare it again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Staged {
+    transfer: Transfer,
+    shards: Vec<ShardId>,
+    made_by: Option<String>,
+    staged_at_unix_ms: u64,
+}
+
+enum Entry {
+    Staged(Staged),
+    Decided(Decided),
+}
+
+enum Op {
+    Stage(TransferId, Staged),
+    Decide(TransferId, TransferRecord, Option<String>),
+    End(TransferId),
+}
+
 /// Writes gathered for one [`Wal::apply`], in the order they go to the log.
 pub struct WalBatch {
-    /// Key and value of each insert: the log only ever inserts.
-    inserts: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Commits decided in this batch: owed acks from now on.
-    owed: Vec<(u64, TransferId)>,
-    /// Commits every shard has acknowledged.
-    ended: Vec<TransferId>,
+    ops: Vec<Op>,
 }
 
 impl WalBatch {
-    /// A decision. A commit is owed acks until `end`; aborts need nothing (a participant left in doubt asks,
-    /// and hears abort).
-    pub fn put(&mut self, id: &TransferId, record: &TransferRecord, made_by: Option<&str>) {
-        // The index key first: a log cut short after it leaves a key whose record is missing, which readers
-        // skip; never a record the index and recovery cannot find.
-        self.inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, id), Vec::new()));
-        self.inserts.push((key(RECORD, id).to_vec(), records::encode(&DecidedRef { record, made_by })));
-        if record.outcome == Outcome::Committed {
-            self.owed.push((record.decided_at_unix_ms, *id));
-        }
+    /// A staged transfer: owed a decision (and, if that is a commit, acks) from now on.
+    pub fn stage(&mut self, id: &TransferId, transfer: Transfer, shards: Vec<ShardId>, made_by: Option<String>, at: u64) {
+        self.ops.push(Op::Stage(*id, Staged { transfer, shards, made_by, staged_at_unix_ms: at }));
+    }
+
+    /// A decision. It overwrites the staging record, if there is one. A commit is owed acks until `end`; an
+    /// abort needs nothing more (a participant left in doubt asks, and hears abort).
+    pub fn put(&mut self, id: &TransferId, record: TransferRecord, made_by: Option<String>) {
+        self.ops.push(Op::Decide(*id, record, made_by));
     }
 
     /// Every shard has applied the commit: recovery need not re-send it.
     pub fn end(&mut self, id: &TransferId) {
-        self.ended.push(*id);
+        self.ops.push(Op::End(*id));
     }
 }
 
-/// The commits owed acks, by decision time, and the mark last written for them.
+/// The transfers owed something (a decision, or acks of their commit), by index time, and the mark last
+/// written for them.
 #[derive(Debug, Default)]
 struct Owed {
     by_time: BTreeSet<(u64, TransferId)>,
@@ -96,11 +114,11 @@ struct Owed {
 }
 
 impl Owed {
-    fn insert(&mut self, decided_at_unix_ms: u64, id: TransferId) {
-        if let Some(previous) = self.time_of.insert(id, decided_at_unix_ms) {
+    fn insert(&mut self, at: u64, id: TransferId) {
+        if let Some(previous) = self.time_of.insert(id, at) {
             self.by_time.remove(&(previous, id));
         }
-        self.by_time.insert((decided_at_unix_ms, id));
+        self.by_time.insert((at, id));
     }
 
     fn remove(&mut self, id: &TransferId) {
@@ -109,9 +127,45 @@ impl Owed {
         }
     }
 
-    /// The mark these owed commits need: at or before the earliest of them.
+    /// The mark these owed transfers need: at or before the earliest of them.
     fn needed_mark(&self) -> u64 {
         self.by_time.first().map_or(NOTHING_OWED, |(at, _)| *at)
+    }
+
+    /// The inserts that carry out `ops`, in a crash-safe order (see [`Wal::apply`]), and the owed set updated.
+    fn plan(&mut self, ops: Vec<Op>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut inserts = Vec::with_capacity(ops.len() * 2);
+        for op in ops {
+            match op {
+                Op::Stage(id, staged) => {
+                    let at = staged.staged_at_unix_ms;
+                    // The index key first: a log cut short after it leaves a key whose record is missing,
+                    // which readers skip; never a record the index and recovery cannot find.
+                    inserts.push((time_key(vec![BY_TIME], at, &id), Vec::new()));
+                    inserts.push((key(RECORD, &id).to_vec(), records::encode_as(records::STAGED_RECORD_VERSION, &staged)));
+                    self.insert(at, id);
+                }
+                Op::Decide(id, record, made_by) => {
+                    let staged_at = self.time_of.get(&id).copied();
+                    if staged_at.is_none() {
+                        // Not staged (a presumed abort): its own index key.
+                        inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, &id), Vec::new()));
+                    }
+                    let value = records::encode(&DecidedRef { record: &record, made_by: made_by.as_deref() });
+                    inserts.push((key(RECORD, &id).to_vec(), value));
+                    match record.outcome {
+                        Outcome::Committed if staged_at.is_none() => self.insert(record.decided_at_unix_ms, id),
+                        Outcome::Committed => {}
+                        Outcome::Aborted(_) => self.remove(&id),
+                    }
+                }
+                Op::End(id) => self.remove(&id),
+            }
+        }
+        let mark = self.needed_mark();
+        let ordered = log_order(inserts, self.mark, mark);
+        self.mark = Some(mark);
+        ordered
     }
 }
 
@@ -120,14 +174,20 @@ pub struct Wal {
     store: Store,
     /// Fixed at first start; every internal call carries it, and participants refuse other clusters.
     cluster_id: Uuid,
-    /// Only the engine's task writes the log, so this lock is never contended. Bounded by the commits owed acks,
-    /// which the core bounds.
+    /// Only the engine's task writes the log, so this lock is never contended. Bounded by the transfers running
+    /// and the commits owed acks, which the core bounds.
     owed: Arc<Mutex<Owed>>,
 }
 
+/// What recovery hands the core: commits some shard may not have acknowledged, and staged transfers with no
+/// decision.
+pub struct Recovery {
+    pub unacked: Vec<(TransferId, TransferRecord)>,
+    pub staged: Vec<StagedTransfer>,
+}
 
 /// The order a batch's inserts go to the log in, with the mark moving from `old_mark` to `new_mark`: before the
-/// decisions when it moves back (or is the first), after them when it moves on, not at all when it stays.
+/// entries when it moves back (or is the first), after them when it moves on, not at all when it stays.
 fn log_order(inserts: Vec<(Vec<u8>, Vec<u8>)>, old_mark: Option<u64>, new_mark: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
     if old_mark == Some(new_mark) {
         return inserts;
@@ -141,9 +201,9 @@ fn log_order(inserts: Vec<(Vec<u8>, Vec<u8>)>, old_mark: Option<u64>, new_mark: 
     }
 }
 
-/// A key of an index by decision time: the index's prefix, the decision time, the transfer id.
-fn time_key(mut prefix: Vec<u8>, decided_at_unix_ms: u64, id: &TransferId) -> Vec<u8> {
-    prefix.extend_from_slice(&decided_at_unix_ms.to_be_bytes());
+/// A key of the index by time: the index's prefix, the time, the transfer id.
+fn time_key(mut prefix: Vec<u8>, at_unix_ms: u64, id: &TransferId) -> Vec<u8> {
+    prefix.extend_from_slice(&at_unix_ms.to_be_bytes());
     prefix.extend_from_slice(id.as_bytes());
     prefix
 }
@@ -188,12 +248,9 @@ impl Wal {
         };
         let wal = Wal { store, cluster_id, owed: Arc::default() };
         let mark = wal.stored_mark()?;
-        let unacked = wal.unacked()?;
         let mut owed = wal.owed();
         owed.mark = mark;
-        for (id, record) in unacked {
-            owed.insert(record.decided_at_unix_ms, id);
-        }
+        wal.scan_owed(|at, id, _| owed.insert(at, id))?;
         drop(owed);
         Ok(wal)
     }
@@ -222,20 +279,30 @@ impl Wal {
         Ok(self.decided(id)?.and_then(|d| d.made_by))
     }
 
+    /// The decision of `id`, if it has one (a staged transfer has none yet).
     pub fn get(&self, id: &TransferId) -> Result<Option<TransferRecord>, WalError> {
         Ok(self.decided(id)?.map(|d| d.record))
     }
 
     fn decided(&self, id: &TransferId) -> Result<Option<Decided>, WalError> {
-        match self.store.db.get(key(RECORD, id))? {
-            Some(bytes) => Ok(Some(records::decode(&bytes)?)),
-            None => Ok(None),
+        match self.entry(id)? {
+            Some(Entry::Decided(d)) => Ok(Some(d)),
+            Some(Entry::Staged(_)) | None => Ok(None),
+        }
+    }
+
+    fn entry(&self, id: &TransferId) -> Result<Option<Entry>, WalError> {
+        let Some(bytes) = self.store.db.get(key(RECORD, id))? else { return Ok(None) };
+        if bytes.first() == Some(&records::STAGED_RECORD_VERSION) {
+            Ok(Some(Entry::Staged(records::decode_as(records::STAGED_RECORD_VERSION, &bytes)?)))
+        } else {
+            Ok(Some(Entry::Decided(records::decode(&bytes)?)))
         }
     }
 
     /// A set of log writes to apply together ([`Wal::apply`]).
     pub fn batch(&self) -> WalBatch {
-        WalBatch { inserts: Vec::new(), owed: Vec::new(), ended: Vec::new() }
+        WalBatch { ops: Vec::new() }
     }
 
     /// Applies `batch` (not yet durable: call `sync`) as plain inserts in order, not as a sled batch: a batch
@@ -245,19 +312,10 @@ impl Wal {
     /// before its record, and the mark before the decisions when it moves back (a lower mark claims less) and
     /// after them when it moves on, so no durable commit owed acks is ever behind the durable mark.
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
-        let WalBatch { inserts, owed: decided, ended } = batch;
         let mut owed = self.owed();
-        for (at, id) in decided {
-            owed.insert(at, id);
-        }
-        for id in &ended {
-            owed.remove(id);
-        }
-        let mark = owed.needed_mark();
-        for (key, value) in log_order(inserts, owed.mark, mark) {
+        for (key, value) in owed.plan(batch.ops) {
             self.store.db.insert(key, value)?;
         }
-        owed.mark = Some(mark);
         Ok(())
     }
 
@@ -284,15 +342,26 @@ impl Wal {
         Ok(self.store.sync().await?)
     }
 
-    /// Committed transfers some shard may not have acknowledged: every commit decided at or after the mark.
-    /// What recovery re-sends; bounded by how far the oldest unacknowledged commit lags, not by history.
-    pub fn unacked(&self) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
+    /// What recovery must finish: every commit indexed at or after the mark (some shard may not have
+    /// acknowledged it) and every staged transfer with no decision. Bounded by how far the oldest of them
+    /// lags, not by history.
+    pub fn recovery(&self) -> Result<Recovery, WalError> {
+        let mut recovery = Recovery { unacked: Vec::new(), staged: Vec::new() };
+        self.scan_owed(|_, id, entry| match entry {
+            Entry::Decided(d) => recovery.unacked.push((id, d.record)),
+            Entry::Staged(s) => recovery.staged.push(StagedTransfer { id, transfer: s.transfer, made_by: s.made_by }),
+        })?;
+        Ok(recovery)
+    }
+
+    /// Calls `found` with the index time, id and entry of every staged transfer and every commit indexed at or
+    /// after the mark.
+    fn scan_owed(&self, mut found: impl FnMut(u64, TransferId, Entry)) -> Result<(), WalError> {
         let Some(mark) = self.stored_mark()? else {
-            return Ok(Vec::new()); // no commit was ever logged
+            return Ok(()); // nothing was ever logged
         };
-        let mut out = Vec::new();
         if mark == NOTHING_OWED {
-            return Ok(out);
+            return Ok(());
         }
         let from = time_key(vec![BY_TIME], mark, &Uuid::nil());
         for entry in self.store.db.range(from..) {
@@ -300,13 +369,16 @@ impl Wal {
             if k.first() != Some(&BY_TIME) {
                 break;
             }
-            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
-            match self.get(&id)? {
-                Some(record) if record.outcome == Outcome::Committed => out.push((id, record)),
-                _ => {}
+            let bad = || WalError::BadKey(k.to_vec());
+            let at = u64::from_be_bytes(k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
+            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| bad())?;
+            match self.entry(&id)? {
+                Some(Entry::Decided(d)) if d.record.outcome != Outcome::Committed => {}
+                Some(entry) => found(at, id, entry),
+                None => {} // a crash kept the index key and lost its record
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn store(&self) -> &Store {
@@ -334,9 +406,7 @@ mod tests {
     }
 
     fn ids(unacked: Vec<(TransferId, TransferRecord)>) -> Vec<TransferId> {
-        let mut ids: Vec<TransferId> = unacked.into_iter().map(|(id, _)| id).collect();
-        ids.sort();
-        ids
+        sorted(unacked.into_iter().map(|(id, _)| id).collect())
     }
 
     fn sorted(mut ids: Vec<TransferId>) -> Vec<TransferId> {
@@ -344,10 +414,25 @@ mod tests {
         ids
     }
 
-    fn decide(wal: &Wal, decisions: &[(TransferId, Outcome, u64)], ended: &[TransferId]) {
+    fn staged_ids(wal: &Wal) -> Vec<TransferId> {
+        sorted(wal.recovery().expect("readable").staged.into_iter().map(|s| s.id).collect())
+    }
+
+    fn unacked(wal: &Wal) -> Vec<TransferId> {
+        ids(wal.recovery().expect("readable").unacked)
+    }
+
+    /// Stages each transfer at its time, then decides it (an outcome) or leaves it staged (`None`).
+    fn run(wal: &Wal, transfers: &[(TransferId, u64, Option<Outcome>)], ended: &[TransferId]) {
         let mut batch = wal.batch();
-        for (id, outcome, at) in decisions {
-            batch.put(id, &record(*outcome, *at), None);
+        for (id, at, _) in transfers {
+            let r = record(Outcome::Committed, *at);
+            batch.stage(id, r.transfer, r.shards, Some("teller".into()), *at);
+        }
+        for (id, at, outcome) in transfers {
+            if let Some(outcome) = outcome {
+                batch.put(id, record(*outcome, *at + 1), None);
+            }
         }
         for id in ended {
             batch.end(id);
@@ -356,73 +441,100 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recovery_re_sends_every_commit_not_yet_acknowledged_and_no_older_one() {
+    async fn recovery_finds_every_staged_transfer_and_every_commit_not_yet_acknowledged() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (early, late, aborted, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (early, late, aborted, later, staged) =
+            (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let refused = Some(Outcome::Aborted(AbortReason::InsufficientFunds));
         {
             let wal = Wal::open(dir.path(), Durability::Fsync, 2).await.expect("opens");
-            assert!(wal.unacked().expect("readable").is_empty(), "a fresh log owes nothing");
-            decide(&wal, &[(early, Outcome::Committed, 100), (late, Outcome::Committed, 200)], &[]);
-            decide(&wal, &[(aborted, Outcome::Aborted(AbortReason::InsufficientFunds), 300)], &[]);
-            assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![early, late]), "aborts are never owed");
+            assert!(unacked(&wal).is_empty() && staged_ids(&wal).is_empty(), "a fresh log owes nothing");
+            run(&wal, &[(early, 100, Some(Outcome::Committed)), (late, 200, Some(Outcome::Committed))], &[]);
+            run(&wal, &[(aborted, 300, refused)], &[]);
+            assert_eq!(unacked(&wal), sorted(vec![early, late]), "aborts are never owed");
             // The early one is acknowledged: the mark moves to the late one.
-            decide(&wal, &[], &[early]);
-            assert_eq!(ids(wal.unacked().expect("readable")), vec![late]);
-            // The clock went back: a commit decided "before" the mark holds the mark back with it.
-            decide(&wal, &[(later, Outcome::Committed, 50)], &[]);
-            assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![late, later, early]), "from 50 on");
+            run(&wal, &[], &[early]);
+            assert_eq!(unacked(&wal), vec![late]);
+            run(&wal, &[(staged, 400, None)], &[]);
+            assert_eq!(staged_ids(&wal), vec![staged], "staged with no decision");
+            assert_eq!(wal.get(&staged).expect("readable"), None, "a staged transfer has no decision yet");
+            // The clock went back: a transfer staged "before" the mark holds the mark back with it.
+            run(&wal, &[(later, 50, Some(Outcome::Committed))], &[]);
+            assert_eq!(unacked(&wal), sorted(vec![late, later, early]), "from 50 on");
             wal.sync().await.expect("syncs");
         }
         let wal = Wal::open(dir.path(), Durability::Fsync, 2).await.expect("reopens");
-        let owed = ids(wal.unacked().expect("readable"));
+        let owed = unacked(&wal);
         assert!(owed.contains(&late) && owed.contains(&later), "every commit still owed is re-sent: {owed:?}");
-        // What recovery re-sends, the core ends once the shards ack it again.
-        decide(&wal, &[], &owed);
-        assert!(wal.unacked().expect("readable").is_empty(), "all acknowledged: nothing to re-send");
+        let recovered = wal.recovery().expect("readable").staged;
+        assert_eq!(recovered.len(), 1);
+        assert_eq!((recovered[0].id, recovered[0].made_by.as_deref()), (staged, Some("teller")));
+        // What recovery re-sends, the core ends once the shards ack it again; the staged one it decides.
+        let mut batch = wal.batch();
+        batch.put(&staged, record(Outcome::Aborted(AbortReason::CoordinatorRestarted), 500), None);
+        wal.apply(batch).expect("applies");
+        run(&wal, &[], &owed);
+        assert!(unacked(&wal).is_empty() && staged_ids(&wal).is_empty(), "nothing left to finish");
+        assert_eq!(wal.stored_mark().expect("readable"), Some(NOTHING_OWED));
         assert_eq!(wal.get(&early).expect("readable").map(|r| r.outcome), Some(Outcome::Committed), "kept forever");
+        let listed: Vec<TransferId> = wal.recent(10).expect("readable").into_iter().map(|(id, _)| id).collect();
+        assert_eq!(listed.len(), 5, "every decided transfer is listed once: {listed:?}");
     }
 
     /// Every prefix of what `apply` writes, as a crash could leave it (sled keeps a prefix of its log), keeps
-    /// the log's two promises: each decision record has its index key, and no commit owed acks is behind the
-    /// mark. Cases: the first batch, a batch whose mark moves on (acks) while new commits come in, and one
-    /// whose mark moves back (a commit decided after the wall clock went back).
+    /// the log's two promises: each record has its index key, and no transfer recovery must finish (staged with
+    /// no decision, or committed and owed acks) is behind the mark. Cases: the first batch, a batch whose mark
+    /// moves on (acks, an abort) while new transfers come in, one whose mark moves back (the wall clock went
+    /// back), and one that decides the only staged transfer.
     #[test]
-    fn every_prefix_of_a_log_write_keeps_owed_commits_at_or_after_the_mark() {
+    fn every_prefix_of_a_log_write_keeps_what_recovery_must_finish_at_or_after_the_mark() {
         struct Case {
-            /// The mark on disk before, and the commits owed acks then (decision times).
+            /// The mark on disk before, and the transfers owed then (index times).
             old_mark: Option<u64>,
             owed_before: Vec<u64>,
-            decided: Vec<u64>,
+            /// New transfers staged (index time) and what the same batch decides for them.
+            staged: Vec<(u64, Option<Outcome>)>,
+            /// How many of `owed_before` are acknowledged, and how many of the rest aborted, in this batch.
             ended_before: usize,
+            aborted_before: usize,
         }
+        let abort = Some(Outcome::Aborted(AbortReason::ParticipantUnavailable));
         let cases = [
-            Case { old_mark: None, owed_before: vec![], decided: vec![100, 101], ended_before: 0 },
-            Case { old_mark: Some(50), owed_before: vec![50, 200], decided: vec![300], ended_before: 1 },
-            Case { old_mark: Some(200), owed_before: vec![200], decided: vec![50], ended_before: 0 },
+            Case { old_mark: None, owed_before: vec![], staged: vec![(100, Some(Outcome::Committed)), (101, None)], ended_before: 0, aborted_before: 0 },
+            Case { old_mark: Some(50), owed_before: vec![50, 200], staged: vec![(300, abort)], ended_before: 1, aborted_before: 0 },
+            Case { old_mark: Some(200), owed_before: vec![200], staged: vec![(50, None)], ended_before: 0, aborted_before: 0 },
+            Case { old_mark: Some(100), owed_before: vec![100], staged: vec![], ended_before: 0, aborted_before: 1 },
         ];
         for (n, case) in cases.iter().enumerate() {
-            let wal_owed: Vec<(u64, TransferId)> = case.owed_before.iter().map(|at| (*at, Uuid::new_v4())).collect();
+            let before: Vec<(u64, TransferId)> = case.owed_before.iter().map(|at| (*at, Uuid::new_v4())).collect();
             let mut owed = Owed { mark: case.old_mark, ..Owed::default() };
-            for (at, id) in &wal_owed {
+            for (at, id) in &before {
                 owed.insert(*at, *id);
             }
-            let mut batch = WalBatch { inserts: Vec::new(), owed: Vec::new(), ended: Vec::new() };
-            let decided: Vec<TransferId> = case.decided.iter().map(|_| Uuid::new_v4()).collect();
-            for (id, at) in decided.iter().zip(&case.decided) {
-                batch.put(id, &record(Outcome::Committed, *at), None);
+            let new: Vec<(u64, TransferId, Option<Outcome>)> =
+                case.staged.iter().map(|(at, outcome)| (*at, Uuid::new_v4(), *outcome)).collect();
+            let mut batch = WalBatch { ops: Vec::new() };
+            for (at, id, _) in &new {
+                let r = record(Outcome::Committed, *at);
+                batch.stage(id, r.transfer, r.shards, None, *at);
             }
-            for (_, id) in wal_owed.iter().take(case.ended_before) {
+            for (at, id, outcome) in &new {
+                if let Some(outcome) = outcome {
+                    batch.put(id, record(*outcome, *at + 1), None);
+                }
+            }
+            let (acked, rest) = before.split_at(case.ended_before);
+            let (aborted, still) = rest.split_at(case.aborted_before);
+            for (_, id) in acked {
                 batch.end(id);
             }
-            for (at, id) in &batch.owed {
-                owed.insert(*at, *id);
+            for (at, id) in aborted {
+                batch.put(id, record(Outcome::Aborted(AbortReason::CoordinatorRestarted), *at + 1), None);
             }
-            for id in &batch.ended {
-                owed.remove(id);
-            }
-            let new_mark = owed.needed_mark();
-            let written = log_order(batch.inserts, case.old_mark, new_mark);
-            let still_owed_before: Vec<u64> = wal_owed.iter().skip(case.ended_before).map(|(at, _)| *at).collect();
+            let written = owed.plan(batch.ops);
+            let time_of = |id: &TransferId| {
+                before.iter().map(|(at, i)| (*at, *i)).chain(new.iter().map(|(at, i, _)| (*at, *i))).find(|(_, i)| i == id)
+            };
             for cut in 0..=written.len() {
                 let prefix = &written[..cut];
                 let mark = prefix
@@ -431,20 +543,34 @@ mod tests {
                     .find(|(k, _)| k.as_slice() == ACKED_BEFORE_KEY)
                     .map(|(_, v)| u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes")))
                     .or(case.old_mark);
-                let durable_commits: Vec<u64> = prefix
-                    .iter()
-                    .filter(|(k, _)| k[0] == RECORD)
-                    .map(|(k, _)| {
-                        let id = Uuid::from_slice(&k[1..]).expect("id");
-                        let at = case.decided[decided.iter().position(|d| *d == id).expect("decided here")];
-                        let indexed = prefix.iter().any(|(k2, _)| k2.as_slice() == time_key(vec![BY_TIME], at, &id));
-                        assert!(indexed, "case {n}, cut {cut}: a record without its index key");
-                        at
+                // The last entry written for each transfer in this prefix.
+                let mut entries: HashMap<TransferId, &[u8]> = HashMap::new();
+                for (pos, (k, v)) in prefix.iter().enumerate() {
+                    if k[0] != RECORD {
+                        continue;
+                    }
+                    let id = Uuid::from_slice(&k[1..]).expect("id");
+                    let (at, _) = time_of(&id).expect("an id of this case");
+                    let indexed = before.iter().any(|(_, i)| *i == id)
+                        || prefix[..pos].iter().any(|(k2, _)| k2.as_slice() == time_key(vec![BY_TIME], at, &id));
+                    assert!(indexed, "case {n}, cut {cut}: a record without its index key");
+                    entries.insert(id, v);
+                }
+                let finished = |id: &TransferId| {
+                    entries.get(id).is_some_and(|v| {
+                        v[0] == records::RECORD_VERSION
+                            && records::decode::<Decided>(v).expect("decodes").record.outcome != Outcome::Committed
                     })
-                    .collect();
-                for at in durable_commits.iter().chain(&still_owed_before) {
-                    let mark = mark.unwrap_or_else(|| panic!("case {n}, cut {cut}: a commit owed acks and no mark"));
-                    assert!(*at >= mark, "case {n}, cut {cut}: commit at {at} behind the mark {mark}");
+                };
+                let must_finish = still
+                    .iter()
+                    .chain(aborted)
+                    .map(|(at, id)| (*at, *id))
+                    .chain(new.iter().filter(|(_, id, _)| entries.contains_key(id)).map(|(at, id, _)| (*at, *id)))
+                    .filter(|(_, id)| !finished(id));
+                for (at, _) in must_finish {
+                    let mark = mark.unwrap_or_else(|| panic!("case {n}, cut {cut}: something owed and no mark"));
+                    assert!(at >= mark, "case {n}, cut {cut}: a transfer at {at} behind the mark {mark}");
                 }
             }
         }
@@ -470,7 +596,7 @@ mod tests {
             db.flush().expect("flush");
         }
         let wal = Wal::open(dir.path(), Durability::NoFsync, 2).await.expect("a layout-2 log opens");
-        assert_eq!(ids(wal.unacked().expect("readable")), sorted(vec![owed_early, owed_late]));
+        assert_eq!(unacked(&wal), sorted(vec![owed_early, owed_late]));
         assert_eq!(wal.store().db.scan_prefix([b'u']).count(), 0, "the markers are gone");
         assert_eq!(wal.stored_mark().expect("readable"), Some(20), "the earliest owed decision");
     }

@@ -6,6 +6,16 @@
 //! recovery from the log. It never answers or sends anything that depends on a log write before the shell
 //! reports that write durable ([`CoordinatorCore::handle_synced`]).
 //!
+//! Commits are parallel commits: a transfer's staging record goes to the log while its Prepares run, and once
+//! it is durable and every shard has voted YES the transfer is committed, with no further log write on the
+//! client's path. Its commit decision is logged then too, but nothing waits for it: whatever crash loses it,
+//! the staging record and the shards' prepared records still prove the commit. Recovery finishes every staged
+//! transfer without a decision by preparing it again on every shard, with no deadline: YES from all (a shard
+//! that prepared or committed it says YES again) commits, and a NO aborts: a shard that voted YES keeps the
+//! transfer prepared until it hears the decision, so a NO proves that no YES from it reached a client's
+//! answer. A staged transfer is never aborted for a shard's silence once the process that staged it is gone,
+//! since its client may have been told it committed. Aborts are logged and made durable before anyone hears.
+//!
 //! The shell feeds it inputs (`handle_*`, each with the current time in milliseconds of a monotonic clock) and
 //! carries out what it asks for, in this order after every input: [`CoordinatorCore::poll_log`] (writes to
 //! apply to the log, and a sync barrier to wait for), [`CoordinatorCore::poll_transmit`] (frames to send),
@@ -89,6 +99,11 @@ mod vote_as_refusal {
 /// A write the shell applies to its log, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LogWrite {
+    /// A transfer whose Prepares go out now. Durable, with a YES from every shard, it is committed; recovery
+    /// finishes every staged transfer that has no decision (see the module docs). The commit that follows needs no
+    /// sync, but while a staged transfer has no durable decision it holds back the "acked before" mark as an owed
+    /// commit does.
+    Stage { id: TransferId, transfer: Transfer, shards: Vec<ShardId>, made_by: Option<String> },
     /// The decision of a transfer, with (for a commit) the marker that it is still owed acks.
     Decision { id: TransferId, transfer: Transfer, outcome: Outcome, shards: Vec<ShardId>, made_by: Option<String> },
     /// Every shard has applied the commit: its owed-acks marker goes. Needs no sync: if lost, recovery re-sends
@@ -154,6 +169,25 @@ pub enum LinkState {
 struct Run {
     machine: TransferMachine,
     made_by: Option<String>,
+    /// Its staging record is durable: a YES from every shard commits it.
+    staged: bool,
+    /// Staged by an earlier life of the coordinator, and finished by this one: its Prepares go again until
+    /// every shard answers, and silence never aborts it.
+    recovering: Option<Recovering>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Recovering {
+    /// When its Prepares were last queued (0: never by this life).
+    last_sent_ms: u64,
+}
+
+/// A staged transfer the log holds no decision for: what [`CoordinatorCore::new`] finishes after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StagedTransfer {
+    pub id: TransferId,
+    pub transfer: Transfer,
+    pub made_by: Option<String>,
 }
 
 /// A durable decision some shard has not acknowledged yet.
@@ -167,6 +201,8 @@ struct Owed {
 /// What becomes possible once a sync barrier is durable.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum AfterSync {
+    /// The staging record of a transfer is durable.
+    Staged(TransferId),
     Decided(TransferId),
     Answer(Answer),
 }
@@ -207,8 +243,14 @@ pub struct CoordinatorCore {
 }
 
 impl CoordinatorCore {
-    /// A core after a (re)start: `unacked` are the committed decisions the log still marks as owed acks.
-    pub fn new(config: CoreConfig, now_ms: u64, unacked: Vec<(TransferId, TransferRecord)>) -> Self {
+    /// A core after a (re)start: `unacked` are the committed decisions the log still marks as owed acks, and
+    /// `staged` the staged transfers it holds no decision for, which this core prepares again and decides.
+    pub fn new(
+        config: CoreConfig,
+        now_ms: u64,
+        unacked: Vec<(TransferId, TransferRecord)>,
+        staged: Vec<StagedTransfer>,
+    ) -> Self {
         assert!(config.shard_count > 0 && config.frame_items_max > 0 && config.transfers_in_flight_max > 0);
         let shards = config.shard_count as usize;
         let owed = unacked
@@ -220,8 +262,17 @@ impl CoordinatorCore {
                 (id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: 0 })
             })
             .collect();
+        let running = staged
+            .into_iter()
+            .map(|s| {
+                let machine = TransferMachine::new(s.id, s.transfer, config.shard_count);
+                let run =
+                    Run { machine, made_by: s.made_by, staged: true, recovering: Some(Recovering { last_sent_ms: 0 }) };
+                (s.id, run)
+            })
+            .collect();
         CoordinatorCore {
-            running: BTreeMap::new(),
+            running,
             owed,
             outbox: vec![VecDeque::new(); shards],
             links: vec![LinkState::Connecting; shards],
@@ -270,27 +321,38 @@ impl CoordinatorCore {
         }
         let machine = TransferMachine::new(id, transfer, self.config.shard_count);
         let shards = machine.shards();
-        self.running.insert(id, Run { machine, made_by: made_by.clone() });
+        self.log.push(LogWrite::Stage {
+            id,
+            transfer: machine.transfer.clone(),
+            shards: shards.clone(),
+            made_by: made_by.clone(),
+        });
+        self.after_next_sync(AfterSync::Staged(id));
+        self.running.insert(id, Run { machine, made_by, staged: false, recovering: None });
         self.deadlines.push_back((now_ms + self.config.prepare_timeout_ms, id));
         for shard in shards {
             self.want_link(shard);
-            let run = &self.running[&id];
-            let item = PrepareItem {
-                id,
-                transfer: run.machine.transfer.clone(),
-                postings: run.machine.transfer.postings_for(shard, self.config.shard_count),
-                coordinator_url: self.config.coordinator_url.clone(),
-            };
-            self.outbox[shard as usize].push_back(ToShard::Prepare { item, made_by: made_by.clone() });
+            self.queue_prepare(id, shard);
         }
         Ok(())
     }
 
+    fn queue_prepare(&mut self, id: TransferId, shard: ShardId) {
+        let run = &self.running[&id];
+        let item = PrepareItem {
+            id,
+            transfer: run.machine.transfer.clone(),
+            postings: run.machine.transfer.postings_for(shard, self.config.shard_count),
+            coordinator_url: self.config.coordinator_url.clone(),
+        };
+        self.outbox[shard as usize].push_back(ToShard::Prepare { item, made_by: run.made_by.clone() });
+    }
+
     /// Answers arrived from `shard`.
-    pub fn handle_replies(&mut self, _now_ms: u64, shard: ShardId, replies: Vec<FromShard>) {
+    pub fn handle_replies(&mut self, now_ms: u64, shard: ShardId, replies: Vec<FromShard>) {
         for reply in replies {
             match reply {
-                FromShard::Vote { id, vote } => self.vote(id, shard, VoteResult::Vote(vote)),
+                FromShard::Vote { id, vote } => self.vote(now_ms, id, shard, VoteResult::Vote(vote)),
                 FromShard::Ack { id, decision, ack } => self.ack(id, shard, decision, ack),
                 // Reads are routed by the shell; the core only orders them.
                 FromShard::Account { .. } => {}
@@ -307,6 +369,7 @@ impl CoordinatorCore {
             // Decisions owed to this shard go first, before any new work or read on the fresh link: a shard
             // that restarted must apply them before it answers a read, or a client could see money unmoved.
             self.redeliver(now_ms, Some(shard), true);
+            self.prepare_recovering(now_ms, Some(shard));
             return;
         }
         // Whatever was queued or in flight on the old link may be lost. Decisions stay owed and go again on
@@ -320,7 +383,7 @@ impl CoordinatorCore {
             .collect();
         for id in waiting {
             self.notices.push_back(Notice::ShardSilent { id, shard });
-            self.vote(id, shard, VoteResult::Unavailable);
+            self.vote(now_ms, id, shard, VoteResult::Unavailable);
         }
     }
 
@@ -364,6 +427,7 @@ impl CoordinatorCore {
             let Some((_, after)) = self.after_sync.pop_front() else { break };
             match after {
                 AfterSync::Answer(answer) => self.answers.push_back(answer),
+                AfterSync::Staged(id) => self.staged(now_ms, id),
                 AfterSync::Decided(id) => self.decided(now_ms, id),
             }
         }
@@ -377,18 +441,22 @@ impl CoordinatorCore {
             }
             self.deadlines.pop_front();
             let Some(run) = self.running.get_mut(&id) else { continue };
+            if run.recovering.is_some() {
+                continue; // not reached: recovered transfers get no deadline
+            }
             let silent: Vec<ShardId> =
                 (0..self.config.shard_count).filter(|s| awaits_vote(&run.machine, *s)).collect();
             if let Some(outcome) = run.machine.on_prepare_timeout() {
                 for shard in silent {
                     self.notices.push_back(Notice::ShardSilent { id, shard });
                 }
-                self.log_decision(id, outcome);
+                self.chosen(now_ms, id, outcome);
             }
         }
         if now_ms >= self.next_redeliver_ms {
             self.next_redeliver_ms = now_ms + (self.config.redeliver_after_ms / 2).max(1);
             self.redeliver(now_ms, None, false);
+            self.prepare_recovering(now_ms, None);
         }
     }
 
@@ -442,7 +510,8 @@ impl CoordinatorCore {
     /// When the shell must call [`CoordinatorCore::handle_timeout`] next, if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
         let prepare = self.deadlines.front().map(|(at, _)| *at);
-        let redeliver = (!self.owed.is_empty()).then_some(self.next_redeliver_ms);
+        let recovering = self.running.values().any(|r| r.recovering.is_some());
+        let redeliver = (!self.owed.is_empty() || recovering).then_some(self.next_redeliver_ms);
         prepare.into_iter().chain(redeliver).min()
     }
 
@@ -497,17 +566,78 @@ impl CoordinatorCore {
         self.after_sync.push_back((self.barrier_issued + 1, after));
     }
 
-    fn vote(&mut self, id: TransferId, shard: ShardId, vote: VoteResult) {
+    fn vote(&mut self, now_ms: u64, id: TransferId, shard: ShardId, vote: VoteResult) {
         let Some(run) = self.running.get_mut(&id) else {
             return; // A vote after the decision changes nothing.
         };
+        if run.recovering.is_some() && vote == VoteResult::Unavailable {
+            return; // Its client may have been told it committed: ask again, never presume.
+        }
         if let Some(outcome) = run.machine.on_vote(shard, vote) {
-            self.log_decision(id, outcome);
+            self.chosen(now_ms, id, outcome);
         }
     }
 
-    /// The outcome is chosen: it goes to the log, and nobody hears of it before the log is durable.
+    /// The votes are in. A commit is final once the staging record is durable; an abort once it is logged.
+    fn chosen(&mut self, now_ms: u64, id: TransferId, outcome: Outcome) {
+        match outcome {
+            Outcome::Committed if self.running[&id].staged => self.commit(now_ms, id),
+            Outcome::Committed => {} // `staged` commits it once the staging record is durable
+            Outcome::Aborted(_) => self.log_decision(id, outcome),
+        }
+    }
+
+    /// The staging record of `id` is durable.
+    fn staged(&mut self, now_ms: u64, id: TransferId) {
+        let Some(run) = self.running.get_mut(&id) else {
+            return; // decided (an abort) in the same sync
+        };
+        run.staged = true;
+        if matches!(run.machine.phase(), Phase::Logging { outcome: Outcome::Committed, .. }) {
+            self.commit(now_ms, id);
+        }
+    }
+
+    /// Staged and voted YES everywhere: committed. The decision record is logged for the readers of the log and
+    /// for recovery's sake, but nobody waits for it to be durable.
+    fn commit(&mut self, now_ms: u64, id: TransferId) {
+        self.push_decision(id, Outcome::Committed);
+        self.decided(now_ms, id);
+    }
+
+    /// Queues the Prepares of recovered transfers again to the shards that have not voted: all that are due
+    /// (or every one, to `only` a shard whose link just came up).
+    fn prepare_recovering(&mut self, now_ms: u64, only: Option<ShardId>) {
+        let after = self.config.redeliver_after_ms;
+        let mut due = Vec::new();
+        for (id, run) in self.running.iter_mut() {
+            let Some(recovering) = run.recovering.as_mut() else { continue };
+            if only.is_none() && recovering.last_sent_ms != 0 && now_ms.saturating_sub(recovering.last_sent_ms) < after {
+                continue;
+            }
+            let mut sent = false;
+            for shard in (0..self.config.shard_count).filter(|s| only.is_none_or(|o| o == *s)) {
+                if awaits_vote(&run.machine, shard) && self.links[shard as usize] == LinkState::Up {
+                    due.push((*id, shard));
+                    sent = true;
+                }
+            }
+            if sent {
+                recovering.last_sent_ms = now_ms.max(1);
+            }
+        }
+        for (id, shard) in due {
+            self.queue_prepare(id, shard);
+        }
+    }
+
+    /// An abort is chosen: it goes to the log, and nobody hears of it before the log is durable.
     fn log_decision(&mut self, id: TransferId, outcome: Outcome) {
+        self.push_decision(id, outcome);
+        self.after_next_sync(AfterSync::Decided(id));
+    }
+
+    fn push_decision(&mut self, id: TransferId, outcome: Outcome) {
         let run = &self.running[&id];
         self.log.push(LogWrite::Decision {
             id,
@@ -516,10 +646,10 @@ impl CoordinatorCore {
             shards: run.machine.transfer.shards(self.config.shard_count),
             made_by: run.made_by.clone(),
         });
-        self.after_next_sync(AfterSync::Decided(id));
     }
 
-    /// The decision of `id` is durable: tell the client, and the shards that prepared.
+    /// The decision of `id` is final (an abort durable, a commit staged and voted): tell the client, and the
+    /// shards that prepared.
     fn decided(&mut self, now_ms: u64, id: TransferId) {
         let Some(Run { mut machine, .. }) = self.running.remove(&id) else {
             unreachable!("transfer {id} was logged while not running");
@@ -644,23 +774,27 @@ mod tests {
     }
 
     #[test]
-    fn commit_is_answered_and_sent_only_after_the_log_is_durable() {
-        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+    fn commit_is_answered_and_sent_only_once_staged_and_voted_yes() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(1);
         core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        let staging = core.poll_log().expect("the staging record is logged");
+        assert!(matches!(staging.writes[..], [LogWrite::Stage { .. }]));
         let frames = drain_frames(&mut core);
-        assert_eq!(frames.len(), 2, "a Prepare to each shard");
+        assert_eq!(frames.len(), 2, "a Prepare to each shard, while the staging record is written");
         vote_all(&mut core, &frames, Vote::Yes);
-        let batch = core.poll_log().expect("the decision is logged");
-        assert!(matches!(batch.writes[..], [LogWrite::Decision { outcome: Outcome::Committed, .. }]));
+        assert!(core.poll_log().is_none(), "no decision before the staging record is durable");
         assert!(core.poll_transmit().is_none() && core.poll_answer().is_none(), "nothing before the sync");
         // A query meanwhile must hear pending, never abort.
         let q = core.handle_query(vec![(DecisionQueryItem { id, transfer: transfer(5) }, None)]);
         let barrier2 = core.poll_log().and_then(|b| b.sync).expect("the answer waits for a sync");
-        core.handle_synced(0, batch.sync.expect("a barrier"));
+        core.handle_synced(0, staging.sync.expect("a barrier"));
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Committed, .. })));
         assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard");
+        let decision = core.poll_log().expect("the commit is logged");
+        assert!(matches!(decision.writes[..], [LogWrite::Decision { outcome: Outcome::Committed, .. }]));
+        assert_eq!(decision.sync, None, "nothing waits for the commit record");
         core.handle_synced(0, barrier2);
         assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers: vec![QueryAnswer::Pending] }));
         for shard in 0..2 {
@@ -672,12 +806,69 @@ mod tests {
     }
 
     #[test]
+    fn votes_after_the_staging_sync_commit_with_no_further_sync() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
+        up(&mut core);
+        let id = TransferId::from_u128(11);
+        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        let staging = core.poll_log().expect("staged");
+        core.handle_synced(0, staging.sync.expect("a barrier"));
+        let frames = drain_frames(&mut core);
+        vote_all(&mut core, &frames, Vote::Yes);
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Committed, .. })));
+        let decision = core.poll_log().expect("the commit is logged");
+        assert_eq!(decision.sync, None);
+        assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard at once");
+    }
+
+    #[test]
+    fn a_recovered_staged_transfer_is_prepared_again_and_never_aborted_for_silence() {
+        let id = TransferId::from_u128(12);
+        let staged = StagedTransfer { id, transfer: transfer(5), made_by: Some("teller".into()) };
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), vec![staged]);
+        assert_eq!(core.running(&id), Some(&transfer(5)), "it runs: queries about it hear pending");
+        assert!(core.poll_log().is_none() && drain_frames(&mut core).is_empty(), "nothing until a link is up");
+        core.handle_link(0, 0, true);
+        let frames = drain_frames(&mut core);
+        assert!(matches!(&frames[..], [(0, items)] if matches!(&items[..], [ToShard::Prepare { made_by: Some(_), .. }])));
+        core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::Yes }]);
+        // Shard 1 is gone for longer than any prepare deadline: the transfer waits.
+        core.handle_link(10, 1, false);
+        core.handle_timeout(10_000);
+        assert!(core.poll_log().is_none() && core.running(&id).is_some(), "silence decides nothing");
+        core.handle_link(10_000, 1, true);
+        let frames = drain_frames(&mut core);
+        assert!(matches!(&frames[..], [(1, items)] if matches!(&items[..], [ToShard::Prepare { .. }])));
+        core.handle_replies(10_000, 1, vec![FromShard::Vote { id, vote: Vote::Yes }]);
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Committed, .. })));
+        assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard");
+    }
+
+    #[test]
+    fn a_recovered_staged_transfer_aborts_on_a_refusal_once_the_abort_is_durable() {
+        let id = TransferId::from_u128(13);
+        let staged = StagedTransfer { id, transfer: transfer(5), made_by: None };
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), vec![staged]);
+        up(&mut core);
+        drain_frames(&mut core);
+        core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::No(RefusalReason::AlreadyAborted) }]);
+        core.handle_replies(0, 1, vec![FromShard::Vote { id, vote: Vote::Yes }]);
+        let batch = core.poll_log().expect("the abort is logged");
+        assert!(matches!(&batch.writes[..], [LogWrite::Decision { outcome: Outcome::Aborted(_), .. }]));
+        assert!(drain_frames(&mut core).is_empty() && core.poll_answer().is_none(), "nothing before the sync");
+        core.handle_synced(0, batch.sync.expect("a barrier"));
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Aborted(_), .. })));
+        assert_eq!(drain_frames(&mut core), vec![(1, vec![ToShard::Decide { id, decision: Decision::Abort }])]);
+    }
+
+    #[test]
     fn a_silent_or_lost_shard_aborts_and_the_abort_is_redelivered_on_reconnect() {
-        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(2);
         core.handle_submit(0, id, transfer(5), None, None).expect("taken");
         drain_frames(&mut core);
+        core.poll_log().expect("staged");
         core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::Yes }]);
         core.handle_link(10, 1, false);
         let batch = core.poll_log().expect("logged");
@@ -694,7 +885,7 @@ mod tests {
 
     #[test]
     fn the_prepare_deadline_aborts_and_refusals_carry_their_reason() {
-        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let (a, b) = (TransferId::from_u128(3), TransferId::from_u128(4));
         core.handle_submit(0, a, transfer(5), None, None).expect("taken");
@@ -706,8 +897,9 @@ mod tests {
         let outcomes: Vec<Outcome> = batch
             .writes
             .iter()
-            .map(|w| match w {
-                LogWrite::Decision { outcome, .. } => *outcome,
+            .filter_map(|w| match w {
+                LogWrite::Decision { outcome, .. } => Some(*outcome),
+                LogWrite::Stage { .. } => None,
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
@@ -717,7 +909,7 @@ mod tests {
 
     #[test]
     fn replays_conflicts_and_overload() {
-        let mut core = CoordinatorCore::new(config(), 0, Vec::new());
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(5);
         core.handle_submit(0, id, transfer(5), None, None).expect("taken");
@@ -732,7 +924,7 @@ mod tests {
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, .. }) if id == other));
         let mut small = config();
         small.transfers_in_flight_max = 1;
-        let mut core = CoordinatorCore::new(small, 0, Vec::new());
+        let mut core = CoordinatorCore::new(small, 0, Vec::new(), Vec::new());
         up(&mut core);
         core.handle_submit(0, TransferId::from_u128(7), transfer(1), None, None).expect("taken");
         let refused = core.handle_submit(0, TransferId::from_u128(8), transfer(1), None, None);
@@ -744,7 +936,7 @@ mod tests {
         let id = TransferId::from_u128(9);
         let record =
             TransferRecord { transfer: transfer(3), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: 0 };
-        let mut core = CoordinatorCore::new(config(), 5_000, vec![(id, record)]);
+        let mut core = CoordinatorCore::new(config(), 5_000, vec![(id, record)], Vec::new());
         assert_eq!(core.owed(5_000).len(), 1);
         core.handle_link(5_000, 0, true);
         let frames = drain_frames(&mut core);

@@ -4,11 +4,14 @@
 //! resubmissions, links lost and re-made and a bounded number of crashes keeps these properties:
 //!
 //! - never committed on one shard and aborted on another (not even for a moment, not even in a state a crash
-//!   later loses), and every decision a shard applies is the coordinator's durable one; a logged decision
-//!   never changes;
+//!   later loses); a shard applies Commit only while the transfer's staging entry or its commit decision is
+//!   durable (parallel commits: the staging entry and the shards' prepared records prove the commit, so the
+//!   commit decision is logged with no sync), and Abort only while an abort decision is durable; a logged
+//!   decision never changes, and a committed transfer's log never holds an abort;
 //! - never applied twice: each shard finishes a transfer at most once in any lineage of its disk, and its
 //!   balances always equal the opening balances plus the commits it finished;
-//! - every client answer is the durable outcome;
+//! - a client told Committed was told so while the staging entry or the commit decision was durable, and the
+//!   transfer never ends aborted anywhere; a client told Aborted was told the durable abort decision;
 //! - the participant machines' invariants hold, and every durable state restores;
 //! - from every reachable state, once the network heals and the crashed nodes restart, a fault-free run
 //!   reaches quiescence with every transfer decided everywhere, no holds left and the money exactly where the
@@ -18,10 +21,13 @@
 //! the way `coordinator/src/engine.rs` and the simulator drive it: `handle_*`, then `poll_log`,
 //! `poll_transmit`, `poll_answer`, `poll_notice` until nothing is left, with `poll_timeout` saying when time
 //! may next move. Its log is two parts: the batches `poll_log` handed out and not yet synced (a crash loses
-//! them) and the durable records; a sync makes every pending batch durable and reports its last barrier with
-//! `handle_synced`. A restart builds a new core from the durable log, with every commit still marked unacked
-//! owed to its shards, and either no other commit or every acknowledged one as well (the log's acked-before
-//! mark makes recovery return a superset of the commits owed acks). Time is a number in the state that moves
+//! them, a commit's batch included, which asks for no sync) and the durable entries, one per transfer: its
+//! staging entry (`LogWrite::Stage`) until its decision overwrites it; a sync makes every pending batch
+//! durable, in order, and reports the last barrier among them with `handle_synced`. A restart builds a new
+//! core from the durable log, with every commit still marked unacked owed to its shards, and either no other
+//! commit or every acknowledged one as well (the log's acked-before mark makes recovery return a superset of
+//! the commits owed acks), and every durable staging entry with no decision handed over as staged, for the
+//! core to prepare again and decide. Time is a number in the state that moves
 //! only to the core's own deadline (`poll_timeout`), so prepare timeouts and re-delivery fire through the
 //! core's rules. The shell's link to
 //! each shard is up to one life of the participant; it drops (`handle_link(false)`) once that life is gone,
@@ -39,8 +45,9 @@
 use common::ledger::{AccountId, Amount, ShardId, Transfer, TransferId};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
-use protocol::coordinator::decision_of;
-use protocol::coordinator_core::{Answer, CoordinatorCore, CoreConfig, FromShard, LogBatch, LogWrite, Notice, ToShard};
+use protocol::coordinator_core::{
+    Answer, CoordinatorCore, CoreConfig, FromShard, LogBatch, LogWrite, Notice, StagedTransfer, ToShard,
+};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::{apply_frame, frame_is_well_formed};
 use stateright::{Checker, Model, Property};
@@ -48,6 +55,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use uuid::Uuid;
@@ -101,24 +109,50 @@ struct PState {
     after_flush: BTreeSet<Msg>,
 }
 
-/// One decision in the coordinator's log, as the shell keeps it (the sim's `LogRecord`).
+/// One transfer's entry in the coordinator's log, as the shell keeps it: its staging entry, until its decision
+/// overwrites it (a presumed abort has no staging entry before it).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct LogRecord {
     transfer: Transfer,
-    outcome: Outcome,
+    /// `None`: staged, with no decision yet.
+    outcome: Option<Outcome>,
     shards: Vec<ShardId>,
+    made_by: Option<String>,
     /// The "owed acks" marker a commit carries until every shard has acknowledged it.
     unacked: bool,
 }
 
 impl LogRecord {
-    fn to_record(&self) -> TransferRecord {
-        TransferRecord {
+    /// The decision, as `Wal::get` reads it (a staged transfer has none).
+    fn to_record(&self) -> Option<TransferRecord> {
+        Some(TransferRecord {
             transfer: self.transfer.clone(),
-            outcome: self.outcome,
+            outcome: self.outcome?,
             shards: self.shards.clone(),
             decided_at_unix_ms: 0,
-        }
+        })
+    }
+
+    fn committed(&self) -> bool {
+        self.outcome == Some(Outcome::Committed)
+    }
+
+    fn aborted(&self) -> bool {
+        matches!(self.outcome, Some(Outcome::Aborted(_)))
+    }
+}
+
+/// The log's entry for `id` proves a commit: its staging entry or its commit decision.
+fn proves_commit(log: &BTreeMap<TransferId, LogRecord>, id: &TransferId) -> bool {
+    log.get(id).is_some_and(|r| r.outcome.is_none() || r.committed())
+}
+
+/// What the log says of `id`, for messages.
+fn logged_as(log: &BTreeMap<TransferId, LogRecord>, id: &TransferId) -> String {
+    match log.get(id) {
+        None => "nothing".into(),
+        Some(LogRecord { outcome: None, .. }) => "staged".into(),
+        Some(LogRecord { outcome: Some(o), .. }) => format!("{o:?}"),
     }
 }
 
@@ -197,6 +231,9 @@ struct LedgerModel {
     queries: u8,
     /// Fingerprints of states already shown to settle once healed (shared by the checker's threads).
     settles: Mutex<HashSet<u64>>,
+    /// Restarts (transitions, not states) that hand the core a staged transfer: any; one whose client heard
+    /// Committed; one some shard already committed. Printed after the check, to show the case is explored.
+    staged_recoveries: [AtomicUsize; 3],
 }
 
 /// When clients resubmit and participants ask about transfers in doubt.
@@ -223,14 +260,34 @@ fn fingerprint(state: &State) -> u64 {
 /// Applies one log write to `log`; Err if it would change a logged decision.
 fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: &LogWrite) -> Result<(), String> {
     match write {
-        LogWrite::Decision { id, transfer, outcome, shards, .. } => {
-            if let Some(before) = log.get(id) {
-                if before.outcome != *outcome {
-                    return Err(format!("the logged decision of {id} changed from {:?} to {outcome:?}", before.outcome));
+        LogWrite::Stage { id, transfer, shards, made_by } => {
+            if let Some(before) = log.get(id).and_then(|r| r.outcome) {
+                return Err(format!("a staging entry of {id} overwrites its logged decision {before:?}"));
+            }
+            let record = LogRecord {
+                transfer: transfer.clone(),
+                outcome: None,
+                shards: shards.clone(),
+                made_by: made_by.clone(),
+                unacked: false,
+            };
+            log.insert(*id, record);
+        }
+        LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
+            if let Some(before) = log.get(id).and_then(|r| r.outcome) {
+                if before != *outcome {
+                    return Err(format!("the logged decision of {id} changed from {before:?} to {outcome:?}"));
                 }
             }
             let unacked = *outcome == Outcome::Committed;
-            log.insert(*id, LogRecord { transfer: transfer.clone(), outcome: *outcome, shards: shards.clone(), unacked });
+            let record = LogRecord {
+                transfer: transfer.clone(),
+                outcome: Some(*outcome),
+                shards: shards.clone(),
+                made_by: made_by.clone(),
+                unacked,
+            };
+            log.insert(*id, record);
         }
         LogWrite::End { id } => {
             if let Some(record) = log.get_mut(id) {
@@ -278,6 +335,7 @@ impl LedgerModel {
             time_max: 2,
             queries: 2,
             settles: Mutex::new(HashSet::new()),
+            staged_recoveries: Default::default(),
         }
     }
 
@@ -389,15 +447,24 @@ impl LedgerModel {
             }
             Action::RestartCoordinator { resend_acked } => {
                 // `Engine::start`: every commit still marked unacked is owed to all its shards, and the log may
-                // return acknowledged ones with them (the shards ack those again without applying them twice).
+                // return acknowledged ones with them (the shards ack those again without applying them twice);
+                // every staging entry with no decision is handed over to be prepared again and decided.
                 let c = &mut s.coordinator;
                 let unacked: Vec<(TransferId, TransferRecord)> = c
                     .durable
                     .iter()
-                    .filter(|(_, r)| r.unacked || (*resend_acked && r.outcome == Outcome::Committed))
-                    .map(|(id, r)| (*id, r.to_record()))
+                    .filter(|(_, r)| r.committed() && (r.unacked || *resend_acked))
+                    .filter_map(|(id, r)| Some((*id, r.to_record()?)))
                     .collect();
-                c.core = Some(CoordinatorCore::new(core_config(), c.now, unacked));
+                let staged: Vec<StagedTransfer> = c
+                    .durable
+                    .iter()
+                    .filter(|(_, r)| r.outcome.is_none())
+                    .map(|(id, r)| StagedTransfer { id: *id, transfer: r.transfer.clone(), made_by: r.made_by.clone() })
+                    .collect();
+                self.count_recovery(s, &staged);
+                let c = &mut s.coordinator;
+                c.core = Some(CoordinatorCore::new(core_config(), c.now, unacked, staged));
                 self.drive(s)?;
             }
             Action::CrashParticipant(p) => {
@@ -418,6 +485,19 @@ impl LedgerModel {
         Ok(())
     }
 
+    fn count_recovery(&self, s: &State, staged: &[StagedTransfer]) {
+        for st in staged {
+            let Ok(t) = self.transfer_index(&st.id) else { continue };
+            let told = s.answers[t] == Some(Outcome::Committed);
+            let applied = s.participants.iter().any(|p| p.memory.finished.get(&st.id) == Some(&Decision::Commit));
+            for (i, yes) in [true, told, applied].into_iter().enumerate() {
+                if yes {
+                    self.staged_recoveries[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// A client asks for transfer `t`, as `coordinator/src/api.rs` does: the log's record is read only when the
     /// core is not running it.
     fn submit(&self, s: &mut State, t: u8) -> Result<(), String> {
@@ -425,7 +505,7 @@ impl LedgerModel {
         let c = &mut s.coordinator;
         let logged = match c.core().running(&id) {
             Some(_) => None,
-            None => c.memory()?.get(&id).map(LogRecord::to_record),
+            None => c.memory()?.get(&id).and_then(LogRecord::to_record),
         };
         let now = c.now;
         c.core()
@@ -484,7 +564,7 @@ impl LedgerModel {
                 let asked = items
                     .into_iter()
                     .map(|item| {
-                        let logged = log.get(&item.id).map(|r| r.outcome);
+                        let logged = log.get(&item.id).and_then(|r| r.outcome);
                         (item, logged)
                     })
                     .collect();
@@ -512,15 +592,21 @@ impl LedgerModel {
     }
 
     /// The machine's new state becomes the participant's memory; its finished writes are checked against the
-    /// coordinator's durable log.
+    /// coordinator's durable log: a commit needs the staging entry or the commit decision durable, an abort the
+    /// abort decision.
     fn store(&self, s: &mut State, shard: ShardId, machine: &ParticipantMachine, writes: &[Write]) -> Result<(), String> {
         let mut applied = s.participants[shard as usize].memory.commits_applied.clone();
         for write in writes {
             if let Write::Finished(id, decision) = write {
                 let t = self.transfer_index(id)?;
-                let durable = s.coordinator.durable.get(id).map(|r| decision_of(r.outcome));
-                if durable != Some(*decision) {
-                    return Err(format!("P{shard} applied {decision:?} to t{t}; the durable decision is {durable:?}"));
+                let durable = &s.coordinator.durable;
+                let proven = match decision {
+                    Decision::Commit => proves_commit(durable, id),
+                    Decision::Abort => durable.get(id).is_some_and(LogRecord::aborted),
+                };
+                if !proven {
+                    let logged = logged_as(durable, id);
+                    return Err(format!("P{shard} applied {decision:?} to t{t}; the durable log holds {logged}"));
                 }
                 s.ever_applied[t] |= if *decision == Decision::Commit { 1 } else { 2 };
                 if *decision == Decision::Commit {
@@ -659,7 +745,18 @@ impl LedgerModel {
             }
         }
         let durable = &s.coordinator.durable;
-        s.coordinator.memory()?;
+        let memory = s.coordinator.memory()?;
+        // A committed transfer: some shard applied its commit, or its client heard so. Neither the durable log
+        // nor the log as the process reads it may then hold an abort, and the durable one must prove the commit
+        // (a staging entry or a commit decision: it never loses either once durable, and only a decision
+        // overwrites a staging entry).
+        let committed = |id: &TransferId, what: &str| -> Result<(), String> {
+            if !proves_commit(durable, id) || memory.get(id).is_some_and(LogRecord::aborted) {
+                let (d, m) = (logged_as(durable, id), logged_as(&memory, id));
+                return Err(format!("{what}; the durable log holds {d}, the process's log {m}"));
+            }
+            Ok(())
+        };
         for (p, ps) in s.participants.iter().enumerate() {
             for (what, books) in [("memory", &ps.memory), ("disk", &ps.disk)] {
                 if books.commits_applied.iter().any(|n| *n > 1) {
@@ -667,18 +764,32 @@ impl LedgerModel {
                 }
                 self.check_books(p as ShardId, books).map_err(|e| format!("P{p}'s {what}: {e}"))?;
                 for (id, decision) in &books.finished {
-                    let logged = durable.get(id).map(|r| decision_of(r.outcome));
-                    if logged != Some(*decision) {
-                        return Err(format!("P{p}'s {what} finished {id} as {decision:?}; the log says {logged:?}"));
+                    match decision {
+                        Decision::Commit => committed(id, &format!("P{p}'s {what} finished {id} as committed"))?,
+                        Decision::Abort if !durable.get(id).is_some_and(LogRecord::aborted) => {
+                            let logged = logged_as(durable, id);
+                            return Err(format!("P{p}'s {what} finished {id} as aborted; the durable log has {logged}"));
+                        }
+                        Decision::Abort => {}
                     }
                 }
             }
         }
         for (t, answer) in s.answers.iter().enumerate() {
-            if let Some(answer) = answer {
-                let logged = durable.get(&tid(t as u8)).map(|r| r.outcome);
-                if logged != Some(*answer) {
-                    return Err(format!("the client heard {answer:?} for t{t}, the log says {logged:?}"));
+            let id = tid(t as u8);
+            match answer {
+                None => {}
+                Some(Outcome::Committed) => {
+                    committed(&id, &format!("the client heard Committed for t{t}"))?;
+                    if s.ever_applied[t] & 2 != 0 {
+                        return Err(format!("the client heard Committed for t{t}, and a shard aborted it"));
+                    }
+                }
+                Some(answer) => {
+                    if durable.get(&id).and_then(|r| r.outcome) != Some(*answer) {
+                        let logged = logged_as(durable, &id);
+                        return Err(format!("the client heard {answer:?} for t{t}, the durable log holds {logged}"));
+                    }
                 }
             }
         }
@@ -802,8 +913,9 @@ impl LedgerModel {
             return Ok(false);
         }
         for t in 0..self.transfer_count() {
-            let record = c.durable.get(&tid(t as u8)).ok_or_else(|| format!("t{t} settled with no durable outcome"))?;
-            let commit = record.outcome == Outcome::Committed;
+            let record = c.durable.get(&tid(t as u8)).filter(|r| r.outcome.is_some());
+            let record = record.ok_or_else(|| format!("t{t} settled with no durable decision"))?;
+            let commit = record.committed();
             for shard in self.shards_of(t) {
                 let here = s.participants[shard as usize].disk.finished.get(&tid(t as u8)).copied();
                 if commit && here != Some(Decision::Commit) {
@@ -842,7 +954,7 @@ impl Model for LedgerModel {
                 PState { up: true, life: 0, memory: books.clone(), disk: books, after_flush: BTreeSet::new() }
             })
             .collect();
-        let mut core = CoordinatorCore::new(core_config(), 0, Vec::new());
+        let mut core = CoordinatorCore::new(core_config(), 0, Vec::new(), Vec::new());
         for shard in 0..SHARDS {
             core.handle_link(0, shard, true);
         }
@@ -915,7 +1027,7 @@ impl Model for LedgerModel {
             }
         } else {
             actions.push(Action::RestartCoordinator { resend_acked: false });
-            if c.durable.values().any(|r| r.outcome == Outcome::Committed && !r.unacked) {
+            if c.durable.values().any(|r| r.committed() && !r.unacked) {
                 actions.push(Action::RestartCoordinator { resend_acked: true });
             }
         }
@@ -989,16 +1101,46 @@ impl Model for LedgerModel {
                 s.participants.iter().all(|p| p.disk.finished.values().any(|d| *d == Decision::Commit))
             }),
             Property::sometimes("a prepare round times out", |_, s: &State| {
-                s.coordinator.durable.values().any(|r| r.outcome == Outcome::Aborted(AbortReason::ParticipantUnavailable))
+                let timed_out = Some(Outcome::Aborted(AbortReason::ParticipantUnavailable));
+                s.coordinator.durable.values().any(|r| r.outcome == timed_out)
             }),
         ];
-        if self.crashes == 0 {
-            // Without a crash there is no presumed abort and no recovery to discover.
+        if self.crashes == 0 || !self.crashable[0] {
+            // Without a coordinator crash there is no presumed abort and no recovery to discover, and the log is
+            // synced at once (see `normalize`), so no commit decision is ever left unsynced.
             return properties;
         }
         properties.extend([
+            Property::sometimes("a client hears Committed while only the staging entry is durable", |_, s: &State| {
+                (0..s.answers.len()).any(|t| {
+                    s.answers[t] == Some(Outcome::Committed)
+                        && s.coordinator.durable.get(&tid(t as u8)).is_some_and(|r| r.outcome.is_none())
+                })
+            }),
+            Property::sometimes("a shard applies Commit while only the staging entry is durable", |_, s: &State| {
+                s.participants.iter().any(|p| {
+                    p.memory.finished.iter().any(|(id, d)| {
+                        *d == Decision::Commit
+                            && s.coordinator.durable.get(id).is_some_and(|r| r.outcome.is_none())
+                    })
+                })
+            }),
+            Property::sometimes(
+                "a restarted coordinator finishes a staged transfer whose client heard Committed",
+                |_, s: &State| {
+                    let c = &s.coordinator;
+                    // A client that heard the outcome never resubmits: it runs because it was handed over.
+                    c.epoch > 0
+                        && c.core.as_ref().is_some_and(|core| {
+                            (0..s.answers.len()).any(|t| {
+                                s.answers[t] == Some(Outcome::Committed) && core.running(&tid(t as u8)).is_some()
+                            })
+                        })
+                },
+            ),
             Property::sometimes("a participant hears a presumed abort", |_, s: &State| {
-                s.coordinator.durable.values().any(|r| r.outcome == Outcome::Aborted(AbortReason::CoordinatorRestarted))
+                let presumed = Some(Outcome::Aborted(AbortReason::CoordinatorRestarted));
+                s.coordinator.durable.values().any(|r| r.outcome == presumed)
                     && s.participants.iter().any(|p| p.disk.finished.values().any(|d| *d == Decision::Abort))
             }),
             Property::sometimes("a recovered coordinator owes a commit", |_, s: &State| {
@@ -1010,7 +1152,7 @@ impl Model for LedgerModel {
                 "a recovered coordinator re-sends a commit every shard acknowledged",
                 |_, s: &State| {
                     let c = &s.coordinator;
-                    let acked = |id: &TransferId| c.durable.get(id).is_some_and(|r| !r.unacked);
+                    let acked = |id: &TransferId| c.durable.get(id).is_some_and(|r| r.committed() && !r.unacked);
                     c.epoch > 0 && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| acked(&o.id)))
                 },
             ),
@@ -1025,11 +1167,16 @@ fn check(name: &str, model: LedgerModel) -> usize {
     let checker =
         model.checker().threads(std::thread::available_parallelism().map_or(2, |n| n.get())).spawn_bfs().join();
     let states = checker.unique_state_count();
+    let recoveries = checker.model().staged_recoveries.each_ref().map(|n| n.load(Ordering::Relaxed));
     eprintln!(
-        "model {name}: {states} states ({} generated), depth {}, in {:.1?}",
+        "model {name}: {states} states ({} generated), depth {}, in {:.1?}; restarts handing over a staged \
+         transfer: {} (its client heard Committed: {}, a shard committed it: {})",
         checker.state_count(),
         checker.max_depth(),
-        started.elapsed()
+        started.elapsed(),
+        recoveries[0],
+        recoveries[1],
+        recoveries[2],
     );
     assert!(checker.is_done(), "model {name}: the check did not finish");
     checker.assert_properties();

@@ -22,13 +22,17 @@
 //!   reports a refused or timed-out query (the shell's `--query-timeout`, still the shell's) with
 //!   `handle_unreachable`.
 //! - The coordinator is the real [`CoordinatorCore`], the one `coordinator/src/engine.rs` drives: every rule
-//!   (batching into frames, prepare deadlines, re-delivery, decision queries and presumed abort, idempotent
-//!   replays, recovery from the log) is the code that runs. The simulation only plays its shell: it applies
-//!   the core's log writes to a simulated log (durable at the next flush, then reported with
-//!   `handle_synced`), carries its frames over the faulty network, hands answers to clients and participants,
+//!   (parallel commits, batching into frames, prepare deadlines, re-delivery, decision queries and presumed
+//!   abort, idempotent replays, recovery from the log) is the code that runs. The simulation only plays its
+//!   shell: it applies the core's log writes to a simulated log of one entry per transfer (a staging record,
+//!   which the decision overwrites keeping its place in the time index; a presumed abort is a decision alone),
+//!   durable at the next flush (a crash keeps a prefix of the unflushed writes) and then reported with
+//!   `handle_synced`; a commit decision asks for no flush, so it may stay unflushed long after the client was
+//!   told. It carries the core's frames over the faulty network, hands answers to clients and participants,
 //!   calls `handle_timeout` when the core asks, and tells it when a shard's link is up or down (a link drops
 //!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices). A restart hands
-//!   the core what `Wal::unacked` returns: every commit still owed acks and, as the log keeps only an
+//!   the core what `Wal::recovery` returns: every staged transfer with no durable decision (in id order), which
+//!   the core prepares again and decides; every commit still owed acks; and, as the log keeps only an
 //!   acked-before mark, some commits every shard has already acknowledged (chosen by the seed), which the
 //!   shards must acknowledge again without applying them twice.
 //! - A participant applies each frame with [`apply_frame`], the function the participant's stream shell
@@ -36,15 +40,22 @@
 //! - Clients submit transfers (random accounts and amounts: some lack funds, some name missing accounts),
 //!   sometimes twice at once, and resubmit the same id while unanswered, as the API invites them to.
 //!
-//! After every event the oracle checks: no transfer is committed on one shard and aborted on another, and no
-//! shard applies a decision the coordinator has not made durable; no transfer is finished twice on a shard
-//! and every balance equals its opening balance plus the postings of the transfers committed there; the
-//! holds equal the prepared debits ([`ParticipantMachine::check_invariants`], plus a shadow of the writes
-//! compared with the machine); money is conserved, counting committed transfers some shard has not applied
-//! yet, both in memory and on disk; no balance goes negative; every client answer matches the durable
-//! outcome. At the end the network heals, the nodes restart, the clients resubmit what was never answered,
-//! and the run goes on until quiescent: then every transfer must be decided everywhere, no hold may remain,
-//! money is exactly conserved, and every answer matches the final outcome.
+//! After every event the oracle checks: no transfer is committed on one shard and aborted on another; a
+//! client told "committed", or a shard applying a Commit, needs the transfer's staging record or commit
+//! decision durable at that moment, and binds the transfer to end committed (no abort of it may ever become
+//! durable); so does, once the coordinator that staged it is gone, a durable staging record with no durable
+//! decision and every shard durably holding the transfer prepared or committed (unless the live recovering
+//! core already counted a NO from before the shard prepared it); no shard applies an abort, and no client
+//! hears one, that the coordinator has not made durable; a durable outcome never changes; no transfer is
+//! finished twice on a shard and every balance equals its opening balance plus the postings of the transfers
+//! committed there; the holds equal the prepared debits ([`ParticipantMachine::check_invariants`], plus a
+//! shadow of the writes compared with the machine); money is conserved, counting committed transfers some
+//! shard has not applied yet, both in memory and on disk; no balance goes negative; every transfer the core
+//! runs has its log entry, and every staging record with no decision is running. At the end the network heals, the nodes restart, the
+//! clients resubmit what was never answered, and the run goes on until quiescent: then nothing is left
+//! running or only staged, every transfer must be decided everywhere (a commit decision still unflushed only
+//! if its staging record is durable and every shard has durably applied it), no hold may remain, money is
+//! exactly conserved, every transfer bound to commit committed, and every answer matches the final outcome.
 //!
 //! `SIM_SEEDS=<n>` sets the number of seeds (default 3000); `SIM_SEED=<n>` replays one seed and prints its
 //! trace. `SIM_REUSED_IDS=1` lets clients reuse a transfer id with a different body (a client bug the API is
@@ -52,8 +63,10 @@
 
 use common::ledger::{AccountId, Amount, Posting, ShardId, Transfer, TransferId};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
-use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
-use protocol::coordinator_core::{self, Answer, CoordinatorCore, CoreConfig, FromShard, Notice, SubmitError, ToShard};
+use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
+use protocol::coordinator_core::{
+    self, Answer, CoordinatorCore, CoreConfig, FromShard, Notice, StagedTransfer, SubmitError, ToShard,
+};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::apply_frame;
 use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore};
@@ -185,7 +198,6 @@ enum Msg {
 
 impl Msg {
     fn describe(&self) -> String {
-        let short = |id: &TransferId| format!("t{}", id.as_u128() & 0xffff);
         match self {
             Msg::Submit { id, transfer } => {
                 format!("Submit {} {}->{} {}", short(id), transfer.from, transfer.to, transfer.amount.minor())
@@ -456,29 +468,51 @@ fn new_resolver(now: u64) -> ResolverCore {
     ResolverCore::new(ResolverConfig::new(IN_DOUBT_AFTER), now)
 }
 
+/// One entry of the coordinator's log: first a staged transfer's staging record, then its decision, which
+/// overwrites it (a presumed abort is a decision with no staging record before it).
 #[derive(Clone, Debug)]
 struct LogRecord {
     transfer: Transfer,
-    outcome: Outcome,
     shards: Vec<ShardId>,
-    /// When the decision was logged (virtual ms): with the id, its place in the log's index by decision time.
-    decided_at: u64,
+    made_by: Option<String>,
+    /// When the entry was first written (virtual ms: its staging, or a presumed abort's decision): with the id,
+    /// its place in the log's time index, which a decision overwriting a staging record keeps.
+    indexed_at: u64,
+    /// The simulation's own knowledge: the coordinator epoch that staged it (`None`: never staged). Once that
+    /// epoch is gone, a durable staging record with every shard durably prepared proves the commit.
+    staged_in: Option<u64>,
+    /// The decision and when it was logged (virtual ms); `None` while the entry is only the staging record.
+    decision: Option<(Outcome, u64)>,
     /// The simulation's own knowledge, not a key of the real log: a commit is owed acks until an `End` for it
-    /// is durable (every shard has acknowledged it). The real log keeps only a mark before which every commit
-    /// is acknowledged, so recovery hands the core these and some acknowledged ones too (see `restart`).
+    /// is durable (every shard has acknowledged it). The real log keeps only a mark before which every
+    /// transfer is decided and every commit acknowledged, so recovery hands the core these and some
+    /// acknowledged ones too (see `restart`).
     unacked_marker: bool,
 }
 
 impl LogRecord {
-    /// The record as the coordinator's log hands it to the core.
-    fn to_record(&self) -> TransferRecord {
-        let (transfer, outcome, shards) = (self.transfer.clone(), self.outcome, self.shards.clone());
-        TransferRecord { transfer, outcome, shards, decided_at_unix_ms: self.decided_at }
+    fn outcome(&self) -> Option<Outcome> {
+        self.decision.map(|(outcome, _)| outcome)
+    }
+
+    /// The decision as the coordinator's log hands it to the core (`None` while only staged).
+    fn to_record(&self) -> Option<TransferRecord> {
+        let (outcome, decided_at) = self.decision?;
+        let (transfer, shards) = (self.transfer.clone(), self.shards.clone());
+        Some(TransferRecord { transfer, outcome, shards, decided_at_unix_ms: decided_at })
+    }
+
+    /// The staging record, or a commit decision: what makes a Commit or a "committed" answer safe.
+    fn allows_commit(&self) -> bool {
+        matches!(self.decision, None | Some((Outcome::Committed, _)))
     }
 }
 
 #[derive(Clone, Debug)]
 enum LogWrite {
+    /// A staging record: the log holds no entry for the transfer yet.
+    Stage(TransferId, LogRecord),
+    /// A decision, overwriting the staging record if there is one.
     Put(TransferId, LogRecord),
     End(TransferId),
 }
@@ -507,6 +541,11 @@ struct Coordinator {
     /// Every commit a restart re-sent although the durable log had it acknowledged by all its shards: any
     /// Commit a shard gets for one of them afterwards is such a repeat (nothing else owes it any more).
     resent_acked: BTreeSet<TransferId>,
+    /// Every transfer a restart handed the core as staged with no decision: its decision, when logged, is
+    /// counted as a recovered one.
+    staged_handed: BTreeSet<TransferId>,
+    /// The transfers this life's core was handed a NO vote for (from the replies the shell delivered to it).
+    no_votes: BTreeSet<TransferId>,
 }
 
 impl Coordinator {
@@ -557,6 +596,18 @@ pub struct Stats {
     pub duplicate_submissions: u64,
     pub conflicts: u64,
     pub dropped: u64,
+    /// Staged transfers with no durable decision that a restart handed the core to finish.
+    pub staged_recovered: u64,
+    /// How those ended: committed (every shard said YES again) or aborted (some shard said NO).
+    pub staged_recovered_committed: u64,
+    pub staged_recovered_aborted: u64,
+    /// A client was told "committed" while the log held only the staging record (parallel commits).
+    pub committed_before_decision_durable: u64,
+    /// A shard applied a Commit while the log held only the staging record.
+    pub commit_applied_before_decision_durable: u64,
+    /// A transfer whose staging coordinator was gone, with no durable decision, that the durable staging record
+    /// and every shard's durable prepared (or committed) record proved committed before anyone decided it.
+    pub commits_proved_by_staging: u64,
 }
 
 impl Stats {
@@ -578,6 +629,12 @@ impl Stats {
         self.duplicate_submissions += o.duplicate_submissions;
         self.conflicts += o.conflicts;
         self.dropped += o.dropped;
+        self.staged_recovered += o.staged_recovered;
+        self.staged_recovered_committed += o.staged_recovered_committed;
+        self.staged_recovered_aborted += o.staged_recovered_aborted;
+        self.committed_before_decision_durable += o.committed_before_decision_durable;
+        self.commit_applied_before_decision_durable += o.commit_applied_before_decision_durable;
+        self.commits_proved_by_staging += o.commits_proved_by_staging;
     }
 }
 
@@ -614,6 +671,10 @@ pub struct Cluster {
     applied: BTreeMap<TransferId, Decision>,
     /// The committed transfers' bodies, for counting money still in flight.
     committed: BTreeMap<TransferId, Transfer>,
+    /// Transfers that must end committed: a client was told so, a shard applied the Commit, or the durable
+    /// staging record and every shard's durable prepared or committed record prove it (see
+    /// `check_staging_proofs`). No abort of one may ever become durable.
+    must_commit: BTreeSet<TransferId>,
     messages_in_flight: usize,
     stats: Stats,
     trace: Option<Vec<String>>,
@@ -677,7 +738,7 @@ impl Cluster {
             healed_at: None,
             isolated: BTreeSet::new(),
             coordinator: Coordinator {
-                core: Some(CoordinatorCore::new(core_config(shard_count), 0, Vec::new())),
+                core: Some(CoordinatorCore::new(core_config(shard_count), 0, Vec::new(), Vec::new())),
                 epoch: 0,
                 durable: BTreeMap::new(),
                 memory: BTreeMap::new(),
@@ -690,6 +751,8 @@ impl Cluster {
                 wanted: vec![false; shard_count as usize],
                 timer_at: None,
                 resent_acked: BTreeSet::new(),
+                staged_handed: BTreeSet::new(),
+                no_votes: BTreeSet::new(),
             },
             participants,
             intents: Vec::new(),
@@ -699,6 +762,7 @@ impl Cluster {
             durable_outcomes: BTreeMap::new(),
             applied: BTreeMap::new(),
             committed: BTreeMap::new(),
+            must_commit: BTreeSet::new(),
             messages_in_flight: 0,
             stats: Stats { seeds: 1, ..Stats::default() },
             trace: trace.then(Vec::new),
@@ -991,6 +1055,7 @@ impl Cluster {
                 c.links.iter_mut().for_each(|l| *l = None);
                 c.wanted.iter_mut().for_each(|w| *w = false);
                 c.timer_at = None;
+                c.no_votes.clear();
                 self.note(|| format!("crash C (kept {keep} unflushed writes)"));
             }
             Node::Participant(s) if self.participants[s as usize].machine.is_some() => {
@@ -1028,9 +1093,9 @@ impl Cluster {
     fn restart(&mut self, node: Node) -> Check {
         match node {
             Node::Coordinator if !self.coordinator.up() => {
-                // `Engine::start` hands the core `Wal::unacked`: every commit still owed acks, and with them the
-                // acknowledged ones decided at or after the log's acked-before mark (or, to cover any superset,
-                // a random few of them).
+                // `Engine::start` hands the core `Wal::recovery`: every commit still owed acks, and with them the
+                // acknowledged ones indexed at or after the log's acked-before mark (or, to cover any superset, a
+                // random few of them); and every staged transfer with no decision, in id order.
                 self.coordinator.memory = self.coordinator.durable.clone();
                 let resent = self.acked_commits_to_resend();
                 let c = &mut self.coordinator;
@@ -1042,13 +1107,22 @@ impl Cluster {
                     .durable
                     .iter()
                     .filter(|(id, r)| r.unacked_marker || resent.contains(id))
-                    .map(|(id, r)| (*id, r.to_record()))
+                    .map(|(id, r)| (*id, r.to_record().expect("only decisions are owed acks")))
                     .collect();
-                c.core = Some(CoordinatorCore::new(core_config(self.shard_count), self.now, unacked));
+                let staged: Vec<StagedTransfer> = c
+                    .durable
+                    .iter()
+                    .filter(|(_, r)| r.decision.is_none())
+                    .map(|(id, r)| StagedTransfer { id: *id, transfer: r.transfer.clone(), made_by: r.made_by.clone() })
+                    .collect();
+                self.stats.staged_recovered += staged.len() as u64;
+                c.staged_handed.extend(staged.iter().map(|s| s.id));
+                let staged_ids: Vec<String> = staged.iter().map(|s| short(&s.id)).collect();
+                c.core = Some(CoordinatorCore::new(core_config(self.shard_count), self.now, unacked, staged));
                 let epoch = c.epoch;
                 self.note(|| {
-                    let resent: Vec<String> = resent.iter().map(|id| format!("t{}", id.as_u128() & 0xffff)).collect();
-                    format!("restart C as e{epoch} (owed {owed}, acknowledged re-sent {resent:?})")
+                    let resent: Vec<String> = resent.iter().map(short).collect();
+                    format!("restart C as e{epoch} (owed {owed}, acknowledged re-sent {resent:?}, staged {staged_ids:?})")
                 });
                 self.schedule(self.now, Event::LinkTick { epoch });
                 self.drive_coordinator()?;
@@ -1071,27 +1145,33 @@ impl Cluster {
     }
 
     /// The commits every shard has acknowledged that recovery re-sends anyway, chosen by the seed. Half the
-    /// time as the real log does: its acked-before mark sits at or before the earliest commit still owed (by
-    /// decision time, then id), anywhere from the first commit on, and every commit from the mark on is
-    /// re-sent; the other half, each acknowledged commit by a coin toss, for any superset a log might return.
+    /// time as the real log does: its acked-before mark sits at or before the earliest transfer still owed
+    /// something (a commit owed acks, or a staged transfer with no decision; by index time, then id), anywhere
+    /// from the first entry on, and every commit from the mark on is re-sent; the other half, each acknowledged
+    /// commit by a coin toss, for any superset a log might return.
     fn acked_commits_to_resend(&mut self) -> BTreeSet<TransferId> {
-        let mut commits: Vec<(u64, TransferId, bool)> = self
+        // (index time, id, owed something, an acknowledged commit)
+        let mut entries: Vec<(u64, TransferId, bool, bool)> = self
             .coordinator
             .durable
             .iter()
-            .filter(|(_, r)| r.outcome == Outcome::Committed)
-            .map(|(id, r)| (r.decided_at, *id, r.unacked_marker))
+            .filter_map(|(id, r)| match r.outcome() {
+                None => Some((r.indexed_at, *id, true, false)),
+                Some(Outcome::Committed) => Some((r.indexed_at, *id, r.unacked_marker, !r.unacked_marker)),
+                Some(Outcome::Aborted(_)) => None,
+            })
             .collect();
-        if commits.iter().all(|(_, _, owed)| *owed) {
+        if !entries.iter().any(|(_, _, _, acked)| *acked) {
             return BTreeSet::new();
         }
-        commits.sort();
+        entries.sort();
         if self.rng.chance(0.5) {
-            let earliest_owed = commits.iter().position(|(_, _, owed)| *owed).unwrap_or(commits.len());
+            let earliest_owed = entries.iter().position(|(_, _, owed, _)| *owed).unwrap_or(entries.len());
             let mark = self.rng.range(0, earliest_owed as u64) as usize;
-            commits[mark..].iter().filter(|(_, _, owed)| !owed).map(|(_, id, _)| *id).collect()
+            entries[mark..].iter().filter(|(_, _, _, acked)| *acked).map(|(_, id, _, _)| *id).collect()
         } else {
-            let acked: Vec<TransferId> = commits.iter().filter(|(_, _, owed)| !owed).map(|(_, id, _)| *id).collect();
+            let acked: Vec<TransferId> =
+                entries.iter().filter(|(_, _, _, acked)| *acked).map(|(_, id, _, _)| *id).collect();
             acked.into_iter().filter(|_| self.rng.chance(0.5)).collect()
         }
     }
@@ -1119,7 +1199,8 @@ impl Cluster {
             Msg::Submit { id, transfer } => {
                 let logged = match self.core().running(&id) {
                     Some(_) => None,
-                    None => self.coordinator.memory.get(&id).map(LogRecord::to_record),
+                    // Only a decision: a staging record with none is always running (`check_core_and_log`).
+                    None => self.coordinator.memory.get(&id).and_then(LogRecord::to_record),
                 };
                 match self.core().handle_submit(now, id, transfer, None, logged.as_ref()) {
                     Ok(()) => *self.coordinator.waiters.entry(id).or_default() += 1,
@@ -1130,13 +1211,20 @@ impl Cluster {
                     Err(SubmitError::Overloaded) => {} // the client retries
                 }
             }
-            Msg::Replies { epoch: e, shard, replies } if e == epoch => self.core().handle_replies(now, shard, replies),
+            Msg::Replies { epoch: e, shard, replies } if e == epoch => {
+                for reply in &replies {
+                    if let FromShard::Vote { id, vote: Vote::No(_) } = reply {
+                        self.coordinator.no_votes.insert(*id);
+                    }
+                }
+                self.core().handle_replies(now, shard, replies)
+            }
             Msg::Replies { .. } => {} // for an earlier incarnation
             Msg::Query { shard, life, qid, items } => {
                 let asked: Vec<(DecisionQueryItem, Option<Outcome>)> = items
                     .into_iter()
                     .map(|item| {
-                        let logged = self.coordinator.memory.get(&item.id).map(|r| r.outcome);
+                        let logged = self.coordinator.memory.get(&item.id).and_then(LogRecord::outcome);
                         (item, logged)
                     })
                     .collect();
@@ -1190,30 +1278,7 @@ impl Cluster {
             while let Some(batch) = self.core().poll_log() {
                 progressed = true;
                 for write in batch.writes {
-                    match write {
-                        coordinator_core::LogWrite::Decision { id, transfer, outcome, shards, .. } => {
-                            match outcome {
-                                Outcome::Committed => self.stats.committed += 1,
-                                Outcome::Aborted(AbortReason::ParticipantUnavailable) => {
-                                    self.stats.aborted_unavailable += 1
-                                }
-                                Outcome::Aborted(AbortReason::CoordinatorRestarted) => {}
-                                Outcome::Aborted(_) => self.stats.aborted_refused += 1,
-                            }
-                            let unacked_marker = outcome == Outcome::Committed;
-                            let decided_at = self.now;
-                            let record = LogRecord { transfer, outcome, shards, decided_at, unacked_marker };
-                            self.coordinator.memory.insert(id, record.clone());
-                            self.coordinator.unflushed.push(LogWrite::Put(id, record));
-                        }
-                        coordinator_core::LogWrite::End { id } => {
-                            // Not flushed: if the end is lost, recovery re-sends a commit acknowledged idempotently.
-                            if let Some(record) = self.coordinator.memory.get_mut(&id) {
-                                record.unacked_marker = false;
-                            }
-                            self.coordinator.unflushed.push(LogWrite::End(id));
-                        }
-                    }
+                    self.coordinator_log_write(write)?;
                 }
                 if let Some(barrier) = batch.sync {
                     self.coordinator.barrier = barrier;
@@ -1231,6 +1296,7 @@ impl Cluster {
                 match answer {
                     Answer::Transfer { id, outcome, .. } => {
                         let waiters = self.coordinator.waiters.remove(&id).unwrap_or(0);
+                        self.check_released(id, outcome, waiters)?;
                         for _ in 0..waiters {
                             let answer = ClientAnswer::Final(outcome);
                             self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
@@ -1262,10 +1328,138 @@ impl Cluster {
                 break;
             }
         }
+        self.check_core_and_log()?;
         if let Some(at) = self.core().poll_timeout() {
             if self.coordinator.timer_at != Some(at) {
                 self.coordinator.timer_at = Some(at);
                 self.schedule(at.max(self.now), Event::CoordinatorTimer { epoch, at });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one of the core's log writes to the log as the process reads it, and queues it for the disk.
+    fn coordinator_log_write(&mut self, write: coordinator_core::LogWrite) -> Check {
+        let epoch = self.coordinator.epoch;
+        match write {
+            coordinator_core::LogWrite::Stage { id, transfer, shards, made_by } => {
+                if let Some(known) = self.coordinator.memory.get(&id) {
+                    return Err(format!("the core staged {id} again, but the log already holds {known:?}"));
+                }
+                let record = LogRecord {
+                    transfer,
+                    shards,
+                    made_by,
+                    indexed_at: self.now,
+                    staged_in: Some(epoch),
+                    decision: None,
+                    unacked_marker: false,
+                };
+                self.coordinator.memory.insert(id, record.clone());
+                self.coordinator.unflushed.push(LogWrite::Stage(id, record));
+            }
+            coordinator_core::LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
+                match outcome {
+                    Outcome::Committed => self.stats.committed += 1,
+                    Outcome::Aborted(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
+                    Outcome::Aborted(AbortReason::CoordinatorRestarted) => {}
+                    Outcome::Aborted(_) => self.stats.aborted_refused += 1,
+                }
+                if self.coordinator.staged_handed.contains(&id) {
+                    match outcome {
+                        Outcome::Committed => self.stats.staged_recovered_committed += 1,
+                        Outcome::Aborted(_) => self.stats.staged_recovered_aborted += 1,
+                    }
+                }
+                // A decision overwrites the staging record and keeps its place in the time index.
+                let staged = self.coordinator.memory.get(&id);
+                if let Some(known) = staged.and_then(LogRecord::outcome) {
+                    if known != outcome {
+                        return Err(format!("the core decided {id} {outcome:?}, but the log already says {known:?}"));
+                    }
+                }
+                if outcome == Outcome::Committed && staged.is_none_or(|r| r.staged_in.is_none()) {
+                    return Err(format!("the core committed {id}, which the log holds no staging record for"));
+                }
+                let record = LogRecord {
+                    transfer,
+                    shards,
+                    made_by,
+                    indexed_at: staged.map_or(self.now, |r| r.indexed_at),
+                    staged_in: staged.and_then(|r| r.staged_in),
+                    decision: Some((outcome, self.now)),
+                    unacked_marker: outcome == Outcome::Committed,
+                };
+                self.coordinator.memory.insert(id, record.clone());
+                self.coordinator.unflushed.push(LogWrite::Put(id, record));
+            }
+            coordinator_core::LogWrite::End { id } => {
+                // Not flushed: if the end is lost, recovery re-sends a commit acknowledged idempotently.
+                if let Some(record) = self.coordinator.memory.get_mut(&id) {
+                    record.unacked_marker = false;
+                }
+                self.coordinator.unflushed.push(LogWrite::End(id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The core releases the outcome of `id` (to `waiters` clients). A commit needs its staging record or its
+    /// commit decision durable now, and binds the transfer to end committed; an abort needs the abort durable.
+    fn check_released(&mut self, id: TransferId, outcome: Outcome, waiters: usize) -> Check {
+        let durable = self.coordinator.durable.get(&id);
+        match outcome {
+            Outcome::Committed => {
+                if !durable.is_some_and(LogRecord::allows_commit) {
+                    return Err(format!(
+                        "the coordinator released committed for {id}, but its log holds {:?}, neither the staging \
+                         record nor the commit durable",
+                        durable.map(LogRecord::outcome)
+                    ));
+                }
+                if waiters > 0 && durable.is_some_and(|r| r.decision.is_none()) {
+                    self.stats.committed_before_decision_durable += 1;
+                }
+                self.bind_commit(id, "its commit was released to clients")
+            }
+            Outcome::Aborted(_) => {
+                let durable = self.durable_outcomes.get(&id).copied();
+                if durable != Some(outcome) {
+                    return Err(format!("the coordinator released {outcome:?} for {id}, the durable outcome is {durable:?}"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `id` must end committed (`why`): no abort of it may be durable, now or later.
+    fn bind_commit(&mut self, id: TransferId, why: &str) -> Check {
+        if self.must_commit.insert(id) {
+            if let Some(outcome @ Outcome::Aborted(_)) = self.durable_outcomes.get(&id) {
+                return Err(format!("{id} must commit ({why}), but its durable outcome is {outcome:?}"));
+            }
+            let transfer = self.coordinator.memory.get(&id).or_else(|| self.coordinator.durable.get(&id));
+            let transfer = transfer.ok_or_else(|| format!("{id} must commit ({why}) but no log knows it"))?;
+            self.committed.insert(id, transfer.transfer.clone());
+        }
+        Ok(())
+    }
+
+    /// The shell's log and the running core agree: every transfer running has its entry in the log, and every
+    /// staging record with no decision is running (so no query presumes it aborted, no submission stages it
+    /// twice).
+    fn check_core_and_log(&self) -> Check {
+        let c = &self.coordinator;
+        let Some(core) = c.core.as_ref() else { return Ok(()) };
+        for (id, transfer) in core.running_transfers() {
+            match c.memory.get(id) {
+                Some(r) if r.transfer == *transfer => {}
+                other => return Err(format!("{id} runs in the core, but the log holds {other:?}")),
+            }
+        }
+        for (id, _) in c.memory.iter().filter(|(_, r)| r.decision.is_none()) {
+            if core.running(id).is_none() {
+                return Err(format!("{id} is staged with no decision, but the core does not run it"));
             }
         }
         Ok(())
@@ -1291,18 +1485,30 @@ impl Cluster {
         self.drive_coordinator()
     }
 
-    /// One log write reaches the disk. A durable outcome never changes; a durable commit is money in flight
+    /// One log write reaches the disk. A staging record never overwrites anything; a durable outcome never
+    /// changes, and no transfer bound to commit is ever durably aborted; a durable commit is money in flight
     /// until every shard has applied it (even one a torn flush made durable that nobody has heard of yet).
     fn make_durable(&mut self, write: LogWrite) -> Check {
-        if let LogWrite::Put(id, record) = &write {
-            if let Some(known) = self.durable_outcomes.insert(*id, record.outcome) {
-                if known != record.outcome {
-                    return Err(format!("the durable outcome of {id} changed from {known:?} to {:?}", record.outcome));
+        match &write {
+            LogWrite::Stage(id, _) => {
+                if let Some(known) = self.coordinator.durable.get(id) {
+                    return Err(format!("a staging record of {id} reached the disk over {known:?}"));
                 }
             }
-            if record.outcome == Outcome::Committed {
-                self.committed.insert(*id, record.transfer.clone());
+            LogWrite::Put(id, record) => {
+                let outcome = record.outcome().expect("a decision write holds a decision");
+                if let Some(known) = self.durable_outcomes.insert(*id, outcome) {
+                    if known != outcome {
+                        return Err(format!("the durable outcome of {id} changed from {known:?} to {outcome:?}"));
+                    }
+                }
+                if outcome == Outcome::Committed {
+                    self.committed.insert(*id, record.transfer.clone());
+                } else if self.must_commit.contains(id) {
+                    return Err(format!("{id} must end committed, but {outcome:?} reached the disk"));
+                }
             }
+            LogWrite::End(_) => {}
         }
         apply_log_write(&mut self.coordinator.durable, write);
         Ok(())
@@ -1407,14 +1613,32 @@ impl Cluster {
         Ok(())
     }
 
-    /// A shard finished a transfer: the decision must be the coordinator's durable one, the same everywhere.
+    /// A shard finished a transfer. A Commit needs the coordinator's staging record or commit decision durable
+    /// now, and binds the transfer to end committed; an Abort needs the abort durable. The same everywhere.
     fn record_applied(&mut self, s: ShardId, id: TransferId, decision: Decision) -> Check {
         let durable = self.durable_outcomes.get(&id).copied();
-        let expected = durable.map(protocol::coordinator::decision_of);
-        if expected != Some(decision) {
-            return Err(format!(
-                "P{s} applied {decision:?} to {id}, but the coordinator's durable outcome is {durable:?}"
-            ));
+        match decision {
+            Decision::Commit => {
+                let log = self.coordinator.durable.get(&id);
+                if !log.is_some_and(LogRecord::allows_commit) {
+                    return Err(format!(
+                        "P{s} applied Commit to {id}, but the coordinator's log durably holds {:?}, neither its \
+                         staging record nor its commit",
+                        log.map(LogRecord::outcome)
+                    ));
+                }
+                if durable.is_none() {
+                    self.stats.commit_applied_before_decision_durable += 1;
+                }
+                self.bind_commit(id, &format!("P{s} applied its Commit"))?;
+            }
+            Decision::Abort => {
+                if durable.map(protocol::coordinator::decision_of) != Some(decision) {
+                    return Err(format!(
+                        "P{s} applied {decision:?} to {id}, but the coordinator's durable outcome is {durable:?}"
+                    ));
+                }
+            }
         }
         if let Some(other) = self.applied.insert(id, decision) {
             if other != decision {
@@ -1511,8 +1735,16 @@ impl Cluster {
         };
         if let ClientAnswer::Final(outcome) = answer {
             let durable = self.durable_outcomes.get(&id).copied();
-            if durable != Some(outcome) {
-                return Err(format!("a client heard {outcome:?} for {id}, but the durable outcome is {durable:?}"));
+            let staged = self.coordinator.durable.get(&id).is_some_and(|r| r.decision.is_none());
+            // A commit is told once staged and voted: its decision need not be durable yet, its staging record must.
+            let matches = durable == Some(outcome) || (outcome == Outcome::Committed && durable.is_none() && staged);
+            if !matches {
+                return Err(format!(
+                    "a client heard {outcome:?} for {id}, but the durable outcome is {durable:?} (staged: {staged})"
+                ));
+            }
+            if outcome == Outcome::Committed {
+                self.bind_commit(id, "a client heard it committed")?;
             }
         } else if !self.reused_ids {
             return Err(format!("a client that never reuses ids was told {id} conflicts"));
@@ -1541,8 +1773,42 @@ impl Cluster {
                 p.memory.check_books(s, &self.opening, "in memory")?;
             }
         }
+        self.check_staging_proofs()?;
         self.check_conservation(false)?;
         self.check_conservation(true)
+    }
+
+    /// Parallel commits' rule: a transfer with its staging record durable, no decision durable, and every shard
+    /// it touches durably holding it prepared or committed must end committed once the coordinator that staged
+    /// it is gone, since whatever recovery finishes it hears YES from every shard (a prepared record stays until
+    /// a durable decision is applied). Two lives are exempt, and abort it safely, since the abort is durable
+    /// before anyone hears and a crash before that leaves the next recovery to commit: the one that staged it
+    /// (its prepare deadline, a lost link), and a recovering one that was handed a NO before the shard prepared
+    /// it after all (a delayed or duplicated Prepare: a NO proves only that the shard had not prepared it then).
+    fn check_staging_proofs(&mut self) -> Check {
+        let epoch = self.coordinator.epoch;
+        let proved: Vec<TransferId> = self
+            .coordinator
+            .durable
+            .iter()
+            .filter(|(id, r)| {
+                r.decision.is_none()
+                    && r.staged_in.is_some_and(|e| e < epoch)
+                    && !self.coordinator.no_votes.contains(id)
+                    && !self.must_commit.contains(id)
+                    && r.shards.iter().all(|s| {
+                        let disk = &self.participants[*s as usize].disk;
+                        disk.prepared.contains_key(id) || disk.finished.get(id) == Some(&Decision::Commit)
+                    })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in proved {
+            self.stats.commits_proved_by_staging += 1;
+            self.note(|| format!("{} is committed: staged, prepared on every shard, its coordinator gone", short(&id)));
+            self.bind_commit(id, "its durable staging record and prepared records prove it")?;
+        }
+        Ok(())
     }
 
     /// Sum of balances plus what committed transfers have yet to move equals the opening total. `on_disk` looks
@@ -1582,30 +1848,63 @@ impl Cluster {
     }
 
     /// Healed and quiet: every transfer decided everywhere, no hold left, money exactly where the outcomes say.
+    /// A transfer's final outcome is its decision in the log the coordinator reads; a commit decision may not be
+    /// on disk yet (nothing waits for it), but then its staging record is, and every shard has durably applied
+    /// it, so no crash can undo it.
     fn check_final(&self) -> Check {
+        let c = &self.coordinator;
+        let mut finals: BTreeMap<TransferId, (&LogRecord, Outcome)> = BTreeMap::new();
+        for (id, record) in &c.memory {
+            let outcome =
+                record.outcome().ok_or_else(|| format!("{id} is still only staged once the cluster is quiet"))?;
+            match c.durable.get(id) {
+                Some(d) if d.outcome() == Some(outcome) => {}
+                Some(d) if outcome == Outcome::Committed && d.decision.is_none() => {
+                    for s in &record.shards {
+                        let here = self.participants[*s as usize].disk.finished.get(id).copied();
+                        if here != Some(Decision::Commit) {
+                            return Err(format!(
+                                "{id} committed, its decision is not durable, and P{s} has not durably applied it \
+                                 ({here:?})"
+                            ));
+                        }
+                    }
+                }
+                durable => {
+                    return Err(format!(
+                        "{id} was decided {outcome:?}, but the durable log holds {:?}",
+                        durable.map(LogRecord::outcome)
+                    ));
+                }
+            }
+            finals.insert(*id, (record, outcome));
+        }
+        for id in &self.must_commit {
+            let outcome = finals.get(id).map(|(_, o)| *o);
+            if outcome != Some(Outcome::Committed) {
+                return Err(format!("{id} had to end committed, but ends {outcome:?}"));
+            }
+        }
         let mut expected = self.opening.clone();
         let mut decided: BTreeMap<TransferId, Outcome> = BTreeMap::new();
         for intent in &self.intents {
             let answer = intent.answer.ok_or_else(|| format!("transfer {} was never answered", intent.id))?;
-            let record = self.coordinator.durable.get(&intent.id).ok_or_else(|| {
-                format!("transfer {} was answered but the coordinator has no durable record", intent.id)
+            let (record, outcome) = finals.get(&intent.id).copied().ok_or_else(|| {
+                format!("transfer {} was answered but the coordinator has no record of it", intent.id)
             })?;
             match answer {
-                ClientAnswer::Final(outcome) if outcome != record.outcome => {
-                    return Err(format!(
-                        "transfer {}: the client heard {outcome:?}, the log says {:?}",
-                        intent.id, record.outcome
-                    ));
+                ClientAnswer::Final(heard) if heard != outcome => {
+                    return Err(format!("transfer {}: the client heard {heard:?}, the log says {outcome:?}", intent.id));
                 }
                 ClientAnswer::Conflict if record.transfer == intent.transfer => {
                     return Err(format!("transfer {}: a conflict was reported for the logged body", intent.id));
                 }
                 _ => {}
             }
-            decided.insert(intent.id, record.outcome);
+            decided.insert(intent.id, outcome);
         }
         for (id, outcome) in &decided {
-            let record = &self.coordinator.durable[id];
+            let record = finals[id].0;
             for s in record.transfer.shards(self.shard_count) {
                 let p = &self.participants[s as usize];
                 let here = p.disk.finished.get(id).copied();
@@ -1676,7 +1975,7 @@ impl Cluster {
 
 fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: LogWrite) {
     match write {
-        LogWrite::Put(id, record) => {
+        LogWrite::Stage(id, record) | LogWrite::Put(id, record) => {
             log.insert(id, record);
         }
         LogWrite::End(id) => {
@@ -1705,6 +2004,11 @@ fn compare_with_shadow(machine: &ParticipantMachine, shadow: &Records) -> Check 
         return Err(format!("P{s}: the finished transfers in memory differ from what the writes recorded"));
     }
     Ok(())
+}
+
+/// A transfer id as the trace shows it.
+fn short(id: &TransferId) -> String {
+    format!("t{}", id.as_u128() & 0xffff)
 }
 
 fn node_code(node: Node) -> u64 {
@@ -1861,6 +2165,12 @@ fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
             ("re-deliveries", stats.redeliveries),
             ("duplicate submissions", stats.duplicate_submissions),
             ("dropped messages", stats.dropped),
+            ("staged transfers recovered", stats.staged_recovered),
+            ("recovered staged transfers committed", stats.staged_recovered_committed),
+            ("recovered staged transfers aborted", stats.staged_recovered_aborted),
+            ("clients told committed before the commit decision was durable", stats.committed_before_decision_durable),
+            ("commits applied before the commit decision was durable", stats.commit_applied_before_decision_durable),
+            ("commits proved by a staging record alone", stats.commits_proved_by_staging),
         ];
         for (what, n) in exercised {
             assert!(n > 0, "{count} seeds never produced any {what}: the simulation is not testing them");
