@@ -10,11 +10,9 @@ use serde::{de::DeserializeOwned, Serialize};
 /// (layout 3 changed only keys).
 pub const RECORD_VERSION: u8 = 2;
 const _: () = assert!(RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
-/// The coordinator's staging record, new in layout 4: its own version byte tells it from a decision under the
-/// same key.
+/// The coordinator's staging record, new in layout 4 (the value of a time-index key, empty before).
 pub const STAGED_RECORD_VERSION: u8 = 4;
 const _: () = assert!(STAGED_RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
-const _: () = assert!(STAGED_RECORD_VERSION != RECORD_VERSION);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {

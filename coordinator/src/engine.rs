@@ -75,6 +75,8 @@ pub struct EngineConfig {
     pub prepare_timeout: Duration,
     /// Transfers being decided at once; past it new ones are refused with 503 rather than queued without end.
     pub transfers_in_flight_max: usize,
+    /// Transfers running below which a new one is staged (parallel commits).
+    pub parallel_commits_max: usize,
     /// The cluster id and secret the stream's upgrade request carries.
     pub cluster_id: String,
     pub cluster_token: Option<String>,
@@ -156,6 +158,7 @@ impl Engine {
             redeliver_after_ms: REDELIVER_AFTER.as_millis() as u64,
             transfers_in_flight_max: config.transfers_in_flight_max,
             frame_items_max: stream::FRAME_ITEMS_MAX,
+            parallel_commits_max: config.parallel_commits_max,
         };
         let core = CoordinatorCore::new(core_config, 0, recovery.unacked, recovery.staged);
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -182,6 +185,8 @@ impl Engine {
             queries: HashMap::new(),
             reads: HashMap::new(),
             next_read: 0,
+            syncing: false,
+            sync_next: None,
             wakes,
         };
         tokio::spawn(shell.run(command_rx, event_rx));
@@ -275,6 +280,10 @@ struct Shell {
     queries: HashMap<u64, Reply<Result<Vec<QueryAnswer>, EngineError>>>,
     reads: HashMap<u64, (ShardId, Reply<ReadAnswer>)>,
     next_read: u64,
+    /// A sync is running; barriers handed out meanwhile wait for the next one, which covers them all (one sync
+    /// task and one event per fsync, not one per barrier).
+    syncing: bool,
+    sync_next: Option<(u64, bool)>,
     /// Wakes each link task out of its reconnect backoff.
     wakes: Vec<Arc<tokio::sync::Notify>>,
 }
@@ -428,6 +437,10 @@ impl Shell {
                     crash::point(crash::COORDINATOR_DECISION_LOGGED);
                 }
                 self.core.handle_synced(now, barrier);
+                self.syncing = false;
+                if let Some((barrier, decisions)) = self.sync_next.take() {
+                    self.sync(barrier, decisions);
+                }
             }
         }
     }
@@ -509,15 +522,28 @@ impl Shell {
             std::process::abort();
         }
         if let Some(barrier) = batch.sync {
-            let (wal, events) = (self.wal.clone(), self.events.clone());
-            tokio::spawn(async move {
-                if let Err(error) = wal.sync().await {
-                    tracing::error!(%error, "decision log sync failed: stopping so recovery starts from the log");
-                    std::process::abort();
-                }
-                let _ = events.send(Event::Synced { barrier, decisions }).await;
-            });
+            self.sync(barrier, decisions);
         }
+    }
+
+    /// Makes every write so far durable and reports `barrier` synced, or, while a sync runs, has the next one
+    /// do it.
+    fn sync(&mut self, barrier: u64, decisions: bool) {
+        if self.syncing {
+            let next = self.sync_next.get_or_insert((barrier, false));
+            next.0 = next.0.max(barrier);
+            next.1 |= decisions;
+            return;
+        }
+        self.syncing = true;
+        let (wal, events) = (self.wal.clone(), self.events.clone());
+        tokio::spawn(async move {
+            if let Err(error) = wal.sync().await {
+                tracing::error!(%error, "decision log sync failed: stopping so recovery starts from the log");
+                std::process::abort();
+            }
+            let _ = events.send(Event::Synced { barrier, decisions }).await;
+        });
     }
 
     fn release(&mut self, answer: Answer) {

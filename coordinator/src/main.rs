@@ -40,6 +40,11 @@ struct Cli {
     /// Transfers being decided at once; more are refused with 503 and Retry-After.
     #[arg(long, env = "LEDGER_TRANSFERS_IN_FLIGHT_MAX", default_value_t = 4_096)]
     transfers_in_flight_max: usize,
+    /// Transfers in flight below which a new one runs as a parallel commit (its staging fsync beside the
+    /// shards' prepare fsyncs: lower latency); from there on it waits for its decision fsync after the votes,
+    /// which one burst of transfers shares (less CPU under load). 0: never.
+    #[arg(long, env = "LEDGER_PARALLEL_COMMITS_MAX", default_value_t = coordinator::PARALLEL_COMMITS_MAX)]
+    parallel_commits_max: usize,
     /// Log format on stderr: text or json. Verbosity follows RUST_LOG (default info).
     #[arg(long, env = "LEDGER_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -99,6 +104,7 @@ async fn main() -> ExitCode {
         commit_ack_wait: Duration::from_millis(cli.commit_ack_wait_ms),
         participant_call_timeout: Duration::from_millis(cli.participant_timeout_ms),
         transfers_in_flight_max: cli.transfers_in_flight_max.max(1),
+        parallel_commits_max: cli.parallel_commits_max,
         cluster_token,
         api_tokens,
         connections_max: cli.connections_max,

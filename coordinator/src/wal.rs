@@ -1,7 +1,8 @@
-//! The coordinator's write-ahead log: one entry per transfer, kept forever (it answers idempotent retries and
-//! participants' questions) and holding who submitted it, plus a key in the ledger-wide index by the time the
-//! entry was first written. A transfer's entry is first its staging record, written while its Prepares run
-//! (parallel commits: see `protocol::coordinator_core`), then its decision, which overwrites it. Which
+//! The coordinator's write-ahead log: one decision record per transfer, kept forever (it answers idempotent
+//! retries and participants' questions) and holding who submitted it, plus a key in the ledger-wide index by
+//! the time the transfer was first logged. A staged transfer (parallel commits: see
+//! `protocol::coordinator_core`) is logged first as its index key, whose value is the staging record; its
+//! decision follows under its own key. One insert each, as sled clones a tree node per insert. Which
 //! transfers recovery must look at is one mark, not a key per transfer: every transfer indexed before the mark
 //! is decided and, if committed, acknowledged everywhere. Recovery reads the time index from the mark on: the
 //! commits there are re-sent (some already acknowledged: a shard acks a repeated Commit without applying it
@@ -60,7 +61,8 @@ struct DecidedRef<'a> {
     made_by: Option<&'a str>,
 }
 
-/// What the `t` key holds while the transfer is staged (layout 4): enough to prepare it again.
+/// What a staged transfer's `r` index key holds (layout 4; a decided transfer's is empty): enough to prepare
+/// it again.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Staged {
     transfer: Transfer,
@@ -69,6 +71,7 @@ struct Staged {
     staged_at_unix_ms: u64,
 }
 
+/// What recovery finds from the mark on.
 enum Entry {
     Staged(Staged),
     Decided(Decided),
@@ -139,16 +142,16 @@ impl Owed {
             match op {
                 Op::Stage(id, staged) => {
                     let at = staged.staged_at_unix_ms;
-                    // The index key first: a log cut short after it leaves a key whose record is missing,
-                    // which readers skip; never a record the index and recovery cannot find.
-                    inserts.push((time_key(vec![BY_TIME], at, &id), Vec::new()));
-                    inserts.push((key(RECORD, &id).to_vec(), records::encode_as(records::STAGED_RECORD_VERSION, &staged)));
+                    let value = records::encode_as(records::STAGED_RECORD_VERSION, &staged);
+                    inserts.push((time_key(vec![BY_TIME], at, &id), value));
                     self.insert(at, id);
                 }
                 Op::Decide(id, record, made_by) => {
                     let staged_at = self.time_of.get(&id).copied();
                     if staged_at.is_none() {
-                        // Not staged (a presumed abort): its own index key.
+                        // Not staged (a presumed abort): its own index key, first, so that a log cut short
+                        // after it leaves a key whose record is missing, which readers skip; never a record the
+                        // index and recovery cannot find.
                         inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, &id), Vec::new()));
                     }
                     let value = records::encode(&DecidedRef { record: &record, made_by: made_by.as_deref() });
@@ -285,18 +288,9 @@ impl Wal {
     }
 
     fn decided(&self, id: &TransferId) -> Result<Option<Decided>, WalError> {
-        match self.entry(id)? {
-            Some(Entry::Decided(d)) => Ok(Some(d)),
-            Some(Entry::Staged(_)) | None => Ok(None),
-        }
-    }
-
-    fn entry(&self, id: &TransferId) -> Result<Option<Entry>, WalError> {
-        let Some(bytes) = self.store.db.get(key(RECORD, id))? else { return Ok(None) };
-        if bytes.first() == Some(&records::STAGED_RECORD_VERSION) {
-            Ok(Some(Entry::Staged(records::decode_as(records::STAGED_RECORD_VERSION, &bytes)?)))
-        } else {
-            Ok(Some(Entry::Decided(records::decode(&bytes)?)))
+        match self.store.db.get(key(RECORD, id))? {
+            Some(bytes) => Ok(Some(records::decode(&bytes)?)),
+            None => Ok(None),
         }
     }
 
@@ -319,17 +313,16 @@ impl Wal {
         Ok(())
     }
 
-    /// The newest `limit` decided transfers of the whole ledger, newest first.
+    /// The newest `limit` decided transfers of the whole ledger (by the time each was first logged), newest
+    /// first. Those still running are skipped: only a bounded number can be.
     pub fn recent(&self, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
-        self.newest(&[BY_TIME], limit)
-    }
-
-    /// Walks an index whose keys end in decision time and transfer id, newest first.
-    fn newest(&self, prefix: &[u8], limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
         let mut out = Vec::new();
-        for entry in self.store.db.scan_prefix(prefix).rev().take(limit) {
+        for entry in self.store.db.scan_prefix([BY_TIME]).rev() {
+            if out.len() >= limit {
+                break;
+            }
             let (k, _) = entry?;
-            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| WalError::BadKey(k.to_vec()))?;
+            let id = Uuid::from_slice(k.get(9..).unwrap_or_default()).map_err(|_| WalError::BadKey(k.to_vec()))?;
             if let Some(record) = self.get(&id)? {
                 out.push((id, record));
             }
@@ -365,17 +358,18 @@ impl Wal {
         }
         let from = time_key(vec![BY_TIME], mark, &Uuid::nil());
         for entry in self.store.db.range(from..) {
-            let (k, _) = entry?;
+            let (k, v) = entry?;
             if k.first() != Some(&BY_TIME) {
                 break;
             }
             let bad = || WalError::BadKey(k.to_vec());
             let at = u64::from_be_bytes(k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
-            let id = Uuid::from_slice(&k[k.len() - 16..]).map_err(|_| bad())?;
-            match self.entry(&id)? {
-                Some(Entry::Decided(d)) if d.record.outcome != Outcome::Committed => {}
-                Some(entry) => found(at, id, entry),
-                None => {} // a crash kept the index key and lost its record
+            let id = Uuid::from_slice(k.get(9..).ok_or_else(bad)?).map_err(|_| bad())?;
+            match self.decided(&id)? {
+                Some(d) if d.record.outcome == Outcome::Committed => found(at, id, Entry::Decided(d)),
+                Some(_) => {}
+                None if v.is_empty() => {} // a crash kept the index key and lost its record
+                None => found(at, id, Entry::Staged(records::decode_as(records::STAGED_RECORD_VERSION, &v)?)),
             }
         }
         Ok(())
@@ -546,6 +540,9 @@ mod tests {
                 // The last entry written for each transfer in this prefix.
                 let mut entries: HashMap<TransferId, &[u8]> = HashMap::new();
                 for (pos, (k, v)) in prefix.iter().enumerate() {
+                    if k[0] == BY_TIME && !v.is_empty() {
+                        entries.entry(Uuid::from_slice(&k[9..]).expect("id")).or_insert(v); // a staging record
+                    }
                     if k[0] != RECORD {
                         continue;
                     }

@@ -8,8 +8,9 @@
 /// The layout this binary writes. Version 1 is the initial layout: participant accounts, prepared and finished
 /// transfers in one prefixed tree; coordinator transfer records keyed by id. Version 2 writes fewer keys per
 /// transfer (see [`v2_fewer_keys`]). Version 3 replaces the coordinator's marker per commit owed acks with one
-/// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `t` key hold a staging record (version
-/// byte 4) before its decision (see [`v4_staging_records`]); other record values are unchanged since version 2.
+/// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `r` index key hold a staging record
+/// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]); other record values are
+/// unchanged since version 2.
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
@@ -57,7 +58,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         to_version: 4,
-        description: "coordinator: staging records (parallel commits) under the decision's key",
+        description: "coordinator: staging records (parallel commits) in the time index's values",
         apply: v4_staging_records,
     },
 ];
@@ -194,9 +195,9 @@ fn v3_acked_before_mark(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
     db.apply_batch(batch)
 }
 
-/// Version 3 → 4 rewrites nothing: a layout-3 store holds no staging record, and its mark already means what
-/// layout 4 needs (every transfer indexed before it is decided and acknowledged). The version bump alone keeps
-/// an older binary, which cannot read a staging record, from opening the store.
+/// Version 3 → 4 rewrites nothing: a layout-3 store holds no staging record (its `r` values are empty), and its
+/// mark already means what layout 4 needs (every transfer indexed before it is decided and acknowledged). The
+/// version bump alone keeps an older binary, which would not finish staged transfers, from opening the store.
 fn v4_staging_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! transfer prepared until it hears the decision, so a NO proves that no YES from it reached a client's
 //! answer. A staged transfer is never aborted for a shard's silence once the process that staged it is gone,
 //! since its client may have been told it committed. Aborts are logged and made durable before anyone hears.
+//! Under load (`CoreConfig::parallel_commits_max` transfers running) a new transfer takes the classic path
+//! instead: no staging record, and its commit is answered and sent once its decision is durable.
 //!
 //! The shell feeds it inputs (`handle_*`, each with the current time in milliseconds of a monotonic clock) and
 //! carries out what it asks for, in this order after every input: [`CoordinatorCore::poll_log`] (writes to
@@ -43,6 +45,11 @@ pub struct CoreConfig {
     pub transfers_in_flight_max: usize,
     /// Items in one frame to a shard: bounds a frame's size and a shard's time under its lock.
     pub frame_items_max: usize,
+    /// A transfer submitted while fewer than this many run is staged (parallel commits). From this many on it
+    /// takes the classic path, its commit logged and synced after the votes: under load the client waits in
+    /// queues more than for that fsync, and one decision fsync then serves a whole burst of votes, where
+    /// staging records, arriving one by one, would cost more fsyncs and smaller frames.
+    pub parallel_commits_max: usize,
 }
 
 /// One piece of work for a shard. A frame carries several, and a shard handles them in order.
@@ -169,6 +176,8 @@ pub enum LinkState {
 struct Run {
     machine: TransferMachine,
     made_by: Option<String>,
+    /// It has a staging record (parallel commits), not necessarily durable yet.
+    parallel: bool,
     /// Its staging record is durable: a YES from every shard commits it.
     staged: bool,
     /// Staged by an earlier life of the coordinator, and finished by this one: its Prepares go again until
@@ -240,6 +249,8 @@ pub struct CoordinatorCore {
     next_query: u64,
     /// When the owed decisions are next checked for re-delivery.
     next_redeliver_ms: u64,
+    /// Runs that are recovered staged transfers.
+    recovering: usize,
 }
 
 impl CoordinatorCore {
@@ -266,12 +277,13 @@ impl CoordinatorCore {
             .into_iter()
             .map(|s| {
                 let machine = TransferMachine::new(s.id, s.transfer, config.shard_count);
-                let run =
-                    Run { machine, made_by: s.made_by, staged: true, recovering: Some(Recovering { last_sent_ms: 0 }) };
+                let recovering = Some(Recovering { last_sent_ms: 0 });
+                let run = Run { machine, made_by: s.made_by, parallel: true, staged: true, recovering };
                 (s.id, run)
             })
-            .collect();
+            .collect::<BTreeMap<_, _>>();
         CoordinatorCore {
+            recovering: running.len(),
             running,
             owed,
             outbox: vec![VecDeque::new(); shards],
@@ -321,14 +333,17 @@ impl CoordinatorCore {
         }
         let machine = TransferMachine::new(id, transfer, self.config.shard_count);
         let shards = machine.shards();
-        self.log.push(LogWrite::Stage {
-            id,
-            transfer: machine.transfer.clone(),
-            shards: shards.clone(),
-            made_by: made_by.clone(),
-        });
-        self.after_next_sync(AfterSync::Staged(id));
-        self.running.insert(id, Run { machine, made_by, staged: false, recovering: None });
+        let parallel = self.running.len() < self.config.parallel_commits_max;
+        if parallel {
+            self.log.push(LogWrite::Stage {
+                id,
+                transfer: machine.transfer.clone(),
+                shards: shards.clone(),
+                made_by: made_by.clone(),
+            });
+            self.after_next_sync(AfterSync::Staged(id));
+        }
+        self.running.insert(id, Run { machine, made_by, parallel, staged: false, recovering: None });
         self.deadlines.push_back((now_ms + self.config.prepare_timeout_ms, id));
         for shard in shards {
             self.want_link(shard);
@@ -510,8 +525,7 @@ impl CoordinatorCore {
     /// When the shell must call [`CoordinatorCore::handle_timeout`] next, if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
         let prepare = self.deadlines.front().map(|(at, _)| *at);
-        let recovering = self.running.values().any(|r| r.recovering.is_some());
-        let redeliver = (!self.owed.is_empty() || recovering).then_some(self.next_redeliver_ms);
+        let redeliver = (!self.owed.is_empty() || self.recovering > 0).then_some(self.next_redeliver_ms);
         prepare.into_iter().chain(redeliver).min()
     }
 
@@ -522,6 +536,11 @@ impl CoordinatorCore {
 
     pub fn running_transfers(&self) -> impl Iterator<Item = (&TransferId, &Transfer)> {
         self.running.iter().map(|(id, r)| (id, &r.machine.transfer))
+    }
+
+    /// `id` runs with a staging record (parallel commits), durable or not yet.
+    pub fn is_staged(&self, id: &TransferId) -> bool {
+        self.running.get(id).is_some_and(|r| r.parallel)
     }
 
     pub fn running_count(&self) -> usize {
@@ -578,12 +597,14 @@ impl CoordinatorCore {
         }
     }
 
-    /// The votes are in. A commit is final once the staging record is durable; an abort once it is logged.
+    /// The votes are in. A staged commit is final once the staging record is durable; any other decision once
+    /// it is logged.
     fn chosen(&mut self, now_ms: u64, id: TransferId, outcome: Outcome) {
+        let run = &self.running[&id];
         match outcome {
-            Outcome::Committed if self.running[&id].staged => self.commit(now_ms, id),
-            Outcome::Committed => {} // `staged` commits it once the staging record is durable
-            Outcome::Aborted(_) => self.log_decision(id, outcome),
+            Outcome::Committed if run.staged => self.commit(now_ms, id),
+            Outcome::Committed if run.parallel => {} // `staged` commits it once the staging record is durable
+            Outcome::Committed | Outcome::Aborted(_) => self.log_decision(id, outcome),
         }
     }
 
@@ -608,6 +629,9 @@ impl CoordinatorCore {
     /// Queues the Prepares of recovered transfers again to the shards that have not voted: all that are due
     /// (or every one, to `only` a shard whose link just came up).
     fn prepare_recovering(&mut self, now_ms: u64, only: Option<ShardId>) {
+        if self.recovering == 0 {
+            return;
+        }
         let after = self.config.redeliver_after_ms;
         let mut due = Vec::new();
         for (id, run) in self.running.iter_mut() {
@@ -631,7 +655,8 @@ impl CoordinatorCore {
         }
     }
 
-    /// An abort is chosen: it goes to the log, and nobody hears of it before the log is durable.
+    /// An abort, or a commit on the classic path, is chosen: it goes to the log, and nobody hears of it before
+    /// the log is durable.
     fn log_decision(&mut self, id: TransferId, outcome: Outcome) {
         self.push_decision(id, outcome);
         self.after_next_sync(AfterSync::Decided(id));
@@ -651,9 +676,12 @@ impl CoordinatorCore {
     /// The decision of `id` is final (an abort durable, a commit staged and voted): tell the client, and the
     /// shards that prepared.
     fn decided(&mut self, now_ms: u64, id: TransferId) {
-        let Some(Run { mut machine, .. }) = self.running.remove(&id) else {
+        let Some(Run { mut machine, recovering, .. }) = self.running.remove(&id) else {
             unreachable!("transfer {id} was logged while not running");
         };
+        if recovering.is_some() {
+            self.recovering -= 1;
+        }
         let (decision, targets) = machine.on_decision_logged();
         let outcome = match machine.phase() {
             Phase::Decided { outcome, .. } => *outcome,
@@ -742,6 +770,7 @@ mod tests {
             redeliver_after_ms: 1_000,
             transfers_in_flight_max: 8,
             frame_items_max: 64,
+            parallel_commits_max: 8,
         }
     }
 
@@ -819,6 +848,31 @@ mod tests {
         let decision = core.poll_log().expect("the commit is logged");
         assert_eq!(decision.sync, None);
         assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard at once");
+    }
+
+    #[test]
+    fn under_load_a_transfer_takes_the_classic_path_and_its_commit_waits_for_the_decision_sync() {
+        let mut busy = config();
+        busy.parallel_commits_max = 1;
+        let mut core = CoordinatorCore::new(busy, 0, Vec::new(), Vec::new());
+        up(&mut core);
+        let (a, b) = (TransferId::from_u128(14), TransferId::from_u128(15));
+        core.handle_submit(0, a, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, b, transfer(6), None, None).expect("taken");
+        let staging = core.poll_log().expect("a is staged");
+        assert!(matches!(&staging.writes[..], [LogWrite::Stage { id, .. }] if *id == a), "b is not: {staging:?}");
+        core.handle_synced(0, staging.sync.expect("a barrier"));
+        let frames = drain_frames(&mut core);
+        core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::Yes }]);
+        core.handle_replies(0, 1, vec![FromShard::Vote { id: b, vote: Vote::Yes }]);
+        let decision = core.poll_log().expect("b's commit is logged");
+        assert!(matches!(&decision.writes[..], [LogWrite::Decision { id, outcome: Outcome::Committed, .. }] if *id == b));
+        assert!(core.poll_answer().is_none() && drain_frames(&mut core).is_empty(), "nothing before its sync");
+        core.handle_synced(0, decision.sync.expect("the classic commit waits for a sync"));
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, outcome: Outcome::Committed, .. }) if id == b));
+        assert_eq!(drain_frames(&mut core).len(), 2, "a Commit of b to each shard");
+        vote_all(&mut core, &frames, Vote::Yes);
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, .. }) if id == a), "a, staged, at once");
     }
 
     #[test]

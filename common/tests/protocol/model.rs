@@ -75,6 +75,7 @@ fn core_config() -> CoreConfig {
         redeliver_after_ms: 1,
         transfers_in_flight_max: 8,
         frame_items_max: 4,
+        parallel_commits_max: 1,
     }
 }
 
