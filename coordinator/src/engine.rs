@@ -355,7 +355,7 @@ impl Shell {
                 let mut asked = Vec::with_capacity(items.len());
                 for item in items {
                     match self.wal.get(&item.id) {
-                        Ok(logged) => asked.push((item, logged.map(|r| r.outcome))),
+                        Ok(logged) => asked.push((item, logged.map(|r| (r.transfer, r.outcome)))),
                         Err(e) => {
                             let _ = reply.send(Err(e.into()));
                             return;

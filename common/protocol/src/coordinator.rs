@@ -139,7 +139,8 @@ fn decide(votes: impl Iterator<Item = VoteResult>) -> Outcome {
                 RefusalReason::AccountNotFound => AbortReason::AccountNotFound,
                 RefusalReason::InsufficientFunds => AbortReason::InsufficientFunds,
                 RefusalReason::BalanceOverflow => AbortReason::BalanceOverflow,
-                RefusalReason::AlreadyAborted => AbortReason::CoordinatorRestarted,
+                // The id's earlier attempt was lost by a coordinator restart.
+                RefusalReason::AlreadyAborted | RefusalReason::IdInUse => AbortReason::CoordinatorRestarted,
             },
             VoteResult::Unavailable => AbortReason::ParticipantUnavailable,
         };

@@ -402,14 +402,28 @@ impl CoordinatorCore {
         }
     }
 
-    /// A participant asks what became of `items`; `logged[i]` is what the log holds for item i. An
-    /// [`Answer::Queries`] with the returned number follows, once every answer is durable.
-    pub fn handle_query(&mut self, items: Vec<(DecisionQueryItem, Option<Outcome>)>) -> u64 {
+    /// A participant asks what became of `items`; `logged[i]` is the decision the log holds for item i (the
+    /// transfer it decided, and how). An [`Answer::Queries`] with the returned number follows, once every
+    /// answer is durable.
+    pub fn handle_query(&mut self, items: Vec<(DecisionQueryItem, Option<(Transfer, Outcome)>)>) -> u64 {
         self.next_query += 1;
         let query = self.next_query;
         let mut answers = Vec::with_capacity(items.len());
         for (item, logged) in items {
-            let answer = match plan_query_answer(self.running.contains_key(&item.id), logged) {
+            // A shard may hold a body that a client sent under an id it then reused for another, after a crash
+            // erased the first here before it was logged. That body was never decided (a decision never
+            // changes, and this one is for another body), and can no longer be: it aborts.
+            let other_body = match (self.running.get(&item.id), &logged) {
+                (Some(run), _) => run.machine.transfer != item.transfer,
+                (None, Some((transfer, _))) => *transfer != item.transfer,
+                (None, None) => false,
+            };
+            let plan = if other_body {
+                QueryPlan::Answer(QueryAnswer::Abort)
+            } else {
+                plan_query_answer(self.running.contains_key(&item.id), logged.map(|(_, outcome)| outcome))
+            };
+            let answer = match plan {
                 QueryPlan::Answer(answer) => answer,
                 QueryPlan::LogAbortThenAnswer => {
                     self.log.push(LogWrite::Decision {

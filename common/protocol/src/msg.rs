@@ -25,6 +25,9 @@ pub enum RefusalReason {
     BalanceOverflow,
     /// The transfer id was already aborted here (a late or repeated Prepare).
     AlreadyAborted,
+    /// The transfer id is prepared here for a different transfer: an id reused with another body, which the
+    /// coordinator could not refuse because a crash lost its record of the first one.
+    IdInUse,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

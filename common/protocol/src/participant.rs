@@ -146,8 +146,10 @@ impl ParticipantMachine {
             Some(Decision::Abort) => return Vote::No(RefusalReason::AlreadyAborted),
             None => {}
         }
-        if self.prepared.contains_key(&item.id) {
-            return Vote::Yes;
+        if let Some(prepared) = self.prepared.get(&item.id) {
+            // YES to another body would commit this shard's old postings beside the other shards' new ones.
+            let same = prepared.transfer == item.transfer && prepared.postings == item.postings;
+            return if same { Vote::Yes } else { Vote::No(RefusalReason::IdInUse) };
         }
         assert!(!item.postings.is_empty(), "the coordinator only prepares shards with postings");
 
@@ -351,6 +353,21 @@ mod tests {
         assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0 }));
         m.check_invariants();
+    }
+
+    #[test]
+    fn a_prepared_id_says_yes_again_only_to_the_same_transfer() {
+        let mut m = machine_with(&[("alice", 100)]);
+        let tx = Uuid::new_v4();
+        let mut w = Vec::new();
+        let first = item(tx, "alice", "bob", 60, vec![("alice", -60)]);
+        assert_eq!(m.prepare(&first, 0, &mut w), Vote::Yes);
+        w.clear();
+        assert_eq!(m.prepare(&first, 5, &mut w), Vote::Yes, "a repeated Prepare");
+        let reused = item(tx, "alice", "bob", 10, vec![("alice", -10)]);
+        assert_eq!(m.prepare(&reused, 5, &mut w), Vote::No(RefusalReason::IdInUse));
+        assert!(w.is_empty(), "neither writes anything");
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
     }
 
     #[test]

@@ -565,7 +565,7 @@ impl LedgerModel {
                 let asked = items
                     .into_iter()
                     .map(|item| {
-                        let logged = log.get(&item.id).and_then(|r| r.outcome);
+                        let logged = log.get(&item.id).and_then(|r| r.outcome.map(|o| (r.transfer.clone(), o)));
                         (item, logged)
                     })
                     .collect();
