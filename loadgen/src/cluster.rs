@@ -172,7 +172,9 @@ impl Cluster {
     }
 
     pub async fn start_with(options: Options) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // LEDGER_KEEP_DATA=1 keeps the data directories after the run, to inspect a failed drill.
+        let keep = std::env::var("LEDGER_KEEP_DATA").is_ok_and(|v| v == "1");
+        let dir = tempfile::Builder::new().disable_cleanup(keep).tempdir().expect("temp dir");
         let mut shared_args: Vec<String> = Vec::new();
         let cluster_token = options.cluster_token.then(|| {
             let token = format!("{:032x}", uuid::Uuid::new_v4().as_u128());

@@ -251,6 +251,8 @@ pub struct CoordinatorCore {
     next_redeliver_ms: u64,
     /// Runs that are recovered staged transfers.
     recovering: usize,
+    /// Decisions in `log`, not yet handed to the shell: what its reads of the log cannot see yet.
+    unlogged: BTreeMap<TransferId, (Transfer, Outcome)>,
 }
 
 impl CoordinatorCore {
@@ -284,6 +286,7 @@ impl CoordinatorCore {
             .collect::<BTreeMap<_, _>>();
         CoordinatorCore {
             recovering: running.len(),
+            unlogged: BTreeMap::new(),
             running,
             owed,
             outbox: vec![VecDeque::new(); shards],
@@ -307,7 +310,8 @@ impl CoordinatorCore {
     }
 
     /// A client asks for transfer `id`. `logged` is what the log holds for `id` (the shell reads it; it is only
-    /// consulted when `id` is not running here). On `Ok`, an [`Answer::Transfer`] for `id` follows.
+    /// consulted when `id` is not running here; a decision this core made and has not handed out in
+    /// [`CoordinatorCore::poll_log`] yet counts as logged). On `Ok`, an [`Answer::Transfer`] for `id` follows.
     pub fn handle_submit(
         &mut self,
         now_ms: u64,
@@ -319,12 +323,13 @@ impl CoordinatorCore {
         if let Some(run) = self.running.get(&id) {
             return if run.machine.transfer == transfer { Ok(()) } else { Err(SubmitError::IdempotencyConflict) };
         }
-        if let Some(record) = logged {
-            if record.transfer != transfer {
+        let logged = logged.map(|r| (r.transfer.clone(), r.outcome)).or_else(|| self.unlogged.get(&id).cloned());
+        if let Some((logged_transfer, outcome)) = logged {
+            if logged_transfer != transfer {
                 return Err(SubmitError::IdempotencyConflict);
             }
             // A decision query may have written it a moment ago: answer only once it is surely durable.
-            let answer = Answer::Transfer { id, transfer, outcome: record.outcome };
+            let answer = Answer::Transfer { id, transfer, outcome };
             self.after_next_sync(AfterSync::Answer(answer));
             return Ok(());
         }
@@ -403,13 +408,17 @@ impl CoordinatorCore {
     }
 
     /// A participant asks what became of `items`; `logged[i]` is the decision the log holds for item i (the
-    /// transfer it decided, and how). An [`Answer::Queries`] with the returned number follows, once every
-    /// answer is durable.
+    /// transfer it decided, and how; as for `handle_submit`, a decision not handed out yet counts). An
+    /// [`Answer::Queries`] with the returned number follows, once every answer is durable.
     pub fn handle_query(&mut self, items: Vec<(DecisionQueryItem, Option<(Transfer, Outcome)>)>) -> u64 {
         self.next_query += 1;
         let query = self.next_query;
         let mut answers = Vec::with_capacity(items.len());
         for (item, logged) in items {
+            // A shell may feed several inputs before it drains the log: a transfer committed by the first is no
+            // longer running, and its decision not yet in the log it reads. Presuming it aborted would contradict
+            // the Commit already on its way.
+            let logged = logged.or_else(|| self.unlogged.get(&item.id).cloned());
             // A shard may hold a body that a client sent under an id it then reused for another, after a crash
             // erased the first here before it was logged. That body was never decided (a decision never
             // changes, and this one is for another body), and can no longer be: it aborts.
@@ -426,10 +435,12 @@ impl CoordinatorCore {
             let answer = match plan {
                 QueryPlan::Answer(answer) => answer,
                 QueryPlan::LogAbortThenAnswer => {
+                    let outcome = Outcome::Aborted(AbortReason::CoordinatorRestarted);
+                    self.unlogged.insert(item.id, (item.transfer.clone(), outcome));
                     self.log.push(LogWrite::Decision {
                         id: item.id,
                         transfer: item.transfer,
-                        outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted),
+                        outcome,
                         shards: Vec::new(),
                         made_by: None,
                     });
@@ -515,6 +526,7 @@ impl CoordinatorCore {
             self.barrier_issued += 1;
             self.barrier_issued
         });
+        self.unlogged.clear();
         Some(LogBatch { writes: std::mem::take(&mut self.log), sync })
     }
 
@@ -678,6 +690,7 @@ impl CoordinatorCore {
 
     fn push_decision(&mut self, id: TransferId, outcome: Outcome) {
         let run = &self.running[&id];
+        self.unlogged.insert(id, (run.machine.transfer.clone(), outcome));
         self.log.push(LogWrite::Decision {
             id,
             transfer: run.machine.transfer.clone(),
@@ -862,6 +875,37 @@ mod tests {
         let decision = core.poll_log().expect("the commit is logged");
         assert_eq!(decision.sync, None);
         assert_eq!(drain_frames(&mut core).len(), 2, "a Commit to each shard at once");
+    }
+
+    /// The engine feeds a burst of inputs before it drains the log: a query or a resubmission right after a
+    /// staged commit, in the same burst, must see that decision although the log the shell reads does not yet.
+    #[test]
+    fn a_decision_not_yet_handed_out_counts_as_logged() {
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
+        up(&mut core);
+        let id = TransferId::from_u128(16);
+        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        let staging = core.poll_log().expect("staged");
+        core.handle_synced(0, staging.sync.expect("a barrier"));
+        let frames = drain_frames(&mut core);
+        vote_all(&mut core, &frames, Vote::Yes);
+        assert!(core.running(&id).is_none(), "committed, no longer running");
+        let q = core.handle_query(vec![(DecisionQueryItem { id, transfer: transfer(5) }, None)]);
+        core.handle_submit(0, id, transfer(5), None, None).expect("a replay, not a new run");
+        assert!(core.running(&id).is_none(), "not run again");
+        let batch = core.poll_log().expect("the commit, and a sync for the answers");
+        let decisions: Vec<Outcome> = batch
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                LogWrite::Decision { outcome, .. } => Some(*outcome),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(decisions, vec![Outcome::Committed], "no presumed abort, no second staging");
+        core.handle_synced(0, batch.sync.expect("a barrier"));
+        let answers: Vec<Answer> = std::iter::from_fn(|| core.poll_answer()).collect();
+        assert!(answers.contains(&Answer::Queries { query: q, answers: vec![QueryAnswer::Commit] }), "{answers:?}");
     }
 
     #[test]
