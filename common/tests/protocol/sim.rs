@@ -30,7 +30,9 @@
 //!   `handle_synced`; a commit decision asks for no flush, so it may stay unflushed long after the client was
 //!   told. It carries the core's frames over the faulty network, hands answers to clients and participants,
 //!   calls `handle_timeout` when the core asks, and tells it when a shard's link is up or down (a link drops
-//!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices). A restart hands
+//!   when the shard crashes, restarts or is cut off, as the stream's silence timeout notices). Like the
+//!   engine, which takes a burst of inputs before it drains the core, it sometimes feeds the core several
+//!   messages before draining it, so they read a log that lags the core's own decisions. A restart hands
 //!   the core what `Wal::recovery` returns: every staged transfer with no durable decision (in id order), which
 //!   the core prepares again and decides; every commit still owed acks; and, as the log keeps only an
 //!   acked-before mark, some commits every shard has already acknowledged (chosen by the seed), which the
@@ -253,6 +255,8 @@ enum Event {
     /// The time the core asked to be called back at (`poll_timeout`).
     CoordinatorTimer { epoch: u64, at: u64 },
     LinkTick { epoch: u64 },
+    /// The shell drains the core after a burst of inputs (see `Coordinator::drive_pending`).
+    CoordinatorDrive { epoch: u64 },
     /// The core wants a link now (`Notice::LinkWanted`).
     LinkCheck { epoch: u64, shard: ShardId },
     /// The time a participant's resolver asked to be called back at (`poll_timeout`).
@@ -530,6 +534,9 @@ struct Coordinator {
     /// The log as the process reads it: durable records plus unflushed writes.
     memory: BTreeMap<TransferId, LogRecord>,
     unflushed: Vec<LogWrite>,
+    /// Inputs were fed to the core and it has not been drained since: the engine takes a burst of inputs
+    /// before it drains, so the log it reads lags the core's decisions.
+    drive_pending: bool,
     /// The last sync barrier the core handed out: the next flush makes it durable.
     barrier: u64,
     flush_scheduled: bool,
@@ -761,6 +768,7 @@ impl Cluster {
                 resent_acked: BTreeSet::new(),
                 staged_handed: BTreeSet::new(),
                 no_votes: BTreeSet::new(),
+                drive_pending: false,
             },
             participants,
             intents: Vec::new(),
@@ -941,6 +949,12 @@ impl Cluster {
                 }
                 Ok(Some(Node::Coordinator))
             }
+            Event::CoordinatorDrive { epoch } => {
+                if self.coordinator.up() && self.coordinator.epoch == epoch && self.coordinator.drive_pending {
+                    self.drive_coordinator()?;
+                }
+                Ok(Some(Node::Coordinator))
+            }
             Event::LinkTick { epoch } => {
                 if self.coordinator.up() && self.coordinator.epoch == epoch {
                     for shard in 0..self.shard_count {
@@ -1055,6 +1069,7 @@ impl Cluster {
                 }
                 let c = &mut self.coordinator;
                 c.core = None;
+                c.drive_pending = false;
                 c.epoch += 1;
                 c.memory = c.durable.clone();
                 c.flush_scheduled = false;
@@ -1242,6 +1257,15 @@ impl Cluster {
             }
             other => return Err(format!("the coordinator got a message it never receives: {other:?}")),
         }
+        // As the engine does, sometimes take more inputs before draining the core: they read a log that lags it.
+        if self.rng.chance(0.5) {
+            if !self.coordinator.drive_pending {
+                self.coordinator.drive_pending = true;
+                let (at, epoch) = (self.now + self.rng.range(0, 3), self.coordinator.epoch);
+                self.schedule(at, Event::CoordinatorDrive { epoch });
+            }
+            return Ok(());
+        }
         self.drive_coordinator()
     }
 
@@ -1281,6 +1305,7 @@ impl Cluster {
 
     /// Carries out what the core asks for, as the engine's `drive` does.
     fn drive_coordinator(&mut self) -> Check {
+        self.coordinator.drive_pending = false;
         let epoch = self.coordinator.epoch;
         loop {
             let mut progressed = false;
