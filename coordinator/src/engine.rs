@@ -185,8 +185,6 @@ impl Engine {
             queries: HashMap::new(),
             reads: HashMap::new(),
             next_read: 0,
-            syncing: false,
-            sync_next: None,
             wakes,
         };
         tokio::spawn(shell.run(command_rx, event_rx));
@@ -280,10 +278,6 @@ struct Shell {
     queries: HashMap<u64, Reply<Result<Vec<QueryAnswer>, EngineError>>>,
     reads: HashMap<u64, (ShardId, Reply<ReadAnswer>)>,
     next_read: u64,
-    /// A sync is running; barriers handed out meanwhile wait for the next one, which covers them all (one sync
-    /// task and one event per fsync, not one per barrier).
-    syncing: bool,
-    sync_next: Option<(u64, bool)>,
     /// Wakes each link task out of its reconnect backoff.
     wakes: Vec<Arc<tokio::sync::Notify>>,
 }
@@ -437,10 +431,6 @@ impl Shell {
                     crash::point(crash::COORDINATOR_DECISION_LOGGED);
                 }
                 self.core.handle_synced(now, barrier);
-                self.syncing = false;
-                if let Some((barrier, decisions)) = self.sync_next.take() {
-                    self.sync(barrier, decisions);
-                }
             }
         }
     }
@@ -526,16 +516,10 @@ impl Shell {
         }
     }
 
-    /// Makes every write so far durable and reports `barrier` synced, or, while a sync runs, has the next one
-    /// do it.
-    fn sync(&mut self, barrier: u64, decisions: bool) {
-        if self.syncing {
-            let next = self.sync_next.get_or_insert((barrier, false));
-            next.0 = next.0.max(barrier);
-            next.1 |= decisions;
-            return;
-        }
-        self.syncing = true;
+    /// Makes every write so far durable and reports `barrier` synced. Each barrier gets its own sync call: the
+    /// flusher serves every call waiting when it starts with one fsync, and holding calls back here until the
+    /// previous sync returned measured slower (fewer transfers per fsync at 64 clients).
+    fn sync(&self, barrier: u64, decisions: bool) {
         let (wal, events) = (self.wal.clone(), self.events.clone());
         tokio::spawn(async move {
             if let Err(error) = wal.sync().await {
