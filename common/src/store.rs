@@ -29,6 +29,24 @@ pub enum Durability {
     NoFsync,
 }
 
+/// sled's page cache when no size is given (`--cache-mb`): sled's own default is 1 GiB, more than a node
+/// needs, and the cache is what a node's memory grows with as its history does.
+pub const CACHE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+/// How a store is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// The most sled keeps of the store in memory.
+    pub cache_bytes: u64,
+}
+
+impl From<Durability> for StoreOptions {
+    fn from(durability: Durability) -> Self {
+        StoreOptions { durability, cache_bytes: CACHE_BYTES_DEFAULT }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open store at {path}: {source}")]
@@ -66,9 +84,10 @@ pub struct Store {
 
 impl Store {
     /// Opens (retrying while an old process's lock lingers), migrates, and starts the flusher thread.
-    pub fn open(dir: &Path, kind: StoreKind, durability: Durability) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, kind: StoreKind, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
+        let StoreOptions { durability, cache_bytes } = options.into();
         let path = dir.join("store");
-        let db = open_with_retry(&path)?;
+        let db = open_with_retry(&path, cache_bytes)?;
         let previous = migrations::migrate(&db, kind)?;
         tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         // sled 0.34 keeps its whole log in this one file.
@@ -96,10 +115,10 @@ impl Store {
     }
 }
 
-fn open_with_retry(path: &Path) -> Result<sled::Db, StoreError> {
+fn open_with_retry(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let mut attempt = 1;
     loop {
-        match sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open() {
+        match sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).open() {
             Ok(db) => return Ok(db),
             Err(source) if attempt < OPEN_ATTEMPTS_MAX => {
                 tracing::warn!(attempt, error = %source, "store busy or unreadable, retrying");

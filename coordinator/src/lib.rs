@@ -11,7 +11,7 @@ mod rates;
 pub mod wal;
 
 use common::auth::{ApiTokens, AuthConfigError, ClusterToken};
-use common::store::Durability;
+use common::store::StoreOptions;
 use engine::{Engine, EngineConfig};
 use participants::ParticipantClient;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -34,7 +34,7 @@ pub struct Config {
     pub participants: Vec<String>,
     /// URL participants use to reach this coordinator; defaults to the listening address.
     pub advertise_url: Option<String>,
-    pub durability: Durability,
+    pub store: StoreOptions,
     pub prepare_timeout: Duration,
     /// Accepted for existing command lines; answers no longer wait for the shards' acks (reads travel behind
     /// the commit on the same ordered stream, so a client reads its own writes without waiting).
@@ -81,7 +81,7 @@ pub async fn run(
     }
     common::auth::check_listen(listener.local_addr()?, config.cluster_token.as_ref())?;
     let shard_count = config.participants.len() as u32;
-    let wal = wal::Wal::open(&config.data_dir, config.durability, shard_count).await?;
+    let wal = wal::Wal::open(&config.data_dir, config.store, shard_count).await?;
     let local = listener.local_addr()?;
     let advertise_url = config.advertise_url.clone().unwrap_or_else(|| {
         let host = if local.ip().is_unspecified() { "127.0.0.1".to_string() } else { local.ip().to_string() };

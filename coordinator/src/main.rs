@@ -1,7 +1,7 @@
 //! `coordinator`: the ledger's public HTTP API and two-phase-commit coordinator. See `coordinator --help`.
 
 use clap::Parser;
-use common::store::Durability;
+use common::store::{Durability, StoreOptions};
 use common::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +62,10 @@ struct Cli {
     /// Longest a request may take, body included (milliseconds); past it, 408.
     #[arg(long, env = "LEDGER_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     request_timeout_ms: u64,
+    /// The most of the store kept in memory (MiB). The rest is read from disk (and the OS page cache) when
+    /// needed, so a node's memory does not grow with its history.
+    #[arg(long, env = "LEDGER_CACHE_MB", default_value_t = common::store::CACHE_BYTES_DEFAULT >> 20, value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
+    cache_mb: u64,
     /// NOT DURABLE: skip every flush and fsync. Only for measuring what durability costs.
     #[arg(long)]
     no_fsync: bool,
@@ -99,7 +103,10 @@ async fn main() -> ExitCode {
         data_dir: cli.data,
         participants: cli.participants,
         advertise_url: cli.advertise_url,
-        durability: if cli.no_fsync { Durability::NoFsync } else { Durability::Fsync },
+        store: StoreOptions {
+            durability: if cli.no_fsync { Durability::NoFsync } else { Durability::Fsync },
+            cache_bytes: cli.cache_mb * 1024 * 1024,
+        },
         prepare_timeout: Duration::from_millis(cli.prepare_timeout_ms),
         commit_ack_wait: Duration::from_millis(cli.commit_ack_wait_ms),
         participant_call_timeout: Duration::from_millis(cli.participant_timeout_ms),

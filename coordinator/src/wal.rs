@@ -10,7 +10,7 @@
 
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
-use common::store::{Durability, Store, StoreError, StoreKind};
+use common::store::{Store, StoreError, StoreKind, StoreOptions};
 use migrations::ACKED_BEFORE_KEY;
 use protocol::coordinator_core::StagedTransfer;
 use std::collections::{BTreeSet, HashMap};
@@ -220,10 +220,10 @@ fn key(prefix: u8, id: &TransferId) -> [u8; 17] {
 
 impl Wal {
     /// Opens the log, fixing the participant count at first start and refusing a different one later.
-    pub async fn open(dir: &Path, durability: Durability, participant_count: u32) -> Result<Wal, WalError> {
-        let dir = dir.to_owned();
+    pub async fn open(dir: &Path, options: impl Into<StoreOptions>, participant_count: u32) -> Result<Wal, WalError> {
+        let (dir, options) = (dir.to_owned(), options.into());
         let store =
-            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, durability)).await.map_err(
+            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options)).await.map_err(
                 |e| StoreError::LogFile { path: Default::default(), source: std::io::Error::other(e.to_string()) },
             )??;
         match store.db.get(PARTICIPANT_COUNT_KEY)? {
@@ -383,6 +383,7 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::store::Durability;
     use common::ledger::{AccountId, Amount, Transfer};
     use common::records::AbortReason;
 

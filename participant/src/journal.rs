@@ -106,6 +106,11 @@ impl JournalState {
         JournalState { next_seq, created_total, recent_commits: VecDeque::new(), recent_from: next_seq - 1 }
     }
 
+    /// Commits listed in memory for the audit (at most [`RECENT_COMMITS_MAX`]).
+    pub fn recent_commits_len(&self) -> usize {
+        self.recent_commits.len()
+    }
+
     /// The last sequence number handed out (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.next_seq.saturating_sub(1)

@@ -13,7 +13,7 @@ pub mod storage;
 use common::auth::{AuthConfigError, ClusterToken};
 use common::ledger::ShardId;
 use protocol::participant::ParticipantMachine;
-use common::store::{Durability, Store, StoreError};
+use common::store::{Store, StoreError, StoreOptions};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +23,7 @@ use std::time::Duration;
 pub struct Config {
     pub shard: ShardId,
     pub data_dir: PathBuf,
-    pub durability: Durability,
+    pub store: StoreOptions,
     /// A prepared transfer undecided for this long is asked about (the decision may have been lost).
     pub in_doubt_after: Duration,
     /// Timeout of one decision query to the coordinator.
@@ -105,8 +105,8 @@ pub async fn run(
     common::auth::check_listen(listener.local_addr()?, config.cluster_token.as_ref())?;
     let store = {
         let dir = config.data_dir.clone();
-        let durability = config.durability;
-        tokio::task::spawn_blocking(move || Store::open(&dir, common::store::StoreKind::Participant, durability))
+        let options = config.store;
+        tokio::task::spawn_blocking(move || Store::open(&dir, common::store::StoreKind::Participant, options))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??
     };

@@ -159,21 +159,36 @@ async fn health(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
 
 async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let s = &node.store.stats;
+    // What this node holds in memory, each with its bound: none of them grows with the transfers ever seen.
+    let in_memory = {
+        let state = node.machine();
+        json!({
+            "accounts": state.accounts().count(),
+            "prepared": state.prepared().count(),
+            "finished": state.recent_finished().count(),
+            "finished_max": protocol::participant::RECENT_FINISHED_MAX,
+            "recent_commits": state.journal.recent_commits_len(),
+            "recent_commits_max": journal::RECENT_COMMITS_MAX,
+        })
+    };
     Json(json!({
         "shard": node.shard,
         "fsyncs": s.fsyncs.load(Ordering::Relaxed),
         "flush_waiters": s.waiters.load(Ordering::Relaxed),
         "flush_micros": s.flush_micros.load(Ordering::Relaxed),
+        "in_memory": in_memory,
     }))
 }
 
 /// Applies writes made under the machine lock. A failed in-memory sled write leaves memory ahead of the store,
 /// which only a restart from disk can repair.
-pub(crate) fn persist(node: &Node, writes: &[Write], extra: &journal::Inserts) {
+pub(crate) fn persist(node: &Node, state: &mut crate::ShardState, writes: &[Write], extra: &journal::Inserts) {
     if let Err(error) = storage::apply(&node.store, writes, extra) {
         tracing::error!(%error, "store write failed: stopping to recover from disk");
         std::process::abort();
     }
+    // The store now answers for the decisions just written: the machine may forget the oldest it holds.
+    state.machine.writes_applied();
 }
 
 async fn create_account(
@@ -191,7 +206,7 @@ async fn create_account(
         })?;
         let mut extra = journal::Inserts::default();
         state.journal.opened(&req.id, req.balance, now_unix_ms(), &mut extra);
-        persist(&node, &writes, &extra);
+        persist(&node, &mut state, &writes, &extra);
     }
     node.store.sync().await?;
     crash::point(crash::PARTICIPANT_ACCOUNT_CREATED);
@@ -229,9 +244,14 @@ async fn prepare(
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
         // Who asked is kept in each prepared record, for its journal entries at commit.
         let actors = batch.actors.iter().cloned().chain(std::iter::repeat(None));
-        let votes: Vec<Vote> =
-            batch.items.iter().zip(actors).map(|(item, actor)| machine.prepare_by(item, actor, now, &mut writes)).collect();
-        persist(&node, &writes, &journal::Inserts::default());
+        let log = storage::Decisions(&node.store);
+        let votes: Vec<Vote> = batch
+            .items
+            .iter()
+            .zip(actors)
+            .map(|(item, actor)| machine.prepare_by(item, actor, now, &log, &mut writes))
+            .collect();
+        persist(&node, &mut machine, &writes, &journal::Inserts::default());
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         votes
     };
@@ -276,7 +296,7 @@ pub(crate) async fn apply_decisions(
         let mut extra = journal::Inserts::default();
         let acks = decisions
             .map(|(id, decision)| {
-                let (ack, settled) = machine.settle(id, decision, &mut writes);
+                let (ack, settled) = machine.settle(id, decision, &storage::Decisions(&node.store), &mut writes);
                 if let (DecideAck::Done, Some(record)) = (ack, settled) {
                     journal_decision(&mut machine, id, decision, &record, operator, now, &mut extra);
                 }
@@ -292,7 +312,7 @@ pub(crate) async fn apply_decisions(
                 ack
             })
             .collect();
-        persist(node, &writes, &extra);
+        persist(node, &mut machine, &writes, &extra);
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         acks
     };
@@ -335,7 +355,8 @@ pub(crate) fn journal_decision(
     }
 }
 
-async fn applied(State(node): State<Arc<Node>>) -> Json<Vec<AppliedTransfer>> {
-    let machine = node.machine();
-    Json(machine.finished().map(|(id, decision)| AppliedTransfer { id: *id, decision: *decision }).collect())
+/// Every transfer finished here, read from the store (for tests and drills: the list grows with history).
+async fn applied(State(node): State<Arc<Node>>) -> Result<Json<Vec<AppliedTransfer>>, ApiError> {
+    let finished = storage::finished(&node.store)?;
+    Ok(Json(finished.into_iter().map(|(id, decision)| AppliedTransfer { id, decision }).collect()))
 }

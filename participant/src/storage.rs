@@ -3,7 +3,8 @@
 
 use crate::journal::{self, HeuristicRecord, JournalEntry, JournalState};
 use common::ledger::{AccountId, ShardId, TransferId};
-use protocol::participant::{ParticipantMachine, RestoreError, Write};
+use protocol::msg::Decision;
+use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::store::{Store, StoreError};
 use std::collections::HashMap;
@@ -87,6 +88,34 @@ fn apply_votes(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
     Ok(())
 }
 
+/// The finished records as the machine reads them ([`FinishedLog`]): sled's view, which includes every
+/// batch applied, durable or not. A store that cannot be read stops the process, as a failed write does, so
+/// that it recovers from disk rather than answer from a guess.
+pub struct Decisions<'a>(pub &'a Store);
+
+impl FinishedLog for Decisions<'_> {
+    fn decision(&self, id: &TransferId) -> Option<Decision> {
+        let read = self.0.db.get(keys::finished(id)).map_err(LoadError::from).and_then(|value| match value {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(records::decode::<FinishedRecord>(&bytes)?.decision)),
+        });
+        read.unwrap_or_else(|error| {
+            tracing::error!(transfer_id = %id, %error, "store read failed: stopping to recover from disk");
+            std::process::abort()
+        })
+    }
+}
+
+/// Every finished transfer and its decision, in id order.
+pub fn finished(store: &Store) -> Result<Vec<(TransferId, Decision)>, LoadError> {
+    let mut out = Vec::new();
+    for entry in store.db.scan_prefix([keys::FINISHED]) {
+        let (key, value) = entry?;
+        out.push((transfer_id(&key, &key[1..])?, records::decode::<FinishedRecord>(&value)?.decision));
+    }
+    Ok(out)
+}
+
 /// The cluster id this shard adopted, if it has been contacted by a coordinator yet.
 pub fn cluster_id(store: &Store) -> Result<Option<Uuid>, LoadError> {
     match store.db.get(keys::CLUSTER)? {
@@ -118,7 +147,6 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
     }
     let mut accounts: HashMap<AccountId, AccountRecord> = HashMap::new();
     let mut prepared: HashMap<TransferId, PreparedRecord> = HashMap::new();
-    let mut finished = HashMap::new();
     let mut created_total = 0;
     if let Some(bytes) = store.db.get(journal::CREATED_TOTAL_KEY)? {
         let raw: [u8; 16] =
@@ -131,31 +159,22 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
         next_seq = u64::from_be_bytes(raw);
     }
     let journal = JournalState::new(next_seq, created_total);
-    for entry in store.db.iter() {
+    // Only the accounts and the transfers in doubt: the finished records and the journal, which grow with
+    // history, stay on disk, so a restart takes as long whatever the history.
+    for entry in store.db.scan_prefix([keys::ACCOUNT]) {
         let (key, value) = entry?;
-        let Some((&prefix, rest)) = key.split_first() else {
-            continue;
-        };
-        match prefix {
-            keys::ACCOUNT => {
-                let id = std::str::from_utf8(rest)
-                    .ok()
-                    .and_then(|s| AccountId::new(s).ok())
-                    .ok_or_else(|| LoadError::BadKey(key.to_vec()))?;
-                let balance: i64 = records::decode(&value)?;
-                accounts.insert(id, AccountRecord { balance, held: 0, incoming: 0 });
-            }
-            keys::PREPARED => {
-                prepared.insert(transfer_id(&key, rest)?, records::decode(&value)?);
-            }
-            keys::FINISHED => {
-                let record: FinishedRecord = records::decode(&value)?;
-                finished.insert(transfer_id(&key, rest)?, record.decision);
-            }
-            _ => {} // metadata such as the shard number
-        }
+        let id = std::str::from_utf8(&key[1..])
+            .ok()
+            .and_then(|s| AccountId::new(s).ok())
+            .ok_or_else(|| LoadError::BadKey(key.to_vec()))?;
+        let balance: i64 = records::decode(&value)?;
+        accounts.insert(id, AccountRecord { balance, held: 0, incoming: 0 });
     }
-    Ok((ParticipantMachine::restore(shard, accounts, prepared, finished)?, journal))
+    for entry in store.db.scan_prefix([keys::PREPARED]) {
+        let (key, value) = entry?;
+        prepared.insert(transfer_id(&key, &key[1..])?, records::decode(&value)?);
+    }
+    Ok((ParticipantMachine::restore(shard, accounts, prepared)?, journal))
 }
 
 /// An account's journal, newest first: up to `limit` entries with a sequence number below `before`.
@@ -266,7 +285,7 @@ mod tests {
         assert_eq!(machine.account(&alice), Some(AccountRecord { balance: 100, held: 30, incoming: 0 }));
         let record = machine.prepared_transfer(&prepared).expect("still prepared");
         assert_eq!(record.made_by.as_deref(), Some("teller"), "the token name moved into the record");
-        assert_eq!(machine.finished_decision(&committed), Some(Decision::Commit));
+        assert_eq!(machine.finished_decision(&committed, &Decisions(store)), Some(Decision::Commit));
         assert_eq!(commit_seq(store, &committed).expect("readable"), Some(7), "the commit seq moved too");
         assert_eq!(journal.next_seq, 8, "the next seq is stored, not scanned for");
         let page = journal_page(store, &alice, None, 10).expect("journal readable");

@@ -8,7 +8,7 @@
 //! a read never shows what a crash could take back.
 
 use crate::server::{journal_decision, metric, persist};
-use crate::{journal, Node};
+use crate::{journal, storage, Node};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -184,12 +184,12 @@ fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
     let mut needs_sync = false;
     let mut replies = Vec::with_capacity(frames.len());
     for items in frames {
-        let frame = apply_frame(&mut state, items, now, &mut writes);
+        let frame = apply_frame(&mut state, items, now, &storage::Decisions(&node.store), &mut writes);
         journal(&mut state, &frame, now, &mut extra);
         needs_sync |= frame.needs_sync;
         replies.push(frame.replies);
     }
-    persist(node, &writes, &extra);
+    persist(node, &mut state, &writes, &extra);
     if needs_sync {
         metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
     }

@@ -1,4 +1,6 @@
-//! A participant's protocol state: accounts, prepared (in-doubt) transfers and finished transfer ids.
+//! A participant's protocol state: accounts, prepared (in-doubt) transfers, and the decisions of the transfers
+//! it finished recently. Older decisions stay in the shard's store, which the machine reads through
+//! [`FinishedLog`]: no set in memory grows with the transfers ever seen.
 //!
 //! Every method changes the in-memory state and appends the matching [`Write`]s; the caller must make those
 //! writes durable, in order and atomically per call batch, before it tells anyone the result. The machine
@@ -10,7 +12,40 @@
 use crate::ledger::{AccountId, ShardId, TransferId};
 use crate::state::{AccountRecord, PreparedRecord};
 use crate::msg::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Decisions a machine keeps in memory once the store has them too (about 200 KB), so that a repeated
+/// Commit or Abort, re-sent when a link comes back, rarely needs a store lookup.
+pub const RECENT_FINISHED_MAX: usize = 4_096;
+
+/// The shard's store as the machine reads it: the decision of a transfer finished here, if any. It must see
+/// every write the shell has applied, durable or not; the machine keeps each decision it makes in memory
+/// until the shell says the writes are applied ([`ParticipantMachine::writes_applied`]). A store that cannot
+/// be read is the shell's to handle (the server stops and recovers from disk), so the answer is plain.
+pub trait FinishedLog {
+    fn decision(&self, id: &TransferId) -> Option<Decision>;
+}
+
+impl FinishedLog for BTreeMap<TransferId, Decision> {
+    fn decision(&self, id: &TransferId) -> Option<Decision> {
+        self.get(id).copied()
+    }
+}
+
+impl FinishedLog for HashMap<TransferId, Decision> {
+    fn decision(&self, id: &TransferId) -> Option<Decision> {
+        self.get(id).copied()
+    }
+}
+
+/// A store that has finished nothing yet.
+pub struct NothingFinished;
+
+impl FinishedLog for NothingFinished {
+    fn decision(&self, _: &TransferId) -> Option<Decision> {
+        None
+    }
+}
 
 /// A change the caller must persist.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,26 +76,76 @@ pub enum RestoreError {
     BadBalance(AccountId),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ParticipantMachine {
     shard: ShardId,
     accounts: HashMap<AccountId, AccountRecord>,
     prepared: HashMap<TransferId, PreparedRecord>,
-    finished: HashMap<TransferId, Decision>,
+    recent: Recent,
+}
+
+/// The decisions made here that the store may not have yet, and up to `max` more: oldest first in `order`,
+/// whose newest `unapplied` entries are not yet applied to the store.
+#[derive(Debug)]
+struct Recent {
+    decisions: HashMap<TransferId, Decision>,
+    order: VecDeque<TransferId>,
+    unapplied: usize,
+    max: usize,
+}
+
+impl Recent {
+    fn new(max: usize) -> Self {
+        Recent { decisions: HashMap::new(), order: VecDeque::new(), unapplied: 0, max }
+    }
+
+    fn insert(&mut self, id: TransferId, decision: Decision) {
+        let earlier = self.decisions.insert(id, decision);
+        debug_assert!(earlier.is_none(), "a finished transfer is never finished again");
+        self.order.push_back(id);
+        self.unapplied += 1;
+        self.trim();
+    }
+
+    fn applied(&mut self) {
+        self.unapplied = 0;
+        self.trim();
+    }
+
+    /// Forgets the oldest decisions the store already has, beyond `max`.
+    fn trim(&mut self) {
+        while self.order.len() > self.max.max(self.unapplied) {
+            let Some(id) = self.order.pop_front() else { break };
+            self.decisions.remove(&id);
+        }
+    }
 }
 
 impl ParticipantMachine {
     pub fn new(shard: ShardId) -> Self {
-        ParticipantMachine { shard, ..Default::default() }
+        ParticipantMachine {
+            shard,
+            accounts: HashMap::new(),
+            prepared: HashMap::new(),
+            recent: Recent::new(RECENT_FINISHED_MAX),
+        }
+    }
+
+    /// Keeps at most `max` decisions in memory once the store has them (the simulator uses a few, so that
+    /// most lookups reach its store).
+    pub fn with_recent_finished_max(mut self, max: usize) -> Self {
+        self.recent.max = max;
+        self.recent.trim();
+        self
     }
 
     /// Rebuilds the state read back from disk, refusing a state that breaks an invariant. Only the accounts'
-    /// balances are read: their `held` and `incoming` are recomputed from `prepared`.
+    /// balances are read: their `held` and `incoming` are recomputed from `prepared`. Finished transfers are
+    /// not read: they stay in the store, behind [`FinishedLog`].
     pub fn restore(
         shard: ShardId,
         mut accounts: HashMap<AccountId, AccountRecord>,
         prepared: HashMap<TransferId, PreparedRecord>,
-        finished: HashMap<TransferId, Decision>,
     ) -> Result<Self, RestoreError> {
         for record in accounts.values_mut() {
             record.held = 0;
@@ -78,7 +163,7 @@ impl ParticipantMachine {
                 }
             }
         }
-        let machine = ParticipantMachine { shard, accounts, prepared, finished };
+        let machine = ParticipantMachine { accounts, prepared, ..ParticipantMachine::new(shard) };
         machine.verify()?;
         Ok(machine)
     }
@@ -103,17 +188,27 @@ impl ParticipantMachine {
         self.prepared.get(id)
     }
 
-    pub fn finished_decision(&self, id: &TransferId) -> Option<Decision> {
-        self.finished.get(id).copied()
+    /// The decision of a transfer finished here: from memory if recent, else from the store.
+    pub fn finished_decision(&self, id: &TransferId, log: &dyn FinishedLog) -> Option<Decision> {
+        match self.recent.decisions.get(id) {
+            Some(decision) => Some(*decision),
+            None => log.decision(id),
+        }
+    }
+
+    /// The shell has applied every write handed out so far to the store that its [`FinishedLog`] reads.
+    pub fn writes_applied(&mut self) {
+        self.recent.applied();
+    }
+
+    /// The decisions held in memory: bounded by [`RECENT_FINISHED_MAX`] plus those not yet applied.
+    pub fn recent_finished(&self) -> impl Iterator<Item = (&TransferId, &Decision)> {
+        self.recent.decisions.iter()
     }
 
     /// What is wrong with the state, if anything (for the audit; `check_invariants` panics instead).
     pub fn violation(&self) -> Option<String> {
         self.verify().err().map(|e| e.to_string())
-    }
-
-    pub fn finished(&self) -> impl Iterator<Item = (&TransferId, &Decision)> {
-        self.finished.iter()
     }
 
     pub fn create_account(&mut self, id: AccountId, balance: i64, writes: &mut Vec<Write>) -> Result<(), CreateError> {
@@ -128,8 +223,8 @@ impl ParticipantMachine {
     }
 
     /// Phase one. YES reserves the debits (holds) and the credits' headroom; NO changes nothing.
-    pub fn prepare(&mut self, item: &PrepareItem, now_unix_ms: u64, writes: &mut Vec<Write>) -> Vote {
-        self.prepare_by(item, None, now_unix_ms, writes)
+    pub fn prepare(&mut self, item: &PrepareItem, now_unix_ms: u64, log: &dyn FinishedLog, writes: &mut Vec<Write>) -> Vote {
+        self.prepare_by(item, None, now_unix_ms, log, writes)
     }
 
     /// [`Self::prepare`], recording who submitted the transfer (kept in its prepared record until the decision).
@@ -138,18 +233,19 @@ impl ParticipantMachine {
         item: &PrepareItem,
         made_by: Option<String>,
         now_unix_ms: u64,
+        log: &dyn FinishedLog,
         writes: &mut Vec<Write>,
     ) -> Vote {
-        match self.finished.get(&item.id) {
-            // Only a YES can have led to a commit, so repeating it is the truthful answer.
-            Some(Decision::Commit) => return Vote::Yes,
-            Some(Decision::Abort) => return Vote::No(RefusalReason::AlreadyAborted),
-            None => {}
-        }
         if let Some(prepared) = self.prepared.get(&item.id) {
             // YES to another body would commit this shard's old postings beside the other shards' new ones.
             let same = prepared.transfer == item.transfer && prepared.postings == item.postings;
             return if same { Vote::Yes } else { Vote::No(RefusalReason::IdInUse) };
+        }
+        match self.finished_decision(&item.id, log) {
+            // Only a YES can have led to a commit, so repeating it is the truthful answer.
+            Some(Decision::Commit) => return Vote::Yes,
+            Some(Decision::Abort) => return Vote::No(RefusalReason::AlreadyAborted),
+            None => {}
         }
         assert!(!item.postings.is_empty(), "the coordinator only prepares shards with postings");
 
@@ -190,8 +286,8 @@ impl ParticipantMachine {
 
     /// Phase two. Commit applies the postings and releases the holds; abort only releases them. Both are
     /// idempotent; an abort of an unknown id leaves a tombstone so a late Prepare of it is refused.
-    pub fn decide(&mut self, id: TransferId, decision: Decision, writes: &mut Vec<Write>) -> DecideAck {
-        self.settle(id, decision, writes).0
+    pub fn decide(&mut self, id: TransferId, decision: Decision, log: &dyn FinishedLog, writes: &mut Vec<Write>) -> DecideAck {
+        self.settle(id, decision, log, writes).0
     }
 
     /// [`Self::decide`], also handing back the prepared record this decision settled, if it settled one.
@@ -199,17 +295,18 @@ impl ParticipantMachine {
         &mut self,
         id: TransferId,
         decision: Decision,
+        log: &dyn FinishedLog,
         writes: &mut Vec<Write>,
     ) -> (DecideAck, Option<PreparedRecord>) {
-        if let Some(&done) = self.finished.get(&id) {
-            return (if done == decision { DecideAck::Done } else { DecideAck::Refused }, None);
-        }
         let Some(prepared) = self.prepared.remove(&id) else {
+            if let Some(done) = self.finished_decision(&id, log) {
+                return (if done == decision { DecideAck::Done } else { DecideAck::Refused }, None);
+            }
             return match decision {
                 // Never prepared here, so never voted YES: a commit would be a coordinator bug.
                 Decision::Commit => (DecideAck::Refused, None),
                 Decision::Abort => {
-                    self.finished.insert(id, Decision::Abort);
+                    self.recent.insert(id, Decision::Abort);
                     writes.push(Write::Finished(id, Decision::Abort));
                     (DecideAck::Done, None)
                 }
@@ -227,7 +324,7 @@ impl ParticipantMachine {
             }
         }
         writes.push(Write::ClearPrepared(id));
-        self.finished.insert(id, decision);
+        self.recent.insert(id, decision);
         writes.push(Write::Finished(id, decision));
         (DecideAck::Done, Some(prepared))
     }
@@ -242,7 +339,7 @@ impl ParticipantMachine {
     fn verify(&self) -> Result<(), RestoreError> {
         let mut derived: HashMap<&AccountId, (i64, i64)> = HashMap::new();
         for (id, p) in &self.prepared {
-            if self.finished.contains_key(id) {
+            if self.recent.decisions.contains_key(id) {
                 return Err(RestoreError::PreparedAndFinished(*id));
             }
             for posting in &p.postings {
@@ -343,14 +440,14 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &mut w), Vote::Yes);
+        assert_eq!(m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
         assert!(w.iter().any(|x| matches!(x, Write::Prepared(..))));
         // A second debit only sees what is still available.
         let tx2 = Uuid::new_v4();
-        let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &mut w);
+        let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &NothingFinished, &mut w);
         assert_eq!(vote, Vote::No(RefusalReason::InsufficientFunds));
-        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0 }));
         m.check_invariants();
     }
@@ -361,11 +458,11 @@ mod tests {
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
         let first = item(tx, "alice", "bob", 60, vec![("alice", -60)]);
-        assert_eq!(m.prepare(&first, 0, &mut w), Vote::Yes);
+        assert_eq!(m.prepare(&first, 0, &NothingFinished, &mut w), Vote::Yes);
         w.clear();
-        assert_eq!(m.prepare(&first, 5, &mut w), Vote::Yes, "a repeated Prepare");
+        assert_eq!(m.prepare(&first, 5, &NothingFinished, &mut w), Vote::Yes, "a repeated Prepare");
         let reused = item(tx, "alice", "bob", 10, vec![("alice", -10)]);
-        assert_eq!(m.prepare(&reused, 5, &mut w), Vote::No(RefusalReason::IdInUse));
+        assert_eq!(m.prepare(&reused, 5, &NothingFinished, &mut w), Vote::No(RefusalReason::IdInUse));
         assert!(w.is_empty(), "neither writes anything");
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
     }
@@ -375,9 +472,9 @@ mod tests {
         let mut m = machine_with(&[("bob", 5)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &mut w), Vote::Yes);
+        assert_eq!(m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("bob")).map(|a| a.balance), Some(5));
-        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.account(&id("bob")), Some(AccountRecord { balance: 5, held: 0, incoming: 0 }));
         m.check_invariants();
     }
@@ -388,13 +485,13 @@ mod tests {
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
         let it = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
-        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes);
-        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes, "a repeated Prepare is answered again");
+        assert_eq!(m.prepare(&it, 0, &NothingFinished, &mut w), Vote::Yes);
+        assert_eq!(m.prepare(&it, 0, &NothingFinished, &mut w), Vote::Yes, "a repeated Prepare is answered again");
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(30), "but holds only once");
-        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
-        assert_eq!(m.decide(tx, Decision::Commit, &mut w), DecideAck::Done);
-        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Refused);
-        assert_eq!(m.prepare(&it, 0, &mut w), Vote::Yes, "a late Prepare never re-applies");
+        assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Refused);
+        assert_eq!(m.prepare(&it, 0, &NothingFinished, &mut w), Vote::Yes, "a late Prepare never re-applies");
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 70, held: 0, incoming: 0 }));
         m.check_invariants();
     }
@@ -404,10 +501,10 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(m.decide(tx, Decision::Abort, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Done);
         let late = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
-        assert_eq!(m.prepare(&late, 0, &mut w), Vote::No(RefusalReason::AlreadyAborted));
-        assert_eq!(m.decide(Uuid::new_v4(), Decision::Commit, &mut w), DecideAck::Refused);
+        assert_eq!(m.prepare(&late, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::AlreadyAborted));
+        assert_eq!(m.decide(Uuid::new_v4(), Decision::Commit, &NothingFinished, &mut w), DecideAck::Refused);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(0));
     }
 
@@ -416,9 +513,9 @@ mod tests {
         let mut m = machine_with(&[("alice", 10), ("rich", i64::MAX)]);
         let mut w = Vec::new();
         let missing = item(Uuid::new_v4(), "alice", "nobody", 1, vec![("alice", -1), ("nobody", 1)]);
-        assert_eq!(m.prepare(&missing, 0, &mut w), Vote::No(RefusalReason::AccountNotFound));
+        assert_eq!(m.prepare(&missing, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::AccountNotFound));
         let overflow = item(Uuid::new_v4(), "alice", "rich", 1, vec![("alice", -1), ("rich", 1)]);
-        assert_eq!(m.prepare(&overflow, 0, &mut w), Vote::No(RefusalReason::BalanceOverflow));
+        assert_eq!(m.prepare(&overflow, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::BalanceOverflow));
         assert!(w.is_empty());
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0 }));
     }
@@ -428,16 +525,15 @@ mod tests {
         let mut m = machine_with(&[("alice", 100), ("bob", 0)]);
         let mut w = Vec::new();
         let (tx, tx2) = (Uuid::new_v4(), Uuid::new_v4());
-        m.prepare(&item(tx, "alice", "bob", 30, vec![("alice", -30), ("bob", 30)]), 0, &mut w);
-        m.prepare(&item(tx2, "alice", "bob", 20, vec![("alice", -20), ("bob", 20)]), 0, &mut w);
+        m.prepare(&item(tx, "alice", "bob", 30, vec![("alice", -30), ("bob", 30)]), 0, &NothingFinished, &mut w);
+        m.prepare(&item(tx2, "alice", "bob", 20, vec![("alice", -20), ("bob", 20)]), 0, &NothingFinished, &mut w);
         assert!(!w.iter().any(|x| matches!(x, Write::Account(..))), "a prepare writes no account");
-        m.decide(tx2, Decision::Commit, &mut w);
+        m.decide(tx2, Decision::Commit, &NothingFinished, &mut w);
         // What a store holds: balances as last written, stale holds, and the prepared records.
         let stale = |b| AccountRecord { balance: b, held: 7, incoming: 7 };
         let accounts: HashMap<_, _> = [(id("alice"), stale(80)), (id("bob"), stale(20))].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
-        let finished: HashMap<_, _> = m.finished().map(|(k, v)| (*k, *v)).collect();
-        let restored = ParticipantMachine::restore(0, accounts, prepared, finished).expect("consistent");
+        let restored = ParticipantMachine::restore(0, accounts, prepared).expect("consistent");
         assert_eq!(restored.account(&id("alice")), m.account(&id("alice")));
         assert_eq!(restored.account(&id("bob")), Some(AccountRecord { balance: 20, held: 0, incoming: 30 }));
     }
@@ -447,10 +543,42 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let mut w = Vec::new();
         let tx = Uuid::new_v4();
-        m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &mut w);
+        m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w);
         let accounts: HashMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0 })].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
-        let err = ParticipantMachine::restore(0, accounts, prepared, HashMap::new());
+        let err = ParticipantMachine::restore(0, accounts, prepared);
         assert!(matches!(err, Err(RestoreError::BadBalance(_))));
+    }
+
+    #[test]
+    fn old_decisions_are_read_from_the_store_and_memory_stays_bounded() {
+        let mut m = machine_with(&[("alice", 1_000)]).with_recent_finished_max(2);
+        let mut store: BTreeMap<TransferId, Decision> = BTreeMap::new();
+        let mut w = Vec::new();
+        let items: Vec<PrepareItem> =
+            (0..5).map(|_| item(Uuid::new_v4(), "alice", "bob", 1, vec![("alice", -1)])).collect();
+        for it in &items {
+            assert_eq!(m.prepare(it, 0, &store, &mut w), Vote::Yes);
+            assert_eq!(m.decide(it.id, Decision::Commit, &store, &mut w), DecideAck::Done);
+        }
+        assert_eq!(m.recent_finished().count(), 5, "decisions the store has not been given stay in memory");
+        // The shell applies the writes, then says so.
+        for x in w.drain(..) {
+            if let Write::Finished(id, d) = x {
+                store.insert(id, d);
+            }
+        }
+        m.writes_applied();
+        assert_eq!(m.recent_finished().count(), 2);
+        let oldest = &items[0];
+        assert!(m.recent_finished().all(|(id, _)| *id != oldest.id), "the oldest is forgotten");
+        assert_eq!(m.prepare(oldest, 0, &store, &mut w), Vote::Yes, "a late Prepare of an old commit");
+        assert_eq!(m.decide(oldest.id, Decision::Commit, &store, &mut w), DecideAck::Done);
+        assert_eq!(m.decide(oldest.id, Decision::Abort, &store, &mut w), DecideAck::Refused);
+        assert!(w.is_empty(), "nothing is applied twice");
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 995, held: 0, incoming: 0 }));
+        // The same machine with nothing in the store would prepare it again: the lookup is what refuses.
+        assert_eq!(m.prepare(oldest, 0, &NothingFinished, &mut w), Vote::Yes);
+        assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(1));
     }
 }

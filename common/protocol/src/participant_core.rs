@@ -6,7 +6,7 @@
 use crate::coordinator_core::{FromShard, ToShard};
 use crate::ledger::TransferId;
 use crate::msg::{DecideAck, Decision};
-use crate::participant::{ParticipantMachine, Write};
+use crate::participant::{FinishedLog, ParticipantMachine, Write};
 use crate::state::PreparedRecord;
 
 /// What one frame did, beyond its writes.
@@ -28,11 +28,13 @@ pub fn frame_is_well_formed(items: &[ToShard]) -> bool {
     items.iter().all(|i| !matches!(i, ToShard::Prepare { item, .. } if item.postings.is_empty()))
 }
 
-/// Applies `items` in order to `machine`, appending their writes to `writes`.
+/// Applies `items` in order to `machine`, appending their writes to `writes`. `log` is the store as the
+/// shell has applied it; the shell calls [`ParticipantMachine::writes_applied`] once `writes` are in it.
 pub fn apply_frame(
     machine: &mut ParticipantMachine,
     items: Vec<ToShard>,
     now_unix_ms: u64,
+    log: &dyn FinishedLog,
     writes: &mut Vec<Write>,
 ) -> FrameApplied {
     assert!(frame_is_well_formed(&items), "frames are checked before they are applied");
@@ -41,12 +43,12 @@ pub fn apply_frame(
         match item {
             ToShard::Prepare { item, made_by } => {
                 out.needs_sync = true;
-                let vote = machine.prepare_by(&item, made_by, now_unix_ms, writes);
+                let vote = machine.prepare_by(&item, made_by, now_unix_ms, log, writes);
                 out.replies.push(FromShard::Vote { id: item.id, vote });
             }
             ToShard::Decide { id, decision } => {
                 out.needs_sync = true;
-                let (ack, settled) = machine.settle(id, decision, writes);
+                let (ack, settled) = machine.settle(id, decision, log, writes);
                 if let (DecideAck::Done, Some(record)) = (ack, settled) {
                     out.settled.push((id, decision, record));
                 }

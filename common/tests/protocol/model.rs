@@ -359,17 +359,18 @@ impl LedgerModel {
         let accounts: HashMap<AccountId, AccountRecord> = books.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let prepared: HashMap<TransferId, PreparedRecord> =
             books.prepared.iter().map(|(k, v)| (*k, v.clone())).collect();
-        let finished: HashMap<TransferId, Decision> = books.finished.iter().map(|(k, v)| (*k, *v)).collect();
-        ParticipantMachine::restore(shard, accounts, prepared, finished)
+        // No decision kept in memory: every one is read from the books, as the shell reads its store.
+        ParticipantMachine::restore(shard, accounts, prepared)
+            .map(|m| m.with_recent_finished_max(0))
             .map_err(|e| format!("P{shard}'s books do not restore: {e}"))
     }
 
-    /// Reads the machine back into books, keeping the ghost counter.
-    fn books(machine: &ParticipantMachine, commits_applied: Vec<u8>) -> Books {
+    /// Reads the machine back into books, with the finished records its writes left and the ghost counter.
+    fn books(machine: &ParticipantMachine, finished: BTreeMap<TransferId, Decision>, commits_applied: Vec<u8>) -> Books {
         Books {
             accounts: machine.accounts().map(|(k, v)| (k.clone(), *v)).collect(),
             prepared: machine.prepared().map(|(k, v)| (*k, v.clone())).collect(),
-            finished: machine.finished().map(|(k, v)| (*k, *v)).collect(),
+            finished,
             commits_applied,
         }
     }
@@ -382,7 +383,7 @@ impl LedgerModel {
                 machine.create_account(id.clone(), *balance, &mut writes).expect("unique account");
             }
         }
-        Self::books(&machine, vec![0; self.transfer_count()])
+        Self::books(&machine, BTreeMap::new(), vec![0; self.transfer_count()])
     }
 
     // -------------------------------------------------------------------------------------------------------
@@ -540,7 +541,7 @@ impl LedgerModel {
                 }
                 let mut machine = self.machine(shard, &ps.memory)?;
                 let mut writes = Vec::new();
-                let applied = apply_frame(&mut machine, items, 0, &mut writes);
+                let applied = apply_frame(&mut machine, items, 0, &ps.memory.finished, &mut writes);
                 machine.check_invariants();
                 self.store(s, shard, &machine, &writes)?;
                 let reply = Msg::Replies { epoch, shard, replies: applied.replies };
@@ -581,7 +582,7 @@ impl LedgerModel {
                 let mut machine = self.machine(shard, &ps.memory)?;
                 let mut writes = Vec::new();
                 for (id, decision) in decisions {
-                    if machine.decide(id, decision, &mut writes) == DecideAck::Refused {
+                    if machine.decide(id, decision, &ps.memory.finished, &mut writes) == DecideAck::Refused {
                         return Err(format!("P{shard} refused the coordinator's answer {decision:?} for {id}"));
                     }
                 }
@@ -597,8 +598,12 @@ impl LedgerModel {
     /// abort decision.
     fn store(&self, s: &mut State, shard: ShardId, machine: &ParticipantMachine, writes: &[Write]) -> Result<(), String> {
         let mut applied = s.participants[shard as usize].memory.commits_applied.clone();
+        let mut finished = s.participants[shard as usize].memory.finished.clone();
         for write in writes {
             if let Write::Finished(id, decision) = write {
+                if finished.insert(*id, *decision).is_some() {
+                    return Err(format!("P{shard} finished {id} a second time"));
+                }
                 let t = self.transfer_index(id)?;
                 let durable = &s.coordinator.durable;
                 let proven = match decision {
@@ -615,7 +620,7 @@ impl LedgerModel {
                 }
             }
         }
-        s.participants[shard as usize].memory = Self::books(machine, applied);
+        s.participants[shard as usize].memory = Self::books(machine, finished, applied);
         Ok(())
     }
 
