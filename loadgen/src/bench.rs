@@ -20,8 +20,8 @@
 
 use crate::cluster::{Cluster, Node, Options};
 use crate::drill::Rng;
+use crate::fill;
 use crate::http1::{Http1Client, Http1Error};
-use common::ledger::{shard_of, AccountId};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -38,9 +38,6 @@ const SHARDS: usize = 2;
 pub const INITIAL_BALANCE: i64 = 1_000_000;
 /// Transfer amounts are uniform in `1..=AMOUNT_MAX`.
 const AMOUNT_MAX: u64 = 100;
-/// Account creations in flight at once: enough for the participants' group commit to batch them, so 2,000
-/// accounts take a second or two instead of 2,000 fsyncs in a row.
-const CREATE_CONCURRENCY: usize = 64;
 /// Account reads in flight during the final check; reads are cheap, this only bounds open connections.
 const READ_CONCURRENCY: usize = 64;
 /// One transfer request's timeout. The coordinator gives up on a request after 30 s (its default
@@ -184,49 +181,16 @@ fn nodes(cluster: &Cluster) -> impl Iterator<Item = &Node> {
     std::iter::once(&cluster.coordinator).chain(&cluster.participants)
 }
 
-/// `accounts_per_shard` ids on each shard, found by walking `bench-00000`, `bench-00001`, ... through the same
-/// hash the coordinator uses.
+/// `accounts_per_shard` ids on each shard (`bench-00000`, ...).
 fn pick_accounts(per_shard: usize) -> Result<Vec<Vec<String>>> {
-    let mut by_shard: Vec<Vec<String>> = (0..SHARDS).map(|_| Vec::with_capacity(per_shard)).collect();
-    let mut i = 0u64;
-    while by_shard.iter().any(|ids| ids.len() < per_shard) {
-        let id = format!("bench-{i:05}");
-        let account = AccountId::new(&id).map_err(|e| BenchError(format!("bad generated account id {id}: {e}")))?;
-        let ids = &mut by_shard[shard_of(&account, SHARDS as u32) as usize];
-        if ids.len() < per_shard {
-            ids.push(id);
-        }
-        i += 1;
-    }
-    Ok(by_shard)
+    fill::pick_accounts("bench", SHARDS as u32, per_shard).map_err(|e| BenchError(e.to_string()))
 }
 
-/// Creates every account with `INITIAL_BALANCE`, `CREATE_CONCURRENCY` at a time, and checks each landed on the
-/// shard it was picked for.
+/// Creates every account with `INITIAL_BALANCE` on the shard it was picked for.
 async fn create_accounts(cluster: &Cluster, accounts: &[Vec<String>]) -> Result<()> {
-    let all = accounts.iter().enumerate().flat_map(|(shard, ids)| ids.iter().map(move |id| (shard, id)));
-    stream::iter(all)
-        .map(|(shard, id)| async move {
-            let reply = cluster
-                .http
-                .post(cluster.api("/accounts"))
-                .json(&json!({"id": id, "balance": INITIAL_BALANCE}))
-                .send()
-                .await
-                .map_err(|e| BenchError(format!("creating account {id}: {e}")))?;
-            let status = reply.status();
-            let body: Value = reply.json().await.unwrap_or(Value::Null);
-            if status.as_u16() != 201 {
-                return fail(format!("creating account {id}: {status} {body}"));
-            }
-            if body["shard"].as_u64() != Some(shard as u64) {
-                return fail(format!("account {id} was meant for shard {shard} but the coordinator says {body}"));
-            }
-            Ok(())
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .try_collect::<()>()
+    fill::create_accounts(&cluster.http, &cluster.coordinator.url(), None, accounts, INITIAL_BALANCE, false)
         .await
+        .map_err(|e| BenchError(e.to_string()))
 }
 
 /// Counters the progress line reads while a level runs (every completion, warm-up included).

@@ -33,6 +33,8 @@ pub struct Http1Client {
     path: String,
     timeout: Duration,
     conn: Option<TcpStream>,
+    /// `authorization: Bearer ...` line, when the server asks for a token.
+    auth: Option<String>,
     request: Vec<u8>,
     buf: Vec<u8>,
 }
@@ -50,9 +52,16 @@ impl Http1Client {
             path: path.to_owned(),
             timeout,
             conn: None,
+            auth: None,
             request: Vec::with_capacity(512),
             buf: Vec::with_capacity(4096),
         })
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        self.auth = Some(format!("authorization: Bearer {token}\r\n"));
+        self
     }
 
     /// Posts `body` (JSON) and returns the status and the answer's body. A failure drops the connection, so the
@@ -83,7 +92,11 @@ impl Http1Client {
         self.request.extend_from_slice(self.path.as_bytes());
         self.request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         self.request.extend_from_slice(self.addr.as_bytes());
-        self.request.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+        self.request.extend_from_slice(b"\r\n");
+        if let Some(auth) = &self.auth {
+            self.request.extend_from_slice(auth.as_bytes());
+        }
+        self.request.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
         self.request.extend_from_slice(body.len().to_string().as_bytes());
         self.request.extend_from_slice(b"\r\n\r\n");
         self.request.extend_from_slice(body);

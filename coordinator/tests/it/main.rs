@@ -5,6 +5,7 @@ mod books;
 mod console;
 mod crash;
 mod fuzz;
+mod history;
 mod harness;
 mod load;
 mod partition;
