@@ -745,3 +745,134 @@ fn loadavg() -> String {
         Err(e) => format!("unknown ({e})"),
     }
 }
+
+/// The history benchmark (`ledger-bench --history N1,N2,...`): what a node costs as its history grows.
+#[derive(Clone, Debug)]
+pub struct HistoryConfig {
+    /// Total transfers sent before each measurement, ascending.
+    pub sizes: Vec<u64>,
+    pub clients: usize,
+    pub accounts_per_shard: usize,
+    pub no_fsync: bool,
+}
+
+/// One node's cost at one history size.
+struct NodeCost {
+    name: String,
+    dir_bytes: u64,
+    restart: Duration,
+    rss_after_restart: u64,
+    rss_after_load: u64,
+}
+
+/// Transfers sent after each restart, so the RSS shown is that of a node at work, not of one just started.
+const HISTORY_WARM_TRANSFERS: u64 = 5_000;
+
+/// Builds each history size through the public API (`fill`), then for each node: its data dir's bytes, the
+/// time from a SIGKILL'd node's start to `/health` 200, and its RSS just after and after some load.
+pub async fn run_history(config: HistoryConfig) -> Result<bool> {
+    let out = Out { no_fsync: config.no_fsync };
+    let durability = if config.no_fsync { NOT_DURABLE } else { "durable (fsync on)" };
+    out.line(format_args!(
+        "ledger-bench --history: coordinator + {SHARDS} participants, {} accounts per shard, history sizes {:?}, \
+         {} clients; {durability}",
+        config.accounts_per_shard, config.sizes, config.clients
+    ));
+    let node_flags: Vec<String> = if config.no_fsync { vec!["--no-fsync".into()] } else { Vec::new() };
+    let options = Options {
+        participants: SHARDS,
+        coordinator_args: node_flags.clone(),
+        participant_args: node_flags,
+        log_filter: "warn".into(),
+        ..Options::default()
+    };
+    let mut cluster = Cluster::start_with(options).await;
+    let accounts = pick_accounts(config.accounts_per_shard)?;
+    create_accounts(&cluster, &accounts).await?;
+    let mut sent = 0u64;
+    let mut committed = 0u64;
+    out.line("history  committed | node         data dir   B/commit   restart s   RSS MiB after restart / after load");
+    for (round, &size) in config.sizes.iter().enumerate() {
+        let more = size.saturating_sub(sent);
+        let fill_config =
+            fill::Fill { url: cluster.coordinator.url(), token: None, transfers: more, clients: config.clients, seed: round as u64 };
+        let filled = fill::fill(&fill_config, &accounts).await.map_err(|e| BenchError(e.to_string()))?;
+        sent += more;
+        committed += filled.committed;
+        out.progress(format_args!(
+            "history: {sent} sent, {committed} committed ({:.0}/s, {} failed)",
+            filled.rate(),
+            filled.errors
+        ));
+        if let MoneyCheck::NotSettled(why) = check_money(&cluster, &accounts).await? {
+            return fail(format!("the cluster did not settle: {why}"));
+        }
+        let mut costs = Vec::new();
+        for name in ["p0", "p1", "coordinator"] {
+            costs.push(measure_restart(&mut cluster, name).await?);
+        }
+        // Load on the restarted nodes, then their RSS at work.
+        let warm = fill::Fill { transfers: HISTORY_WARM_TRANSFERS, seed: 1_000 + round as u64, ..fill_config };
+        let filled = fill::fill(&warm, &accounts).await.map_err(|e| BenchError(e.to_string()))?;
+        sent += HISTORY_WARM_TRANSFERS;
+        committed += filled.committed;
+        for cost in &mut costs {
+            cost.rss_after_load = cluster.node(&cost.name).pid().and_then(rss_bytes_of).unwrap_or(0);
+        }
+        for cost in &costs {
+            out.line(format_args!(
+                "{sent:>9} {committed:>9} | {:<11} {:>9.1} MiB {:>8.0} {:>11.2}   {:>6.1} / {:.1}",
+                cost.name,
+                cost.dir_bytes as f64 / MIB,
+                cost.dir_bytes as f64 / committed.max(1) as f64,
+                cost.restart.as_secs_f64(),
+                cost.rss_after_restart as f64 / MIB,
+                cost.rss_after_load as f64 / MIB,
+            ));
+        }
+    }
+    let check = check_money(&cluster, &accounts).await?;
+    let conserved = matches!(check, MoneyCheck::Conserved { .. });
+    out.line(check);
+    Ok(conserved)
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// SIGKILLs a node, measures its data dir, starts it and times its way back to `/health` 200.
+async fn measure_restart(cluster: &mut Cluster, name: &str) -> Result<NodeCost> {
+    let dir = cluster.data_dir().join(name);
+    let node = cluster.node(name);
+    node.kill();
+    let dir_bytes = dir_bytes(&dir);
+    let started = Instant::now();
+    node.spawn(None);
+    let url = format!("{}/health", node.url());
+    let probe = reqwest::Client::builder().pool_max_idle_per_host(0).build().map_err(|e| BenchError(e.to_string()))?;
+    loop {
+        let ok = probe.get(&url).timeout(Duration::from_secs(1)).send().await;
+        if ok.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            return fail(format!("{name} did not come back within {SETTLE_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let restart = started.elapsed();
+    let rss_after_restart = cluster.node(name).pid().and_then(rss_bytes_of).unwrap_or(0);
+    Ok(NodeCost { name: name.to_owned(), dir_bytes, restart, rss_after_restart, rss_after_load: 0 })
+}
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

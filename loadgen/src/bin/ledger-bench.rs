@@ -30,6 +30,11 @@ struct Cli {
     /// Accounts created on each of the two shards, each with a balance of 1,000,000.
     #[arg(long, default_value_t = 1_000)]
     accounts_per_shard: usize,
+    /// History mode: comma-separated history sizes (e.g. 100000,1000000). Builds each history through the
+    /// public API with --clients clients, then prints each node's data dir bytes per committed transfer, its
+    /// restart time (SIGKILL, start, /health 200) and its RSS after the restart and after some load.
+    #[arg(long, value_delimiter = ',')]
+    history: Vec<u64>,
     /// NOT DURABLE: start every node with --no-fsync, to measure what durability costs. Every output line is
     /// labelled.
     #[arg(long)]
@@ -39,6 +44,17 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.history.is_empty() {
+        let mut sizes = cli.history.clone();
+        sizes.sort_unstable();
+        let config = loadgen::bench::HistoryConfig {
+            sizes,
+            clients: cli.clients.max(1),
+            accounts_per_shard: cli.accounts_per_shard.max(1),
+            no_fsync: cli.no_fsync,
+        };
+        return exit(loadgen::bench::run_history(config).await);
+    }
     let levels = if cli.sweep.is_empty() { vec![cli.clients] } else { cli.sweep };
     let config = loadgen::bench::Config {
         levels: levels.into_iter().map(|c| c.max(1)).collect(),
@@ -47,7 +63,11 @@ async fn main() -> ExitCode {
         accounts_per_shard: cli.accounts_per_shard.max(1),
         no_fsync: cli.no_fsync,
     };
-    match loadgen::bench::run(config).await {
+    exit(loadgen::bench::run(config).await)
+}
+
+fn exit(result: Result<bool, loadgen::bench::BenchError>) -> ExitCode {
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
