@@ -122,15 +122,7 @@ pub async fn run(config: Config) -> Result<bool> {
     out.line(format_args!("load average before start: {}", loadavg()));
 
     let started = Instant::now();
-    let node_flags: Vec<String> = if config.no_fsync { vec!["--no-fsync".into()] } else { Vec::new() };
-    let options = Options {
-        participants: SHARDS,
-        coordinator_args: node_flags.clone(),
-        participant_args: node_flags,
-        log_filter: "warn".into(),
-        ..Options::default()
-    };
-    let cluster = Cluster::start_with(options).await;
+    let cluster = Cluster::start_with(cluster_options(config.no_fsync)).await;
     let up_after = started.elapsed();
     let accounts = Arc::new(pick_accounts(config.accounts_per_shard)?);
     create_accounts(&cluster, &accounts).await?;
@@ -175,6 +167,18 @@ pub async fn run(config: Config) -> Result<bool> {
         }
     }
     Ok(conserved)
+}
+
+/// The benchmark's cluster: two shards, quiet logs, and `--no-fsync` on every node when asked.
+fn cluster_options(no_fsync: bool) -> Options {
+    let node_flags: Vec<String> = if no_fsync { vec!["--no-fsync".into()] } else { Vec::new() };
+    Options {
+        participants: SHARDS,
+        coordinator_args: node_flags.clone(),
+        participant_args: node_flags,
+        log_filter: "warn".into(),
+        ..Options::default()
+    }
 }
 
 fn nodes(cluster: &Cluster) -> impl Iterator<Item = &Node> {
@@ -778,15 +782,7 @@ pub async fn run_history(config: HistoryConfig) -> Result<bool> {
          {} clients; {durability}",
         config.accounts_per_shard, config.sizes, config.clients
     ));
-    let node_flags: Vec<String> = if config.no_fsync { vec!["--no-fsync".into()] } else { Vec::new() };
-    let options = Options {
-        participants: SHARDS,
-        coordinator_args: node_flags.clone(),
-        participant_args: node_flags,
-        log_filter: "warn".into(),
-        ..Options::default()
-    };
-    let mut cluster = Cluster::start_with(options).await;
+    let mut cluster = Cluster::start_with(cluster_options(config.no_fsync)).await;
     let accounts = pick_accounts(config.accounts_per_shard)?;
     create_accounts(&cluster, &accounts).await?;
     let mut sent = 0u64;
