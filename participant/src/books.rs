@@ -86,18 +86,11 @@ pub async fn accounts(
 ) -> Result<Json<AccountList>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let limit = page_limit(query.limit, ACCOUNTS_LIMIT_MAX)?;
-    let after = query.after.unwrap_or_default();
     let state = node.machine();
-    // Under the lock only references are moved: the first `limit` ids are selected, then sorted and cloned.
-    let by_id = |a: &(&AccountId, _), b: &(&AccountId, _)| a.0.as_str().cmp(b.0.as_str());
-    let mut page: Vec<_> = state.accounts().filter(|(id, _)| id.as_str() > after.as_str()).collect();
-    if page.len() > limit {
-        page.select_nth_unstable_by(limit, by_id);
-        page.truncate(limit);
-    }
-    page.sort_unstable_by(by_id);
-    let accounts = page
-        .into_iter()
+    // The accounts are ordered: a page is a range, so the lock is held for the page, not for every account.
+    let accounts = state
+        .accounts_after(query.after.as_deref())
+        .take(limit)
         .map(|(id, r)| AccountView {
             id: id.clone(),
             balance: r.balance,

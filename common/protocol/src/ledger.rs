@@ -41,6 +41,14 @@ impl AccountId {
     }
 }
 
+/// An id orders as its text does (the derived `Ord` compares the one field), so maps keyed by ids can be
+/// searched with any string, such as a page cursor that names no account.
+impl std::borrow::Borrow<str> for AccountId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl TryFrom<String> for AccountId {
     type Error = LedgerError;
     fn try_from(s: String) -> Result<Self, Self::Error> {

@@ -79,7 +79,8 @@ pub enum RestoreError {
 #[derive(Debug)]
 pub struct ParticipantMachine {
     shard: ShardId,
-    accounts: HashMap<AccountId, AccountRecord>,
+    /// Ordered, so that a page of accounts is a range, not a scan of them all.
+    accounts: BTreeMap<AccountId, AccountRecord>,
     prepared: HashMap<TransferId, PreparedRecord>,
     recent: Recent,
 }
@@ -125,7 +126,7 @@ impl ParticipantMachine {
     pub fn new(shard: ShardId) -> Self {
         ParticipantMachine {
             shard,
-            accounts: HashMap::new(),
+            accounts: BTreeMap::new(),
             prepared: HashMap::new(),
             recent: Recent::new(RECENT_FINISHED_MAX),
         }
@@ -144,7 +145,7 @@ impl ParticipantMachine {
     /// not read: they stay in the store, behind [`FinishedLog`].
     pub fn restore(
         shard: ShardId,
-        mut accounts: HashMap<AccountId, AccountRecord>,
+        mut accounts: BTreeMap<AccountId, AccountRecord>,
         prepared: HashMap<TransferId, PreparedRecord>,
     ) -> Result<Self, RestoreError> {
         for record in accounts.values_mut() {
@@ -176,8 +177,16 @@ impl ParticipantMachine {
         self.accounts.get(id).copied()
     }
 
+    /// Every account, in id order.
     pub fn accounts(&self) -> impl Iterator<Item = (&AccountId, &AccountRecord)> {
         self.accounts.iter()
+    }
+
+    /// The accounts whose id sorts after `after` (all of them for `None`), in id order.
+    pub fn accounts_after(&self, after: Option<&str>) -> impl Iterator<Item = (&AccountId, &AccountRecord)> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.accounts.range::<str, _>((start, Bound::Unbounded))
     }
 
     pub fn prepared(&self) -> impl Iterator<Item = (&TransferId, &PreparedRecord)> {
@@ -531,7 +540,7 @@ mod tests {
         m.decide(tx2, Decision::Commit, &NothingFinished, &mut w);
         // What a store holds: balances as last written, stale holds, and the prepared records.
         let stale = |b| AccountRecord { balance: b, held: 7, incoming: 7 };
-        let accounts: HashMap<_, _> = [(id("alice"), stale(80)), (id("bob"), stale(20))].into();
+        let accounts: BTreeMap<_, _> = [(id("alice"), stale(80)), (id("bob"), stale(20))].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let restored = ParticipantMachine::restore(0, accounts, prepared).expect("consistent");
         assert_eq!(restored.account(&id("alice")), m.account(&id("alice")));
@@ -544,7 +553,7 @@ mod tests {
         let mut w = Vec::new();
         let tx = Uuid::new_v4();
         m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w);
-        let accounts: HashMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0 })].into();
+        let accounts: BTreeMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0 })].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let err = ParticipantMachine::restore(0, accounts, prepared);
         assert!(matches!(err, Err(RestoreError::BadBalance(_))));
@@ -580,5 +589,15 @@ mod tests {
         // The same machine with nothing in the store would prepare it again: the lookup is what refuses.
         assert_eq!(m.prepare(oldest, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(1));
+    }
+
+    #[test]
+    fn accounts_page_from_any_cursor_in_id_order() {
+        let m = machine_with(&[("carol", 3), ("alice", 1), ("bob", 2), ("bob-2", 4)]);
+        let ids = |after: Option<&str>| m.accounts_after(after).map(|(id, _)| id.as_str().to_owned()).collect::<Vec<_>>();
+        assert_eq!(ids(None), ["alice", "bob", "bob-2", "carol"]);
+        assert_eq!(ids(Some("bob")), ["bob-2", "carol"]);
+        assert_eq!(ids(Some("b!")), ["bob", "bob-2", "carol"], "a cursor that is no valid id still pages");
+        assert_eq!(ids(Some("zz")), Vec::<String>::new());
     }
 }

@@ -356,7 +356,7 @@ impl LedgerModel {
     }
 
     fn machine(&self, shard: ShardId, books: &Books) -> Result<ParticipantMachine, String> {
-        let accounts: HashMap<AccountId, AccountRecord> = books.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let accounts: BTreeMap<AccountId, AccountRecord> = books.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let prepared: HashMap<TransferId, PreparedRecord> =
             books.prepared.iter().map(|(k, v)| (*k, v.clone())).collect();
         // No decision kept in memory: every one is read from the books, as the shell reads its store.

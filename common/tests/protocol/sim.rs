@@ -396,7 +396,7 @@ impl Records {
     }
 
     fn restore(&self, shard: ShardId) -> Result<ParticipantMachine, String> {
-        let accounts: HashMap<_, _> = self.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let accounts: BTreeMap<_, _> = self.accounts.clone();
         let prepared: HashMap<_, _> = self.prepared.iter().map(|(k, v)| (*k, v.clone())).collect();
         ParticipantMachine::restore(shard, accounts, prepared)
             .map(|m| m.with_recent_finished_max(RECENT_FINISHED_MAX))
