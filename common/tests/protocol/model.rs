@@ -20,7 +20,9 @@
 //! The coordinator **is** the real [`CoordinatorCore`] (held in the state and cloned per transition), driven
 //! the way `coordinator/src/engine.rs` and the simulator drive it: `handle_*`, then `poll_log`,
 //! `poll_transmit`, `poll_answer`, `poll_notice` until nothing is left, with `poll_timeout` saying when time
-//! may next move. Its log is two parts: the batches `poll_log` handed out and not yet synced (a crash loses
+//! may next move. Like the engine, it may take a burst of two inputs (votes, decision queries, submissions)
+//! before it drains the core, so the log the shell reads may lag the core's decisions; while a burst is open
+//! only coordinator steps are explored (participant steps commute with it). Its log is two parts: the batches `poll_log` handed out and not yet synced (a crash loses
 //! them, a commit's batch included, which asks for no sync) and the durable entries, one per transfer: its
 //! staging entry (`LogWrite::Stage`) until its decision overwrites it; a sync makes every pending batch
 //! durable, in order, and reports the last barrier among them with `handle_synced`. A restart builds a new
@@ -176,6 +178,9 @@ struct CState {
     links: Vec<Option<u8>>,
     /// Per shard, the core asked for a link that is not up (`Notice::LinkWanted`).
     wanted: Vec<bool>,
+    /// The core was fed an input (a vote, a query, a submit) and not yet drained: the engine feeds a burst
+    /// of inputs before it drains, so the log it reads may lag the core's decisions.
+    undrained: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -197,6 +202,8 @@ struct State {
 enum Action {
     Submit(u8),
     Deliver(Msg),
+    /// The shell drains the core after a burst of inputs (see `CState::undrained`).
+    Drain,
     /// The core's timer fires: the clock moves to `poll_timeout()` (if later) and `handle_timeout` runs.
     Timeout,
     /// The log's pending batches become durable; the last barrier among them is reported.
@@ -392,6 +399,7 @@ impl LedgerModel {
     fn apply(&self, s: &mut State, action: &Action) -> Result<(), String> {
         match action {
             Action::Submit(t) => self.submit(s, *t)?,
+            Action::Drain => self.drive(s)?,
             Action::Deliver(msg) => {
                 s.network.remove(msg);
                 self.deliver(s, msg.clone())?;
@@ -440,6 +448,7 @@ impl LedgerModel {
                 s.crashes_left -= 1;
                 let c = &mut s.coordinator;
                 c.core = None;
+                c.undrained = false;
                 c.epoch += 1;
                 c.pending.clear();
                 c.waiting.iter_mut().for_each(|w| *w = false);
@@ -514,7 +523,18 @@ impl LedgerModel {
             .handle_submit(now, id, transfer, None, logged.as_ref())
             .map_err(|e| format!("the core refused t{t}: {e:?}"))?;
         c.waiting[t as usize] = true;
-        self.drive(s)
+        self.end_of_input(s)
+    }
+
+    /// After an input a burst may hold: the first leaves the core undrained (another input may follow before
+    /// the shell drains it, `Action::Drain`); a second one ends the burst.
+    fn end_of_input(&self, s: &mut State) -> Result<(), String> {
+        if s.coordinator.undrained {
+            self.drive(s)
+        } else {
+            s.coordinator.undrained = true;
+            Ok(())
+        }
     }
 
     /// The resolver's question: every transfer the shard holds prepared, with its body.
@@ -554,7 +574,7 @@ impl LedgerModel {
                 }
                 let now = c.now;
                 c.core().handle_replies(now, shard, replies);
-                self.drive(s)?;
+                self.end_of_input(s)?;
             }
             Msg::Query { shard, life, items } => {
                 let c = &mut s.coordinator;
@@ -572,7 +592,7 @@ impl LedgerModel {
                     .collect();
                 let query = c.core().handle_query(asked);
                 c.queries.insert(query, (shard, life, ids));
-                self.drive(s)?;
+                self.end_of_input(s)?;
             }
             Msg::Answers { shard, life, decisions } => {
                 let ps = &s.participants[shard as usize];
@@ -626,6 +646,7 @@ impl LedgerModel {
 
     /// Carries out what the core asks for, as the engine's `drive` does, until it asks for nothing more.
     fn drive(&self, s: &mut State) -> Result<(), String> {
+        s.coordinator.undrained = false;
         loop {
             let mut progressed = false;
             let c = &mut s.coordinator;
@@ -886,6 +907,9 @@ impl LedgerModel {
                 Some(_) => {}
             }
         }
+        if c.undrained {
+            return Some(Action::Drain);
+        }
         if let Some(msg) = s.network.iter().next() {
             return Some(Action::Deliver(msg.clone()));
         }
@@ -908,6 +932,7 @@ impl LedgerModel {
     fn settled(&self, s: &State) -> Result<bool, String> {
         let c = &s.coordinator;
         let quiet = c.core.as_ref().is_some_and(CoordinatorCore::is_idle)
+            && !c.undrained
             && c.pending.is_empty()
             && c.queries.is_empty()
             && s.network.is_empty()
@@ -975,6 +1000,7 @@ impl Model for LedgerModel {
                 queries: BTreeMap::new(),
                 links: vec![Some(0); SHARDS as usize],
                 wanted: vec![false; SHARDS as usize],
+                undrained: false,
             },
             participants,
             network: BTreeSet::new(),
@@ -986,7 +1012,8 @@ impl Model for LedgerModel {
         };
         if self.retries == Retries::AfterCrash {
             for t in 0..self.transfer_count() as u8 {
-                self.submit(&mut state, t).expect("the first submissions are taken");
+                // Each on its own, drained at once: the prepares travel in separate frames.
+                self.submit(&mut state, t).and_then(|()| self.drive(&mut state)).expect("the first submissions are taken");
             }
         }
         self.normalize(&mut state).expect("the initial state normalizes");
@@ -1000,6 +1027,26 @@ impl Model for LedgerModel {
         let c = &s.coordinator;
         let crashed = c.epoch > 0 || s.participants.iter().any(|p| p.life > 0);
         let retrying = self.retries == Retries::Always || crashed;
+        if c.undrained {
+            // Mid-burst: another input to the coordinator, the drain that ends the burst, or a crash before
+            // it. Every other step touches only participants and commutes with the burst, so it is explored
+            // after the drain instead (a partial-order reduction that keeps the state count within CI).
+            actions.push(Action::Drain);
+            for msg in s.network.iter().filter(|m| matches!(m, Msg::Replies { .. } | Msg::Query { .. })) {
+                actions.push(Action::Deliver(msg.clone()));
+            }
+            if self.retries == Retries::Always || c.epoch > 0 {
+                for t in 0..self.transfer_count() {
+                    if s.answers[t].is_none() && !c.waiting[t] {
+                        actions.push(Action::Submit(t as u8));
+                    }
+                }
+            }
+            if s.crashes_left > 0 && self.crashable[0] {
+                actions.push(Action::CrashCoordinator);
+            }
+            return;
+        }
         for msg in &s.network {
             actions.push(Action::Deliver(msg.clone()));
         }
