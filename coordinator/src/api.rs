@@ -560,6 +560,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         "flush_waiters": s.waiters.load(Relaxed),
         "flush_micros": s.flush_micros.load(Relaxed),
         "in_doubt": state.engine.in_doubt().await.len(),
+        "in_memory": state.engine.in_memory().await.unwrap_or(Value::Null),
         "transfers": state.rates.to_json(),
     }))
 }

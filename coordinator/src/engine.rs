@@ -121,6 +121,7 @@ enum Command {
     Read { shard: ShardId, account: AccountId, reply: Reply<Option<Option<AccountRecord>>> },
     Running { id: Option<TransferId>, account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer)>> },
     Owed { reply: Reply<Vec<OwedView>> },
+    InMemory { reply: Reply<serde_json::Value> },
 }
 
 pub(crate) enum Event {
@@ -240,6 +241,11 @@ impl Engine {
     pub async fn in_doubt(&self) -> Vec<InDoubt> {
         let owed = self.ask(|reply| Command::Owed { reply }).await.unwrap_or_default();
         owed.into_iter().map(in_doubt_view).collect()
+    }
+
+    /// The sizes of what the engine and its core hold in memory (for `GET /stats`): none grows with history.
+    pub async fn in_memory(&self) -> Result<serde_json::Value, EngineError> {
+        self.ask(|reply| Command::InMemory { reply }).await
     }
 
     /// Keeps the participant-up gauge current for dashboards and alerts.
@@ -386,6 +392,20 @@ impl Shell {
                 let _ = reply.send(list);
             }
             Command::Owed { reply } => drop(reply.send(self.core.owed(now))),
+            Command::InMemory { reply } => {
+                let core = self.core.in_memory();
+                let view = serde_json::json!({
+                    "running": core.running,
+                    "owed": core.owed,
+                    "queued": core.queued,
+                    "unlogged": core.unlogged,
+                    "log_owed": self.wal.owed_count(),
+                    "waiting_clients": self.waiters.len(),
+                    "queries": self.queries.len(),
+                    "reads": self.reads.len(),
+                });
+                drop(reply.send(view))
+            }
         }
     }
 

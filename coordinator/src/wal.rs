@@ -258,6 +258,11 @@ impl Wal {
         Ok(wal)
     }
 
+    /// Transfers the log tracks as owed something (a decision, or acks of their commit).
+    pub fn owed_count(&self) -> usize {
+        self.owed().time_of.len()
+    }
+
     fn owed(&self) -> MutexGuard<'_, Owed> {
         // Poisoned only by a panic mid-update, and the engine aborts on any failure before that could matter.
         self.owed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -225,6 +225,19 @@ pub struct OwedView {
     pub awaiting_shards: Vec<ShardId>,
 }
 
+/// The sizes of what a core holds ([`CoordinatorCore::in_memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InMemory {
+    /// Transfers being decided (at most `transfers_in_flight_max`, plus recovered staged ones).
+    pub running: usize,
+    /// Decided transfers some shard has not acknowledged.
+    pub owed: usize,
+    /// Items waiting for a shard's link.
+    pub queued: usize,
+    /// Decisions made but not yet handed to the shell.
+    pub unlogged: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoordinatorCore {
     config: CoreConfig,
@@ -590,6 +603,16 @@ impl CoordinatorCore {
             .collect();
         list.sort_by_key(|o| (std::cmp::Reverse(o.age_ms), o.id));
         list
+    }
+
+    /// What the core holds, by kind: each is bounded by the transfers in flight or owed acks, none by history.
+    pub fn in_memory(&self) -> InMemory {
+        InMemory {
+            running: self.running.len(),
+            owed: self.owed.len(),
+            queued: self.outbox.iter().map(VecDeque::len).sum(),
+            unlogged: self.unlogged.len(),
+        }
     }
 
     /// Nothing running, owed, queued or waiting for a sync: the state a healed, quiet cluster reaches.

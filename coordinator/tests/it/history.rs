@@ -62,6 +62,21 @@ async fn round(c: &mut Cluster, accounts: &[Vec<String>], transfers: u64, seed: 
     // Nothing of the history was read back at restart, and recognising old ids read the store, not memory.
     assert_eq!(mem["finished"].as_u64(), Some(0), "p0 holds no finished transfer after its restart: {stats}");
     assert_eq!(mem["recent_commits"].as_u64(), Some(0), "{stats}");
+    // The coordinator, once the cluster is quiet, holds nothing of any transfer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = c.get("/stats").await;
+        let m = &stats["in_memory"];
+        let counts: Vec<u64> = ["running", "owed", "unlogged", "log_owed", "waiting_clients"]
+            .iter()
+            .map(|k| m[*k].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        if counts.iter().all(|n| *n == 0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the quiet coordinator still holds transfers: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The shard that was not restarted holds at most its bound, whatever the history.
     let other = participant_stats(c, 1).await;
     let (held, bound) = (other["in_memory"]["finished"].as_u64(), other["in_memory"]["finished_max"].as_u64());
