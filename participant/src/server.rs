@@ -163,7 +163,7 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let in_memory = {
         let state = node.machine();
         json!({
-            "accounts": state.accounts().count(),
+            "accounts": state.accounts_len(),
             "prepared": state.prepared().count(),
             "finished": state.recent_finished().count(),
             "finished_max": protocol::participant::RECENT_FINISHED_MAX,
