@@ -84,11 +84,13 @@ pub struct Inserts {
     pub commit_seqs: HashMap<TransferId, u64>,
     /// The journal's next sequence number, if entries were added.
     pub next_seq: Option<u64>,
+    /// The money created so far, if accounts were opened (written once per batch, however many).
+    pub created_total: Option<i128>,
 }
 
 impl Inserts {
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.commit_seqs.is_empty() && self.next_seq.is_none()
+        self.keys.is_empty() && self.commit_seqs.is_empty() && self.next_seq.is_none() && self.created_total.is_none()
     }
 }
 
@@ -138,7 +140,7 @@ impl JournalState {
 
     pub fn opened(&mut self, account: &AccountId, balance: i64, now: u64, out: &mut Inserts) {
         self.created_total += i128::from(balance);
-        out.keys.push((CREATED_TOTAL_KEY.to_vec(), Some(self.created_total.to_be_bytes().to_vec())));
+        out.created_total = Some(self.created_total);
         self.entry(account, EntryKind::Opened, None, balance, balance, now, None, out);
     }
 

@@ -55,6 +55,9 @@ pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Resul
     if let Some(next) = extra.next_seq {
         batch.insert(journal::NEXT_SEQ_KEY, &next.to_be_bytes()[..]);
     }
+    if let Some(total) = extra.created_total {
+        batch.insert(journal::CREATED_TOTAL_KEY, &total.to_be_bytes()[..]);
+    }
     for write in writes {
         match write {
             // Only the balance is durable: holds follow from the prepared records.
