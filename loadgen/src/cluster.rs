@@ -43,6 +43,9 @@ fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Attempts at creating an account that the coordinator answers 503.
+const CREATE_ATTEMPTS_MAX: u32 = 5;
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
 }
@@ -311,10 +314,25 @@ impl Cluster {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Creates an account; a 503 (its shard slower than the coordinator's participant timeout, as when many
+    /// test clusters share two cores) is retried, and a 409 after it means the first attempt landed.
     pub async fn create_account(&self, id: &str, balance: i64) -> u32 {
-        let (status, body) = self.post("/accounts", json!({"id": id, "balance": balance})).await;
-        assert_eq!(status, 201, "creating {id}: {body}");
-        body["shard"].as_u64().expect("shard in body") as u32
+        let mut unavailable = 0;
+        loop {
+            let (status, body) = self.post("/accounts", json!({"id": id, "balance": balance})).await;
+            match status {
+                503 if unavailable < CREATE_ATTEMPTS_MAX => {
+                    unavailable += 1;
+                    eprintln!("creating {id}: 503 ({body}), trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                409 if unavailable > 0 => return self.account(id).await["shard"].as_u64().expect("shard") as u32,
+                _ => {
+                    assert_eq!(status, 201, "creating {id}: {body}");
+                    return body["shard"].as_u64().expect("shard in body") as u32;
+                }
+            }
+        }
     }
 
     pub async fn account(&self, id: &str) -> Value {
