@@ -32,12 +32,6 @@ impl FinishedLog for BTreeMap<TransferId, Decision> {
     }
 }
 
-impl FinishedLog for HashMap<TransferId, Decision> {
-    fn decision(&self, id: &TransferId) -> Option<Decision> {
-        self.get(id).copied()
-    }
-}
-
 /// A store that has finished nothing yet.
 pub struct NothingFinished;
 
