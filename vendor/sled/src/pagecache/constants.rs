@@ -25,7 +25,11 @@ pub(crate) const COUNTER_PID: PageId = 1;
 pub(crate) const BATCH_MANIFEST_PID: PageId = PageId::max_value() - 666;
 
 pub(crate) const PAGE_CONSOLIDATION_THRESHOLD: usize = 10;
-pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 50;
+pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 25;
+/// Pages the segment cleaner relocates after each page replacement (upstream: 1). One page per replacement
+/// falls behind any workload that scatters small writes over many pages: the queue of pages to relocate
+/// grows without end and so does the file. See PATCHES.md, change 4.
+pub(crate) const SEGMENT_CLEANER_PAGES_PER_REPLACE: usize = 2;
 
 // Allows for around 1 trillion items to be stored
 // 2^37 * (assuming 50% node fill, 8 items per leaf)

@@ -38,7 +38,8 @@ use self::{
     blob_io::{gc_blobs, read_blob, remove_blob, write_blob},
     constants::{
         BATCH_MANIFEST_PID, COUNTER_PID, META_PID,
-        PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANUP_THRESHOLD,
+        PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANER_PAGES_PER_REPLACE,
+        SEGMENT_CLEANUP_THRESHOLD,
     },
     header::Header,
     iobuf::{roll_iobuf, IoBuf, IoBufs},
@@ -1204,10 +1205,14 @@ impl PageCache {
         let result =
             self.cas_page(pid, old, Update::Node(new), false, guard)?;
 
-        if let Some((pid_to_clean, segment_to_clean)) =
-            self.log.iobufs.segment_cleaner.pop()
-        {
-            self.rewrite_page(pid_to_clean, segment_to_clean, guard)?;
+        // `pop` also answers None when it drops a segment whose pages have
+        // all moved, so a None does not end the loop.
+        for _ in 0..SEGMENT_CLEANER_PAGES_PER_REPLACE {
+            if let Some((pid_to_clean, segment_to_clean)) =
+                self.log.iobufs.segment_cleaner.pop()
+            {
+                self.rewrite_page(pid_to_clean, segment_to_clean, guard)?;
+            }
         }
 
         Ok(result.map_err(|fail| {
