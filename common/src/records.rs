@@ -6,13 +6,14 @@ use crate::ledger::{AccountId, TransferId};
 pub use protocol::state::*;
 use serde::{de::DeserializeOwned, Serialize};
 
-/// Layout version written in front of every record value: the layout in which record values last changed
-/// (layout 3 changed only keys).
-pub const RECORD_VERSION: u8 = 2;
-const _: () = assert!(RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
-/// The coordinator's staging record, new in layout 4 (the value of a time-index key, empty before).
-pub const STAGED_RECORD_VERSION: u8 = 4;
-const _: () = assert!(STAGED_RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
+/// Version byte written in front of every record value: layout 5, whose bodies are bincode with variable-length
+/// integers (about half the bytes of fixed-width ones for the ledger's records).
+pub const RECORD_VERSION: u8 = 5;
+const _: () = assert!(RECORD_VERSION as u32 == migrations::LAYOUT_VERSION);
+/// Records written before layout 5 (fixed-width integers). Layout 5 left them in place, so they are still read.
+pub const FIXINT_RECORD_VERSION: u8 = 2;
+/// The coordinator's staging record before layout 5 (the value of a time-index key; new in layout 4).
+pub const FIXINT_STAGED_RECORD_VERSION: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -24,27 +25,33 @@ pub enum RecordError {
     Decode(#[from] bincode::Error),
 }
 
+fn compact() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().reject_trailing_bytes()
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    encode_as(RECORD_VERSION, value)
-}
-
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
-    decode_as(RECORD_VERSION, bytes)
-}
-
-/// A record whose version byte is `version` rather than [`RECORD_VERSION`].
-pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
-    let mut out = vec![version];
+    use bincode::Options;
+    let mut out = vec![RECORD_VERSION];
     // Serialising plain owned data into a Vec cannot fail.
-    bincode::serialize_into(&mut out, value).expect("bincode into a Vec is infallible");
+    compact().serialize_into(&mut out, value).expect("bincode into a Vec is infallible");
     out
 }
 
-pub fn decode_as<T: DeserializeOwned>(version: u8, bytes: &[u8]) -> Result<T, RecordError> {
+/// A record of this layout, or one of the kind written before layout 5 with version byte
+/// [`FIXINT_RECORD_VERSION`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    decode_or_fixint(FIXINT_RECORD_VERSION, bytes)
+}
+
+/// A record of this layout, or one written before layout 5 whose version byte is `fixint_version`.
+pub fn decode_or_fixint<T: DeserializeOwned>(fixint_version: u8, bytes: &[u8]) -> Result<T, RecordError> {
+    use bincode::Options;
     match bytes.split_first() {
         None => Err(RecordError::Empty),
-        Some((&found, body)) if found == version => Ok(bincode::deserialize(body)?),
-        Some((&found, _)) => Err(RecordError::Version { found, expected: version }),
+        Some((&RECORD_VERSION, body)) => Ok(compact().deserialize(body)?),
+        Some((&found, body)) if found == fixint_version => Ok(bincode::deserialize(body)?),
+        Some((&found, _)) => Err(RecordError::Version { found, expected: RECORD_VERSION }),
     }
 }
 
@@ -97,5 +104,56 @@ mod tests {
         newer[0] = RECORD_VERSION + 1;
         assert!(matches!(decode::<AccountRecord>(&newer), Err(RecordError::Version { .. })));
         assert!(matches!(decode::<AccountRecord>(&[]), Err(RecordError::Empty)));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(decode::<AccountRecord>(&trailing), Err(RecordError::Decode(_))));
+    }
+
+    /// The sizes `ARCHITECTURE.md` gives for the records written per transfer (accounts of 11 characters, a
+    /// token name of 6, times of 2026): layout 5 against the fixed-width bodies before it.
+    #[test]
+    fn layout_5_record_sizes() {
+        use crate::ledger::{Amount, Posting, Transfer};
+        let account = |n: &str| AccountId::new(n).expect("valid");
+        let transfer =
+            Transfer { from: account("acct-000123"), to: account("acct-000456"), amount: Amount::new(250).expect("positive") };
+        let at = 1_796_000_000_000u64;
+        let made_by = Some("loadgen".to_string());
+        let decided = (
+            TransferRecord { transfer: transfer.clone(), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: at },
+            made_by.clone(),
+        );
+        let prepared = PreparedRecord {
+            transfer: transfer.clone(),
+            postings: vec![Posting { account: account("acct-000123"), delta: -250 }],
+            coordinator_url: "http://127.0.0.1:7000".into(),
+            prepared_at_unix_ms: at,
+            made_by,
+        };
+        let finished = FinishedRecord { decision: protocol::msg::Decision::Commit, commit_seq: Some(1_000_000) };
+        let fixint = |bytes: Vec<u8>| bytes.len() + 1;
+        let sizes = [
+            ("coordinator t", encode(&decided).len(), fixint(bincode::serialize(&decided).expect("ser"))),
+            ("participant p", encode(&prepared).len(), fixint(bincode::serialize(&prepared).expect("ser"))),
+            ("participant f", encode(&finished).len(), fixint(bincode::serialize(&finished).expect("ser"))),
+            ("participant a", encode(&1_000_000i64).len(), fixint(bincode::serialize(&1_000_000i64).expect("ser"))),
+        ];
+        for (name, compact, fixed) in sizes {
+            eprintln!("{name}: {compact} B, was {fixed} B");
+        }
+        assert_eq!(sizes.map(|(_, compact, fixed)| (compact, fixed)), [(50, 91), (84, 135), (8, 14), (6, 9)]);
+    }
+
+    #[test]
+    fn records_written_before_layout_5_still_decode() {
+        let rec = AccountRecord { balance: 10, held: 3, incoming: 1 };
+        let mut old = vec![FIXINT_RECORD_VERSION];
+        old.extend(bincode::serialize(&rec).expect("serialises"));
+        assert_eq!(decode::<AccountRecord>(&old).expect("decodes"), rec);
+        assert!(encode(&rec).len() < old.len(), "layout 5 is the smaller encoding");
+        // A staging record's old version byte is only accepted where a staging record is read.
+        old[0] = FIXINT_STAGED_RECORD_VERSION;
+        assert!(matches!(decode::<AccountRecord>(&old), Err(RecordError::Version { .. })));
+        assert_eq!(decode_or_fixint::<AccountRecord>(FIXINT_STAGED_RECORD_VERSION, &old).expect("decodes"), rec);
     }
 }

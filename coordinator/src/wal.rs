@@ -142,7 +142,7 @@ impl Owed {
             match op {
                 Op::Stage(id, staged) => {
                     let at = staged.staged_at_unix_ms;
-                    let value = records::encode_as(records::STAGED_RECORD_VERSION, &staged);
+                    let value = records::encode(&staged);
                     inserts.push((time_key(vec![BY_TIME], at, &id), value));
                     self.insert(at, id);
                 }
@@ -374,7 +374,7 @@ impl Wal {
                 Some(d) if d.record.outcome == Outcome::Committed => found(at, id, Entry::Decided(d)),
                 Some(_) => {}
                 None if v.is_empty() => {} // a crash kept the index key and lost its record
-                None => found(at, id, Entry::Staged(records::decode_as(records::STAGED_RECORD_VERSION, &v)?)),
+                None => found(at, id, Entry::Staged(records::decode_or_fixint(records::FIXINT_STAGED_RECORD_VERSION, &v)?)),
             }
         }
         Ok(())
@@ -544,10 +544,11 @@ mod tests {
                     .map(|(_, v)| u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes")))
                     .or(case.old_mark);
                 // The last entry written for each transfer in this prefix.
-                let mut entries: HashMap<TransferId, &[u8]> = HashMap::new();
+                // (is it a decision, its value)
+                let mut entries: HashMap<TransferId, (bool, &[u8])> = HashMap::new();
                 for (pos, (k, v)) in prefix.iter().enumerate() {
                     if k[0] == BY_TIME && !v.is_empty() {
-                        entries.entry(Uuid::from_slice(&k[9..]).expect("id")).or_insert(v); // a staging record
+                        entries.entry(Uuid::from_slice(&k[9..]).expect("id")).or_insert((false, v)); // a staging record
                     }
                     if k[0] != RECORD {
                         continue;
@@ -557,12 +558,11 @@ mod tests {
                     let indexed = before.iter().any(|(_, i)| *i == id)
                         || prefix[..pos].iter().any(|(k2, _)| k2.as_slice() == time_key(vec![BY_TIME], at, &id));
                     assert!(indexed, "case {n}, cut {cut}: a record without its index key");
-                    entries.insert(id, v);
+                    entries.insert(id, (true, v));
                 }
                 let finished = |id: &TransferId| {
-                    entries.get(id).is_some_and(|v| {
-                        v[0] == records::RECORD_VERSION
-                            && records::decode::<Decided>(v).expect("decodes").record.outcome != Outcome::Committed
+                    entries.get(id).is_some_and(|(decided, v)| {
+                        *decided && records::decode::<Decided>(v).expect("decodes").record.outcome != Outcome::Committed
                     })
                 };
                 let must_finish = still
@@ -589,8 +589,10 @@ mod tests {
             migrations::stamp_version(&db, 2).expect("stamp");
             for (id, at, marked) in [(acked, 10, false), (owed_early, 20, true), (owed_late, 30, true)] {
                 let record = record(Outcome::Committed, at);
-                db.insert(key(RECORD, &id), records::encode(&DecidedRef { record: &record, made_by: None }))
-                    .expect("insert");
+                // As layout 2 wrote it: fixed-width bincode.
+                let mut value = vec![records::FIXINT_RECORD_VERSION];
+                value.extend(bincode::serialize(&DecidedRef { record: &record, made_by: None }).expect("serialises"));
+                db.insert(key(RECORD, &id), value).expect("insert");
                 db.insert(time_key(vec![BY_TIME], at, &id), &[][..]).expect("insert");
                 if marked {
                     db.insert(key(b'u', &id), &[][..]).expect("insert");

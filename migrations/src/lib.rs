@@ -9,9 +9,9 @@
 /// transfers in one prefixed tree; coordinator transfer records keyed by id. Version 2 writes fewer keys per
 /// transfer (see [`v2_fewer_keys`]). Version 3 replaces the coordinator's marker per commit owed acks with one
 /// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `r` index key hold a staging record
-/// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]); other record values are
-/// unchanged since version 2.
-pub const LAYOUT_VERSION: u32 = 4;
+/// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]). Version 5 writes record bodies
+/// with variable-length integers (version byte 5; see [`v5_compact_records`]).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
 /// shards; commits at or after it may not be. `u64::MAX`: none is owed.
@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to_version: 4,
         description: "coordinator: staging records (parallel commits) in the time index's values",
         apply: v4_staging_records,
+    },
+    Migration {
+        to_version: 5,
+        description: "record bodies with variable-length integers (version byte 5); older records read as they are",
+        apply: v5_compact_records,
     },
 ];
 
@@ -199,6 +204,15 @@ fn v3_acked_before_mark(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
 /// mark already means what layout 4 needs (every transfer indexed before it is decided and acknowledged). The
 /// version bump alone keeps an older binary, which would not finish staged transfers, from opening the store.
 fn v4_staging_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
+    Ok(())
+}
+
+/// Version 4 → 5 rewrites nothing: a record keeps the version byte it was written with, and readers decode a
+/// version-5 body as variable-length bincode and an older one (version byte 2, or 4 for a staging record) as
+/// fixed-width bincode, so old records need no rewrite, which at a million transfers would take minutes. New
+/// records are written at version 5 (about half the bytes). The bump keeps a layout-4 binary, which cannot read
+/// them, from opening the store.
+fn v5_compact_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }
 

@@ -237,4 +237,23 @@ mod tests {
         let err = state.commits_between(9, 12).expect_err("from before the start");
         assert_eq!((err.after, err.from), (9, 10));
     }
+
+    /// The size `ARCHITECTURE.md` gives for a journal entry (an account of 11 characters, a token name of 6, the
+    /// millionth posting, a time of 2026), in layout 5 and in the fixed-width body before it.
+    #[test]
+    fn a_journal_entry_takes_about_half_the_bytes_in_layout_5() {
+        let entry = JournalEntry {
+            seq: 1_000_000,
+            account: AccountId::new("acct-000123").expect("valid"),
+            kind: EntryKind::Posting,
+            transfer_id: Some(uuid::Uuid::new_v4()),
+            amount: -250,
+            balance_after: 999_750,
+            at_unix_ms: 1_796_000_000_000,
+            actor: Some("loadgen".into()),
+        };
+        let fixed = 1 + bincode::serialize(&entry).expect("serialises").len();
+        assert_eq!((records::encode(&entry).len(), fixed), (63, 97));
+        assert_eq!(entry_key(&entry.account, entry.seq).len(), 21);
+    }
 }
