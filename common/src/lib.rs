@@ -8,6 +8,7 @@ pub mod crash;
 pub mod http;
 pub use protocol::ledger;
 pub mod records;
+pub mod redo;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

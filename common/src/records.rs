@@ -9,7 +9,8 @@ use serde::{de::DeserializeOwned, Serialize};
 /// Version byte written in front of every record value: layout 5, whose bodies are bincode with variable-length
 /// integers (about half the bytes of fixed-width ones for the ledger's records).
 pub const RECORD_VERSION: u8 = 5;
-const _: () = assert!(RECORD_VERSION as u32 == migrations::LAYOUT_VERSION);
+// Layout 6 changed where records are written, not how they are encoded.
+const _: () = assert!(RECORD_VERSION as u32 <= migrations::LAYOUT_VERSION);
 /// Records written before layout 5 (fixed-width integers). Layout 5 left them in place, so they are still read.
 pub const FIXINT_RECORD_VERSION: u8 = 2;
 /// The coordinator's staging record before layout 5 (the value of a time-index key; new in layout 4).

@@ -1,10 +1,13 @@
-//! The durable store both kinds of node write through: a sled database plus one group-commit flusher.
+//! The durable store both kinds of node write through: a sled database plus one group-commit flusher. A
+//! participant's store also has a redo log in front of sled ([`crate::redo`]): its group commit fdatasyncs the
+//! log, and sled is flushed only at checkpoints.
 //!
 //! sled 0.34's own `flush()` ends in `sync_file_range` on Linux, which survives SIGKILL but not power loss. Here
 //! "durable" means surviving power loss: after sled's flush, the flusher `fdatasync`s the store's log file. It is
 //! the only thread that flushes (sled's `flush_async` deadlocks under many concurrent callers), and it serves
 //! every writer waiting when it starts, so one fsync covers a whole batch of transfers (group commit).
 
+use crate::redo::{Class, LogWriter, Op, Redo, RedoError};
 use crate::telemetry::names;
 pub use migrations::StoreKind;
 use std::fs::File;
@@ -61,6 +64,8 @@ pub enum StoreError {
     FlusherGone,
     #[error(transparent)]
     Record(#[from] crate::records::RecordError),
+    #[error(transparent)]
+    Redo(#[from] RedoError),
 }
 
 /// Counters of the flusher, for the benchmark and `/stats`.
@@ -80,33 +85,104 @@ pub struct Store {
     flush_queue: mpsc::Sender<oneshot::Sender<()>>,
     pub stats: Arc<FlushStats>,
     durability: Durability,
+    redo: Option<Arc<Redo>>,
+}
+
+/// How a participant's keys are written through its redo log: see [`Store::open_logged`].
+#[derive(Clone, Copy)]
+pub struct RedoLayout {
+    pub classify: fn(&[u8]) -> Class,
+    /// The first byte of every [`Class::Transient`] key.
+    pub transient_prefix: u8,
+}
+
+/// Where a group commit makes writes durable.
+enum Sink {
+    /// sled's own flush, then an fdatasync of its log file.
+    Sled(sled::Db, File),
+    /// An append to the redo log, then an fdatasync of it (or no fdatasync when not durable).
+    Redo(LogWriter, Durability),
 }
 
 impl Store {
     /// Opens (retrying while an old process's lock lingers), migrates, and starts the flusher thread.
     pub fn open(dir: &Path, kind: StoreKind, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
-        let StoreOptions { durability, cache_bytes } = options.into();
+        Store::open_with(dir, kind, options.into(), None)
+    }
+
+    /// Opens a store with a redo log in `dir/redo`: replays it into sled first, then migrates. Writes go through
+    /// [`Store::log`], which classifies each key with `layout`.
+    pub fn open_logged(dir: &Path, options: impl Into<StoreOptions>, layout: RedoLayout) -> Result<Store, StoreError> {
+        Store::open_with(dir, StoreKind::Participant, options.into(), Some(layout))
+    }
+
+    fn open_with(
+        dir: &Path,
+        kind: StoreKind,
+        options: StoreOptions,
+        layout: Option<RedoLayout>,
+    ) -> Result<Store, StoreError> {
+        let StoreOptions { durability, cache_bytes } = options;
         let path = dir.join("store");
         let db = open_with_retry(&path, cache_bytes)?;
-        let previous = migrations::migrate(&db, kind)?;
-        tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
-        let log = File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path, source })?;
+        let open_log = || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
+        let (redo, sink) = match layout {
+            None => (None, Sink::Sled(db.clone(), open_log()?)),
+            Some(layout) => {
+                // A newer binary's log may not be ours to replay: let `migrate` refuse the store first.
+                if let Some(found) = migrations::stored_version(&db)? {
+                    if found > migrations::LAYOUT_VERSION {
+                        return Err(migrations::MigrationError::TooNew { found }.into());
+                    }
+                }
+                let (redo, writer) =
+                    Redo::open(&dir.join("redo"), &db, open_log()?, layout.classify, layout.transient_prefix)?;
+                (Some(redo), Sink::Redo(writer, durability))
+            }
+        };
+        let previous = migrations::migrate(&db, kind)?;
+        tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         let (flush_queue, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         let stats = Arc::new(FlushStats::default());
-        let flusher_db = db.clone();
         let flusher_stats = stats.clone();
         std::thread::Builder::new()
             .name("group-commit".into())
-            .spawn(move || flusher(flusher_db, log, rx, flusher_stats))
+            .spawn(move || flusher(sink, rx, flusher_stats))
             .map_err(|source| StoreError::LogFile { path: path.clone(), source })?;
-        Ok(Store { db, flush_queue, stats, durability })
+        Ok(Store { db, flush_queue, stats, durability, redo })
+    }
+
+    /// Applies one group of writes, atomically as far as a crash can tell; durable after the next [`sync`].
+    /// Through the redo log if the store has one, else as one sled batch.
+    ///
+    /// [`sync`]: Store::sync
+    pub fn log(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        match &self.redo {
+            Some(redo) => Ok(redo.log(ops)?),
+            None => {
+                let mut batch = sled::Batch::default();
+                for (key, value) in ops {
+                    match value {
+                        Some(value) => batch.insert(key, value),
+                        None => batch.remove(key),
+                    }
+                }
+                Ok(self.db.apply_batch(batch)?)
+            }
+        }
+    }
+
+    /// Checkpoints written, and keys waiting for the next one: `None` without a redo log.
+    pub fn redo_stats(&self) -> Option<(u64, usize)> {
+        self.redo.as_ref().map(|r| (r.checkpoints_done.load(Ordering::Relaxed), r.deferred_keys()))
     }
 
     /// Returns once every write this task made before the call is durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        if self.durability == Durability::NoFsync {
+        // Without a redo log nothing needs doing; with one, its frames must still be written out.
+        if self.durability == Durability::NoFsync && self.redo.is_none() {
             return Ok(());
         }
         let (done, wait) = oneshot::channel();
@@ -134,7 +210,7 @@ fn open_with_retry(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError
 /// The group-commit loop: take every waiting writer, make their writes durable with one flush and one
 /// fdatasync, release them all. A failed fsync leaves the page cache in an unknown state (the write may be
 /// lost while the cache says clean), so the only safe answer is to stop the process and recover from disk.
-fn flusher(db: sled::Db, log: File, mut rx: mpsc::Receiver<oneshot::Sender<()>>, stats: Arc<FlushStats>) {
+fn flusher(mut sink: Sink, mut rx: mpsc::Receiver<oneshot::Sender<()>>, stats: Arc<FlushStats>) {
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -142,7 +218,12 @@ fn flusher(db: sled::Db, log: File, mut rx: mpsc::Receiver<oneshot::Sender<()>>,
             batch.push(next);
         }
         let started = Instant::now();
-        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| log.sync_data().map_err(|e| e.to_string()));
+        let result = match &mut sink {
+            Sink::Sled(db, log) => {
+                db.flush().map_err(|e| e.to_string()).and_then(|_| log.sync_data().map_err(|e| e.to_string()))
+            }
+            Sink::Redo(writer, durability) => writer.write(*durability == Durability::Fsync).map_err(|e| e.to_string()),
+        };
         if let Err(error) = result {
             tracing::error!(%error, "flush or fdatasync failed: stopping so recovery starts from what is on disk");
             std::process::abort();

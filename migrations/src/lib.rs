@@ -10,8 +10,9 @@
 /// transfer (see [`v2_fewer_keys`]). Version 3 replaces the coordinator's marker per commit owed acks with one
 /// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `r` index key hold a staging record
 /// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]). Version 5 writes record bodies
-/// with variable-length integers (version byte 5; see [`v5_compact_records`]).
-pub const LAYOUT_VERSION: u32 = 5;
+/// with variable-length integers (version byte 5; see [`v5_compact_records`]). Version 6 puts a redo log in
+/// front of a participant's store (see [`v6_redo_log`]).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
 /// shards; commits at or after it may not be. `u64::MAX`: none is owed.
@@ -65,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to_version: 5,
         description: "record bodies with variable-length integers (version byte 5); older records read as they are",
         apply: v5_compact_records,
+    },
+    Migration {
+        to_version: 6,
+        description: "participant: a redo log in front of the store; balances and prepared records reach it at checkpoints",
+        apply: v6_redo_log,
     },
 ];
 
@@ -214,6 +220,17 @@ fn v4_staging_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
 /// them, from opening the store.
 fn v5_compact_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
+}
+
+/// Version 5 → 6: nothing to rewrite. A layout-6 participant's recent writes may live only in its redo log
+/// (`redo/` beside `store/`), which older binaries do not read: the bump makes them refuse the store.
+fn v6_redo_log(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
+    Ok(())
+}
+
+/// The layout version `db` was stamped with, if any.
+pub fn stored_version(db: &sled::Db) -> Result<Option<u32>, MigrationError> {
+    read_version(&db.open_tree(META_TREE)?)
 }
 
 const _: () = assert!(MIGRATIONS.len() as u32 + 1 == LAYOUT_VERSION, "one migration per version after 1");

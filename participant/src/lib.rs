@@ -106,7 +106,7 @@ pub async fn run(
     let store = {
         let dir = config.data_dir.clone();
         let options = config.store;
-        tokio::task::spawn_blocking(move || Store::open(&dir, common::store::StoreKind::Participant, options))
+        tokio::task::spawn_blocking(move || storage::open(&dir, options))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??
     };

@@ -6,7 +6,8 @@ use common::ledger::{AccountId, ShardId, TransferId};
 use protocol::msg::Decision;
 use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
-use common::store::{Store, StoreError};
+use common::redo::{Class, Op};
+use common::store::{RedoLayout, Store, StoreError, StoreOptions};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -34,61 +35,56 @@ impl From<records::RecordError> for LoadError {
     }
 }
 
-/// Applies the machine's `writes` and the journal's `extra` changes as one atomic batch (in sled's memory;
-/// `Store::sync` makes it durable). Per cross-shard transfer a shard writes one record at prepare (the prepared
-/// record) and four at commit (the balance, the prepared record's removal, the finished record, the journal
-/// entry), plus the journal's next sequence number once per batch.
-pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), sled::Error> {
+/// How each of a participant's keys goes through the redo log: the history (finished records, journal
+/// entries, heuristic outcomes, identity) to sled at once, since it is read there; balances and the journal's
+/// counters at checkpoints, their last value only; prepared records at checkpoints too, if they are still there
+/// (most are removed at commit, milliseconds later, and never reach sled).
+pub fn classify(key: &[u8]) -> Class {
+    match key.first() {
+        Some(&keys::ACCOUNT) => Class::Deferred,
+        Some(&keys::PREPARED) => Class::Transient,
+        _ if key == journal::NEXT_SEQ_KEY || key == journal::CREATED_TOTAL_KEY => Class::Deferred,
+        _ => Class::Direct,
+    }
+}
+
+pub const REDO_LAYOUT: RedoLayout = RedoLayout { classify, transient_prefix: keys::PREPARED };
+
+/// Opens a participant's store, replaying its redo log.
+pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
+    Store::open_logged(dir, options, REDO_LAYOUT)
+}
+
+/// Logs the machine's `writes` and the journal's `extra` changes as one group (applied at once, durable at
+/// the next `Store::sync`). Per cross-shard transfer a shard logs one record at prepare (the prepared record)
+/// and four at commit (the balance, the prepared record's removal, the finished record, the journal entry),
+/// plus the journal's next sequence number once per group. Of these only the finished record and the journal
+/// entry reach sled at once ([`classify`]).
+pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), StoreError> {
     if writes.is_empty() && extra.is_empty() {
         return Ok(());
     }
-    if extra.is_empty() && writes.iter().all(|w| matches!(w, Write::Prepared(..) | Write::Finished(..))) {
-        return apply_votes(store, writes);
-    }
-    let mut batch = sled::Batch::default();
-    for (key, value) in &extra.keys {
-        match value {
-            Some(v) => batch.insert(key.as_slice(), v.as_slice()),
-            None => batch.remove(key.as_slice()),
-        }
-    }
+    let mut ops: Vec<Op> = Vec::with_capacity(writes.len() + extra.keys.len() + 2);
+    ops.extend(extra.keys.iter().cloned());
     if let Some(next) = extra.next_seq {
-        batch.insert(journal::NEXT_SEQ_KEY, &next.to_be_bytes()[..]);
+        ops.push((journal::NEXT_SEQ_KEY.to_vec(), Some(next.to_be_bytes().to_vec())));
     }
     if let Some(total) = extra.created_total {
-        batch.insert(journal::CREATED_TOTAL_KEY, &total.to_be_bytes()[..]);
+        ops.push((journal::CREATED_TOTAL_KEY.to_vec(), Some(total.to_be_bytes().to_vec())));
     }
     for write in writes {
-        match write {
+        ops.push(match write {
             // Only the balance is durable: holds follow from the prepared records.
-            Write::Account(id, record) => batch.insert(keys::account(id), records::encode(&record.balance)),
-            Write::Prepared(id, record) => batch.insert(&keys::prepared(id)[..], records::encode(record)),
-            Write::ClearPrepared(id) => batch.remove(&keys::prepared(id)[..]),
+            Write::Account(id, record) => (keys::account(id), Some(records::encode(&record.balance))),
+            Write::Prepared(id, record) => (keys::prepared(id).to_vec(), Some(records::encode(record))),
+            Write::ClearPrepared(id) => (keys::prepared(id).to_vec(), None),
             Write::Finished(id, decision) => {
                 let record = FinishedRecord { decision: *decision, commit_seq: extra.commit_seqs.get(id).copied() };
-                batch.insert(&keys::finished(id)[..], records::encode(&record))
+                (keys::finished(id).to_vec(), Some(records::encode(&record)))
             }
-        }
+        });
     }
-    store.db.apply_batch(batch)
-}
-
-/// Writes of a frame group that only votes: each is one key of its own transfer, so they need no atomic
-/// batch. A crash between two of them leaves transfers prepared that never voted, which is what a crash before
-/// the sync leaves anyway. Plain inserts skip what `apply_batch` costs sled: it seals a log buffer for the
-/// batch's manifest, which means one more log write (and `sync_file_range`) per group, on its IO pool.
-fn apply_votes(store: &Store, writes: &[Write]) -> Result<(), sled::Error> {
-    for write in writes {
-        match write {
-            Write::Prepared(id, record) => store.db.insert(&keys::prepared(id)[..], records::encode(record))?,
-            Write::Finished(id, decision) => {
-                let record = FinishedRecord { decision: *decision, commit_seq: None };
-                store.db.insert(&keys::finished(id)[..], records::encode(&record))?
-            }
-            Write::Account(..) | Write::ClearPrepared(..) => unreachable!("apply sends only votes here"),
-        };
-    }
-    Ok(())
+    store.log(ops)
 }
 
 /// The finished records as the machine reads them ([`FinishedLog`]): sled's view, which includes every
@@ -129,7 +125,7 @@ pub fn cluster_id(store: &Store) -> Result<Option<Uuid>, LoadError> {
 
 /// Binds this shard to a cluster for good.
 pub async fn adopt_cluster_id(store: &Store, id: Uuid) -> Result<(), StoreError> {
-    store.db.insert(keys::CLUSTER, id.as_bytes())?;
+    store.log(vec![(keys::CLUSTER.to_vec(), Some(id.as_bytes().to_vec()))])?;
     store.sync().await
 }
 
@@ -144,7 +140,7 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
             }
         }
         None => {
-            store.db.insert(keys::SHARD, &shard.to_be_bytes())?;
+            store.log(vec![(keys::SHARD.to_vec(), Some(shard.to_be_bytes().to_vec()))])?;
             store.sync().await?;
         }
     }
@@ -195,7 +191,7 @@ pub async fn create_accounts_offline(
     shard: ShardId,
     accounts: impl IntoIterator<Item = (AccountId, i64)>,
 ) -> Result<(u64, u64), LoadError> {
-    let store = Store::open(dir, common::store::StoreKind::Participant, common::store::Durability::Fsync)?;
+    let store = open(dir, common::store::Durability::Fsync)?;
     let (mut machine, mut journal) = load(&store, shard).await?;
     let (mut created, mut existed) = (0, 0);
     let mut accounts = accounts.into_iter().peekable();
@@ -341,12 +337,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (prepared, committed) = write_v1_store(dir.path());
         {
-            let store = Store::open(dir.path(), migrations::StoreKind::Participant, Durability::NoFsync).expect("opens");
+            let store = open(dir.path(), Durability::NoFsync).expect("opens");
             check_v2(&store, prepared, committed).await;
             // A crash before the version bump re-runs the migration on migrated records.
             migrations::stamp_version(&store.db, 1).expect("stamp");
         }
-        let store = Store::open(dir.path(), migrations::StoreKind::Participant, Durability::NoFsync).expect("reopens");
+        let store = open(dir.path(), Durability::NoFsync).expect("reopens");
         check_v2(&store, prepared, committed).await;
     }
 }
