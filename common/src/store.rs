@@ -1,13 +1,13 @@
 //! The durable store both kinds of node write through: a sled database plus one group-commit flusher. A
 //! participant's store also has a redo log in front of sled ([`crate::redo`]): its group commit fdatasyncs the
-//! log, and sled is flushed only at checkpoints.
+//! log, and sled is written and flushed only at checkpoints.
 //!
 //! sled 0.34's own `flush()` ends in `sync_file_range` on Linux, which survives SIGKILL but not power loss. Here
 //! "durable" means surviving power loss: after sled's flush, the flusher `fdatasync`s the store's log file. It is
 //! the only thread that flushes (sled's `flush_async` deadlocks under many concurrent callers), and it serves
 //! every writer waiting when it starts, so one fsync covers a whole batch of transfers (group commit).
 
-use crate::redo::{Class, LogWriter, Op, Redo, RedoError};
+use crate::redo::{LogWriter, Op, Redo, RedoError};
 use crate::telemetry::names;
 pub use migrations::StoreKind;
 use std::fs::File;
@@ -88,14 +88,6 @@ pub struct Store {
     redo: Option<Arc<Redo>>,
 }
 
-/// How a participant's keys are written through its redo log: see [`Store::open_logged`].
-#[derive(Clone, Copy)]
-pub struct RedoLayout {
-    pub classify: fn(&[u8]) -> Class,
-    /// The first byte of every [`Class::Transient`] key.
-    pub transient_prefix: u8,
-}
-
 /// Where a group commit makes writes durable.
 enum Sink {
     /// sled's own flush, then an fdatasync of its log file.
@@ -111,16 +103,17 @@ impl Store {
     }
 
     /// Opens a store with a redo log in `dir/redo`: replays it into sled first, then migrates. Writes go through
-    /// [`Store::log`], which classifies each key with `layout`.
-    pub fn open_logged(dir: &Path, options: impl Into<StoreOptions>, layout: RedoLayout) -> Result<Store, StoreError> {
-        Store::open_with(dir, StoreKind::Participant, options.into(), Some(layout))
+    /// [`Store::log`], reads through [`Store::get`] and [`Store::range`], which see the log ahead of sled. Keys
+    /// starting with `transient_prefix` are transient (see [`crate::redo`]).
+    pub fn open_logged(dir: &Path, options: impl Into<StoreOptions>, transient_prefix: u8) -> Result<Store, StoreError> {
+        Store::open_with(dir, StoreKind::Participant, options.into(), Some(transient_prefix))
     }
 
     fn open_with(
         dir: &Path,
         kind: StoreKind,
         options: StoreOptions,
-        layout: Option<RedoLayout>,
+        transient_prefix: Option<u8>,
     ) -> Result<Store, StoreError> {
         let StoreOptions { durability, cache_bytes } = options;
         let path = dir.join("store");
@@ -128,17 +121,16 @@ impl Store {
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
         let open_log = || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
-        let (redo, sink) = match layout {
+        let (redo, sink) = match transient_prefix {
             None => (None, Sink::Sled(db.clone(), open_log()?)),
-            Some(layout) => {
+            Some(transient_prefix) => {
                 // A newer binary's log may not be ours to replay: let `migrate` refuse the store first.
                 if let Some(found) = migrations::stored_version(&db)? {
                     if found > migrations::LAYOUT_VERSION {
                         return Err(migrations::MigrationError::TooNew { found }.into());
                     }
                 }
-                let (redo, writer) =
-                    Redo::open(&dir.join("redo"), &db, open_log()?, layout.classify, layout.transient_prefix)?;
+                let (redo, writer) = Redo::open(&dir.join("redo"), &db, &open_log()?, transient_prefix)?;
                 (Some(redo), Sink::Redo(writer, durability))
             }
         };
@@ -151,6 +143,17 @@ impl Store {
             .name("group-commit".into())
             .spawn(move || flusher(sink, rx, flusher_stats))
             .map_err(|source| StoreError::LogFile { path: path.clone(), source })?;
+        if let Some(redo) = &redo {
+            // A checkpoint makes its groups durable as any writer does: through the group commit. Weak, so that
+            // the flusher stops once the store is dropped.
+            let queue = flush_queue.downgrade();
+            let sync = move || {
+                let Some(queue) = queue.upgrade() else { return false };
+                let (done, wait) = oneshot::channel();
+                queue.blocking_send(done).is_ok() && wait.blocking_recv().is_ok()
+            };
+            redo.start_checkpoints(open_log()?, sync)?;
+        }
         Ok(Store { db, flush_queue, stats, durability, redo })
     }
 
@@ -160,7 +163,10 @@ impl Store {
     /// [`sync`]: Store::sync
     pub fn log(&self, ops: Vec<Op>) -> Result<(), StoreError> {
         match &self.redo {
-            Some(redo) => Ok(redo.log(ops)?),
+            Some(redo) => {
+                redo.log(ops);
+                Ok(())
+            }
             None => {
                 let mut batch = sled::Batch::default();
                 for (key, value) in ops {
@@ -172,6 +178,55 @@ impl Store {
                 Ok(self.db.apply_batch(batch)?)
             }
         }
+    }
+
+    /// The value of `key`: the redo log's, if it has one not yet in sled, else sled's.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.redo.as_ref().and_then(|r| r.get(key)) {
+            return Ok(value);
+        }
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The keys in `range` with their values, in key order, or the last `limit` of them in reverse order if
+    /// `reverse`: sled's, overlaid with the redo log's writes not yet in sled.
+    pub fn range(
+        &self,
+        range: std::ops::Range<Vec<u8>>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let overlay = self.redo.as_ref().map(|r| r.overlay_range(range.clone())).unwrap_or_default();
+        // Enough from sled that removals in the overlay cannot leave the page short.
+        let removed = overlay.values().filter(|v| v.is_none()).count();
+        let from_sled = self.db.range(range);
+        let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = std::collections::BTreeMap::new();
+        let mut take = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<(), StoreError> {
+            let (key, value) = entry?;
+            merged.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        };
+        if reverse {
+            for entry in from_sled.rev().take(limit.saturating_add(removed)) {
+                take(entry)?;
+            }
+        } else {
+            for entry in from_sled.take(limit.saturating_add(removed)) {
+                take(entry)?;
+            }
+        }
+        for (key, value) in overlay {
+            match value {
+                Some(value) => merged.insert(key, value),
+                None => merged.remove(&key),
+            };
+        }
+        let out: Vec<_> = if reverse {
+            merged.into_iter().rev().take(limit).collect()
+        } else {
+            merged.into_iter().take(limit).collect()
+        };
+        Ok(out)
     }
 
     /// Checkpoints written, and keys waiting for the next one: `None` without a redo log.

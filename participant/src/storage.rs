@@ -6,8 +6,8 @@ use common::ledger::{AccountId, ShardId, TransferId};
 use protocol::msg::Decision;
 use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
-use common::redo::{Class, Op};
-use common::store::{RedoLayout, Store, StoreError, StoreOptions};
+use common::redo::Op;
+use common::store::{Store, StoreError, StoreOptions};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -35,31 +35,17 @@ impl From<records::RecordError> for LoadError {
     }
 }
 
-/// How each of a participant's keys goes through the redo log: the history (finished records, journal
-/// entries, heuristic outcomes, identity) to sled at once, since it is read there; balances and the journal's
-/// counters at checkpoints, their last value only; prepared records at checkpoints too, if they are still there
-/// (most are removed at commit, milliseconds later, and never reach sled).
-pub fn classify(key: &[u8]) -> Class {
-    match key.first() {
-        Some(&keys::ACCOUNT) => Class::Deferred,
-        Some(&keys::PREPARED) => Class::Transient,
-        _ if key == journal::NEXT_SEQ_KEY || key == journal::CREATED_TOTAL_KEY => Class::Deferred,
-        _ => Class::Direct,
-    }
-}
-
-pub const REDO_LAYOUT: RedoLayout = RedoLayout { classify, transient_prefix: keys::PREPARED };
-
 /// Opens a participant's store, replaying its redo log.
 pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
-    Store::open_logged(dir, options, REDO_LAYOUT)
+    // Prepared records are transient: most are removed at commit, before a checkpoint could write them.
+    Store::open_logged(dir, options, keys::PREPARED)
 }
 
 /// Logs the machine's `writes` and the journal's `extra` changes as one group (applied at once, durable at
 /// the next `Store::sync`). Per cross-shard transfer a shard logs one record at prepare (the prepared record)
 /// and four at commit (the balance, the prepared record's removal, the finished record, the journal entry),
-/// plus the journal's next sequence number once per group. Of these only the finished record and the journal
-/// entry reach sled at once ([`classify`]).
+/// plus the journal's next sequence number once per group. They reach sled at the next checkpoint: the balance
+/// and the counter as their last value, the prepared record only if the transfer is still in doubt then.
 pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), StoreError> {
     if writes.is_empty() && extra.is_empty() {
         return Ok(());
@@ -94,7 +80,7 @@ pub struct Decisions<'a>(pub &'a Store);
 
 impl FinishedLog for Decisions<'_> {
     fn decision(&self, id: &TransferId) -> Option<Decision> {
-        let read = self.0.db.get(keys::finished(id)).map_err(LoadError::from).and_then(|value| match value {
+        let read = self.0.get(&keys::finished(id)).map_err(LoadError::from).and_then(|value| match value {
             None => Ok(None),
             Some(bytes) => Ok(Some(records::decode::<FinishedRecord>(&bytes)?.decision)),
         });
@@ -108,8 +94,7 @@ impl FinishedLog for Decisions<'_> {
 /// Every finished transfer and its decision, in id order.
 pub fn finished(store: &Store) -> Result<Vec<(TransferId, Decision)>, LoadError> {
     let mut out = Vec::new();
-    for entry in store.db.scan_prefix([keys::FINISHED]) {
-        let (key, value) = entry?;
+    for (key, value) in store.range(prefix_range(keys::FINISHED), false, usize::MAX)? {
         out.push((transfer_id(&key, &key[1..])?, records::decode::<FinishedRecord>(&value)?.decision));
     }
     Ok(out)
@@ -117,7 +102,7 @@ pub fn finished(store: &Store) -> Result<Vec<(TransferId, Decision)>, LoadError>
 
 /// The cluster id this shard adopted, if it has been contacted by a coordinator yet.
 pub fn cluster_id(store: &Store) -> Result<Option<Uuid>, LoadError> {
-    match store.db.get(keys::CLUSTER)? {
+    match store.get(keys::CLUSTER)? {
         None => Ok(None),
         Some(bytes) => Uuid::from_slice(&bytes).map(Some).map_err(|_| LoadError::BadKey(keys::CLUSTER.to_vec())),
     }
@@ -131,9 +116,9 @@ pub async fn adopt_cluster_id(store: &Store, id: Uuid) -> Result<(), StoreError>
 
 /// Checks (or, on first start, records) which shard this store belongs to, then reads the whole state back.
 pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, JournalState), LoadError> {
-    match store.db.get(keys::SHARD)? {
+    match store.get(keys::SHARD)? {
         Some(bytes) => {
-            let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| LoadError::BadKey(keys::SHARD.to_vec()))?;
+            let raw: [u8; 4] = bytes.as_slice().try_into().map_err(|_| LoadError::BadKey(keys::SHARD.to_vec()))?;
             let stored = u32::from_be_bytes(raw);
             if stored != shard {
                 return Err(LoadError::WrongShard { stored, requested: shard });
@@ -144,6 +129,8 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
             store.sync().await?;
         }
     }
+    // The rest is read from sled alone: opening the store replayed its redo log into sled, and nothing but the
+    // shard number has been logged since.
     let mut prepared: HashMap<TransferId, PreparedRecord> = HashMap::new();
     let mut created_total = 0;
     if let Some(bytes) = store.db.get(journal::CREATED_TOTAL_KEY)? {
@@ -224,8 +211,7 @@ pub fn journal_page(
     let start = journal::account_prefix(account);
     let end = journal::entry_key(account, before.unwrap_or(u64::MAX));
     let mut out = Vec::new();
-    for entry in store.db.range(start..end).rev().take(limit) {
-        let (_, value) = entry?;
+    for (_, value) in store.range(start..end, true, limit)? {
         out.push(records::decode(&value)?);
     }
     Ok(out)
@@ -233,7 +219,7 @@ pub fn journal_page(
 
 /// The journal sequence number at which transfer `id` was committed here, if it was.
 pub fn commit_seq(store: &Store, id: &TransferId) -> Result<Option<u64>, LoadError> {
-    match store.db.get(keys::finished(id))? {
+    match store.get(&keys::finished(id))? {
         None => Ok(None),
         Some(bytes) => Ok(records::decode::<FinishedRecord>(&bytes)?.commit_seq),
     }
@@ -242,11 +228,15 @@ pub fn commit_seq(store: &Store, id: &TransferId) -> Result<Option<u64>, LoadErr
 /// Every outcome an operator forced on this shard.
 pub fn heuristics(store: &Store) -> Result<Vec<(TransferId, HeuristicRecord)>, LoadError> {
     let mut out = Vec::new();
-    for entry in store.db.scan_prefix([journal::HEURISTIC]) {
-        let (key, value) = entry?;
+    for (key, value) in store.range(prefix_range(journal::HEURISTIC), false, usize::MAX)? {
         out.push((transfer_id(&key, &key[1..])?, records::decode(&value)?));
     }
     Ok(out)
+}
+
+/// Every key that starts with `prefix`.
+fn prefix_range(prefix: u8) -> std::ops::Range<Vec<u8>> {
+    vec![prefix]..vec![prefix + 1]
 }
 
 fn transfer_id(key: &[u8], rest: &[u8]) -> Result<TransferId, LoadError> {
