@@ -88,6 +88,9 @@ pub struct Store {
     redo: Option<Arc<Redo>>,
 }
 
+/// A key and its value, as [`Store::range`] returns them.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Where a group commit makes writes durable.
 enum Sink {
     /// sled's own flush, then an fdatasync of its log file.
@@ -195,7 +198,7 @@ impl Store {
         range: std::ops::Range<Vec<u8>>,
         reverse: bool,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let overlay = self.redo.as_ref().map(|r| r.overlay_range(range.clone())).unwrap_or_default();
         // Enough from sled that removals in the overlay cannot leave the page short.
         let removed = overlay.values().filter(|v| v.is_none()).count();
