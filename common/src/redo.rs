@@ -44,6 +44,9 @@ pub const DEFERRED_KEYS_MAX: usize = 100_000;
 /// Past this many keys waiting while a checkpoint is being written, writers wait for it: memory stays bounded
 /// even if sled falls behind.
 pub const OVERLAY_KEYS_MAX: usize = 4 * DEFERRED_KEYS_MAX;
+/// The most keys that wait for sled, give or take one group's: those since the last checkpoint, and those of
+/// the checkpoint being written, each at most [`OVERLAY_KEYS_MAX`].
+pub const WAITING_KEYS_MAX: usize = 2 * OVERLAY_KEYS_MAX;
 /// Where sled records the last group a checkpoint wrote (big-endian u64).
 pub const MARK_KEY: &[u8] = b"mredo_applied";
 const SUFFIX: &str = "redo";
@@ -231,7 +234,7 @@ struct Deferred {
 /// The log as the writers and readers see it. Writers are serialised by the `deferred` lock (and by the
 /// participant's state lock before it); the flusher takes `pending` only.
 pub struct Redo {
-    transient_prefix: u8,
+    transient_prefix: Option<u8>,
     pending: Mutex<Pending>,
     deferred: Mutex<Deferred>,
     /// Signalled when the checkpoint thread has written a frozen checkpoint to sled.
@@ -274,13 +277,15 @@ impl Redo {
         dir: &Path,
         db: &sled::Db,
         log_file: &File,
-        transient_prefix: u8,
+        transient_prefix: Option<u8>,
     ) -> Result<(Arc<Redo>, LogWriter), RedoError> {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         let mark = read_mark(db)?;
         let mut transient_in_sled = HashSet::new();
-        for entry in db.scan_prefix([transient_prefix]) {
-            transient_in_sled.insert(entry?.0.to_vec());
+        if let Some(prefix) = transient_prefix {
+            for entry in db.scan_prefix([prefix]) {
+                transient_in_sled.insert(entry?.0.to_vec());
+            }
         }
         let (wake, wake_rx) = sync_channel(1);
         let redo = Arc::new(Redo {
@@ -392,7 +397,7 @@ impl Redo {
 
     fn route(&self, deferred: &mut Deferred, ops: Vec<Op>) {
         for (key, value) in ops {
-            let transient = key.first() == Some(&self.transient_prefix);
+            let transient = self.transient_prefix.is_some() && key.first() == self.transient_prefix.as_ref();
             if transient && value.is_none() && !deferred.transient_in_sled.contains(&key) {
                 // Set and removed before it reached sled: sled never sees it.
                 deferred.current.remove(&key);
@@ -409,11 +414,13 @@ impl Redo {
             return None;
         }
         let overlay = Arc::new(std::mem::take(&mut deferred.current));
-        for (key, value) in overlay.range(vec![self.transient_prefix]..vec![self.transient_prefix + 1]) {
-            match value {
-                Some(_) => deferred.transient_in_sled.insert(key.clone()),
-                None => deferred.transient_in_sled.remove(key),
-            };
+        if let Some(prefix) = self.transient_prefix {
+            for (key, value) in overlay.range(vec![prefix]..vec![prefix + 1]) {
+                match value {
+                    Some(_) => deferred.transient_in_sled.insert(key.clone()),
+                    None => deferred.transient_in_sled.remove(key),
+                };
+            }
         }
         deferred.frozen = Some(overlay.clone());
         deferred.frozen_through = through;
@@ -489,7 +496,7 @@ impl Redo {
         out
     }
 
-    /// Keys waiting for sled (bounded by [`OVERLAY_KEYS_MAX`] and one checkpoint).
+    /// Keys waiting for sled (bounded by [`WAITING_KEYS_MAX`]).
     pub fn deferred_keys(&self) -> usize {
         let deferred = lock(&self.deferred);
         deferred.current.len() + deferred.frozen.as_ref().map_or(0, |f| f.len())
@@ -629,7 +636,7 @@ mod tests {
     fn open(dir: &Path) -> Opened {
         let db = sled(dir);
         let sled_file = || File::open(dir.join("store").join("db")).expect("sled's file");
-        let (redo, writer) = Redo::open(&dir.join("redo"), &db, &sled_file(), b'p').expect("redo opens");
+        let (redo, writer) = Redo::open(&dir.join("redo"), &db, &sled_file(), Some(b'p')).expect("redo opens");
         let writer = Arc::new(Mutex::new(writer));
         let weak = Arc::downgrade(&writer);
         let sync = move || weak.upgrade().is_some_and(|w| lock(&w).write(true).is_ok());
@@ -735,7 +742,7 @@ mod tests {
         fs::write(segment_path(&redo_dir, 9), bytes).expect("write");
         let db = sled(dir.path());
         let sled_file = File::open(dir.path().join("store").join("db")).expect("file");
-        let result = Redo::open(&redo_dir, &db, &sled_file, b'p');
+        let result = Redo::open(&redo_dir, &db, &sled_file, Some(b'p'));
         assert!(matches!(result, Err(RedoError::Gap { .. })), "{:?}", result.err());
     }
 

@@ -1,11 +1,11 @@
-//! The durable store both kinds of node write through: a sled database plus one group-commit flusher. A
-//! participant's store also has a redo log in front of sled ([`crate::redo`]): its group commit fdatasyncs the
-//! log, and sled is written and flushed only at checkpoints.
+//! The durable store both kinds of node write through: sled, with a redo log in front of it
+//! ([`crate::redo`]), and one group-commit flusher thread.
 //!
-//! sled 0.34's own `flush()` ends in `sync_file_range` on Linux, which survives SIGKILL but not power loss. Here
-//! "durable" means surviving power loss: after sled's flush, the flusher `fdatasync`s the store's log file. It is
-//! the only thread that flushes (sled's `flush_async` deadlocks under many concurrent callers), and it serves
-//! every writer waiting when it starts, so one fsync covers a whole batch of transfers (group commit).
+//! A write group is durable once it is appended to the redo log and the log file is `fdatasync`ed: that
+//! survives SIGKILL and power loss. The flusher is the only thread that writes the log, and it serves every
+//! writer waiting when it starts, so one fdatasync covers a whole batch of transfers (group commit). sled is
+//! written, flushed and its file `fdatasync`ed only at checkpoints, by the checkpoint thread (sled 0.34's own
+//! `flush()` ends in `sync_file_range`, which survives SIGKILL but not power loss).
 
 use crate::redo::{LogWriter, Op, Redo, RedoError};
 use crate::telemetry::names;
@@ -26,9 +26,9 @@ const OPEN_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// How far a write goes before it counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// sled flush, then fdatasync of the log file: survives SIGKILL and power loss.
+    /// An append to the redo log, then an fdatasync of it: survives SIGKILL and power loss.
     Fsync,
-    /// No flush at all. Not durable: only for measuring what durability costs.
+    /// The append without the fdatasync. Not durable: only for measuring what durability costs.
     NoFsync,
 }
 
@@ -84,59 +84,36 @@ pub struct Store {
     pub db: sled::Db,
     flush_queue: mpsc::Sender<oneshot::Sender<()>>,
     pub stats: Arc<FlushStats>,
-    durability: Durability,
-    redo: Option<Arc<Redo>>,
+    redo: Arc<Redo>,
 }
 
 /// A key and its value, as [`Store::range`] returns them.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// Where a group commit makes writes durable.
-enum Sink {
-    /// sled's own flush, then an fdatasync of its log file.
-    Sled(sled::Db, File),
-    /// An append to the redo log, then an fdatasync of it (or no fdatasync when not durable).
-    Redo(LogWriter, Durability),
-}
-
 impl Store {
-    /// Opens (retrying while an old process's lock lingers), migrates, and starts the flusher thread.
-    pub fn open(dir: &Path, kind: StoreKind, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
-        Store::open_with(dir, kind, options.into(), None)
-    }
-
-    /// Opens a store with a redo log in `dir/redo`: replays it into sled first, then migrates. Writes go through
+    /// Opens the store in `dir` (retrying while an old process's lock lingers): replays its redo log
+    /// (`dir/redo`) into sled, migrates, and starts the flusher and checkpoint threads. Writes go through
     /// [`Store::log`], reads through [`Store::get`] and [`Store::range`], which see the log ahead of sled. Keys
     /// starting with `transient_prefix` are transient (see [`crate::redo`]).
-    pub fn open_logged(dir: &Path, options: impl Into<StoreOptions>, transient_prefix: u8) -> Result<Store, StoreError> {
-        Store::open_with(dir, StoreKind::Participant, options.into(), Some(transient_prefix))
-    }
-
-    fn open_with(
+    pub fn open(
         dir: &Path,
         kind: StoreKind,
-        options: StoreOptions,
+        options: impl Into<StoreOptions>,
         transient_prefix: Option<u8>,
     ) -> Result<Store, StoreError> {
-        let StoreOptions { durability, cache_bytes } = options;
+        let StoreOptions { durability, cache_bytes } = options.into();
         let path = dir.join("store");
         let db = open_with_retry(&path, cache_bytes)?;
+        // A newer binary's log may not be ours to replay: refuse the store first.
+        if let Some(found) = migrations::stored_version(&db)? {
+            if found > migrations::LAYOUT_VERSION {
+                return Err(migrations::MigrationError::TooNew { found }.into());
+            }
+        }
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
         let open_log = || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
-        let (redo, sink) = match transient_prefix {
-            None => (None, Sink::Sled(db.clone(), open_log()?)),
-            Some(transient_prefix) => {
-                // A newer binary's log may not be ours to replay: let `migrate` refuse the store first.
-                if let Some(found) = migrations::stored_version(&db)? {
-                    if found > migrations::LAYOUT_VERSION {
-                        return Err(migrations::MigrationError::TooNew { found }.into());
-                    }
-                }
-                let (redo, writer) = Redo::open(&dir.join("redo"), &db, &open_log()?, transient_prefix)?;
-                (Some(redo), Sink::Redo(writer, durability))
-            }
-        };
+        let (redo, writer) = Redo::open(&dir.join("redo"), &db, &open_log()?, transient_prefix)?;
         let previous = migrations::migrate(&db, kind)?;
         tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         let (flush_queue, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
@@ -144,48 +121,31 @@ impl Store {
         let flusher_stats = stats.clone();
         std::thread::Builder::new()
             .name("group-commit".into())
-            .spawn(move || flusher(sink, rx, flusher_stats))
+            .spawn(move || flusher(writer, durability, rx, flusher_stats))
             .map_err(|source| StoreError::LogFile { path: path.clone(), source })?;
-        if let Some(redo) = &redo {
-            // A checkpoint makes its groups durable as any writer does: through the group commit. Weak, so that
-            // the flusher stops once the store is dropped.
-            let queue = flush_queue.downgrade();
-            let sync = move || {
-                let Some(queue) = queue.upgrade() else { return false };
-                let (done, wait) = oneshot::channel();
-                queue.blocking_send(done).is_ok() && wait.blocking_recv().is_ok()
-            };
-            redo.start_checkpoints(open_log()?, sync)?;
-        }
-        Ok(Store { db, flush_queue, stats, durability, redo })
+        // A checkpoint makes its groups durable as any writer does: through the group commit. Weak, so that the
+        // flusher stops once the store is dropped.
+        let queue = flush_queue.downgrade();
+        let sync = move || {
+            let Some(queue) = queue.upgrade() else { return false };
+            let (done, wait) = oneshot::channel();
+            queue.blocking_send(done).is_ok() && wait.blocking_recv().is_ok()
+        };
+        redo.start_checkpoints(open_log()?, sync)?;
+        Ok(Store { db, flush_queue, stats, redo })
     }
 
-    /// Applies one group of writes, atomically as far as a crash can tell; durable after the next [`sync`].
-    /// Through the redo log if the store has one, else as one sled batch.
+    /// Logs one group of writes, which a crash keeps whole or not at all; durable after the next [`sync`].
     ///
     /// [`sync`]: Store::sync
     pub fn log(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        match &self.redo {
-            Some(redo) => {
-                redo.log(ops);
-                Ok(())
-            }
-            None => {
-                let mut batch = sled::Batch::default();
-                for (key, value) in ops {
-                    match value {
-                        Some(value) => batch.insert(key, value),
-                        None => batch.remove(key),
-                    }
-                }
-                Ok(self.db.apply_batch(batch)?)
-            }
-        }
+        self.redo.log(ops);
+        Ok(())
     }
 
     /// The value of `key`: the redo log's, if it has one not yet in sled, else sled's.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.redo.as_ref().and_then(|r| r.get(key)) {
+        if let Some(value) = self.redo.get(key) {
             return Ok(value);
         }
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
@@ -199,7 +159,7 @@ impl Store {
         reverse: bool,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        let overlay = self.redo.as_ref().map(|r| r.overlay_range(range.clone())).unwrap_or_default();
+        let overlay = self.redo.overlay_range(range.clone());
         // Enough from sled that removals in the overlay cannot leave the page short.
         let removed = overlay.values().filter(|v| v.is_none()).count();
         let from_sled = self.db.range(range);
@@ -232,17 +192,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Checkpoints written, and keys waiting for the next one: `None` without a redo log.
-    pub fn redo_stats(&self) -> Option<(u64, usize)> {
-        self.redo.as_ref().map(|r| (r.checkpoints_done.load(Ordering::Relaxed), r.deferred_keys()))
+    /// Checkpoints written, and keys waiting for sled.
+    pub fn redo_stats(&self) -> (u64, usize) {
+        (self.redo.checkpoints_done.load(Ordering::Relaxed), self.redo.deferred_keys())
     }
 
     /// Returns once every write this task made before the call is durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        // Without a redo log nothing needs doing; with one, its frames must still be written out.
-        if self.durability == Durability::NoFsync && self.redo.is_none() {
-            return Ok(());
-        }
         let (done, wait) = oneshot::channel();
         self.flush_queue.send(done).await.map_err(|_| StoreError::FlusherGone)?;
         wait.await.map_err(|_| StoreError::FlusherGone)
@@ -268,7 +224,12 @@ fn open_with_retry(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError
 /// The group-commit loop: take every waiting writer, make their writes durable with one flush and one
 /// fdatasync, release them all. A failed fsync leaves the page cache in an unknown state (the write may be
 /// lost while the cache says clean), so the only safe answer is to stop the process and recover from disk.
-fn flusher(mut sink: Sink, mut rx: mpsc::Receiver<oneshot::Sender<()>>, stats: Arc<FlushStats>) {
+fn flusher(
+    mut writer: LogWriter,
+    durability: Durability,
+    mut rx: mpsc::Receiver<oneshot::Sender<()>>,
+    stats: Arc<FlushStats>,
+) {
     let mut batch = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -276,12 +237,8 @@ fn flusher(mut sink: Sink, mut rx: mpsc::Receiver<oneshot::Sender<()>>, stats: A
             batch.push(next);
         }
         let started = Instant::now();
-        let result = match &mut sink {
-            Sink::Sled(db, log) => {
-                db.flush().map_err(|e| e.to_string()).and_then(|_| log.sync_data().map_err(|e| e.to_string()))
-            }
-            Sink::Redo(writer, durability) => writer.write(*durability == Durability::Fsync).map_err(|e| e.to_string()),
-        };
+        // Without fsync the frames are still written, so that a clean restart finds them.
+        let result = writer.write(durability == Durability::Fsync);
         if let Err(error) = result {
             tracing::error!(%error, "flush or fdatasync failed: stopping so recovery starts from what is on disk");
             std::process::abort();
@@ -306,12 +263,12 @@ mod tests {
     #[tokio::test]
     async fn concurrent_syncs_share_fsyncs() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync).expect("opens");
+        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync, None).expect("opens");
         let tasks: Vec<_> = (0..64u32)
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    store.db.insert(i.to_be_bytes(), &b"x"[..]).expect("insert");
+                    store.log(vec![(i.to_be_bytes().to_vec(), Some(b"x".to_vec()))]).expect("log");
                     store.sync().await.expect("sync");
                 })
             })
@@ -325,14 +282,35 @@ mod tests {
     }
 
     #[test]
-    fn reopening_sees_flushed_data() {
+    fn reads_see_the_redo_log_ahead_of_sled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), StoreKind::Participant, Durability::NoFsync, Some(b'p')).expect("opens");
+        let key = |i: u8| vec![b'k', i];
+        for i in 1..=5 {
+            // As a checkpoint leaves them.
+            store.db.insert(key(i), vec![i]).expect("insert");
+        }
+        store.log(vec![(key(4), None), (key(6), Some(vec![6])), (key(2), Some(vec![20]))]).expect("log");
+        let values = |r: Vec<KeyValue>| r.into_iter().map(|(_, v)| v[0]).collect::<Vec<_>>();
+        let all = key(0)..key(9);
+        assert_eq!(values(store.range(all.clone(), true, 3).expect("range")), vec![6, 5, 3]);
+        assert_eq!(values(store.range(all.clone(), false, 3).expect("range")), vec![1, 20, 3]);
+        assert_eq!(values(store.range(all, false, usize::MAX).expect("range")), vec![1, 20, 3, 5, 6]);
+        assert_eq!(store.get(&key(4)).expect("get"), None, "removed in the log, still in sled");
+        assert_eq!(store.get(&key(2)).expect("get"), Some(vec![20]));
+        assert_eq!(store.get(&key(1)).expect("get"), Some(vec![1]));
+    }
+
+    #[tokio::test]
+    async fn a_synced_write_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("opens");
-            store.db.insert(b"k", b"v").expect("insert");
-            store.db.flush().expect("flush");
+            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, None).expect("opens");
+            store.log(vec![(b"k".to_vec(), Some(b"v".to_vec()))]).expect("log");
+            store.sync().await.expect("sync");
         }
-        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync).expect("reopens");
-        assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
+        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, None).expect("reopens");
+        assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]), "replayed into sled at open");
+        assert_eq!(store.get(b"k").expect("get"), Some(b"v".to_vec()));
     }
 }

@@ -2,11 +2,13 @@
 //! retries and participants' questions) and holding who submitted it, plus a key in the ledger-wide index by
 //! the time the transfer was first logged. A staged transfer (parallel commits: see
 //! `protocol::coordinator_core`) is logged first as its index key, whose value is the staging record; its
-//! decision follows under its own key. One insert each, as sled clones a tree node per insert. Which
+//! decision follows under its own key. Each batch of writes is one group of the store's redo log
+//! ([`common::redo`]): durable with an append and an fdatasync, in sled at the next checkpoint. Which
 //! transfers recovery must look at is one mark, not a key per transfer: every transfer indexed before the mark
 //! is decided and, if committed, acknowledged everywhere. Recovery reads the time index from the mark on: the
 //! commits there are re-sent (some already acknowledged: a shard acks a repeated Commit without applying it
-//! twice), and the staged transfers with no decision are finished. The only module that touches sled.
+//! twice), and the staged transfers with no decision are finished. The only coordinator module that touches
+//! the store.
 
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
@@ -223,28 +225,28 @@ impl Wal {
     pub async fn open(dir: &Path, options: impl Into<StoreOptions>, participant_count: u32) -> Result<Wal, WalError> {
         let (dir, options) = (dir.to_owned(), options.into());
         let store =
-            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options)).await.map_err(
+            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options, None)).await.map_err(
                 |e| StoreError::LogFile { path: Default::default(), source: std::io::Error::other(e.to_string()) },
             )??;
-        match store.db.get(PARTICIPANT_COUNT_KEY)? {
+        match store.get(PARTICIPANT_COUNT_KEY)? {
             Some(bytes) => {
                 let raw: [u8; 4] =
-                    bytes.as_ref().try_into().map_err(|_| WalError::BadKey(PARTICIPANT_COUNT_KEY.to_vec()))?;
+                    bytes.as_slice().try_into().map_err(|_| WalError::BadKey(PARTICIPANT_COUNT_KEY.to_vec()))?;
                 let stored = u32::from_be_bytes(raw);
                 if stored != participant_count {
                     return Err(WalError::ParticipantCount { stored, requested: participant_count });
                 }
             }
             None => {
-                store.db.insert(PARTICIPANT_COUNT_KEY, &participant_count.to_be_bytes())?;
+                store.log(vec![(PARTICIPANT_COUNT_KEY.to_vec(), Some(participant_count.to_be_bytes().to_vec()))])?;
                 store.sync().await?;
             }
         }
-        let cluster_id = match store.db.get(CLUSTER_ID_KEY)? {
+        let cluster_id = match store.get(CLUSTER_ID_KEY)? {
             Some(bytes) => Uuid::from_slice(&bytes).map_err(|_| WalError::BadKey(CLUSTER_ID_KEY.to_vec()))?,
             None => {
                 let id = Uuid::new_v4();
-                store.db.insert(CLUSTER_ID_KEY, id.as_bytes())?;
+                store.log(vec![(CLUSTER_ID_KEY.to_vec(), Some(id.as_bytes().to_vec()))])?;
                 store.sync().await?;
                 id
             }
@@ -269,10 +271,10 @@ impl Wal {
     }
 
     fn stored_mark(&self) -> Result<Option<u64>, WalError> {
-        match self.store.db.get(ACKED_BEFORE_KEY)? {
+        match self.store.get(ACKED_BEFORE_KEY)? {
             None => Ok(None),
             Some(bytes) => {
-                let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| WalError::BadKey(ACKED_BEFORE_KEY.to_vec()))?;
+                let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| WalError::BadKey(ACKED_BEFORE_KEY.to_vec()))?;
                 Ok(Some(u64::from_be_bytes(raw)))
             }
         }
@@ -293,7 +295,7 @@ impl Wal {
     }
 
     fn decided(&self, id: &TransferId) -> Result<Option<Decided>, WalError> {
-        match self.store.db.get(key(RECORD, id))? {
+        match self.store.get(&key(RECORD, id))? {
             Some(bytes) => Ok(Some(records::decode(&bytes)?)),
             None => Ok(None),
         }
@@ -304,32 +306,32 @@ impl Wal {
         WalBatch { ops: Vec::new() }
     }
 
-    /// Applies `batch` (not yet durable: call `sync`) as plain inserts in order, not as a sled batch: a batch
-    /// costs sled two more log-buffer writes, each waited for on disk, on the client's path. sled's recovery
-    /// keeps a prefix of its log (it stops at the first torn entry), so a crash may lose the tail of these
-    /// inserts but never keep one without those before it. The order makes every prefix safe: each index key
-    /// before its record, and the mark before the decisions when it moves back (a lower mark claims less) and
-    /// after them when it moves on, so no durable commit owed acks is ever behind the durable mark.
+    /// Applies `batch` (not yet durable: call `sync`) as one group of the store's redo log, which a crash keeps
+    /// whole or not at all. The writes are still ordered so that every prefix of them is safe, as sled's own
+    /// log once had to be (a store of layout 5 or older, and `tests::every_prefix...`): each index key before
+    /// its record, and the mark before the decisions when it moves back (a lower mark claims less) and after
+    /// them when it moves on, so no durable commit owed acks is ever behind the durable mark.
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
         let mut owed = self.owed();
-        for (key, value) in owed.plan(batch.ops) {
-            self.store.db.insert(key, value)?;
-        }
-        Ok(())
+        let ops = owed.plan(batch.ops).into_iter().map(|(key, value)| (key, Some(value))).collect();
+        Ok(self.store.log(ops)?)
     }
 
     /// The newest `limit` decided transfers of the whole ledger (by the time each was first logged), newest
     /// first. Those still running are skipped: only a bounded number can be.
     pub fn recent(&self, limit: usize) -> Result<Vec<(TransferId, TransferRecord)>, WalError> {
         let mut out = Vec::new();
-        for entry in self.store.db.scan_prefix([BY_TIME]).rev() {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, _) = entry?;
-            let id = Uuid::from_slice(k.get(9..).unwrap_or_default()).map_err(|_| WalError::BadKey(k.to_vec()))?;
-            if let Some(record) = self.get(&id)? {
-                out.push((id, record));
+        let mut end = vec![BY_TIME + 1];
+        while out.len() < limit {
+            // Pages of the index, newest first: running transfers are skipped, so a page may yield fewer.
+            let page = self.store.range(vec![BY_TIME]..end.clone(), true, limit - out.len())?;
+            let Some((last, _)) = page.last() else { break };
+            end = last.clone();
+            for (k, _) in &page {
+                let id = Uuid::from_slice(k.get(9..).unwrap_or_default()).map_err(|_| WalError::BadKey(k.to_vec()))?;
+                if let Some(record) = self.get(&id)? {
+                    out.push((id, record));
+                }
             }
         }
         Ok(out)
@@ -362,11 +364,7 @@ impl Wal {
             return Ok(());
         }
         let from = time_key(vec![BY_TIME], mark, &Uuid::nil());
-        for entry in self.store.db.range(from..) {
-            let (k, v) = entry?;
-            if k.first() != Some(&BY_TIME) {
-                break;
-            }
+        for (k, v) in self.store.range(from..vec![BY_TIME + 1], false, usize::MAX)? {
             let bad = || WalError::BadKey(k.to_vec());
             let at = u64::from_be_bytes(k.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
             let id = Uuid::from_slice(k.get(9..).ok_or_else(bad)?).map_err(|_| bad())?;

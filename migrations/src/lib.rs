@@ -11,7 +11,7 @@
 /// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `r` index key hold a staging record
 /// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]). Version 5 writes record bodies
 /// with variable-length integers (version byte 5; see [`v5_compact_records`]). Version 6 puts a redo log in
-/// front of a participant's store (see [`v6_redo_log`]).
+/// front of each store (see [`v6_redo_log`]).
 pub const LAYOUT_VERSION: u32 = 6;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
@@ -69,7 +69,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         to_version: 6,
-        description: "participant: a redo log in front of the store; balances and prepared records reach it at checkpoints",
+        description: "a redo log in front of each store; sled is written at checkpoints",
         apply: v6_redo_log,
     },
 ];
@@ -222,7 +222,7 @@ fn v5_compact_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }
 
-/// Version 5 → 6: nothing to rewrite. A layout-6 participant's recent writes may live only in its redo log
+/// Version 5 → 6: nothing to rewrite. A layout-6 node's recent writes may live only in its redo log
 /// (`redo/` beside `store/`), which older binaries do not read: the bump makes them refuse the store.
 fn v6_redo_log(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())

@@ -169,8 +169,8 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
             "finished_max": protocol::participant::RECENT_FINISHED_MAX,
             "recent_commits": state.journal.recent_commits_len(),
             "recent_commits_max": journal::RECENT_COMMITS_MAX,
-            "deferred_keys": node.store.redo_stats().map_or(0, |(_, keys)| keys),
-            "deferred_keys_max": common::redo::DEFERRED_KEYS_MAX,
+            "deferred_keys": node.store.redo_stats().1,
+            "deferred_keys_max": common::redo::WAITING_KEYS_MAX,
         })
     };
     Json(json!({
@@ -178,7 +178,7 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
         "fsyncs": s.fsyncs.load(Ordering::Relaxed),
         "flush_waiters": s.waiters.load(Ordering::Relaxed),
         "flush_micros": s.flush_micros.load(Ordering::Relaxed),
-        "checkpoints": node.store.redo_stats().map_or(0, |(done, _)| done),
+        "checkpoints": node.store.redo_stats().0,
         "in_memory": in_memory,
     }))
 }

@@ -7,7 +7,7 @@ use protocol::msg::Decision;
 use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::redo::Op;
-use common::store::{Store, StoreError, StoreOptions};
+use common::store::{Store, StoreError, StoreKind, StoreOptions};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -38,7 +38,7 @@ impl From<records::RecordError> for LoadError {
 /// Opens a participant's store, replaying its redo log.
 pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
     // Prepared records are transient: most are removed at commit, before a checkpoint could write them.
-    Store::open_logged(dir, options, keys::PREPARED)
+    Store::open(dir, StoreKind::Participant, options, Some(keys::PREPARED))
 }
 
 /// Logs the machine's `writes` and the journal's `extra` changes as one group (applied at once, durable at
