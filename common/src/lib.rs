@@ -9,6 +9,7 @@ pub mod http;
 pub use protocol::ledger;
 pub mod records;
 pub mod redo;
+pub mod runs;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

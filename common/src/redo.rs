@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::runs::{self, RunError, Runs};
+
 /// A key and its new value, or `None` to remove it.
 pub type Op = (Vec<u8>, Option<Vec<u8>>);
 
@@ -49,6 +51,8 @@ pub const OVERLAY_KEYS_MAX: usize = 4 * DEFERRED_KEYS_MAX;
 pub const WAITING_KEYS_MAX: usize = 2 * OVERLAY_KEYS_MAX;
 /// Where sled records the last group a checkpoint wrote (big-endian u64).
 pub const MARK_KEY: &[u8] = b"mredo_applied";
+/// Where sled records which run files hold the history keys ([`crate::runs`]), written with the mark.
+pub const RUNS_KEY: &[u8] = b"mredo_runs";
 const SUFFIX: &str = "redo";
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,28 @@ pub enum RedoError {
     Mark,
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// What kinds of keys a store has, by their first byte.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyClasses {
+    /// Keys that usually live for less than a checkpoint (see the module's text).
+    pub transient: Option<u8>,
+    /// Keys written once per transfer and kept forever: checkpoints write them to run files, not to sled.
+    pub history: &'static [u8],
+}
+
+impl KeyClasses {
+    pub fn is_history(&self, key: &[u8]) -> bool {
+        key.first().is_some_and(|b| self.history.contains(b))
+    }
+
+    /// Whether a history key may lie in `range`.
+    pub fn may_hold_history(&self, range: &std::ops::Range<Vec<u8>>) -> bool {
+        self.history.iter().any(|p| range.start.as_slice() < &[p + 1][..] && &[*p][..] < range.end.as_slice())
+    }
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> RedoError + '_ {
@@ -234,7 +260,9 @@ struct Deferred {
 /// The log as the writers and readers see it. Writers are serialised by the `deferred` lock (and by the
 /// participant's state lock before it); the flusher takes `pending` only.
 pub struct Redo {
-    transient_prefix: Option<u8>,
+    classes: KeyClasses,
+    /// The history keys that checkpoints have written.
+    pub runs: Runs,
     pending: Mutex<Pending>,
     deferred: Mutex<Deferred>,
     /// Signalled when the checkpoint thread has written a frozen checkpoint to sled.
@@ -270,26 +298,33 @@ fn read_mark(db: &sled::Db) -> Result<u64, RedoError> {
 }
 
 impl Redo {
-    /// Replays the log in `dir` after sled's mark, writes it to `db` as a checkpoint and flushes it
-    /// (`log_file`, sled's file, is fdatasynced after each of its flushes), and starts a new log file. Keys
-    /// whose first byte is `transient_prefix` are transient (see the module's text).
+    /// Replays the log in `dir` after sled's mark, writes it as a checkpoint (to sled and, for the history
+    /// keys, to a run file in `runs_dir`) and flushes it (`log_file`, sled's file, is fdatasynced after each
+    /// of its flushes), and starts a new log file.
     pub fn open(
         dir: &Path,
+        runs_dir: &Path,
         db: &sled::Db,
         log_file: &File,
-        transient_prefix: Option<u8>,
+        classes: KeyClasses,
     ) -> Result<(Arc<Redo>, LogWriter), RedoError> {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         let mark = read_mark(db)?;
+        let manifest = match db.get(RUNS_KEY)? {
+            None => Vec::new(),
+            Some(bytes) => runs::decode_manifest(&bytes)?,
+        };
+        let runs = Runs::open(runs_dir, &manifest)?;
         let mut transient_in_sled = HashSet::new();
-        if let Some(prefix) = transient_prefix {
+        if let Some(prefix) = classes.transient {
             for entry in db.scan_prefix([prefix]) {
                 transient_in_sled.insert(entry?.0.to_vec());
             }
         }
         let (wake, wake_rx) = sync_channel(1);
         let redo = Arc::new(Redo {
-            transient_prefix,
+            classes,
+            runs,
             pending: Mutex::new(Pending::default()),
             deferred: Mutex::new(Deferred {
                 next_group: mark + 1,
@@ -397,7 +432,7 @@ impl Redo {
 
     fn route(&self, deferred: &mut Deferred, ops: Vec<Op>) {
         for (key, value) in ops {
-            let transient = self.transient_prefix.is_some() && key.first() == self.transient_prefix.as_ref();
+            let transient = self.classes.transient.is_some() && key.first() == self.classes.transient.as_ref();
             if transient && value.is_none() && !deferred.transient_in_sled.contains(&key) {
                 // Set and removed before it reached sled: sled never sees it.
                 deferred.current.remove(&key);
@@ -414,7 +449,7 @@ impl Redo {
             return None;
         }
         let overlay = Arc::new(std::mem::take(&mut deferred.current));
-        if let Some(prefix) = self.transient_prefix {
+        if let Some(prefix) = self.classes.transient {
             for (key, value) in overlay.range(vec![prefix]..vec![prefix + 1]) {
                 match value {
                     Some(_) => deferred.transient_in_sled.insert(key.clone()),
@@ -428,18 +463,43 @@ impl Redo {
         Some((overlay, through))
     }
 
-    /// Writes a frozen checkpoint to sled: its keys one by one, then the mark. Not a sled batch: that takes
-    /// sled's lock against every reader for its length. Every group it covers must be durable in the log: a
-    /// crash may keep any prefix of these writes (sled's log is read back to its first tear), and replay from
-    /// the previous mark redoes them all.
+    /// Writes a frozen checkpoint: its history keys as a new run file (fsynced, and seen by readers from
+    /// then on), the rest to sled one by one, then the manifest of runs and the mark. Not a sled batch: that
+    /// takes sled's lock against every reader for its length. Every group it covers must be durable in the
+    /// log: a crash may keep any prefix of these sled writes (sled's log is read back to its first tear), and
+    /// replay from the previous mark redoes them all (a run it wrote and no durable manifest names is deleted
+    /// at open).
     fn write_checkpoint(&self, overlay: &Overlay, through: u64) -> Result<(), RedoError> {
-        for (key, value) in overlay {
+        let history = overlay.iter().filter(|(k, _)| self.classes.is_history(k));
+        let count = history.clone().count();
+        if count > 0 {
+            if let Some(run) = self.runs.write(history.map(|(k, v)| (k.clone(), v.clone())), count)? {
+                self.runs.add(run);
+            }
+        }
+        for (key, value) in overlay.iter().filter(|(k, _)| !self.classes.is_history(k)) {
             match value {
                 Some(value) => drop(self.db.insert(key.as_slice(), value.as_slice())?),
                 None => drop(self.db.remove(key.as_slice())?),
             }
         }
+        if count > 0 {
+            self.db.insert(RUNS_KEY, runs::encode_manifest(&self.runs.manifest()))?;
+        }
         self.db.insert(MARK_KEY, &through.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Merges runs while a tier is full: each merged run goes live, then the manifest naming it is made
+    /// durable, then the runs it replaces are deleted.
+    fn compact(&self, log_file: &File) -> Result<(), RedoError> {
+        while let Some((merged, replaced)) = self.runs.compact()? {
+            self.runs.replace(merged, &replaced);
+            self.db.insert(RUNS_KEY, runs::encode_manifest(&self.runs.manifest()))?;
+            self.db.flush()?;
+            log_file.sync_data().map_err(io_error(&self.dir))?;
+            self.runs.delete(&replaced)?;
+        }
         Ok(())
     }
 
@@ -454,6 +514,7 @@ impl Redo {
                 deferred.frozen.clone().map(|overlay| (overlay, deferred.frozen_through))
             };
             let mut result = Ok(());
+            let done = frozen.is_some();
             if let Some((overlay, through)) = frozen {
                 if !sync() {
                     return false;
@@ -465,17 +526,23 @@ impl Redo {
                     .and_then(|_| drop_through(&self.dir, &self.segments, through));
                 lock(&self.deferred).frozen = None;
                 self.thawed.notify_all();
-                self.checkpoints_done.fetch_add(1, Ordering::Relaxed);
+                // With the checkpoint out of the writers' way.
+                result = result.and_then(|_| self.compact(log_file));
             }
             if let Err(error) = result.and_then(|_| make_spare(&self.dir)) {
                 tracing::error!(%error, "checkpoint failed: stopping so recovery starts from what is on disk");
                 std::process::abort();
             }
+            if done {
+                // Last, so that a count seen means that checkpoint's work is all done.
+                self.checkpoints_done.fetch_add(1, Ordering::Relaxed);
+            }
         }
         true
     }
 
-    /// The value the log gives `key` ahead of sled: `Some(None)` if removed, `None` if sled has the answer.
+    /// The value the log gives `key` ahead of the runs and sled: `Some(None)` if removed, `None` if they have
+    /// the answer.
     pub fn get(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
         let deferred = lock(&self.deferred);
         if let Some(value) = deferred.current.get(key) {
@@ -626,17 +693,24 @@ mod tests {
         fn get(&self, key: &str) -> Option<String> {
             let value = match self.redo.get(key.as_bytes()) {
                 Some(value) => value,
-                None => self.db.get(key).expect("get").map(|v| v.to_vec()),
+                None => match self.redo.runs.get(key.as_bytes()).expect("runs readable") {
+                    Some(value) => value,
+                    None => self.db.get(key).expect("get").map(|v| v.to_vec()),
+                },
             };
             value.map(|v| String::from_utf8(v).expect("utf8"))
         }
     }
 
+    /// `p` keys are transient and `h` keys history, as a participant's prepared and finished records are.
+    const CLASSES: KeyClasses = KeyClasses { transient: Some(b'p'), history: b"h" };
+
     /// Opens the store in `dir` with its checkpoint thread, whose sync writes the log as the store's would.
     fn open(dir: &Path) -> Opened {
         let db = sled(dir);
         let sled_file = || File::open(dir.join("store").join("db")).expect("sled's file");
-        let (redo, writer) = Redo::open(&dir.join("redo"), &db, &sled_file(), Some(b'p')).expect("redo opens");
+        let (redo, writer) =
+            Redo::open(&dir.join("redo"), &dir.join("runs"), &db, &sled_file(), CLASSES).expect("redo opens");
         let writer = Arc::new(Mutex::new(writer));
         let weak = Arc::downgrade(&writer);
         let sync = move || weak.upgrade().is_some_and(|w| lock(&w).write(true).is_ok());
@@ -742,7 +816,7 @@ mod tests {
         fs::write(segment_path(&redo_dir, 9), bytes).expect("write");
         let db = sled(dir.path());
         let sled_file = File::open(dir.path().join("store").join("db")).expect("file");
-        let result = Redo::open(&redo_dir, &db, &sled_file, Some(b'p'));
+        let result = Redo::open(&redo_dir, &dir.path().join("runs"), &db, &sled_file, CLASSES);
         assert!(matches!(result, Err(RedoError::Gap { .. })), "{:?}", result.err());
     }
 
@@ -771,5 +845,37 @@ mod tests {
         assert_eq!(s.get("f399").as_deref(), Some("x"));
         assert_eq!(s.get("a1"), Some(value));
         assert_eq!(read_mark(&s.db).expect("mark"), 400);
+    }
+
+    #[test]
+    fn history_keys_go_to_run_files_that_merge_and_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let checkpoints = runs::FANOUT * runs::FANOUT + 1;
+        {
+            let s = open(dir.path());
+            let big = "v".repeat(CHECKPOINT_BYTES as usize + 1);
+            for i in 0..checkpoints as u32 {
+                // One history key per checkpoint, and a balance rewritten by each; a big value forces the
+                // checkpoint.
+                s.redo.log(vec![op(&format!("h{i:03}"), Some("x")), op("a1", Some(&i.to_string())), op("z", Some(&big))]);
+                while lock(&s.redo.deferred).frozen.is_some() || s.redo.checkpoints_done.load(Ordering::Relaxed) <= i.into() {
+                    assert!(std::time::Instant::now() < deadline, "checkpoints end");
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+            assert!(!in_sled(&s.db, "h000"), "history keys never reach sled");
+            assert!(in_sled(&s.db, "a1"), "the rest does");
+            let (entries, _, live) = s.redo.runs.stats();
+            assert_eq!(entries, checkpoints as u64);
+            assert!(live < runs::FANOUT, "{live} runs: full tiers were merged");
+            assert_eq!(s.get("h007").as_deref(), Some("x"));
+        }
+        let s = open(dir.path());
+        for i in 0..checkpoints {
+            assert_eq!(s.get(&format!("h{i:03}")).as_deref(), Some("x"), "h{i:03} after a restart");
+        }
+        let files = fs::read_dir(dir.path().join("runs")).expect("list").count();
+        assert_eq!(files, s.redo.runs.live().len(), "merged runs' files are deleted");
     }
 }

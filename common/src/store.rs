@@ -7,7 +7,9 @@
 //! written, flushed and its file `fdatasync`ed only at checkpoints, by the checkpoint thread (sled 0.34's own
 //! `flush()` ends in `sync_file_range`, which survives SIGKILL but not power loss).
 
+pub use crate::redo::KeyClasses;
 use crate::redo::{LogWriter, Op, Redo, RedoError};
+use crate::runs::{Merge, RunError};
 use crate::telemetry::names;
 pub use migrations::StoreKind;
 use std::fs::File;
@@ -66,6 +68,8 @@ pub enum StoreError {
     Record(#[from] crate::records::RecordError),
     #[error(transparent)]
     Redo(#[from] RedoError),
+    #[error(transparent)]
+    Run(#[from] RunError),
 }
 
 /// Counters of the flusher, for the benchmark and `/stats`.
@@ -85,6 +89,9 @@ pub struct Store {
     flush_queue: mpsc::Sender<oneshot::Sender<()>>,
     pub stats: Arc<FlushStats>,
     redo: Arc<Redo>,
+    classes: KeyClasses,
+    /// Whether sled holds history keys, written before they went to run files (layout 6 and older).
+    history_in_sled: bool,
 }
 
 /// A key and its value, as [`Store::range`] returns them.
@@ -92,14 +99,15 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 impl Store {
     /// Opens the store in `dir` (retrying while an old process's lock lingers): replays its redo log
-    /// (`dir/redo`) into sled, migrates, and starts the flusher and checkpoint threads. Writes go through
-    /// [`Store::log`], reads through [`Store::get`] and [`Store::range`], which see the log ahead of sled. Keys
-    /// starting with `transient_prefix` are transient (see [`crate::redo`]).
+    /// (`dir/redo`) into sled and the run files (`dir/runs`), migrates, and starts the flusher and checkpoint
+    /// threads. Writes go through [`Store::log`], reads through [`Store::get`] and [`Store::range`], which see
+    /// the log ahead of the runs and sled. `classes` says which keys are transient and which are history (see
+    /// [`crate::redo`] and [`crate::runs`]).
     pub fn open(
         dir: &Path,
         kind: StoreKind,
         options: impl Into<StoreOptions>,
-        transient_prefix: Option<u8>,
+        classes: KeyClasses,
     ) -> Result<Store, StoreError> {
         let StoreOptions { durability, cache_bytes } = options.into();
         let path = dir.join("store");
@@ -113,8 +121,12 @@ impl Store {
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
         let open_log = || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
-        let (redo, writer) = Redo::open(&dir.join("redo"), &db, &open_log()?, transient_prefix)?;
+        let (redo, writer) = Redo::open(&dir.join("redo"), &dir.join("runs"), &db, &open_log()?, classes)?;
         let previous = migrations::migrate(&db, kind)?;
+        let mut history_in_sled = false;
+        for prefix in classes.history {
+            history_in_sled |= db.scan_prefix([*prefix]).next().transpose()?.is_some();
+        }
         tracing::info!(path = %path.display(), previous_layout = previous, layout = migrations::LAYOUT_VERSION, "store open");
         let (flush_queue, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         let stats = Arc::new(FlushStats::default());
@@ -132,7 +144,7 @@ impl Store {
             queue.blocking_send(done).is_ok() && wait.blocking_recv().is_ok()
         };
         redo.start_checkpoints(open_log()?, sync)?;
-        Ok(Store { db, flush_queue, stats, redo })
+        Ok(Store { db, flush_queue, stats, redo, classes, history_in_sled })
     }
 
     /// Logs one group of writes, which a crash keeps whole or not at all; durable after the next [`sync`].
@@ -143,52 +155,63 @@ impl Store {
         Ok(())
     }
 
-    /// The value of `key`: the redo log's, if it has one not yet in sled, else sled's.
+    /// The value of `key`: the redo log's, if it has one not yet checkpointed, else the newest run's for a
+    /// history key, else sled's.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(value) = self.redo.get(key) {
             return Ok(value);
+        }
+        if self.classes.is_history(key) {
+            if let Some(value) = self.redo.runs.get(key)? {
+                return Ok(value);
+            }
+            if !self.history_in_sled {
+                return Ok(None);
+            }
         }
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
 
     /// The keys in `range` with their values, in key order, or the last `limit` of them in reverse order if
-    /// `reverse`: sled's, overlaid with the redo log's writes not yet in sled.
+    /// `reverse`: the redo log's writes not yet checkpointed, over the runs (newest first), over sled.
     pub fn range(
         &self,
         range: std::ops::Range<Vec<u8>>,
         reverse: bool,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        type Source<'a> = Box<dyn Iterator<Item = Result<crate::runs::Entry, StoreError>> + 'a>;
         let overlay = self.redo.overlay_range(range.clone());
-        // Enough from sled that removals in the overlay cannot leave the page short.
-        let removed = overlay.values().filter(|v| v.is_none()).count();
+        let overlay: Source = if reverse {
+            Box::new(overlay.into_iter().rev().map(Ok))
+        } else {
+            Box::new(overlay.into_iter().map(Ok))
+        };
+        let mut sources = vec![overlay];
+        if self.classes.may_hold_history(&range) {
+            for run in self.redo.runs.live().iter() {
+                sources.push(Box::new(run.range(range.clone(), reverse).map(|e| e.map_err(StoreError::from))));
+            }
+        }
+        let sled_entry = |e: sled::Result<(sled::IVec, sled::IVec)>| -> Result<crate::runs::Entry, StoreError> {
+            let (key, value) = e?;
+            Ok((key.to_vec(), Some(value.to_vec())))
+        };
         let from_sled = self.db.range(range);
-        let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = std::collections::BTreeMap::new();
-        let mut take = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<(), StoreError> {
-            let (key, value) = entry?;
-            merged.insert(key.to_vec(), value.to_vec());
-            Ok(())
-        };
         if reverse {
-            for entry in from_sled.rev().take(limit.saturating_add(removed)) {
-                take(entry)?;
-            }
+            sources.push(Box::new(from_sled.rev().map(sled_entry)));
         } else {
-            for entry in from_sled.take(limit.saturating_add(removed)) {
-                take(entry)?;
+            sources.push(Box::new(from_sled.map(sled_entry)));
+        }
+        let mut out = Vec::new();
+        for entry in Merge::new(sources, reverse) {
+            if out.len() >= limit {
+                break;
+            }
+            if let (key, Some(value)) = entry? {
+                out.push((key, value));
             }
         }
-        for (key, value) in overlay {
-            match value {
-                Some(value) => merged.insert(key, value),
-                None => merged.remove(&key),
-            };
-        }
-        let out: Vec<_> = if reverse {
-            merged.into_iter().rev().take(limit).collect()
-        } else {
-            merged.into_iter().take(limit).collect()
-        };
         Ok(out)
     }
 
@@ -263,7 +286,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_syncs_share_fsyncs() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync, None).expect("opens");
+        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync, KeyClasses::default()).expect("opens");
         let tasks: Vec<_> = (0..64u32)
             .map(|i| {
                 let store = store.clone();
@@ -284,7 +307,7 @@ mod tests {
     #[test]
     fn reads_see_the_redo_log_ahead_of_sled() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), StoreKind::Participant, Durability::NoFsync, Some(b'p')).expect("opens");
+        let store = Store::open(dir.path(), StoreKind::Participant, Durability::NoFsync, KeyClasses { transient: Some(b'p'), history: b"h" }).expect("opens");
         let key = |i: u8| vec![b'k', i];
         for i in 1..=5 {
             // As a checkpoint leaves them.
@@ -305,12 +328,57 @@ mod tests {
     async fn a_synced_write_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, None).expect("opens");
+            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default()).expect("opens");
             store.log(vec![(b"k".to_vec(), Some(b"v".to_vec()))]).expect("log");
             store.sync().await.expect("sync");
         }
-        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, None).expect("reopens");
+        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default()).expect("reopens");
         assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]), "replayed into sled at open");
         assert_eq!(store.get(b"k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn history_reads_merge_the_log_the_runs_and_what_sled_kept_from_before_runs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let classes = KeyClasses { transient: None, history: b"h" };
+        let kv = |k: &str, v: Option<&str>| (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()));
+        drop(Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, classes).expect("opens"));
+        {
+            // History a layout-6 node wrote to sled itself (the threads of the store above let go of it soon).
+            let mut attempts = 0;
+            let db = loop {
+                match sled::open(dir.path().join("store")) {
+                    Ok(db) => break db,
+                    Err(e) if attempts < 100 => {
+                        attempts += 1;
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("sled does not open: {e}"),
+                }
+            };
+            db.insert("h1", "sled1").and_then(|_| db.insert("h3", "sled3")).expect("insert");
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, classes).expect("reopens");
+        let big = "z".repeat(crate::redo::CHECKPOINT_BYTES as usize);
+        store.log(vec![kv("h2", Some("run2")), kv("h3", Some("run3")), kv("zz", Some(&big))]).expect("log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.redo_stats().0 == 0 {
+            assert!(Instant::now() < deadline, "a checkpoint is written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.redo.runs.stats().0, 2, "the checkpoint wrote h2 and h3 to a run");
+        assert!(store.db.get("h2").expect("get").is_none(), "and not to sled");
+        store.log(vec![kv("h4", Some("log4")), kv("h1", None)]).expect("log");
+        let get = |k: &str| store.get(k.as_bytes()).expect("get").map(|v| String::from_utf8(v).expect("utf8"));
+        assert_eq!(get("h1"), None, "removed in the log");
+        assert_eq!(get("h2").as_deref(), Some("run2"));
+        assert_eq!(get("h3").as_deref(), Some("run3"), "the run's over sled's");
+        assert_eq!(get("h4").as_deref(), Some("log4"));
+        let keys = |r: Vec<KeyValue>| r.into_iter().map(|(k, v)| format!("{}={}", k[1] - b'0', String::from_utf8(v).expect("utf8"))).collect::<Vec<_>>();
+        let all = b"h".to_vec()..b"i".to_vec();
+        assert_eq!(keys(store.range(all.clone(), true, 2).expect("range")), vec!["4=log4", "3=run3"]);
+        assert_eq!(keys(store.range(all, false, 10).expect("range")), vec!["2=run2", "3=run3", "4=log4"]);
     }
 }

@@ -12,7 +12,7 @@
 
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
-use common::store::{Store, StoreError, StoreKind, StoreOptions};
+use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
 use migrations::ACKED_BEFORE_KEY;
 use protocol::coordinator_core::StagedTransfer;
 use std::collections::{BTreeSet, HashMap};
@@ -25,6 +25,8 @@ const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 /// Prefix of the ledger-wide index by the time a transfer's entry was first written: time, transfer id.
 const BY_TIME: u8 = b'r';
+/// Both kinds of key are written once per transfer and kept: history, in run files (see `common::runs`).
+const CLASSES: KeyClasses = KeyClasses { transient: None, history: &[RECORD, BY_TIME] };
 /// The mark's value when no transfer is owed anything.
 const NOTHING_OWED: u64 = u64::MAX;
 
@@ -225,7 +227,7 @@ impl Wal {
     pub async fn open(dir: &Path, options: impl Into<StoreOptions>, participant_count: u32) -> Result<Wal, WalError> {
         let (dir, options) = (dir.to_owned(), options.into());
         let store =
-            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options, None)).await.map_err(
+            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options, CLASSES)).await.map_err(
                 |e| StoreError::LogFile { path: Default::default(), source: std::io::Error::other(e.to_string()) },
             )??;
         match store.get(PARTICIPANT_COUNT_KEY)? {

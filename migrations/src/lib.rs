@@ -11,8 +11,9 @@
 /// mark (see [`v3_acked_before_mark`]). Version 4 lets a coordinator's `r` index key hold a staging record
 /// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]). Version 5 writes record bodies
 /// with variable-length integers (version byte 5; see [`v5_compact_records`]). Version 6 puts a redo log in
-/// front of each store (see [`v6_redo_log`]).
-pub const LAYOUT_VERSION: u32 = 6;
+/// front of each store (see [`v6_redo_log`]). Version 7 writes the history keys to run files rather than to
+/// sled (see [`v7_history_runs`]).
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
 /// shards; commits at or after it may not be. `u64::MAX`: none is owed.
@@ -71,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to_version: 6,
         description: "a redo log in front of each store; sled is written at checkpoints",
         apply: v6_redo_log,
+    },
+    Migration {
+        to_version: 7,
+        description: "history keys (finished records, journal, decisions, time index) in run files beside sled",
+        apply: v7_history_runs,
     },
 ];
 
@@ -225,6 +231,13 @@ fn v5_compact_records(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
 /// Version 5 → 6: nothing to rewrite. A layout-6 node's recent writes may live only in its redo log
 /// (`redo/` beside `store/`), which older binaries do not read: the bump makes them refuse the store.
 fn v6_redo_log(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
+    Ok(())
+}
+
+/// Version 6 → 7: nothing to rewrite. Checkpoints now write the history keys to run files (`runs/` beside
+/// `store/`, named by the `mredo_runs` key), which older binaries do not read: the bump makes them refuse the
+/// store. History that sled already holds stays there and is read as before, under the runs.
+fn v7_history_runs(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use protocol::msg::Decision;
 use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::redo::Op;
-use common::store::{Store, StoreError, StoreKind, StoreOptions};
+use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -35,10 +35,13 @@ impl From<records::RecordError> for LoadError {
     }
 }
 
+/// Prepared records are transient: most are removed at commit, before a checkpoint could write them. Finished
+/// records and journal entries are history: one or two per transfer, kept forever, in run files.
+pub const CLASSES: KeyClasses = KeyClasses { transient: Some(keys::PREPARED), history: &[keys::FINISHED, journal::ENTRY] };
+
 /// Opens a participant's store, replaying its redo log.
 pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
-    // Prepared records are transient: most are removed at commit, before a checkpoint could write them.
-    Store::open(dir, StoreKind::Participant, options, Some(keys::PREPARED))
+    Store::open(dir, StoreKind::Participant, options, CLASSES)
 }
 
 /// Logs the machine's `writes` and the journal's `extra` changes as one group (applied at once, durable at
