@@ -215,6 +215,13 @@ impl Store {
         Ok(out)
     }
 
+    /// The history's run files: how many, their entries and bytes, and the bytes of their filters and
+    /// indexes in memory, as JSON for `/stats`.
+    pub fn runs_json(&self) -> serde_json::Value {
+        let (entries, bytes, runs) = self.redo.runs.stats();
+        serde_json::json!({"runs": runs, "entries": entries, "bytes": bytes, "index_bytes": self.redo.runs.index_bytes()})
+    }
+
     /// Checkpoints written, and keys waiting for sled.
     pub fn redo_stats(&self) -> (u64, usize) {
         (self.redo.checkpoints_done.load(Ordering::Relaxed), self.redo.deferred_keys())

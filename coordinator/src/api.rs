@@ -559,6 +559,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
         "fsyncs": s.fsyncs.load(Relaxed),
         "flush_waiters": s.waiters.load(Relaxed),
         "flush_micros": s.flush_micros.load(Relaxed),
+        "history_runs": state.engine.wal.store().runs_json(),
         "in_doubt": state.engine.in_doubt().await.len(),
         "in_memory": state.engine.in_memory().await.unwrap_or(Value::Null),
         "transfers": state.rates.to_json(),

@@ -179,6 +179,7 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
         "flush_waiters": s.waiters.load(Ordering::Relaxed),
         "flush_micros": s.flush_micros.load(Ordering::Relaxed),
         "checkpoints": node.store.redo_stats().0,
+        "history_runs": node.store.runs_json(),
         "in_memory": in_memory,
     }))
 }

@@ -62,6 +62,10 @@ async fn round(c: &mut Cluster, accounts: &[Vec<String>], transfers: u64, seed: 
     // Nothing of the history was read back at restart, and recognising old ids read the store, not memory.
     assert_eq!(mem["finished"].as_u64(), Some(0), "p0 holds no finished transfer after its restart: {stats}");
     assert_eq!(mem["recent_commits"].as_u64(), Some(0), "{stats}");
+    // The restart's checkpoint wrote p0's history (a finished record and a journal entry per transfer) to run
+    // files, which is where the old ids above were found.
+    let in_runs = stats["history_runs"]["entries"].as_u64().unwrap_or(0);
+    assert!(in_runs >= old.len() as u64, "p0's history is in its run files: {stats}");
     // The coordinator, once the cluster is quiet, holds nothing of any transfer.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
