@@ -269,6 +269,9 @@ pub struct Redo {
     thawed: Condvar,
     wake: SyncSender<()>,
     wake_rx: Mutex<Option<Receiver<()>>>,
+    /// Wakes the merging thread after each checkpoint.
+    merge_wake: SyncSender<()>,
+    merge_wake_rx: Mutex<Option<Receiver<()>>>,
     segments: Arc<Mutex<VecDeque<u64>>>,
     dir: PathBuf,
     db: sled::Db,
@@ -322,6 +325,7 @@ impl Redo {
             }
         }
         let (wake, wake_rx) = sync_channel(1);
+        let (merge_wake, merge_wake_rx) = sync_channel(1);
         let redo = Arc::new(Redo {
             classes,
             runs,
@@ -337,6 +341,8 @@ impl Redo {
             thawed: Condvar::new(),
             wake,
             wake_rx: Mutex::new(Some(wake_rx)),
+            merge_wake,
+            merge_wake_rx: Mutex::new(Some(merge_wake_rx)),
             segments: Arc::new(Mutex::new(VecDeque::new())),
             dir: dir.to_owned(),
             db: db.clone(),
@@ -384,7 +390,9 @@ impl Redo {
         sync: impl Fn() -> bool + Send + 'static,
     ) -> Result<(), RedoError> {
         let Some(wake) = lock(&self.wake_rx).take() else { return Ok(()) };
-        // Weak, so that the thread ends (its channel closes) once the store is dropped.
+        let Some(merge_wake) = lock(&self.merge_wake_rx).take() else { return Ok(()) };
+        let merge_log_file = log_file.try_clone().map_err(io_error(&self.dir))?;
+        // Weak, so that the threads end (their channels close) once the store is dropped.
         let redo = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("checkpoint".into())
@@ -396,8 +404,23 @@ impl Redo {
                     }
                 }
             })
+            .map_err(io_error(Path::new("checkpoint thread")))?;
+        // Merges run on a thread of their own: merging the larger tiers takes seconds, and checkpoints (and
+        // so the writers, once the overlay is full) must not wait for them.
+        let redo = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("run-merge".into())
+            .spawn(move || {
+                while let Ok(()) = merge_wake.recv() {
+                    let Some(redo) = redo.upgrade() else { return };
+                    if let Err(error) = redo.merge_runs(&merge_log_file) {
+                        tracing::error!(%error, "merging run files failed: stopping so recovery starts from what is on disk");
+                        std::process::abort();
+                    }
+                }
+            })
             .map(drop)
-            .map_err(io_error(Path::new("checkpoint thread")))
+            .map_err(io_error(Path::new("run-merge thread")))
     }
 
     /// Logs one group of writes: durable at the next flush of the log, seen by [`Redo::get`] and
@@ -484,18 +507,18 @@ impl Redo {
             }
         }
         if count > 0 {
-            self.db.insert(RUNS_KEY, runs::encode_manifest(&self.runs.manifest()))?;
+            self.runs.write_manifest(|manifest| self.db.insert(RUNS_KEY, manifest).map(drop))?;
         }
         self.db.insert(MARK_KEY, &through.to_be_bytes()[..])?;
         Ok(())
     }
 
-    /// Merges runs while a tier is full: each merged run goes live, then the manifest naming it is made
-    /// durable, then the runs it replaces are deleted.
-    fn compact(&self, log_file: &File) -> Result<(), RedoError> {
-        while let Some((merged, replaced)) = self.runs.compact()? {
+    /// The merging thread's work: merges runs while a tier is full. Each merged run goes live, then a manifest
+    /// naming it is made durable (sled flushed, `log_file` fdatasynced), then the runs it replaces are deleted.
+    fn merge_runs(&self, log_file: &File) -> Result<(), RedoError> {
+        while let Some((merged, replaced)) = self.runs.merge()? {
             self.runs.replace(merged, &replaced);
-            self.db.insert(RUNS_KEY, runs::encode_manifest(&self.runs.manifest()))?;
+            self.runs.write_manifest(|manifest| self.db.insert(RUNS_KEY, manifest).map(drop))?;
             self.db.flush()?;
             log_file.sync_data().map_err(io_error(&self.dir))?;
             self.runs.delete(&replaced)?;
@@ -526,8 +549,7 @@ impl Redo {
                     .and_then(|_| drop_through(&self.dir, &self.segments, through));
                 lock(&self.deferred).frozen = None;
                 self.thawed.notify_all();
-                // With the checkpoint out of the writers' way.
-                result = result.and_then(|_| self.compact(log_file));
+                let _ = self.merge_wake.try_send(());
             }
             if let Err(error) = result.and_then(|_| make_spare(&self.dir)) {
                 tracing::error!(%error, "checkpoint failed: stopping so recovery starts from what is on disk");
@@ -866,9 +888,12 @@ mod tests {
             }
             assert!(!in_sled(&s.db, "h000"), "history keys never reach sled");
             assert!(in_sled(&s.db, "a1"), "the rest does");
-            let (entries, _, live) = s.redo.runs.stats();
-            assert_eq!(entries, checkpoints as u64);
-            assert!(live < runs::FANOUT, "{live} runs: full tiers were merged");
+            // The merging thread catches up: every full tier is merged.
+            while s.redo.runs.live().len() >= runs::FANOUT {
+                assert!(std::time::Instant::now() < deadline, "merges end");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert_eq!(s.redo.runs.stats().0, checkpoints as u64);
             assert_eq!(s.get("h007").as_deref(), Some("x"));
         }
         let s = open(dir.path());

@@ -84,7 +84,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> RunError + '_ {
     move |source| RunError::Io { path: path.to_owned(), source }
 }
 
-/// One live run: its id (which orders runs by age) and tier.
+/// One live run: its id (unique; the manifest's order is the runs' age) and tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunId {
     pub id: u64,
@@ -109,7 +109,8 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Vec<RunId>, RunError> {
         .chunks_exact(9)
         .map(|c| RunId { id: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")), tier: c[8] })
         .collect();
-    if runs.windows(2).any(|w| w[0].id >= w[1].id) {
+    let ids: std::collections::HashSet<u64> = runs.iter().map(|r| r.id).collect();
+    if ids.len() != runs.len() {
         return Err(RunError::Manifest);
     }
     Ok(runs)
@@ -518,10 +519,14 @@ impl<I: Iterator<Item = Result<Entry, E>>, E> Iterator for Merge<I> {
     }
 }
 
-/// The live runs of one store, newest first, shared by readers and the checkpoint thread.
+/// The live runs of one store, newest first, shared by readers, the checkpoint thread (which adds runs at the
+/// newest end) and the merging thread (which replaces a group of runs by one in their place).
 pub struct Runs {
     dir: PathBuf,
     live: Mutex<Arc<Vec<Arc<Run>>>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Held while a manifest is encoded and written, so that the last one written is the newest.
+    manifest_write: Mutex<()>,
 }
 
 impl Runs {
@@ -546,7 +551,13 @@ impl Runs {
         for id in manifest.iter().rev() {
             live.push(Arc::new(Run::open(dir, *id)?));
         }
-        Ok(Runs { dir: dir.to_owned(), live: Mutex::new(Arc::new(live)) })
+        let next_id = manifest.iter().map(|r| r.id + 1).max().unwrap_or(1);
+        Ok(Runs {
+            dir: dir.to_owned(),
+            live: Mutex::new(Arc::new(live)),
+            next_id: next_id.into(),
+            manifest_write: Mutex::new(()),
+        })
     }
 
     /// The live runs, newest first.
@@ -560,7 +571,14 @@ impl Runs {
     }
 
     fn next_id(&self) -> u64 {
-        self.live().first().map_or(1, |newest| newest.id.id + 1)
+        self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the manifest of the live runs with `write` (into sled, next to the mark), as of now: calls are
+    /// serialised, so a later call never writes an older list.
+    pub fn write_manifest<E>(&self, write: impl FnOnce(Vec<u8>) -> Result<(), E>) -> Result<(), E> {
+        let _one_at_a_time = self.manifest_write.lock().unwrap_or_else(|p| p.into_inner());
+        write(encode_manifest(&self.manifest()))
     }
 
     /// `key`'s entry in the newest run that has one.
@@ -591,33 +609,33 @@ impl Runs {
         *live = Arc::new(next);
     }
 
-    /// If the newest [`FANOUT`] runs share a tier, merges them into one run of the next tier (not yet
-    /// live: see [`Runs::replace`]). Returns it and the ids it replaces.
-    pub fn compact(&self) -> Result<Option<(Run, Vec<u64>)>, RunError> {
+    /// Merges the first group of [`FANOUT`] neighbouring runs of one tier (the lowest such tier) into one run of
+    /// the next, not yet live: see [`Runs::replace`]. Returns it and the ids it replaces. Only one thread
+    /// merges; others may add runs meanwhile.
+    pub fn merge(&self) -> Result<Option<(Run, Vec<u64>)>, RunError> {
         let live = self.live();
-        if live.len() < FANOUT {
-            return Ok(None);
-        }
-        let newest = &live[..FANOUT];
-        let tier = newest[0].id.tier;
-        if newest.iter().any(|r| r.id.tier != tier) || tier == u8::MAX {
-            return Ok(None);
-        }
-        // Its id is the newest's plus one: runs added later get higher ids still, so age order holds.
-        let id = RunId { id: newest[0].id.id + 1, tier: tier + 1 };
-        let sources: Vec<RunIter> = newest.iter().map(|r| r.range(Span::all(), false)).collect();
-        let expected = newest.iter().map(|r| r.entries as usize).sum();
+        let group = live
+            .windows(FANOUT)
+            .filter(|w| w.iter().all(|r| r.id.tier == w[0].id.tier) && w[0].id.tier < u8::MAX)
+            .min_by_key(|w| w[0].id.tier);
+        let Some(group) = group else { return Ok(None) };
+        let id = RunId { id: self.next_id(), tier: group[0].id.tier + 1 };
+        // Newest first, so that the merge keeps the newest entry of a key.
+        let sources: Vec<RunIter> = group.iter().map(|r| r.range(Span::all(), false)).collect();
+        let expected = group.iter().map(|r| r.entries as usize).sum();
         let merged = write_run(&self.dir, id, Merge::new(sources, false), expected)?;
-        let replaced = newest.iter().map(|r| r.id.id).collect();
+        let replaced: Vec<u64> = group.iter().map(|r| r.id.id).collect();
+        // Never empty: removals are kept (sled may hold an older value of the key).
         Ok(merged.map(|run| (run, replaced)))
     }
 
-    /// Puts `merged` in place of the runs `replaced`; their files are deleted by [`Runs::delete`] once the new
-    /// manifest is durable.
+    /// Puts `merged` where the runs `replaced` are (they are neighbours: runs are only ever added at the
+    /// newest end); their files are deleted by [`Runs::delete`] once a manifest without them is durable.
     pub fn replace(&self, merged: Run, replaced: &[u64]) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next: Vec<Arc<Run>> = vec![Arc::new(merged)];
-        next.extend(live.iter().filter(|r| !replaced.contains(&r.id.id)).cloned());
+        let at = live.iter().position(|r| replaced.contains(&r.id.id)).unwrap_or(0);
+        let mut next: Vec<Arc<Run>> = live.iter().filter(|r| !replaced.contains(&r.id.id)).cloned().collect();
+        next.insert(at.min(next.len()), Arc::new(merged));
         *live = Arc::new(next);
     }
 
@@ -732,7 +750,7 @@ mod tests {
             model.extend(batch.clone());
             let run = runs.write(batch.into_iter(), 300).expect("writes").expect("not empty");
             runs.add(run);
-            while let Some((merged, replaced)) = runs.compact().expect("compacts") {
+            while let Some((merged, replaced)) = runs.merge().expect("merges") {
                 runs.replace(merged, &replaced);
                 runs.delete(&replaced).expect("deletes");
             }
@@ -768,5 +786,34 @@ mod tests {
         assert!((0..10_000u32).all(|i| filter.may_contain(hash(&k(i)))));
         let false_positives = (10_000..110_000u32).filter(|i| filter.may_contain(hash(&k(*i)))).count();
         assert!(false_positives < 3_000, "{false_positives} of 100000");
+    }
+
+    #[test]
+    fn a_merge_goes_where_its_runs_were_while_newer_runs_are_added() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runs = Runs::open(dir.path(), &[]).expect("opens");
+        let add = |round: u32| {
+            // Every round rewrites key 0 and adds a key of its own.
+            let batch = vec![(k(0), Some(format!("r{round}").into_bytes())), (k(round + 1), Some(vec![1]))];
+            runs.add(runs.write(batch.into_iter(), 2).expect("writes").expect("not empty"));
+        };
+        for round in 0..FANOUT as u32 {
+            add(round);
+        }
+        let (merged, replaced) = runs.merge().expect("merges").expect("a full tier");
+        // Meanwhile the checkpoint thread adds two newer runs.
+        add(FANOUT as u32);
+        add(FANOUT as u32 + 1);
+        runs.replace(merged, &replaced);
+        runs.delete(&replaced).expect("deletes");
+        let tiers: Vec<u8> = runs.live().iter().map(|r| r.id.tier).collect();
+        assert_eq!(tiers, vec![0, 0, 1], "newest first, the merge in its runs' place");
+        assert_eq!(runs.get(&k(0)).expect("get"), Some(Some(format!("r{}", FANOUT + 1).into_bytes())));
+        let manifest = runs.manifest();
+        drop(runs);
+        let reopened = Runs::open(dir.path(), &manifest).expect("reopens");
+        assert_eq!(reopened.get(&k(0)).expect("get"), Some(Some(format!("r{}", FANOUT + 1).into_bytes())));
+        assert_eq!(reopened.get(&k(1)).expect("get"), Some(Some(vec![1])));
+        assert_eq!(reopened.live().iter().map(|r| r.id.tier).collect::<Vec<_>>(), vec![0, 0, 1]);
     }
 }
