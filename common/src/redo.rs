@@ -89,7 +89,11 @@ impl KeyClasses {
 
     /// Whether a history key may lie in `range`.
     pub fn may_hold_history(&self, range: &std::ops::Range<Vec<u8>>) -> bool {
-        self.history.iter().any(|p| range.start.as_slice() < &[p + 1][..] && &[*p][..] < range.end.as_slice())
+        self.history.iter().any(|p| {
+            // Keys starting with `p` lie in [p] .. [p + 1] (to the end, for 0xff).
+            let below_next = p.checked_add(1).is_none_or(|next| range.start.as_slice() < &[next][..]);
+            below_next && &[*p][..] < range.end.as_slice()
+        })
     }
 }
 
@@ -902,5 +906,14 @@ mod tests {
         }
         let files = fs::read_dir(dir.path().join("runs")).expect("list").count();
         assert_eq!(files, s.redo.runs.live().len(), "merged runs' files are deleted");
+    }
+
+    #[test]
+    fn a_range_may_hold_history_exactly_when_it_meets_a_history_prefix() {
+        let classes = KeyClasses { transient: None, history: &[b'f', 0xff] };
+        let may = |start: &[u8], end: &[u8]| classes.may_hold_history(&(start.to_vec()..end.to_vec()));
+        assert!(may(b"f", b"g") && may(b"a", b"z") && may(b"f\x05", b"f\x06") && may(b"e\xff", b"f\x01"));
+        assert!(!may(b"a", b"f") && !may(b"g", b"h") && !may(b"j", b"k"));
+        assert!(may(&[0xff, 1], &[0xff, 2]), "the last prefix byte has no next byte");
     }
 }
