@@ -200,23 +200,36 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn decode_block(payload: &[u8]) -> Option<Vec<Entry>> {
+/// A block's entries, borrowed from its bytes: `None` where they do not decode.
+fn block_entries(payload: &[u8]) -> impl Iterator<Item = Option<(&[u8], Option<&[u8]>)>> {
     let mut r = Reader { input: payload };
-    let mut out = Vec::new();
-    while !r.input.is_empty() {
-        let key_len = r.u32()?;
-        let key = r.take(key_len)?.to_vec();
-        let value = match r.take(1)?[0] {
-            0 => None,
-            1 => {
-                let len = r.u32()?;
-                Some(r.take(len)?.to_vec())
-            }
-            _ => return None,
+    std::iter::from_fn(move || {
+        if r.input.is_empty() {
+            return None;
+        }
+        let mut entry = || {
+            let key_len = r.u32()?;
+            let key = r.take(key_len)?;
+            let value = match r.take(1)?[0] {
+                0 => None,
+                1 => {
+                    let len = r.u32()?;
+                    Some(r.take(len)?)
+                }
+                _ => return None,
+            };
+            Some((key, value))
         };
-        out.push((key, value));
-    }
-    Some(out)
+        let next = entry();
+        if next.is_none() {
+            r.input = &[]; // nothing after a bad entry is read
+        }
+        Some(next)
+    })
+}
+
+fn decode_block(payload: &[u8]) -> Option<Vec<Entry>> {
+    block_entries(payload).map(|e| e.map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))).collect()
 }
 
 fn run_path(dir: &Path, id: u64) -> PathBuf {
@@ -417,19 +430,8 @@ impl Run {
         let Some(i) = self.block_for(key) else { return Ok(None) };
         let payload = self.read_block(i)?;
         // Scanned in place: only the value found is copied (a false positive of the filter copies nothing).
-        let damaged = || RunError::Damaged { path: self.path.clone(), what: "block" };
-        let mut r = Reader { input: &payload };
-        while !r.input.is_empty() {
-            let key_len = r.u32().ok_or_else(damaged)?;
-            let found = r.take(key_len).ok_or_else(damaged)?;
-            let value = match r.take(1).ok_or_else(damaged)?[0] {
-                0 => None,
-                1 => {
-                    let len = r.u32().ok_or_else(damaged)?;
-                    Some(r.take(len).ok_or_else(damaged)?)
-                }
-                _ => return Err(damaged()),
-            };
+        for entry in block_entries(&payload) {
+            let (found, value) = entry.ok_or_else(|| RunError::Damaged { path: self.path.clone(), what: "block" })?;
             match found.cmp(key) {
                 std::cmp::Ordering::Less => continue,
                 std::cmp::Ordering::Equal => return Ok(Some(value.map(<[u8]>::to_vec))),
