@@ -264,7 +264,7 @@ struct Deferred {
 /// The log as the writers and readers see it. Writers are serialised by the `deferred` lock (and by the
 /// participant's state lock before it); the flusher takes `pending` only.
 pub struct Redo {
-    classes: KeyClasses,
+    pub(crate) classes: KeyClasses,
     /// The history keys that checkpoints have written.
     pub runs: Runs,
     pending: Mutex<Pending>,

@@ -1,5 +1,6 @@
 //! The durable store both kinds of node write through: sled, with a redo log in front of it
-//! ([`crate::redo`]), and one group-commit flusher thread.
+//! ([`crate::redo`]) and run files beside it for the history keys ([`crate::runs`]), and one group-commit
+//! flusher thread.
 //!
 //! A write group is durable once it is appended to the redo log and the log file is `fdatasync`ed: that
 //! survives SIGKILL and power loss. The flusher is the only thread that writes the log, and it serves every
@@ -89,7 +90,6 @@ pub struct Store {
     flush_queue: mpsc::Sender<oneshot::Sender<()>>,
     pub stats: Arc<FlushStats>,
     redo: Arc<Redo>,
-    classes: KeyClasses,
     /// Whether sled holds history keys, written before they went to run files (layout 6 and older).
     history_in_sled: bool,
 }
@@ -144,7 +144,7 @@ impl Store {
             queue.blocking_send(done).is_ok() && wait.blocking_recv().is_ok()
         };
         redo.start_checkpoints(open_log()?, sync)?;
-        Ok(Store { db, flush_queue, stats, redo, classes, history_in_sled })
+        Ok(Store { db, flush_queue, stats, redo, history_in_sled })
     }
 
     /// Logs one group of writes, which a crash keeps whole or not at all; durable after the next [`sync`].
@@ -161,7 +161,7 @@ impl Store {
         if let Some(value) = self.redo.get(key) {
             return Ok(value);
         }
-        if self.classes.is_history(key) {
+        if self.redo.classes.is_history(key) {
             if let Some(value) = self.redo.runs.get(key)? {
                 return Ok(value);
             }
@@ -188,7 +188,7 @@ impl Store {
             Box::new(overlay.into_iter().map(Ok))
         };
         let mut sources = vec![overlay];
-        if self.classes.may_hold_history(&range) {
+        if self.redo.classes.may_hold_history(&range) {
             for run in self.redo.runs.live().iter() {
                 sources.push(Box::new(run.range(range.clone(), reverse).map(|e| e.map_err(StoreError::from))));
             }
