@@ -24,6 +24,7 @@ use crate::fill;
 use crate::http1::{Http1Client, Http1Error};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
+use std::process::ExitCode;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
@@ -871,4 +872,73 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// Throughput benchmark of the two-phase-commit ledger: a coordinator and two participants on loopback (fresh
+/// temp data dirs), C clients sending cross-shard transfers back to back on keep-alive connections. Reports
+/// committed transfers/s, aborts, errors, latency percentiles, CPU seconds and fsyncs per committed transfer of
+/// each process, then checks that the total money is conserved.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Concurrent clients (one tokio task and one keep-alive connection each).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Seconds measured per concurrency level.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Seconds of load before each measured window that are not counted.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u64,
+    /// Comma-separated client counts, one measured window each, against the same cluster (e.g. 1,16,64,256).
+    /// Overrides --clients.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<usize>,
+    /// Accounts created on each of the two shards, each with a balance of 1,000,000.
+    #[arg(long, default_value_t = 1_000)]
+    pub accounts_per_shard: usize,
+    /// History mode: comma-separated history sizes (e.g. 100000,1000000). Builds each history through the
+    /// public API with --clients clients, then prints each node's data dir bytes per committed transfer, its
+    /// restart time (SIGKILL, start, /health 200) and its RSS after the restart and after some load.
+    #[arg(long, value_delimiter = ',')]
+    pub history: Vec<u64>,
+    /// NOT DURABLE: start every node with --no-fsync, to measure what durability costs. Every output line is
+    /// labelled.
+    #[arg(long)]
+    pub no_fsync: bool,
+}
+
+/// What `ledger bench` and `ledger-bench` do with their arguments: exit 1 if money was not conserved, 2 if the
+/// benchmark itself could not run.
+pub async fn run_cli(args: BenchArgs) -> ExitCode {
+    if !args.history.is_empty() {
+        let mut sizes = args.history.clone();
+        sizes.sort_unstable();
+        let config = HistoryConfig {
+            sizes,
+            clients: args.clients.max(1),
+            accounts_per_shard: args.accounts_per_shard.max(1),
+            no_fsync: args.no_fsync,
+        };
+        return exit(run_history(config).await);
+    }
+    let levels = if args.sweep.is_empty() { vec![args.clients] } else { args.sweep };
+    let config = Config {
+        levels: levels.into_iter().map(|c| c.max(1)).collect(),
+        duration: Duration::from_secs(args.duration.max(1)),
+        warmup: Duration::from_secs(args.warmup),
+        accounts_per_shard: args.accounts_per_shard.max(1),
+        no_fsync: args.no_fsync,
+    };
+    exit(run(config).await)
+}
+
+fn exit(result: Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("ledger bench: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

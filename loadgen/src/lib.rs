@@ -2,6 +2,7 @@
 //! (`ledger-bench`), the kill-and-restart drill (`ledger-drill`) and the history filler (`ledger-fill`).
 
 pub mod bench;
+pub mod cli;
 pub mod cluster;
 pub mod drill;
 pub mod fill;
