@@ -1,137 +1,21 @@
-//! Runs the real binaries: a coordinator and N participants on free loopback ports, each with its own data dir
-//! inside a temp dir (or a given one). Nodes can be SIGKILLed, restarted with the same flags, or started with a crash point
-//! armed. Children are killed on drop; if the test is failing, every node's command line and log tail is printed.
+//! The cluster of a test, the benchmark or the drill: a coordinator and N participants on free loopback ports,
+//! each with its own data dir inside a temp dir, started through `launch`. Nodes can be SIGKILLed, restarted
+//! with the same flags, or started with a crash point armed. Children are killed on drop; if the test is
+//! failing, every node's command line and log tail is printed.
 
+pub use crate::launch::{free_port, Binaries, Node};
+use crate::launch::{Layout, NodeSpec, START_TIMEOUT};
 use serde_json::{json, Value};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Long enough for a debug build to open sled and recover on a loaded 2-core machine.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The directory holding `coordinator` and `participant`: next to the running executable (or its parent, for
-/// test binaries under `deps/`), unless `LEDGER_BIN_DIR` says otherwise.
+/// The directory holding `coordinator`, `participant` and the tools (see `Binaries::locate`).
 pub fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("LEDGER_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("path of the running executable");
-    let mut dir = exe.parent().expect("executable has a directory").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    dir
-}
-
-pub fn coordinator_bin() -> PathBuf {
-    binary("coordinator")
-}
-
-pub fn participant_bin() -> PathBuf {
-    binary("participant")
-}
-
-fn binary(name: &str) -> PathBuf {
-    let path = bin_dir().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does)",
-        path.display()
-    );
-    path
+    Binaries::locate().unwrap_or_else(|e| panic!("{e}")).dir.clone()
 }
 
 /// Attempts at creating an account that the coordinator answers 503.
 const CREATE_ATTEMPTS_MAX: u32 = 5;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
-}
-
-pub struct Node {
-    pub name: String,
-    pub port: u16,
-    program: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-    log_filter: String,
-    child: Option<Child>,
-}
-
-impl Node {
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the process; `crash_at` arms crash points for this run only.
-    pub fn spawn(&mut self, crash_at: Option<&str>) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open log");
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        cmd.env("RUST_LOG", &self.log_filter).env_remove("LEDGER_CRASH_AT");
-        if let Some(points) = crash_at {
-            cmd.env("LEDGER_CRASH_AT", points);
-        }
-        self.child = Some(cmd.spawn().expect("spawn node"));
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// SIGKILL, then reap.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let status = child.wait().expect("wait for node");
-            assert!(status.success(), "{} exited with {status} after SIGTERM", self.name);
-        }
-    }
-
-    /// Waits for the process to die by itself (an armed crash point); true if it did within `timeout`.
-    pub fn wait_for_death(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            match self.child.as_mut().map(|c| c.try_wait()) {
-                None => return true,
-                Some(Ok(Some(_))) => {
-                    self.child = None;
-                    return true;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        false
-    }
-
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    fn describe(&self) -> String {
-        format!("{} {}", self.program.display(), self.args.join(" "))
-    }
-}
 
 pub struct Cluster {
     /// The cluster secret the nodes were given, for tests that call internal routes.
@@ -154,6 +38,8 @@ pub struct Options {
     pub cluster_token: bool,
     /// Contents of an API tokens file for the coordinator, if any.
     pub api_tokens: Option<String>,
+    /// `host:port` of the coordinator and of each participant, instead of free loopback ports.
+    pub addresses: Option<(String, Vec<String>)>,
 }
 
 impl Default for Options {
@@ -165,6 +51,7 @@ impl Default for Options {
             log_filter: "info".into(),
             cluster_token: true,
             api_tokens: None,
+            addresses: None,
         }
     }
 }
@@ -175,80 +62,44 @@ impl Cluster {
     }
 
     pub async fn start_with(options: Options) -> Cluster {
+        Cluster::start_adjusted(options, |_| {}).await
+    }
+
+    /// Starts a cluster whose command lines `adjust` may change first (a node run inside a network namespace,
+    /// say), from the layout that `options` give.
+    pub async fn start_adjusted(options: Options, adjust: impl FnOnce(&mut Vec<NodeSpec>)) -> Cluster {
         // LEDGER_KEEP_DATA=1 keeps the data directories after the run, to inspect a failed drill.
         let keep = std::env::var("LEDGER_KEEP_DATA").is_ok_and(|v| v == "1");
         let dir = tempfile::Builder::new().disable_cleanup(keep).tempdir().expect("temp dir");
-        let mut shared_args: Vec<String> = Vec::new();
+        let mut layout = Layout::with_free_ports(dir.path(), options.participants);
+        if let Some(addresses) = options.addresses {
+            layout.coordinator = addresses.0;
+            layout.participants = addresses.1;
+        }
         let cluster_token = options.cluster_token.then(|| {
             let token = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
             let path = dir.path().join("cluster.token");
             std::fs::write(&path, &token).expect("write cluster token");
-            shared_args.extend(["--cluster-token-file".to_string(), path.display().to_string()]);
+            layout.cluster_token_file = Some(path);
             token
         });
-        let participants: Vec<Node> = (0..options.participants)
-            .map(|shard| {
-                let port = free_port();
-                let data = dir.path().join(format!("p{shard}"));
-                let args = vec![
-                    "--shard".into(),
-                    shard.to_string(),
-                    "--listen".into(),
-                    format!("127.0.0.1:{port}"),
-                    "--data".into(),
-                    data.display().to_string(),
-                    // Short, so tests see in-doubt transfers resolved quickly.
-                    "--in-doubt-after-ms".into(),
-                    "500".into(),
-                ];
-                let args = args
-                    .into_iter()
-                    .chain(shared_args.iter().cloned())
-                    .chain(options.participant_args.iter().cloned())
-                    .collect();
-                let log = dir.path().join(format!("p{shard}.log"));
-                Node {
-                    name: format!("p{shard}"),
-                    port,
-                    program: participant_bin(),
-                    args,
-                    log,
-                    log_filter: options.log_filter.clone(),
-                    child: None,
-                }
-            })
-            .collect();
-        let port = free_port();
-        let urls: Vec<String> = participants.iter().map(Node::url).collect();
-        let mut args = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--data".into(),
-            dir.path().join("coordinator").display().to_string(),
-            "--participants".into(),
-            urls.join(","),
-            "--prepare-timeout-ms".into(),
-            "1500".into(),
-        ];
-        args.extend(shared_args);
+        // Short, so tests see in-doubt transfers resolved quickly.
+        layout.participant_args = ["--in-doubt-after-ms", "500"].map(String::from).to_vec();
+        layout.participant_args.extend(options.participant_args);
+        layout.coordinator_args = ["--prepare-timeout-ms", "1500"].map(String::from).to_vec();
         if let Some(tokens) = &options.api_tokens {
             let path = dir.path().join("api.tokens");
             std::fs::write(&path, tokens).expect("write API tokens");
-            args.extend(["--api-tokens-file".to_string(), path.display().to_string()]);
+            layout.coordinator_args.extend(["--api-tokens-file".to_string(), path.display().to_string()]);
         }
-        args.extend(options.coordinator_args);
-        let log = dir.path().join("coordinator.log");
-        let coordinator = Node {
-            name: "coordinator".into(),
-            port,
-            program: coordinator_bin(),
-            args,
-            log,
-            log_filter: options.log_filter.clone(),
-            child: None,
-        };
+        layout.coordinator_args.extend(options.coordinator_args);
+        let mut specs = layout.nodes(Binaries::locate().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+        adjust(&mut specs);
+        let env = vec![("RUST_LOG".to_string(), options.log_filter.clone())];
+        let mut nodes: Vec<Node> = specs.into_iter().map(|spec| Node::new(spec, env.clone())).collect();
+        let coordinator = nodes.pop().expect("a coordinator");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client");
-        let mut cluster = Cluster { dir, coordinator, participants, http, cluster_token };
+        let mut cluster = Cluster { dir, coordinator, participants: nodes, http, cluster_token };
         for i in 0..cluster.participants.len() {
             cluster.participants[i].spawn(None);
         }
@@ -268,26 +119,14 @@ impl Cluster {
     }
 
     pub async fn wait_ready(&self, url: &str) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        // Unpooled, so waiting for a node leaves no connection to it open.
-        let probe = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("http client");
-        loop {
-            let ok = probe.get(format!("{url}/health")).timeout(Duration::from_secs(1)).send().await;
-            if ok.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{url} did not become healthy within {START_TIMEOUT:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::launch::wait_healthy(url, url, START_TIMEOUT, || true).await.unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Restarts a node (with crash points disarmed unless given) and waits until it is healthy.
     pub async fn restart(&mut self, name: &str, crash_at: Option<&str>) {
         let node = self.node(name);
         node.kill();
-        node.spawn(crash_at);
-        let url = node.url();
-        self.wait_ready(&url).await;
+        node.start(crash_at).await.unwrap_or_else(|e| panic!("restarting {name}: {e}"));
     }
 
     pub fn api(&self, path: &str) -> String {

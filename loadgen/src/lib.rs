@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod drill;
 pub mod fill;
 pub mod http1;
+pub mod launch;

@@ -246,7 +246,7 @@ async fn a_different_participant_count_is_refused() {
     let mut c = Cluster::start().await;
     c.coordinator.kill();
     let data = c.data_dir().join("coordinator");
-    let out = std::process::Command::new(crate::harness::coordinator_bin())
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(&data)
         .args(["--participants", "http://127.0.0.1:1"])

@@ -7,14 +7,13 @@
 //!
 //! Needs root and iproute2's `ip` (`scripts/deps.sh` installs it when missing).
 
-use crate::harness::cross_shard_pair;
+use crate::harness::{cross_shard_pair, free_port, Cluster, Options};
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Load before the cut, the cut itself, and load after the link is back.
 const BEFORE_CUT: Duration = Duration::from_secs(2);
 const CUT: Duration = Duration::from_secs(4);
@@ -81,43 +80,6 @@ impl Drop for Namespace {
     }
 }
 
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("--- {} log (last lines, newest first):\n{}", self.name, tail.join("\n"));
-        }
-    }
-}
-
-fn spawn(name: &'static str, mut cmd: Command, dir: &std::path::Path) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).expect("log file");
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(file).env("RUST_LOG", "info").env_remove("LEDGER_CRASH_AT");
-    Proc { name, child: cmd.spawn().expect("spawn node"), log }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-async fn wait_healthy(http: &reqwest::Client, url: &str) {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while !http.get(format!("{url}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "{url} did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What the clients saw, by phase.
 #[derive(Default)]
 struct Seen {
@@ -128,48 +90,24 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_participant_cut_off_mid_load_aborts_or_completes_and_the_stream_recovers() {
     let ns = Namespace::create();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = dir.path().join("cluster.token");
-    std::fs::write(&token, "partition-test-cluster-secret-0123456789").expect("token file");
-    let bin = loadgen::cluster::bin_dir();
     let (p0_port, p1_port, c_port) = (free_port(), free_port(), free_port());
-    let p0_url = format!("http://127.0.0.1:{p0_port}");
-    let p1_url = format!("http://{}:{p1_port}", ns.inner_ip);
     // The coordinator listens on the host's end of the veth, which the shard inside the namespace can reach.
-    let c_url = format!("http://{}:{c_port}", ns.host_ip);
-    let participant = |shard: u32, listen: String, data: &str| {
-        let mut args = vec!["--shard".to_string(), shard.to_string(), "--listen".into(), listen, "--data".into()];
-        args.push(dir.path().join(data).display().to_string());
-        args.extend(["--in-doubt-after-ms".into(), "500".into(), "--cluster-token-file".into()]);
-        args.push(token.display().to_string());
-        args
-    };
-    let mut p0 = Command::new(bin.join("participant"));
-    p0.args(participant(0, format!("127.0.0.1:{p0_port}"), "p0"));
-    let _p0 = spawn("p0", p0, dir.path());
-    let mut p1 = Command::new("ip");
-    p1.args(["netns", "exec", &ns.name]).arg(bin.join("participant"));
-    p1.args(participant(1, format!("{}:{p1_port}", ns.inner_ip), "p1"));
-    let _p1 = spawn("p1", p1, dir.path());
-    let mut c = Command::new(bin.join("coordinator"));
-    c.args(["--listen", &format!("{}:{c_port}", ns.host_ip), "--participants", &format!("{p0_url},{p1_url}")]);
-    c.args(["--prepare-timeout-ms", "500", "--cluster-token-file"]).arg(&token).arg("--data").arg(dir.path().join("c"));
-    let _c = spawn("coordinator", c, dir.path());
+    let addresses = (
+        format!("{}:{c_port}", ns.host_ip),
+        vec![format!("127.0.0.1:{p0_port}"), format!("{}:{p1_port}", ns.inner_ip)],
+    );
+    let options = Options { addresses: Some(addresses), ..Options::default() };
+    let c = Cluster::start_adjusted(options, |nodes| {
+        nodes[1].prefix = ["ip", "netns", "exec", &ns.name].map(String::from).to_vec();
+        nodes[2].set_flag("--prepare-timeout-ms", "500");
+    })
+    .await;
+    let c_url = c.coordinator.url();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client");
-    wait_healthy(&http, &c_url).await;
 
     let (alice, bob) = cross_shard_pair("partition");
     for id in [&alice, &bob] {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let body = json!({"id": id, "balance": OPENING_BALANCE});
-            let r = http.post(format!("{c_url}/accounts")).json(&body).send().await.expect("coordinator answers");
-            if r.status().as_u16() == 201 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cannot create {id}: {}", r.status());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        c.create_account(id, OPENING_BALANCE).await;
     }
 
     let started = Instant::now();
@@ -226,7 +164,7 @@ async fn a_participant_cut_off_mid_load_aborts_or_completes_and_the_stream_recov
     assert!(count(&seen.committed, 0) > 0, "transfers committed before the cut");
     assert!(count(&seen.unavailable, 1) > 0, "transfers asked during the cut aborted with 503");
     assert!(count(&seen.committed, 2) > 0, "transfers committed again once the link was back");
-    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).expect("coordinator log");
+    let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).expect("coordinator log");
     assert!(
         log.contains("stream to participant down shard=1"),
         "the coordinator noticed the silent link by its own timeout"

@@ -4,11 +4,13 @@
 mod stream;
 
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use loadgen::launch::{Layout, Node, NodeSpec};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 pub(crate) struct Participant {
-    pub(crate) child: Child,
+    /// The process, killed on drop.
+    pub(crate) node: Node,
     pub(crate) url: String,
     pub(crate) http: reqwest::Client,
     /// The cluster id these tests present, as a coordinator would.
@@ -21,55 +23,36 @@ pub(crate) const CLUSTER_ID: &str = "6f0c1f56-8d0e-4b3f-9a77-3b1f2f0f7a10";
 /// The secret of participants started by `start_with_cluster_token`.
 pub(crate) const CLUSTER_TOKEN: &str = "0123456789abcdef0123";
 
-impl Drop for Participant {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Shard `shard` with its store (and its log) in `data`, on a free port, as the launcher writes it.
+pub(crate) fn spec(shard: usize, data: &Path) -> NodeSpec {
+    let mut layout = Layout::with_free_ports(data, shard + 1);
+    // The coordinator URL in the prepared records below points nowhere: keep the resolver quiet.
+    layout.participant_args = ["--in-doubt-after-ms", "600000"].map(String::from).to_vec();
+    let mut spec = layout.participant(Path::new(env!("CARGO_BIN_EXE_participant")), shard);
+    spec.set_flag("--data", &data.display().to_string());
+    spec.log = data.join("participant.log");
+    spec
 }
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+pub(crate) async fn start(shard: usize, data: &Path) -> Participant {
+    start_spec(spec(shard, data)).await
 }
 
-pub(crate) fn command(shard: u32, port: u16, data: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_participant"));
-    cmd.args(["--shard", &shard.to_string(), "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(data)
-        // The coordinator URL in the prepared records below points nowhere: keep the resolver quiet.
-        .args(["--in-doubt-after-ms", "600000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd
-}
-
-pub(crate) async fn start(shard: u32, data: &std::path::Path) -> Participant {
-    start_with(command(shard, free_port(), data)).await
-}
-
-pub(crate) async fn start_with(mut cmd: Command) -> Participant {
-    let listen = cmd.get_args().skip_while(|a| *a != "--listen").nth(1).expect("--listen given");
-    let url = format!("http://{}", listen.to_string_lossy());
-    let child = cmd.spawn().expect("spawn participant");
-    let p =
-        Participant { child, url, http: reqwest::Client::new(), cluster_id: CLUSTER_ID.into(), cluster_token: None };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.http.get(format!("{}/health", p.url)).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "participant did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    p
+pub(crate) async fn start_spec(spec: NodeSpec) -> Participant {
+    let url = spec.url();
+    let mut node = Node::new(spec, Vec::new());
+    node.start(None).await.unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail(20)));
+    Participant { node, url, http: reqwest::Client::new(), cluster_id: CLUSTER_ID.into(), cluster_token: None }
 }
 
 /// A shard 0 participant that requires `CLUSTER_TOKEN` (kept in `dir/token`, its store in `dir/data`); the
 /// helpers below present it.
-pub(crate) async fn start_with_cluster_token(dir: &std::path::Path) -> Participant {
+pub(crate) async fn start_with_cluster_token(dir: &Path) -> Participant {
     let token_file = dir.join("token");
     std::fs::write(&token_file, CLUSTER_TOKEN).expect("write token");
-    let mut cmd = command(0, free_port(), &dir.join("data"));
-    cmd.arg("--cluster-token-file").arg(&token_file);
-    let mut p = start_with(cmd).await;
+    let mut spec = spec(0, &dir.join("data"));
+    spec.set_flag("--cluster-token-file", &token_file.display().to_string());
+    let mut p = start_spec(spec).await;
     p.cluster_token = Some(CLUSTER_TOKEN.into());
     p
 }
@@ -160,7 +143,8 @@ async fn prepared_holds_survive_sigkill_and_decisions_apply_once() {
 async fn a_store_belongs_to_one_shard() {
     let dir = tempfile::tempdir().expect("temp dir");
     drop(start(0, dir.path()).await);
-    let out = command(1, free_port(), dir.path()).stderr(Stdio::piped()).output().expect("run participant");
+    let mut command = spec(1, dir.path()).command(&[], None).expect("a command line");
+    let out = command.stderr(Stdio::piped()).output().expect("run participant");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("belongs to shard 0, not shard 1"), "{stderr}");

@@ -375,7 +375,7 @@ async fn malformed_frames_close_the_connection_and_apply_nothing() {
         failures.join("\n")
     );
 
-    assert_eq!(p.child.try_wait().expect("child status"), None, "the participant is still running");
+    assert!(p.node.is_running(), "the participant is still running");
     let health = p.http.get(format!("{}/health", p.url)).send().await.expect("reply");
     assert_eq!(health.status(), 200);
     let alice = p.account("alice").await;
@@ -453,12 +453,11 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
         answered += 1;
         votes += replies.len();
         if !killed && votes >= KILL_AFTER_VOTES {
-            p.child.kill().expect("SIGKILL");
+            p.node.kill();
             killed = true;
         }
     }
     assert!(killed, "the stream ended after {votes} votes, before the kill");
-    p.child.wait().expect("reap");
     let sent = tokio::time::timeout(ANSWER_WITHIN, writer).await.expect("the writer stops").expect("writer");
     assert!(answered < sent, "{answered} of {sent} frames answered: the kill came after the last frame");
     let acknowledged_held: i64 = acknowledged.iter().map(|id| kill_amount(*id)).sum();
