@@ -30,6 +30,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // SAFETY: at the start of main, before any other thread exists. A closed pipe (`ledger ... | head`) then
+    // ends this process quietly, as it does any other command-line tool, instead of a panic on the next print.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match Cli::parse().command {
         Command::Cluster(args) => local::run(args).await,
         Command::Client(command) => client::run(command).await,
