@@ -24,8 +24,9 @@ pub struct Join {
 pub struct PrepareBatch {
     pub items: Vec<PrepareItem>,
     /// Per item, the name of the API token that submitted the transfer (for the journal); may be empty.
-    #[serde(default)]
-    pub actors: Vec<Option<String>>,
+    /// Called `actors` before it took the name it has everywhere else.
+    #[serde(default, alias = "actors")]
+    pub made_by: Vec<Option<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -177,7 +177,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return response;
     };
-    let span = tracing::info_span!("caller", token_name = %caller.name);
+    let span = tracing::info_span!("caller", made_by = %caller.name);
     req.extensions_mut().insert(caller);
     next.run(req).instrument(span).await
 }

@@ -3,6 +3,7 @@
 //! a prepared transfer's outcome when the coordinator's data is gone for good (a heuristic decision).
 
 use crate::server::{apply_decisions, ApiError};
+use crate::journal::JournalEntry;
 use crate::{resolver, storage, Node};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -72,7 +73,15 @@ pub async fn entries(
     let more = entries.len() > limit;
     entries.truncate(limit);
     let next = if more { entries.last().map(|e| e.seq) } else { None };
+    let entries: Vec<Value> = entries.iter().map(entry_json).collect();
     Ok(Json(json!({"account": id, "entries": entries, "next": next})))
+}
+
+/// An entry as the API shows it: `made_by` also goes out as `actor`, the name clients of earlier versions read.
+fn entry_json(entry: &JournalEntry) -> Value {
+    let mut value = serde_json::to_value(entry).unwrap_or(Value::Null);
+    value["actor"] = json!(entry.made_by);
+    value
 }
 
 #[derive(Deserialize)]

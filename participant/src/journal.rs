@@ -57,8 +57,9 @@ pub struct JournalEntry {
     pub amount: i64,
     pub balance_after: i64,
     pub at_unix_ms: u64,
-    /// Who caused it: the API token's name for a transfer, the operator for a heuristic decision.
-    pub actor: Option<String>,
+    /// Who caused it: the API token's name for a transfer, the operator for a heuristic decision. The JSON
+    /// of an entry also carries it as `actor`, its name before this one (see `books::entries`).
+    pub made_by: Option<String>,
 }
 
 /// The journal's counters; lives under the participant's state lock so entries are numbered in apply order.
@@ -151,13 +152,13 @@ impl JournalState {
         id: TransferId,
         kind: EntryKind,
         postings: &[(AccountId, i64, i64)],
-        actor: Option<&str>,
+        made_by: Option<&str>,
         now: u64,
         out: &mut Inserts,
     ) {
         let mut last = 0;
         for (account, delta, after) in postings {
-            last = self.entry(account, kind, Some(id), *delta, *after, now, actor, out);
+            last = self.entry(account, kind, Some(id), *delta, *after, now, made_by, out);
         }
         if matches!(kind, EntryKind::Posting | EntryKind::HeuristicCommit) {
             out.commit_seqs.insert(id, last);
@@ -174,7 +175,7 @@ impl JournalState {
         amount: i64,
         balance_after: i64,
         at_unix_ms: u64,
-        actor: Option<&str>,
+        made_by: Option<&str>,
         out: &mut Inserts,
     ) -> u64 {
         let seq = self.next_seq.max(1);
@@ -188,7 +189,7 @@ impl JournalState {
             amount,
             balance_after,
             at_unix_ms,
-            actor: actor.map(str::to_owned),
+            made_by: made_by.map(str::to_owned),
         };
         out.keys.push((entry_key(account, seq), Some(records::encode(&entry))));
         seq
@@ -250,7 +251,7 @@ mod tests {
             amount: -250,
             balance_after: 999_750,
             at_unix_ms: 1_796_000_000_000,
-            actor: Some("loadgen".into()),
+            made_by: Some("loadgen".into()),
         };
         let fixed = 1 + bincode::serialize(&entry).expect("serialises").len();
         assert_eq!((records::encode(&entry).len(), fixed), (63, 97));

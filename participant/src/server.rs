@@ -247,13 +247,13 @@ async fn prepare(
         let mut machine = node.machine();
         let mut writes = Vec::with_capacity(batch.items.len() * 3);
         // Who asked is kept in each prepared record, for its journal entries at commit.
-        let actors = batch.actors.iter().cloned().chain(std::iter::repeat(None));
+        let made_by = batch.made_by.iter().cloned().chain(std::iter::repeat(None));
         let log = storage::Decisions(&node.store);
         let votes: Vec<Vote> = batch
             .items
             .iter()
-            .zip(actors)
-            .map(|(item, actor)| machine.prepare_by(item, actor, now, &log, &mut writes))
+            .zip(made_by)
+            .map(|(item, made_by)| machine.prepare_by(item, made_by, now, &log, &mut writes))
             .collect();
         persist(&node, &mut machine, &writes, &journal::Inserts::default());
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);

@@ -302,7 +302,7 @@ mod tests {
             amount: 5,
             balance_after: 100,
             at_unix_ms: 9,
-            actor: None,
+            made_by: None,
         };
         db.insert(journal::entry_key(&alice, 7), v1(&entry)).expect("insert");
         db.flush().expect("flush");

@@ -37,7 +37,8 @@ async fn the_journal_records_every_posting_newest_first_with_pages() {
     assert_eq!(amounts, vec![-300, -200], "newest first");
     assert_eq!(entries[0]["balance_after"], 400);
     assert_eq!(entries[0]["kind"], "posting");
-    assert_eq!(entries[0]["actor"], "shop", "the API token's name is journaled");
+    assert_eq!(entries[0]["made_by"], "shop", "the API token's name is journaled");
+    assert_eq!(entries[0]["actor"], "shop", "and still shown under its earlier name");
     let next = first["next"].as_u64().expect("a cursor to the next page");
     let second = page(format!("?limit=2&after={next}")).await;
     let rest: Vec<(Value, Value)> = second["entries"]
@@ -164,7 +165,7 @@ async fn operators_see_a_shards_doubts_and_can_force_them_only_without_a_coordin
     assert_eq!((a["balance"].clone(), a["held"].clone()), (json!(500), json!(0)), "the hold is released");
     let entries = internal_get(format!("accounts/{alice}/entries")).await;
     assert_eq!(entries["entries"][0]["kind"], "heuristic_abort");
-    assert_eq!(entries["entries"][0]["actor"], "carol");
+    assert_eq!(entries["entries"][0]["made_by"], "carol");
 
     // With the coordinator back, forcing is refused (it decides), and it resolves the other shard itself.
     c.restart("coordinator", None).await;

@@ -66,7 +66,7 @@ async fn api_tokens_guard_every_route_but_health_and_admin_routes_need_admin() {
     // The name is in the logs, the tokens never are.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).expect("coordinator log");
-    assert!(log.contains("token_name=shop"), "the request span names the token");
+    assert!(log.contains("made_by=shop"), "the request span names the token");
     for secret in [ADMIN_TOKEN, CLIENT_TOKEN, c.cluster_token.as_deref().expect("cluster token")] {
         assert!(!log.contains(secret), "a secret leaked into the log");
     }
