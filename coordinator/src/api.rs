@@ -537,8 +537,11 @@ async fn transactions(
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
     match query.status.as_deref() {
-        Some("in_doubt") => Ok(Json(json!({"transactions": state.engine.in_doubt().await}))),
-        _ => Err(ApiError::Invalid("status must be given and be in_doubt".into())),
+        // `in_doubt` is the name earlier versions gave it.
+        Some("unacknowledged" | "in_doubt") => {
+            Ok(Json(json!({"transactions": state.engine.unacknowledged().await})))
+        }
+        _ => Err(ApiError::Invalid("status must be given and be unacknowledged".into())),
     }
 }
 
@@ -555,12 +558,15 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
 async fn stats(State(state): State<AppState>) -> Json<Value> {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &state.engine.wal.store().stats;
+    let unacknowledged = state.engine.unacknowledged().await.len();
     Json(json!({
         "fsyncs": s.fsyncs.load(Relaxed),
         "flush_waiters": s.waiters.load(Relaxed),
         "flush_micros": s.flush_micros.load(Relaxed),
         "history_runs": state.engine.wal.store().runs_json(),
-        "in_doubt": state.engine.in_doubt().await.len(),
+        "unacknowledged": unacknowledged,
+        // The same count under its earlier name.
+        "in_doubt": unacknowledged,
         "in_memory": state.engine.in_memory().await.unwrap_or(Value::Null),
         "transfers": state.rates.to_json(),
     }))

@@ -83,12 +83,12 @@ async fn run_once(engine: &Engine) -> Result<Value, AuditError> {
     for &s in &shards {
         first_seq.push(snapshot(engine, s, Some(u64::MAX)).await?.seq);
     }
-    let owed_before: Vec<TransferId> = engine.in_doubt().await.into_iter().map(|d| d.id).collect();
+    let owed_before: Vec<TransferId> = engine.unacknowledged().await.into_iter().map(|d| d.id).collect();
     let mut snapshots = Vec::new();
     for &s in &shards {
         snapshots.push(snapshot(engine, s, Some(first_seq[s as usize])).await?);
     }
-    let owed_after: Vec<TransferId> = engine.in_doubt().await.into_iter().map(|d| d.id).collect();
+    let owed_after: Vec<TransferId> = engine.unacknowledged().await.into_iter().map(|d| d.id).collect();
 
     let mut candidates: BTreeSet<TransferId> = owed_before.into_iter().chain(owed_after).collect();
     for snap in &snapshots {

@@ -28,8 +28,12 @@ pub mod metric {
     pub const PREPARE_SECONDS: &str = "ledger_prepare_round_trip_seconds";
     pub const COMMIT_SECONDS: &str = "ledger_commit_round_trip_seconds";
     pub const ABORT_SECONDS: &str = "ledger_abort_round_trip_seconds";
-    pub const IN_DOUBT: &str = "ledger_transfers_in_doubt";
-    pub const IN_DOUBT_OLDEST_SECONDS: &str = "ledger_in_doubt_oldest_age_seconds";
+    pub const UNACKNOWLEDGED: &str = "ledger_transfers_unacknowledged";
+    pub const UNACKNOWLEDGED_OLDEST_SECONDS: &str = "ledger_unacknowledged_oldest_age_seconds";
+    /// The same two gauges under the names of earlier versions, which said "in doubt" for what a participant
+    /// means by it (prepared, the decision unknown): kept for existing dashboards.
+    pub const UNACKNOWLEDGED_OLD_NAME: &str = "ledger_transfers_in_doubt";
+    pub const UNACKNOWLEDGED_OLDEST_SECONDS_OLD_NAME: &str = "ledger_in_doubt_oldest_age_seconds";
     pub const PARTICIPANT_UP: &str = "ledger_participant_up";
     pub const RECOVERY_COMMITS_RESENT: &str = "ledger_recovery_commits_resent_total";
     pub const DECISION_QUERIES: &str = "ledger_decision_queries_total";
@@ -42,8 +46,13 @@ pub mod metric {
         metrics::describe_histogram!(PREPARE_SECONDS, "Round trip of a stream frame carrying Prepares, per shard");
         metrics::describe_histogram!(COMMIT_SECONDS, "Round trip of a stream frame carrying Commits, per shard");
         metrics::describe_histogram!(ABORT_SECONDS, "Round trip of a stream frame carrying Aborts, per shard");
-        metrics::describe_gauge!(IN_DOUBT, "Decided transfers some shard has not acknowledged");
-        metrics::describe_gauge!(IN_DOUBT_OLDEST_SECONDS, "Age of the oldest transfer in doubt");
+        metrics::describe_gauge!(UNACKNOWLEDGED, "Decided transfers some shard has not acknowledged");
+        metrics::describe_gauge!(UNACKNOWLEDGED_OLDEST_SECONDS, "Age of the oldest unacknowledged decision");
+        metrics::describe_gauge!(UNACKNOWLEDGED_OLD_NAME, "ledger_transfers_unacknowledged, by its earlier name");
+        metrics::describe_gauge!(
+            UNACKNOWLEDGED_OLDEST_SECONDS_OLD_NAME,
+            "ledger_unacknowledged_oldest_age_seconds, by its earlier name"
+        );
         metrics::describe_gauge!(PARTICIPANT_UP, "1 if the shard answered its last health probe");
         metrics::describe_counter!(RECOVERY_COMMITS_RESENT, "Committed transfers re-sent after a restart");
         metrics::describe_counter!(DECISION_QUERIES, "Decision queries from participants, by answer");
@@ -53,7 +62,7 @@ pub mod metric {
 
 /// A decision unacknowledged this long is sent again.
 const REDELIVER_AFTER: Duration = Duration::from_secs(1);
-/// Health probes of the participants (the up/down gauge) and the in-doubt gauges are refreshed this often.
+/// Health probes of the participants (the up/down gauge) and the unacknowledged gauges are refreshed this often.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Commands from the HTTP handlers that may wait for the core task; past it a handler waits for room.
@@ -101,9 +110,10 @@ pub struct Final {
     pub outcome: Outcome,
 }
 
-/// What `GET /transactions?status=in_doubt` shows.
+/// A decided transfer some shard has not acknowledged yet, as `GET /transactions?status=unacknowledged` shows
+/// it. The coordinator knows its outcome: only the participants are in doubt.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct InDoubt {
+pub struct Unacknowledged {
     pub id: TransferId,
     pub decision: &'static str,
     pub age_ms: u64,
@@ -238,9 +248,9 @@ impl Engine {
         Ok(running.into_iter().map(|(id, t)| (id, t, None)).collect())
     }
 
-    pub async fn in_doubt(&self) -> Vec<InDoubt> {
+    pub async fn unacknowledged(&self) -> Vec<Unacknowledged> {
         let owed = self.ask(|reply| Command::Owed { reply }).await.unwrap_or_default();
-        owed.into_iter().map(in_doubt_view).collect()
+        owed.into_iter().map(unacknowledged_view).collect()
     }
 
     /// The sizes of what the engine and its core hold in memory (for `GET /stats`): none grows with history.
@@ -256,18 +266,22 @@ impl Engine {
                 let shard = client.shard.to_string();
                 metrics::gauge!(metric::PARTICIPANT_UP, "shard" => shard).set(if up { 1.0 } else { 0.0 });
             }
-            let in_doubt = self.in_doubt().await;
-            metrics::gauge!(metric::IN_DOUBT).set(in_doubt.len() as f64);
-            let oldest_ms = in_doubt.first().map_or(0, |d| d.age_ms);
-            metrics::gauge!(metric::IN_DOUBT_OLDEST_SECONDS).set(oldest_ms as f64 / 1000.0);
+            let unacknowledged = self.unacknowledged().await;
+            let oldest_seconds = unacknowledged.first().map_or(0, |d| d.age_ms) as f64 / 1000.0;
+            for name in [metric::UNACKNOWLEDGED, metric::UNACKNOWLEDGED_OLD_NAME] {
+                metrics::gauge!(name).set(unacknowledged.len() as f64);
+            }
+            for name in [metric::UNACKNOWLEDGED_OLDEST_SECONDS, metric::UNACKNOWLEDGED_OLDEST_SECONDS_OLD_NAME] {
+                metrics::gauge!(name).set(oldest_seconds);
+            }
             tokio::time::sleep(PROBE_INTERVAL).await;
         }
     }
 }
 
-fn in_doubt_view(o: OwedView) -> InDoubt {
+fn unacknowledged_view(o: OwedView) -> Unacknowledged {
     let decision = if o.decision == common::wire::Decision::Commit { "commit" } else { "abort" };
-    InDoubt { id: o.id, decision, age_ms: o.age_ms, awaiting_shards: o.awaiting_shards }
+    Unacknowledged { id: o.id, decision, age_ms: o.age_ms, awaiting_shards: o.awaiting_shards }
 }
 
 /// The task that owns the core, and the callers waiting on it.

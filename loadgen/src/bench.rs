@@ -716,12 +716,12 @@ async fn check_money(cluster: &Cluster, accounts: &[Vec<String>]) -> Result<Mone
 
 /// `Some(why)` while the coordinator still owes some shard a decision.
 async fn unsettled(cluster: &Cluster) -> Result<Option<String>> {
-    let url = cluster.api("/transactions?status=in_doubt");
+    let url = cluster.api("/transactions?status=unacknowledged");
     let reply = cluster.http.get(&url).send().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
     let body: Value = reply.json().await.map_err(|e| BenchError(format!("GET {url}: {e}")))?;
     match body["transactions"].as_array() {
         Some(list) if list.is_empty() => Ok(None),
-        Some(list) => Ok(Some(format!("{} transfers in doubt, e.g. {}", list.len(), list[0]))),
+        Some(list) => Ok(Some(format!("{} decisions unacknowledged, e.g. {}", list.len(), list[0]))),
         None => fail(format!("GET {url}: unexpected answer {body}")),
     }
 }

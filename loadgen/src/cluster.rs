@@ -188,7 +188,7 @@ impl Cluster {
     pub async fn settle(&self, accounts: &[&str], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let (_, doubt) = self.get("/transactions?status=in_doubt").await;
+            let (_, doubt) = self.get("/transactions?status=unacknowledged").await;
             let mut settled = doubt["transactions"].as_array().is_some_and(|t| t.is_empty());
             for a in accounts {
                 settled &= self.account(a).await["held"] == json!(0);
@@ -205,7 +205,7 @@ impl Cluster {
             if settled {
                 return;
             }
-            assert!(Instant::now() < deadline, "cluster did not settle in {timeout:?}: in doubt {doubt}");
+            assert!(Instant::now() < deadline, "cluster did not settle in {timeout:?}: unacknowledged {doubt}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

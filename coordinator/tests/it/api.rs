@@ -193,6 +193,16 @@ async fn health_reports_every_participant() {
     assert_eq!(c.get(&format!("/accounts/{on1}")).await.0, 503);
     let a = c.account(&on0).await;
     assert_eq!((a["balance"].clone(), a["held"].clone()), (json!(50), json!(0)));
+
+    // Decisions some shard has not acknowledged, under their name and under the one earlier versions used.
+    let (status, listed) = c.get("/transactions?status=unacknowledged").await;
+    assert_eq!(status, 200, "{listed}");
+    assert!(listed["transactions"].is_array(), "{listed}");
+    let ids = |list: &Value| list["transactions"].as_array().map(|t| t.iter().map(|x| x["id"].clone()).collect::<Vec<_>>());
+    let (status, by_old_name) = c.get("/transactions?status=in_doubt").await;
+    assert_eq!((status, ids(&by_old_name)), (200, ids(&listed)));
+    let (status, body) = c.get("/transactions?status=pending").await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!("invalid_request")), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -275,6 +285,7 @@ async fn metrics_are_served_in_prometheus_format() {
         "ledger_commit_round_trip_seconds_bucket{shard=\"1\"",
         "ledger_wal_flush_seconds_bucket",
         "ledger_wal_records_per_flush_bucket",
+        "ledger_transfers_unacknowledged 0",
         "ledger_transfers_in_doubt 0",
         "ledger_participant_up{shard=\"1\"} 1",
         "# HELP ledger_transfers_total",

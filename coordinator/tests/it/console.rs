@@ -137,7 +137,7 @@ fn shard_is(shard: usize, up: bool) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolve() {
+async fn the_console_shows_a_shard_die_and_return_and_a_decision_wait_for_its_acknowledgement() {
     let mut c = Cluster::start().await;
     let (alice, bob) = cross_shard_pair("console");
     c.create_account(&alice, 1_000).await;
@@ -164,7 +164,7 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
         ),
     )
     .await;
-    // Back up, but armed to die as soon as it hears a decision: the next transfer stays in doubt.
+    // Back up, but armed to die as soon as it hears a decision: the next decision stays unacknowledged.
     c.restart(&bob_node, Some(common::crash::PARTICIPANT_DECIDE_RECEIVED)).await;
     page.wait_until("the shard back up", &shard_is(bob_shard, true)).await;
 
@@ -172,8 +172,8 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
     let (status, body) = c.post("/transfers", json!({"from": alice, "to": bob, "amount": 40, "id": id})).await;
     assert_eq!(status, 200, "the decision is logged before the shard dies: {body}");
     assert!(c.node(&bob_node).wait_for_death(Duration::from_secs(10)), "the armed shard dies on the decision");
-    let row = format!("document.querySelector('#in-doubt tr[data-in-doubt=\"{id}\"]')");
-    page.wait_until("the transfer in doubt", &format!("{row} !== null")).await;
+    let row = format!("document.querySelector('#unacknowledged tr[data-unacknowledged=\"{id}\"]')");
+    page.wait_until("the decision unacknowledged", &format!("{row} !== null")).await;
     page.wait_until(
         "the transfer committed in the latest transfers",
         &format!("document.querySelector('#transfers tr[data-transfer=\"{id}\"]')?.dataset.status === 'committed'"),
@@ -181,10 +181,10 @@ async fn the_console_shows_a_shard_die_and_return_and_a_transfer_in_doubt_resolv
     .await;
 
     c.restart(&bob_node, None).await;
-    page.wait_until("the doubt resolved", &format!("{row} === null")).await;
+    page.wait_until("the decision acknowledged", &format!("{row} === null")).await;
     page.wait_until(
-        "the resolution in the list of changes",
-        &format!("document.getElementById('events').innerText.includes('{id} resolved')"),
+        "the acknowledgement in the list of changes",
+        &format!("document.getElementById('events').innerText.includes('{id} acknowledged by every shard')"),
     )
     .await;
     page.wait_until(

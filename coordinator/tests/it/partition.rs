@@ -170,10 +170,10 @@ async fn a_participant_cut_off_mid_load_aborts_or_completes_and_the_stream_recov
         "the coordinator noticed the silent link by its own timeout"
     );
 
-    // Settle: nothing in doubt, no holds, and the money where it started in total.
+    // Settle: no decision unacknowledged, no holds, and the money where it started in total.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let doubt: Value = http.get(format!("{c_url}/transactions?status=in_doubt")).send().await.expect("answer").json().await.expect("json");
+        let doubt: Value = http.get(format!("{c_url}/transactions?status=unacknowledged")).send().await.expect("answer").json().await.expect("json");
         let mut total = 0;
         let mut held = 0;
         for id in [&alice, &bob] {
@@ -185,7 +185,7 @@ async fn a_participant_cut_off_mid_load_aborts_or_completes_and_the_stream_recov
             assert_eq!(total, 2 * OPENING_BALANCE, "money conserved across the partition");
             break;
         }
-        assert!(Instant::now() < deadline, "the cluster did not settle: in doubt {doubt}, held {held}");
+        assert!(Instant::now() < deadline, "the cluster did not settle: unacknowledged {doubt}, held {held}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

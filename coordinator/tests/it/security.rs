@@ -40,7 +40,7 @@ async fn api_tokens_guard_every_route_but_health_and_admin_routes_need_admin() {
         ("POST", "/accounts".to_string(), Some(json!({"id": alice, "balance": 100}))),
         ("POST", "/transfers".to_string(), Some(json!({"from": alice, "to": bob, "amount": 1}))),
         ("GET", format!("/transfers/{}", uuid::Uuid::new_v4()), None),
-        ("GET", "/transactions?status=in_doubt".to_string(), None),
+        ("GET", "/transactions?status=unacknowledged".to_string(), None),
         ("GET", "/stats".to_string(), None),
     ];
     for (method, path, body) in &guarded {
