@@ -368,3 +368,66 @@ impl Drop for Node {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if path.is_dir() && name != "target" && name != "vendor" && !name.to_string_lossy().starts_with('.') {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// A node is started one way everywhere: no code but this module runs `coordinator` or `participant`.
+    #[test]
+    fn only_the_launcher_starts_the_ledgers_processes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let mut files = Vec::new();
+        rust_files(root, &mut files);
+        assert!(files.len() > 20, "found the workspace's sources: {}", files.len());
+        let this = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/launch.rs");
+        let mut offenders = Vec::new();
+        for file in files.iter().filter(|f| **f != this) {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            for (number, line) in text.lines().enumerate() {
+                let starts_node = line.contains("Command::new(") && (line.contains("coordinator") || line.contains("participant"));
+                if starts_node {
+                    offenders.push(format!("{}:{}: {}", file.display(), number + 1, line.trim()));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "start nodes through loadgen::launch:\n{}", offenders.join("\n"));
+    }
+
+    #[test]
+    fn a_layout_gives_every_node_its_port_data_and_secret() {
+        let binaries = Binaries { dir: PathBuf::from("/bin-dir") };
+        let mut layout = Layout::with_base_port(Path::new("/data"), 7100, 2);
+        layout.cluster_token_file = Some(PathBuf::from("/data/cluster.token"));
+        let programs = (Path::new("/bin-dir/participant"), Path::new("/bin-dir/coordinator"));
+        let nodes = [layout.participant(programs.0, 0), layout.participant(programs.0, 1), layout.coordinator(programs.1)];
+        let lines: Vec<String> = nodes.iter().map(NodeSpec::describe).collect();
+        assert_eq!(
+            lines,
+            [
+                "/bin-dir/participant --shard 0 --listen 127.0.0.1:7101 --data /data/p0 --cluster-token-file /data/cluster.token",
+                "/bin-dir/participant --shard 1 --listen 127.0.0.1:7102 --data /data/p1 --cluster-token-file /data/cluster.token",
+                "/bin-dir/coordinator --listen 127.0.0.1:7100 --data /data/coordinator --cluster-token-file \
+                 /data/cluster.token --participants http://127.0.0.1:7101,http://127.0.0.1:7102",
+            ]
+        );
+        assert_eq!(nodes[2].log, Path::new("/data/coordinator.log"));
+        assert!(layout.nodes(&binaries).is_err(), "missing binaries are reported, not started");
+        let mut spec = nodes[0].clone();
+        spec.set_flag("--data", "/elsewhere");
+        spec.set_flag("--in-doubt-after-ms", "5");
+        assert!(spec.describe().ends_with("--data /elsewhere --cluster-token-file /data/cluster.token --in-doubt-after-ms 5"));
+    }
+}

@@ -2,6 +2,7 @@
 //! idempotent.
 
 use crate::harness::{cross_shard_pair, Cluster};
+use std::process::Stdio;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -255,13 +256,9 @@ async fn restarting_everything_keeps_every_balance() {
 async fn a_different_participant_count_is_refused() {
     let mut c = Cluster::start().await;
     c.coordinator.kill();
-    let data = c.data_dir().join("coordinator");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--data"])
-        .arg(&data)
-        .args(["--participants", "http://127.0.0.1:1"])
-        .output()
-        .expect("run coordinator");
+    let mut spec = c.coordinator.spec.clone();
+    spec.set_flag("--participants", "http://127.0.0.1:1");
+    let out = spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run coordinator");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("2 participants, not 1"), "{stderr}");

@@ -17,6 +17,17 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// A local cluster under ./data: up, down, status, kill, start, logs, reset.
+    ///
+    /// One coordinator and N participants on loopback, run from the binaries next to this one (or in
+    /// LEDGER_BIN_DIR), each with its store at ./data/<node>, its log at ./data/<node>.log and its pid at
+    /// ./data/<node>.pid. Nodes are named coordinator, p0, p1, ... The coordinator listens at LEDGER_BASE_PORT
+    /// (default 7100), pI at base + 1 + I. The first `up` fixes the layout in ./data/cluster.json and a secret
+    /// shared by every node in ./data/cluster.token (mode 600). LEDGER_* variables set at the first `up` (for
+    /// example LEDGER_IN_DOUBT_AFTER_MS=500) reach every node and are remembered for `start`; LEDGER_CRASH_AT
+    /// is never remembered: `LEDGER_CRASH_AT=participant.prepare.flushed ledger cluster start p0` arms it for
+    /// that run. LEDGER_START_TIMEOUT_S (default 30) bounds the wait for /health, LEDGER_STOP_TIMEOUT_S
+    /// (default 20) the wait for an exit after SIGTERM, after which the node gets SIGKILL (which loses nothing:
+    /// every acknowledged write is already durable).
     Cluster(local::ClusterArgs),
     #[command(flatten)]
     Client(client::ClientCommand),

@@ -54,11 +54,7 @@ const NOT_NODE_SETTINGS: &[&str] = &[
     "LEDGER_COMMAND_NAME",
 ];
 
-/// A local cluster: one coordinator and N participants on loopback, with their data, logs and pid files under
-/// one directory. Nodes are named coordinator, p0, p1, ... Ports: the coordinator at LEDGER_BASE_PORT (default
-/// 7100), pI at base + 1 + I. LEDGER_* variables set at the first `up` (for example
-/// LEDGER_IN_DOUBT_AFTER_MS=500) reach every node and are remembered for `start`; LEDGER_CRASH_AT is never
-/// remembered: `LEDGER_CRASH_AT=participant.prepare.flushed ledger cluster start p0` arms it for that run.
+/// What `ledger cluster` takes; its help is on the `Cluster` subcommand in `bin/ledger.rs`.
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
     /// Where the nodes keep their stores, logs and pid files, and the cluster its layout and secret.

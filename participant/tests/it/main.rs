@@ -6,7 +6,7 @@ mod stream;
 use serde_json::{json, Value};
 use loadgen::launch::{Layout, Node, NodeSpec};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 pub(crate) struct Participant {
     /// The process, killed on drop.
@@ -181,11 +181,9 @@ async fn calls_without_the_secret_or_from_another_cluster_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_secret_only_loopback_is_served() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_participant"))
-        .args(["--listen", "0.0.0.0:0", "--data"])
-        .arg(dir.path())
-        .output()
-        .expect("run participant");
+    let mut spec = spec(0, dir.path());
+    spec.set_flag("--listen", "0.0.0.0:0");
+    let out = spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run participant");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0"), "{stderr}");
