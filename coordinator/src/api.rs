@@ -26,6 +26,11 @@ use uuid::Uuid;
 
 /// Public request bodies are small; anything bigger is a mistake or an attack.
 const PUBLIC_BODY_BYTES_MAX: usize = 16 * 1024;
+/// `POST /transfers/batch` carries up to `BATCH_ITEMS_MAX` transfers of about 250 bytes each.
+pub const BATCH_BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
+/// Transfers in one batch: TigerBeetle's batch size, which fills about 2 MiB with our bodies.
+pub const BATCH_ITEMS_MAX: usize = 8_190;
+const _: () = assert!(BATCH_ITEMS_MAX * 256 <= BATCH_BODY_BYTES_MAX);
 /// Decision queries carry up to a thousand transfers.
 const QUERY_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// A participant that does not answer a health check this fast is reported down.
@@ -51,28 +56,41 @@ pub enum ApiError {
     Storage(String),
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let message = self.to_string();
+impl ApiError {
+    /// The status and the error code this error is answered with.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Invalid(m) => error_response(StatusCode::BAD_REQUEST, "invalid_request", m),
-            ApiError::AccountExists => error_response(StatusCode::CONFLICT, "account_exists", message),
-            ApiError::AccountNotFound => error_response(StatusCode::NOT_FOUND, "account_not_found", message),
-            ApiError::TransferNotFound => error_response(StatusCode::NOT_FOUND, "transfer_not_found", message),
-            ApiError::IdempotencyConflict => error_response(StatusCode::CONFLICT, "idempotency_conflict", message),
-            ApiError::ParticipantUnavailable(_) => {
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "participant_unavailable", message)
-            }
-            ApiError::Overloaded => {
-                let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message);
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                response
-            }
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::AccountExists => (StatusCode::CONFLICT, "account_exists"),
+            ApiError::AccountNotFound => (StatusCode::NOT_FOUND, "account_not_found"),
+            ApiError::TransferNotFound => (StatusCode::NOT_FOUND, "transfer_not_found"),
+            ApiError::IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
+            ApiError::ParticipantUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "participant_unavailable"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");
-                error_response(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message)
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
             }
         }
+    }
+
+    /// The message the client reads: what it was told, never an internal detail.
+    fn message(&self) -> String {
+        match self {
+            ApiError::Invalid(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let mut response = error_response(status, code, self.message());
+        if matches!(self, ApiError::Overloaded) {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -105,12 +123,16 @@ struct AppState {
     call_timeout: Duration,
     api_tokens: Option<Arc<ApiTokens>>,
     rates: Arc<crate::rates::TransferRates>,
+    /// Batch items being decided at once, over every batch: an item waits here for room instead of being
+    /// refused as overloaded, and single transfers keep the rest of `--transfers-in-flight-max`.
+    batch_room: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
     let api_tokens = config.api_tokens.clone().map(Arc::new);
     let rates = Arc::default();
-    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens, rates };
+    let batch_room = Arc::new(tokio::sync::Semaphore::new((config.transfers_in_flight_max / 2).max(1)));
+    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens, rates, batch_room };
     let admin = Router::new()
         .route("/accounts", post(create_account))
         .layer(middleware::from_fn_with_state(Role::Admin, require_role));
@@ -124,6 +146,7 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .route("/accounts/{id}/entries", get(get_entries))
         .route("/audit", get(audit))
         .route("/transfers", post(create_transfer).get(list_transfers))
+        .route("/transfers/batch", post(create_transfers_batch).layer(DefaultBodyLimit::max(BATCH_BODY_BYTES_MAX)))
         .route("/transfers/{id}", get(get_transfer))
         .route("/transactions", get(transactions))
         .merge(admin)
@@ -368,16 +391,71 @@ async fn create_transfer(
     JsonBody(req): JsonBody<TransferRequest>,
 ) -> Result<Response, ApiError> {
     let (id, transfer) = validate_transfer(req)?;
+    let made_by = caller.map(|Extension(c)| c.name);
+    let (status, body) = run_transfer(&state, id, transfer, made_by).await?;
+    Ok((status, Json(body)).into_response())
+}
+
+/// Decides one valid transfer, as `POST /transfers` and each item of a batch do.
+async fn run_transfer(
+    state: &AppState,
+    id: Option<Uuid>,
+    transfer: Transfer,
+    made_by: Option<String>,
+) -> Result<(StatusCode, Value), ApiError> {
     let id = id.unwrap_or_else(Uuid::new_v4);
     tracing::info_span!("transfer", transfer_id = %id).in_scope(|| crash::point(crash::COORDINATOR_TRANSFER_RECEIVED));
-    let made_by = caller.map(|Extension(c)| c.name);
     let started = std::time::Instant::now();
     let fin = state.engine.submit(id, transfer, made_by).await?;
     tracing::debug!(transfer_id = %id, outcome = ?fin.outcome, "transfer answered");
     let took = started.elapsed();
     metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(took);
     state.rates.record(fin.outcome == Outcome::Committed, took);
-    Ok(outcome_response(id, &fin))
+    Ok(outcome_body(id, &fin))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    transfers: Vec<Value>,
+}
+
+/// `POST /transfers/batch`: each item is what `POST /transfers` would take, and gets what it would answer, with
+/// its status as `code`. Items are independent (their own ids, idempotency and outcomes); they are decided
+/// together, so they share the coordinator's and the shards' group commits. Every result is final and durable
+/// before the answer. Only a malformed envelope fails the whole request.
+async fn create_transfers_batch(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    JsonBody(req): JsonBody<BatchRequest>,
+) -> Result<Json<Value>, ApiError> {
+    if req.transfers.is_empty() || req.transfers.len() > BATCH_ITEMS_MAX {
+        return Err(ApiError::Invalid(format!("transfers must hold 1 to {BATCH_ITEMS_MAX} items")));
+    }
+    let made_by = caller.map(|Extension(c)| c.name);
+    let items = req.transfers.into_iter().map(|item| {
+        let (state, made_by) = (&state, made_by.clone());
+        async move {
+            let decided = async {
+                let request = serde_json::from_value::<TransferRequest>(item)
+                    .map_err(|e| ApiError::Invalid(format!("malformed transfer: {e}")))?;
+                let (id, transfer) = validate_transfer(request)?;
+                let _room = state.batch_room.acquire().await.map_err(|_| ApiError::Overloaded)?;
+                run_transfer(state, id, transfer, made_by).await
+            };
+            let (status, mut body) = match decided.await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    let (status, code) = error.status_and_code();
+                    (status, json!({"error": {"code": code, "message": error.message()}}))
+                }
+            };
+            body["code"] = json!(status.as_u16());
+            body
+        }
+    });
+    let results = futures::future::join_all(items).await;
+    Ok(Json(json!({"results": results})))
 }
 
 /// Every rule a transfer request must meet, in one pure function (fuzzed by the tests below).
@@ -395,14 +473,15 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
     Ok((id, Transfer { from, to, amount }))
 }
 
-fn outcome_response(id: Uuid, fin: &Final) -> Response {
+/// The status and body that answer a decided transfer.
+fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
     match fin.outcome {
         Outcome::Committed => {
             let body = json!({
                 "id": id, "status": "committed",
                 "from": fin.transfer.from, "to": fin.transfer.to, "amount": fin.transfer.amount,
             });
-            (StatusCode::OK, Json(body)).into_response()
+            (StatusCode::OK, body)
         }
         Outcome::Aborted(reason) => {
             let status = match reason {
@@ -412,7 +491,7 @@ fn outcome_response(id: Uuid, fin: &Final) -> Response {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             };
-            (status, Json(json!({"id": id, "status": "aborted", "reason": reason.code()}))).into_response()
+            (status, json!({"id": id, "status": "aborted", "reason": reason.code()}))
         }
     }
 }

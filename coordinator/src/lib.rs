@@ -4,6 +4,7 @@
 //! `run` is the whole server; `main.rs` only parses the command line.
 
 mod api;
+pub use api::{BATCH_BODY_BYTES_MAX, BATCH_ITEMS_MAX};
 mod audit;
 pub mod engine;
 mod participants;

@@ -24,10 +24,10 @@ use crate::fill;
 use crate::http1::{Http1Client, Http1Error};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde_json::{json, Value};
-use std::process::ExitCode;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +66,9 @@ pub struct Config {
     pub accounts_per_shard: usize,
     /// Start the nodes with `--no-fsync`: NOT DURABLE, for measuring what durability costs.
     pub no_fsync: bool,
+    /// Send transfers in batches of this many (`POST /transfers/batch`) instead of one request each; latencies
+    /// are then per batch.
+    pub batch: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -114,9 +117,13 @@ pub async fn run(config: Config) -> Result<bool> {
     let out = Out { no_fsync: config.no_fsync };
     let durability = if config.no_fsync { NOT_DURABLE } else { "durable (fsync on)" };
     out.line(format_args!(
-        "ledger-bench: coordinator + {SHARDS} participants, {} accounts per shard, cross-shard transfers, \
+        "ledger-bench: coordinator + {SHARDS} participants, {} accounts per shard, cross-shard transfers{}, \
          {} s measured after {} s warm-up per level, all levels on one cluster; {durability}",
         config.accounts_per_shard,
+        match config.batch {
+            Some(n) => format!(" in batches of {n} (POST /transfers/batch; latencies are per batch)"),
+            None => String::new(),
+        },
         config.duration.as_secs_f64(),
         config.warmup.as_secs_f64()
     ));
@@ -238,60 +245,88 @@ enum Answer {
     Error(String),
 }
 
-/// One client: transfers back to back on its own keep-alive connection until `window_end`.
+/// One random cross-shard transfer's body.
+fn write_transfer(body: &mut Vec<u8>, accounts: &[Vec<String>], rng: &mut Rng) -> Result<()> {
+    let a = &accounts[0][rng.below(accounts[0].len() as u64) as usize];
+    let b = &accounts[1][rng.below(accounts[1].len() as u64) as usize];
+    let (from, to) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
+    let amount = 1 + rng.below(AMOUNT_MAX);
+    let id = uuid::Uuid::new_v4();
+    // Account ids are [A-Za-z0-9_-], so they need no JSON escaping.
+    write!(body, r#"{{"from":"{from}","to":"{to}","amount":{amount},"id":"{id}"}}"#)
+        .map_err(|e| BenchError(format!("formatting a body: {e}")))
+}
+
+/// One client: transfers (or batches of them) back to back on its own keep-alive connection until
+/// `window_end`.
 async fn client_loop(
     url: String,
     accounts: Arc<Vec<Vec<String>>>,
     mut rng: Rng,
     live: Arc<Live>,
     window: (Instant, Instant),
+    batch: Option<usize>,
 ) -> Result<Tally> {
     let (window_start, window_end) = window;
     // A connection of its own per task, as separate clients would hold.
     let mut http = Http1Client::new(&url, REQUEST_TIMEOUT).map_err(|e| BenchError(format!("client for {url}: {e}")))?;
-    let mut body = Vec::with_capacity(256);
+    let mut body = Vec::with_capacity(256 * batch.unwrap_or(1));
     let mut tally = Tally::default();
     while Instant::now() < window_end {
-        let a = &accounts[0][rng.below(accounts[0].len() as u64) as usize];
-        let b = &accounts[1][rng.below(accounts[1].len() as u64) as usize];
-        let (from, to) = if rng.below(2) == 0 { (a, b) } else { (b, a) };
-        let amount = 1 + rng.below(AMOUNT_MAX);
         body.clear();
-        let id = uuid::Uuid::new_v4();
-        // Account ids are [A-Za-z0-9_-], so they need no JSON escaping.
-        write!(body, r#"{{"from":"{from}","to":"{to}","amount":{amount},"id":"{id}"}}"#)
-            .map_err(|e| BenchError(format!("formatting a body: {e}")))?;
+        match batch {
+            None => write_transfer(&mut body, &accounts, &mut rng)?,
+            Some(n) => {
+                body.extend_from_slice(br#"{"transfers":["#);
+                for i in 0..n {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    write_transfer(&mut body, &accounts, &mut rng)?;
+                }
+                body.extend_from_slice(b"]}");
+            }
+        }
         let sent = Instant::now();
-        let answer = transfer(&mut http, &body).await;
+        let answers = match batch {
+            None => vec![transfer(&mut http, &body).await],
+            Some(n) => transfer_batch(&mut http, &body, n).await,
+        };
         let done = Instant::now();
         let counted = done >= window_start && done < window_end;
-        match answer {
-            Answer::Committed => {
-                live.committed.fetch_add(1, Relaxed);
-                if counted {
-                    tally.committed += 1;
-                }
-            }
-            Answer::Aborted(reason) => {
-                live.aborted.fetch_add(1, Relaxed);
-                if counted {
-                    tally.aborts += 1;
-                    *tally.abort_reasons.entry(reason).or_default() += 1;
-                }
-            }
-            Answer::Error(kind) => {
-                live.errors.fetch_add(1, Relaxed);
-                if counted {
-                    tally.errors += 1;
-                    *tally.error_kinds.entry(kind).or_default() += 1;
-                }
-            }
+        for answer in answers {
+            tally_answer(&mut tally, &live, answer, counted);
         }
         if counted {
             tally.latencies_us.push(done.duration_since(sent).as_micros() as u64);
         }
     }
     Ok(tally)
+}
+
+fn tally_answer(tally: &mut Tally, live: &Live, answer: Answer, counted: bool) {
+    match answer {
+        Answer::Committed => {
+            live.committed.fetch_add(1, Relaxed);
+            if counted {
+                tally.committed += 1;
+            }
+        }
+        Answer::Aborted(reason) => {
+            live.aborted.fetch_add(1, Relaxed);
+            if counted {
+                tally.aborts += 1;
+                *tally.abort_reasons.entry(reason).or_default() += 1;
+            }
+        }
+        Answer::Error(kind) => {
+            live.errors.fetch_add(1, Relaxed);
+            if counted {
+                tally.errors += 1;
+                *tally.error_kinds.entry(kind).or_default() += 1;
+            }
+        }
+    }
 }
 
 /// The fields of a transfer's answer the benchmark looks at.
@@ -311,17 +346,62 @@ struct ReplyError<'a> {
     code: Option<&'a str>,
 }
 
+/// The answer to a batch: one reply per item, with its status as `code`.
+#[derive(serde::Deserialize)]
+struct BatchReply<'a> {
+    #[serde(borrow)]
+    results: Vec<BatchItem<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchItem<'a> {
+    code: u16,
+    #[serde(borrow, flatten)]
+    reply: Reply<'a>,
+}
+
+fn transport_error(e: Http1Error) -> Answer {
+    match e {
+        Http1Error::Timeout => Answer::Error("transport: timeout".into()),
+        Http1Error::Connect(_) => Answer::Error("transport: connect".into()),
+        e => Answer::Error(format!("transport: {e}")),
+    }
+}
+
 /// Sends one transfer and classifies the answer.
 async fn transfer(http: &mut Http1Client, body: &[u8]) -> Answer {
     let (status, reply) = match http.post_json(body).await {
         Ok(answer) => answer,
-        Err(Http1Error::Timeout) => return Answer::Error("transport: timeout".into()),
-        Err(Http1Error::Connect(_)) => return Answer::Error("transport: connect".into()),
-        Err(e) => return Answer::Error(format!("transport: {e}")),
+        Err(e) => return transport_error(e),
     };
     let Ok(reply) = serde_json::from_slice::<Reply>(reply) else {
         return Answer::Error(format!("{status} with an unreadable body"));
     };
+    classify(status, reply)
+}
+
+/// Sends one batch of `items` transfers and classifies each item's answer (every item counts as an error if
+/// the batch as a whole failed).
+async fn transfer_batch(http: &mut Http1Client, body: &[u8], items: usize) -> Vec<Answer> {
+    let whole = |answer: Answer| {
+        (0..items)
+            .map(|_| match &answer {
+                Answer::Error(kind) => Answer::Error(kind.clone()),
+                _ => Answer::Error("batch refused".into()),
+            })
+            .collect()
+    };
+    let (status, reply) = match http.post_json(body).await {
+        Ok(answer) => answer,
+        Err(e) => return whole(transport_error(e)),
+    };
+    match serde_json::from_slice::<BatchReply>(reply) {
+        Ok(batch) if status == 200 => batch.results.into_iter().map(|item| classify(item.code, item.reply)).collect(),
+        _ => whole(Answer::Error(format!("batch answered {status}"))),
+    }
+}
+
+fn classify(status: u16, reply: Reply) -> Answer {
     match reply.status {
         Some("committed") if (200..300).contains(&status) => Answer::Committed,
         Some("aborted") => Answer::Aborted(format!("{status} {}", reply.reason.unwrap_or("no reason"))),
@@ -445,11 +525,12 @@ async fn measure_level(
     let window_start = start + config.warmup;
     let window_end = window_start + config.duration;
     let seed = uuid::Uuid::new_v4().as_u64_pair().0;
-    let url = cluster.api("/transfers");
+    let url = cluster.api(if config.batch.is_some() { "/transfers/batch" } else { "/transfers" });
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let rng = Rng::new(seed.wrapping_add((c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-            tokio::spawn(client_loop(url.clone(), accounts.clone(), rng, live.clone(), (window_start, window_end)))
+            let window = (window_start, window_end);
+            tokio::spawn(client_loop(url.clone(), accounts.clone(), rng, live.clone(), window, config.batch))
         })
         .collect();
     let progress = tokio::spawn(progress_loop(live.clone(), clients, start, window_start, out));
@@ -791,8 +872,13 @@ pub async fn run_history(config: HistoryConfig) -> Result<bool> {
     out.line("history  committed | node         data dir   B/commit   restart s   RSS MiB after restart / after load");
     for (round, &size) in config.sizes.iter().enumerate() {
         let more = size.saturating_sub(sent);
-        let fill_config =
-            fill::Fill { url: cluster.coordinator.url(), token: None, transfers: more, clients: config.clients, seed: round as u64 };
+        let fill_config = fill::Fill {
+            url: cluster.coordinator.url(),
+            token: None,
+            transfers: more,
+            clients: config.clients,
+            seed: round as u64,
+        };
         let filled = fill::fill(&fill_config, &accounts).await.map_err(|e| BenchError(e.to_string()))?;
         sent += more;
         committed += filled.committed;
@@ -905,6 +991,10 @@ pub struct BenchArgs {
     /// labelled.
     #[arg(long)]
     pub no_fsync: bool,
+    /// Send the transfers in batches of N through POST /transfers/batch (1 to 8190), one batch per request;
+    /// the latencies are then per batch.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=8190))]
+    pub batch: Option<u16>,
 }
 
 /// What `ledger bench` and `ledger-bench` do with their arguments: exit 1 if money was not conserved, 2 if the
@@ -928,6 +1018,7 @@ pub async fn run_cli(args: BenchArgs) -> ExitCode {
         warmup: Duration::from_secs(args.warmup),
         accounts_per_shard: args.accounts_per_shard.max(1),
         no_fsync: args.no_fsync,
+        batch: args.batch.map(usize::from),
     };
     exit(run(config).await)
 }

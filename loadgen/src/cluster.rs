@@ -93,7 +93,8 @@ impl Cluster {
             layout.coordinator_args.extend(["--api-tokens-file".to_string(), path.display().to_string()]);
         }
         layout.coordinator_args.extend(options.coordinator_args);
-        let mut specs = layout.nodes(Binaries::locate().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+        let mut specs =
+            layout.nodes(Binaries::locate().unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
         adjust(&mut specs);
         let env = vec![("RUST_LOG".to_string(), options.log_filter.clone())];
         let mut nodes: Vec<Node> = specs.into_iter().map(|spec| Node::new(spec, env.clone())).collect();

@@ -11,8 +11,8 @@
 use crate::cluster::{Cluster, Options};
 use common::ledger::{shard_of, AccountId};
 use serde_json::{json, Value};
-use std::process::ExitCode;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

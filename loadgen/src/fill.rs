@@ -168,7 +168,9 @@ async fn client(mut http: Http1Client, shards: Arc<Vec<Vec<String>>>, mut rng: R
         // Account ids are [A-Za-z0-9_-], so they need no JSON escaping; writing to a Vec cannot fail.
         let _ = write!(body, r#"{{"from":"{from}","to":"{to}","amount":1,"id":"{id}"}}"#);
         let status = match http.post_json(&body).await {
-            Ok((_, reply)) => serde_json::from_slice::<Value>(reply).ok().and_then(|v| v["status"].as_str().map(str::to_owned)),
+            Ok((_, reply)) => {
+                serde_json::from_slice::<Value>(reply).ok().and_then(|v| v["status"].as_str().map(str::to_owned))
+            }
             Err(_) => None,
         };
         match status.as_deref() {

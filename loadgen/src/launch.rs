@@ -44,7 +44,10 @@ impl Binaries {
     /// same cargo and profile, so that `cargo test` needs no build step before it.
     pub fn locate() -> Result<&'static Binaries, LaunchError> {
         static FOUND: OnceLock<Result<Binaries, String>> = OnceLock::new();
-        FOUND.get_or_init(|| Self::find().map_err(|e| e.to_string())).as_ref().map_err(|e| LaunchError::Build(e.clone()))
+        FOUND
+            .get_or_init(|| Self::find().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| LaunchError::Build(e.clone()))
     }
 
     fn find() -> Result<Binaries, LaunchError> {
@@ -166,7 +169,8 @@ impl Layout {
     }
 
     fn listen_and_data(&self, name: &str, listen: &str) -> Vec<String> {
-        let mut args = vec!["--listen".into(), listen.into(), "--data".into(), self.data.join(name).display().to_string()];
+        let mut args =
+            vec!["--listen".into(), listen.into(), "--data".into(), self.data.join(name).display().to_string()];
         if let Some(token) = &self.cluster_token_file {
             args.extend(["--cluster-token-file".into(), token.display().to_string()]);
         }
@@ -397,7 +401,8 @@ mod tests {
         for file in files.iter().filter(|f| **f != this) {
             let text = std::fs::read_to_string(file).unwrap_or_default();
             for (number, line) in text.lines().enumerate() {
-                let starts_node = line.contains("Command::new(") && (line.contains("coordinator") || line.contains("participant"));
+                let starts_node =
+                    line.contains("Command::new(") && (line.contains("coordinator") || line.contains("participant"));
                 if starts_node {
                     offenders.push(format!("{}:{}: {}", file.display(), number + 1, line.trim()));
                 }
@@ -412,7 +417,8 @@ mod tests {
         let mut layout = Layout::with_base_port(Path::new("/data"), 7100, 2);
         layout.cluster_token_file = Some(PathBuf::from("/data/cluster.token"));
         let programs = (Path::new("/bin-dir/participant"), Path::new("/bin-dir/coordinator"));
-        let nodes = [layout.participant(programs.0, 0), layout.participant(programs.0, 1), layout.coordinator(programs.1)];
+        let nodes =
+            [layout.participant(programs.0, 0), layout.participant(programs.0, 1), layout.coordinator(programs.1)];
         let lines: Vec<String> = nodes.iter().map(NodeSpec::describe).collect();
         assert_eq!(
             lines,
@@ -428,6 +434,8 @@ mod tests {
         let mut spec = nodes[0].clone();
         spec.set_flag("--data", "/elsewhere");
         spec.set_flag("--in-doubt-after-ms", "5");
-        assert!(spec.describe().ends_with("--data /elsewhere --cluster-token-file /data/cluster.token --in-doubt-after-ms 5"));
+        assert!(spec
+            .describe()
+            .ends_with("--data /elsewhere --cluster-token-file /data/cluster.token --in-doubt-after-ms 5"));
     }
 }

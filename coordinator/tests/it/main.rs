@@ -1,6 +1,7 @@
 //! Integration tests: the real `coordinator` and `participant` binaries on loopback, killed and restarted.
 
 mod api;
+mod batch;
 mod books;
 mod console;
 mod crash;

@@ -123,7 +123,14 @@ async fn fill_transfers(
     Ok(filled.errors == 0)
 }
 
-async fn fill_accounts(data: PathBuf, shard: u32, shards: u32, count: u64, prefix: String, balance: i64) -> Result<bool, String> {
+async fn fill_accounts(
+    data: PathBuf,
+    shard: u32,
+    shards: u32,
+    count: u64,
+    prefix: String,
+    balance: i64,
+) -> Result<bool, String> {
     if shard >= shards {
         return Err(format!("--shard {shard} is not below --shards {shards}"));
     }

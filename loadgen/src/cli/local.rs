@@ -208,7 +208,10 @@ impl Local {
                 match std::fs::read_to_string(&legacy) {
                     Ok(text) => {
                         let saved = parse_legacy(&text).ok_or_else(|| {
-                            refused(format!("cannot read the layout in {} (written by an earlier version)", legacy.display()))
+                            refused(format!(
+                                "cannot read the layout in {} (written by an earlier version)",
+                                legacy.display()
+                            ))
                         })?;
                         self.saved = Some(saved);
                         self.save()
@@ -504,7 +507,9 @@ impl Local {
                         .parse::<u16>()
                         .ok()
                         .filter(|p| *p >= 1 && usize::from(*p) + participants <= usize::from(u16::MAX))
-                        .ok_or_else(|| refused("LEDGER_BASE_PORT must be a port number with room for the nodes after it"))?,
+                        .ok_or_else(|| {
+                            refused("LEDGER_BASE_PORT must be a port number with room for the nodes after it")
+                        })?,
                 };
                 let node_settings = std::env::vars()
                     .filter(|(name, _)| name.starts_with("LEDGER_") && !NOT_NODE_SETTINGS.contains(&name.as_str()))
@@ -636,7 +641,8 @@ impl Local {
             return Ok(ExitCode::SUCCESS);
         }
         println!("Deleting ./{shown}:");
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&self.data)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(&self.data)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for entry in entries {
             println!("  {}", entry.display());
@@ -751,7 +757,8 @@ mod tests {
         let saved = parse_legacy(text).expect("a layout");
         assert_eq!((saved.base_port, saved.participants), (7300, 3));
         assert_eq!(saved.node_settings.get("LEDGER_IN_DOUBT_AFTER_MS").map(String::as_str), Some("500"));
-        assert!(parse_legacy("CLUSTER_BASE_PORT=7100\nCLUSTER_PARTICIPANTS=2\nCLUSTER_NODE_SETTINGS=( X=$(rm) )\n").is_none());
+        assert!(parse_legacy("CLUSTER_BASE_PORT=7100\nCLUSTER_PARTICIPANTS=2\nCLUSTER_NODE_SETTINGS=( X=$(rm) )\n")
+            .is_none());
         assert!(parse_legacy("CLUSTER_PARTICIPANTS=2\n").is_none(), "a port is required");
     }
 }
