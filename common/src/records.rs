@@ -56,6 +56,26 @@ pub fn decode_or_fixint<T: DeserializeOwned>(fixint_version: u8, bytes: &[u8]) -
     }
 }
 
+/// A participant's account value: its balance alone when it has no overdraft limit (as every account before
+/// layout 8), else the balance and the limit. Its held and incoming amounts follow from the prepared records.
+pub fn encode_account(record: &AccountRecord) -> Vec<u8> {
+    if record.overdraft_limit == 0 {
+        encode(&record.balance)
+    } else {
+        encode(&(record.balance, record.overdraft_limit))
+    }
+}
+
+/// Reads what [`encode_account`] wrote: the two forms differ in length, so neither is mistaken for the other.
+pub fn decode_account(bytes: &[u8]) -> Result<AccountRecord, RecordError> {
+    let (balance, overdraft_limit) = match decode::<i64>(bytes) {
+        Ok(balance) => (balance, 0),
+        Err(RecordError::Decode(_)) => decode::<(i64, i64)>(bytes)?,
+        Err(other) => return Err(other),
+    };
+    Ok(AccountRecord { balance, held: 0, incoming: 0, overdraft_limit })
+}
+
 /// Participant keys: one tree, prefixed, so that one atomic batch can touch accounts and transfers together.
 pub mod participant_keys {
     use super::*;
@@ -97,7 +117,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_check_version() {
-        let rec = AccountRecord { balance: 10, held: 3, incoming: 1 };
+        let rec = AccountRecord { balance: 10, held: 3, incoming: 1, overdraft_limit: 0 };
         let bytes = encode(&rec);
         assert_eq!(bytes[0], RECORD_VERSION);
         assert_eq!(decode::<AccountRecord>(&bytes).expect("decodes"), rec);
@@ -146,8 +166,22 @@ mod tests {
     }
 
     #[test]
+    fn an_account_is_its_balance_and_its_limit_only_when_it_has_one() {
+        let plain = AccountRecord { balance: 1_000_000, held: 5, incoming: 6, overdraft_limit: 0 };
+        assert_eq!(encode_account(&plain), encode(&1_000_000i64), "the same bytes as before limits existed");
+        let stored = AccountRecord { held: 0, incoming: 0, ..plain };
+        assert_eq!(decode_account(&encode_account(&plain)).expect("decodes"), stored);
+        let cash = AccountRecord { balance: -70, held: 0, incoming: 0, overdraft_limit: i64::MAX };
+        assert_eq!(decode_account(&encode_account(&cash)).expect("decodes"), cash);
+        let mut old = vec![FIXINT_RECORD_VERSION];
+        old.extend(bincode::serialize(&42i64).expect("serialises"));
+        assert_eq!(decode_account(&old).expect("decodes").balance, 42);
+        assert!(decode_account(&[RECORD_VERSION + 1, 1]).is_err());
+    }
+
+    #[test]
     fn records_written_before_layout_5_still_decode() {
-        let rec = AccountRecord { balance: 10, held: 3, incoming: 1 };
+        let rec = AccountRecord { balance: 10, held: 3, incoming: 1, overdraft_limit: 0 };
         let mut old = vec![FIXINT_RECORD_VERSION];
         old.extend(bincode::serialize(&rec).expect("serialises"));
         assert_eq!(decode::<AccountRecord>(&old).expect("decodes"), rec);

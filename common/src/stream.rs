@@ -26,8 +26,9 @@ pub const PATH_STREAM: &str = "/internal/stream";
 /// The token of the `Upgrade` header; its suffix is the stream's version.
 pub const UPGRADE_PROTOCOL: &str = "ledger-stream/1";
 /// The version byte in front of every frame's body. 2: a vote may refuse an id prepared for another body
-/// (`RefusalReason::IdInUse`), which a version-1 peer cannot decode.
-pub const FRAME_VERSION: u8 = 2;
+/// (`RefusalReason::IdInUse`), which a version-1 peer cannot decode. 3: an account read carries its overdraft
+/// limit.
+pub const FRAME_VERSION: u8 = 3;
 /// Longest frame either side accepts. A frame holds at most `FRAME_ITEMS_MAX` items of a few hundred bytes.
 pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Items in one frame (the coordinator's batching limit; a participant refuses more).

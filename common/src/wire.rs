@@ -54,6 +54,9 @@ pub struct DecideReply {
 pub struct CreateAccount {
     pub id: AccountId,
     pub balance: i64,
+    /// How far below zero the balance may go.
+    #[serde(default)]
+    pub overdraft_limit: i64,
 }
 
 /// A participant's view of one account.
@@ -62,8 +65,24 @@ pub struct AccountView {
     pub id: AccountId,
     pub balance: i64,
     pub held: i64,
+    /// `balance - held + overdraft_limit`: what a new debit may take.
     pub available: i64,
+    #[serde(default)]
+    pub overdraft_limit: i64,
     pub shard: ShardId,
+}
+
+impl AccountView {
+    pub fn of(id: AccountId, record: &crate::records::AccountRecord, shard: ShardId) -> AccountView {
+        AccountView {
+            id,
+            balance: record.balance,
+            held: record.held,
+            available: record.available(),
+            overdraft_limit: record.overdraft_limit,
+            shard,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,7 +131,9 @@ pub struct ShardAudit {
     pub incoming_total: i128,
     /// Money that entered through account creation.
     pub created_total: i128,
-    pub negative_balances: Vec<AccountId>,
+    /// Accounts whose balance is below minus their overdraft limit (below zero, for most accounts).
+    #[serde(alias = "negative_balances")]
+    pub below_overdraft_limit: Vec<AccountId>,
     /// A broken hold invariant (a hold that no prepared transfer explains), if any.
     pub invariant_violation: Option<String>,
     pub prepared: Vec<TransferId>,

@@ -244,6 +244,8 @@ struct CreateAccountRequest {
     id: String,
     #[serde(default)]
     balance: Option<serde_json::Number>,
+    #[serde(default)]
+    overdraft_limit: Option<serde_json::Number>,
 }
 
 async fn create_account(
@@ -255,20 +257,24 @@ async fn create_account(
         Some(n) => whole_number("balance", n, 0)?,
         None => 0,
     };
+    let overdraft_limit = match &req.overdraft_limit {
+        Some(n) => whole_number("overdraft_limit", n, 0)?,
+        None => 0,
+    };
     let shard = shard_of(&id, state.engine.config.shard_count);
     let client = &state.engine.participants[shard as usize];
     let reply = client
         .http()
         .post(format!("{}{}", client.url, wire::PATH_ACCOUNTS))
         .timeout(state.call_timeout)
-        .json(&CreateAccount { id: id.clone(), balance })
+        .json(&CreateAccount { id: id.clone(), balance, overdraft_limit })
         .send()
         .await
         .map_err(|_| ApiError::ParticipantUnavailable(shard))?;
     match reply.status() {
         StatusCode::CREATED => {
-            tracing::info!(account = %id, balance, shard, "account created");
-            let body = json!({"id": id, "balance": balance, "shard": shard});
+            tracing::info!(account = %id, balance, overdraft_limit, shard, "account created");
+            let body = json!({"id": id, "balance": balance, "overdraft_limit": overdraft_limit, "shard": shard});
             Ok((StatusCode::CREATED, Json(body)).into_response())
         }
         StatusCode::CONFLICT => Err(ApiError::AccountExists),
@@ -293,7 +299,7 @@ async fn get_account(
     // Through the shard's stream, behind every decision already sent there: a client reads its own writes.
     let record = state.engine.read(shard, id.clone(), state.call_timeout).await;
     match record {
-        Ok(Some(r)) => Ok(Json(AccountView { id, balance: r.balance, held: r.held, available: r.available(), shard })),
+        Ok(Some(r)) => Ok(Json(AccountView::of(id, &r, shard))),
         Ok(None) => Err(ApiError::AccountNotFound),
         Err(()) => Err(ApiError::ParticipantUnavailable(shard)),
     }

@@ -7,7 +7,7 @@
 //! every shard at which sequence number it applied it; a transfer applied on some of its shards but not all,
 //! as of their snapshots, accounts for the difference in the totals.
 //!
-//! Verdict: sum of balances == money created + the in-flight difference; no negative balance; every hold
+//! Verdict: sum of balances == money created + the in-flight difference; no balance below its overdraft limit; every hold
 //! explained by a prepared transfer; no heuristic decision contradicting the coordinator's.
 
 use crate::engine::{metric, Engine};
@@ -197,8 +197,8 @@ pub fn judge(
         ));
     }
     for snap in snapshots {
-        for account in &snap.negative_balances {
-            violations.push(format!("shard {}: account {account} has a negative balance", snap.shard));
+        for account in &snap.below_overdraft_limit {
+            violations.push(format!("shard {}: account {account} has a balance below its overdraft limit", snap.shard));
         }
         if let Some(v) = &snap.invariant_violation {
             violations.push(format!("shard {}: {v}", snap.shard));
@@ -238,7 +238,7 @@ mod tests {
             held_total: 0,
             incoming_total: 0,
             created_total,
-            negative_balances: Vec::new(),
+            below_overdraft_limit: Vec::new(),
             invariant_violation: None,
             prepared: Vec::new(),
             commits_since: Vec::new(),
@@ -277,9 +277,9 @@ mod tests {
     }
 
     #[test]
-    fn negative_balances_broken_holds_and_contradicting_heuristics_are_violations() {
+    fn balances_below_their_limit_broken_holds_and_contradicting_heuristics_are_violations() {
         let mut s = snap(0, 100, 100);
-        s.negative_balances.push(AccountId::new("eve").expect("valid"));
+        s.below_overdraft_limit.push(AccountId::new("eve").expect("valid"));
         s.invariant_violation = Some("account eve: stored held is 5, but the prepared transfers add up to 0".into());
         let id = uuid::Uuid::new_v4();
         s.heuristics.push(HeuristicView { id, decision: Decision::Commit, operator: "carol".into(), at_unix_ms: 1 });

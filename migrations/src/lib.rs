@@ -12,8 +12,9 @@
 /// (version byte 4) for a transfer not yet decided (see [`v4_staging_records`]). Version 5 writes record bodies
 /// with variable-length integers (version byte 5; see [`v5_compact_records`]). Version 6 puts a redo log in
 /// front of each store (see [`v6_redo_log`]). Version 7 writes the history keys to run files rather than to
-/// sled (see [`v7_history_runs`]).
-pub const LAYOUT_VERSION: u32 = 7;
+/// sled (see [`v7_history_runs`]). Version 8 lets a participant's account value carry an overdraft limit (see
+/// [`v8_overdraft_limits`]).
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
 /// shards; commits at or after it may not be. `u64::MAX`: none is owed.
@@ -77,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to_version: 7,
         description: "history keys (finished records, journal, decisions, time index) in run files beside sled",
         apply: v7_history_runs,
+    },
+    Migration {
+        to_version: 8,
+        description: "participant: an account's value may carry an overdraft limit beside its balance",
+        apply: v8_overdraft_limits,
     },
 ];
 
@@ -238,6 +244,14 @@ fn v6_redo_log(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
 /// `store/`, named by the `mredo_runs` key), which older binaries do not read: the bump makes them refuse the
 /// store. History that sled already holds stays there and is read as before, under the runs.
 fn v7_history_runs(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
+    Ok(())
+}
+
+/// Version 7 → 8. An account with an overdraft limit is written as `(balance, limit)` instead of `balance`
+/// (`records::encode_account`); every existing account has no limit and keeps its value. Nothing is
+/// rewritten: the version exists so that a binary of layout 7, which would misread such a value, refuses the
+/// store.
+fn v8_overdraft_limits(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }
 

@@ -104,13 +104,7 @@ pub async fn accounts(
     let accounts = state
         .accounts_after(query.after.as_deref())
         .take(limit)
-        .map(|(id, r)| AccountView {
-            id: id.clone(),
-            balance: r.balance,
-            held: r.held,
-            available: r.available(),
-            shard: node.shard,
-        })
+        .map(|(id, r)| AccountView::of(id.clone(), r, node.shard))
         .collect();
     Ok(Json(AccountList { accounts }))
 }
@@ -137,9 +131,9 @@ pub async fn audit(
     let accounts = state.accounts_len();
     let invariant_violation =
         if accounts <= AUDIT_PER_ACCOUNT_MAX { state.violation() } else { state.holds_violation() };
-    let negative_balances = match totals.negative {
+    let below_overdraft_limit = match totals.below_floor {
         0 => Vec::new(),
-        _ => state.accounts().filter(|(_, a)| a.balance < 0).map(|(id, _)| id.clone()).collect(),
+        _ => state.accounts().filter(|(_, a)| a.below_floor()).map(|(id, _)| id.clone()).collect(),
     };
     let snapshot = ShardAudit {
         shard: node.shard,
@@ -149,7 +143,7 @@ pub async fn audit(
         held_total: totals.held,
         incoming_total: totals.incoming,
         created_total: state.journal.created_total,
-        negative_balances,
+        below_overdraft_limit,
         invariant_violation,
         prepared: state.prepared().map(|(id, _)| *id).collect(),
         commits_since: state

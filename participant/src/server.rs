@@ -202,10 +202,13 @@ async fn create_account(
     if req.balance < 0 {
         return Err(ApiError::Invalid(format!("balance must be an integer from 0 to {}", i64::MAX)));
     }
+    if req.overdraft_limit < 0 {
+        return Err(ApiError::Invalid(format!("overdraft_limit must be an integer from 0 to {}", i64::MAX)));
+    }
     {
         let mut state = node.machine();
         let mut writes = Vec::new();
-        state.create_account(req.id.clone(), req.balance, &mut writes).map_err(|e| match e {
+        state.create_account_with_limit(req.id.clone(), req.balance, req.overdraft_limit, &mut writes).map_err(|e| match e {
             CreateError::Exists => ApiError::AccountExists,
         })?;
         let mut extra = journal::Inserts::default();
@@ -215,20 +218,19 @@ async fn create_account(
     node.store.sync().await?;
     crash::point(crash::PARTICIPANT_ACCOUNT_CREATED);
     tracing::info!(account = %req.id, balance = req.balance, "account created");
-    let view = AccountView { id: req.id, balance: req.balance, held: 0, available: req.balance, shard: node.shard };
+    let record = common::records::AccountRecord {
+        balance: req.balance,
+        overdraft_limit: req.overdraft_limit,
+        ..Default::default()
+    };
+    let view = AccountView::of(req.id, &record, node.shard);
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn get_account(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Result<Json<AccountView>, ApiError> {
     let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let record = node.machine().account(&id).ok_or(ApiError::AccountNotFound)?;
-    Ok(Json(AccountView {
-        id,
-        balance: record.balance,
-        held: record.held,
-        available: record.available(),
-        shard: node.shard,
-    }))
+    Ok(Json(AccountView::of(id, &record, node.shard)))
 }
 
 async fn prepare(

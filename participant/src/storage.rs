@@ -63,8 +63,8 @@ pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Resul
     }
     for write in writes {
         ops.push(match write {
-            // Only the balance is durable: holds follow from the prepared records.
-            Write::Account(id, record) => (keys::account(id), Some(records::encode(&record.balance))),
+            // Only the balance and the limit are durable: holds follow from the prepared records.
+            Write::Account(id, record) => (keys::account(id), Some(records::encode_account(record))),
             Write::Prepared(id, record) => (keys::prepared(id).to_vec(), Some(records::encode(record))),
             Write::ClearPrepared(id) => (keys::prepared(id).to_vec(), None),
             Write::Finished(id, decision) => {
@@ -158,8 +158,7 @@ pub async fn load(store: &Store, shard: ShardId) -> Result<(ParticipantMachine, 
             .ok()
             .and_then(|s| AccountId::new(s).ok())
             .ok_or_else(|| LoadError::BadKey(key.to_vec()))?;
-        let balance: i64 = records::decode(&value)?;
-        sorted.push((id, AccountRecord { balance, held: 0, incoming: 0 }));
+        sorted.push((id, records::decode_account(&value)?));
     }
     let accounts: BTreeMap<AccountId, AccountRecord> = sorted.into_iter().collect();
     for entry in store.db.scan_prefix([keys::PREPARED]) {
@@ -281,7 +280,7 @@ mod tests {
         migrations::stamp_version(&db, 1).expect("stamp");
         let alice = AccountId::new("alice").expect("valid");
         let (prepared, committed) = (Uuid::new_v4(), Uuid::new_v4());
-        db.insert(keys::account(&alice), v1(&AccountRecord { balance: 100, held: 30, incoming: 0 })).expect("insert");
+        db.insert(keys::account(&alice), v1(&AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 })).expect("insert");
         let transfer = Transfer { from: alice.clone(), to: AccountId::new("bob").expect("valid"), amount: Amount::new(30).expect("positive") };
         let record = PreparedV1 {
             transfer,
@@ -312,7 +311,7 @@ mod tests {
     async fn check_v2(store: &Store, prepared: TransferId, committed: TransferId) {
         let alice = AccountId::new("alice").expect("valid");
         let (machine, journal) = load(store, 0).await.expect("a migrated store loads");
-        assert_eq!(machine.account(&alice), Some(AccountRecord { balance: 100, held: 30, incoming: 0 }));
+        assert_eq!(machine.account(&alice), Some(AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 }));
         let record = machine.prepared_transfer(&prepared).expect("still prepared");
         assert_eq!(record.made_by.as_deref(), Some("teller"), "the token name moved into the record");
         assert_eq!(machine.finished_decision(&committed, &Decisions(store)), Some(Decision::Commit));

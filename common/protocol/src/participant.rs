@@ -6,7 +6,8 @@
 //! writes durable, in order and atomically per call batch, before it tells anyone the result. The machine
 //! holds these invariants, checked by [`ParticipantMachine::check_invariants`]:
 //! - an account's `held` is the sum of the debits of its prepared transfers, `incoming` the sum of the credits;
-//! - `held <= balance`, so no balance can go negative at commit, and `balance + incoming <= i64::MAX`;
+//! - `held <= balance + overdraft_limit`, so no balance can go below `-overdraft_limit` at commit, and
+//!   `balance + incoming <= i64::MAX`;
 //! - a transfer id is prepared, or finished, or unknown: never two of these; a finished id never changes.
 
 use crate::ledger::{AccountId, ShardId, TransferId};
@@ -66,7 +67,7 @@ pub enum RestoreError {
     MissingAccount(TransferId, AccountId),
     #[error("transfer {0} is both prepared and finished")]
     PreparedAndFinished(TransferId),
-    #[error("account {0} breaks 0 <= held <= balance")]
+    #[error("account {0} breaks 0 <= held <= balance + overdraft_limit")]
     BadBalance(AccountId),
     #[error("the sums kept over the accounts differ from a fresh sum")]
     TotalsMismatch,
@@ -89,8 +90,8 @@ pub struct Totals {
     pub balance: i128,
     pub held: i128,
     pub incoming: i128,
-    /// Accounts with a negative balance (none, while the invariants hold).
-    pub negative: u64,
+    /// Accounts whose balance is below minus their overdraft limit (none, while the invariants hold).
+    pub below_floor: u64,
 }
 
 impl Totals {
@@ -106,14 +107,14 @@ impl Totals {
         self.balance += i128::from(r.balance);
         self.held += i128::from(r.held);
         self.incoming += i128::from(r.incoming);
-        self.negative += u64::from(r.balance < 0);
+        self.below_floor += u64::from(r.below_floor());
     }
 
     fn remove(&mut self, r: &AccountRecord) {
         self.balance -= i128::from(r.balance);
         self.held -= i128::from(r.held);
         self.incoming -= i128::from(r.incoming);
-        self.negative -= u64::from(r.balance < 0);
+        self.below_floor -= u64::from(r.below_floor());
     }
 }
 
@@ -283,18 +284,29 @@ impl ParticipantMachine {
                 totals.held, totals.incoming
             ));
         }
-        if totals.negative > 0 {
-            return Some(format!("{} accounts have a negative balance", totals.negative));
+        if totals.below_floor > 0 {
+            return Some(format!("{} accounts have a balance below their overdraft limit", totals.below_floor));
         }
         None
     }
 
     pub fn create_account(&mut self, id: AccountId, balance: i64, writes: &mut Vec<Write>) -> Result<(), CreateError> {
-        assert!(balance >= 0, "balances are validated before they reach the machine");
+        self.create_account_with_limit(id, balance, 0, writes)
+    }
+
+    /// Opens an account whose balance may go down to `-overdraft_limit`.
+    pub fn create_account_with_limit(
+        &mut self,
+        id: AccountId,
+        balance: i64,
+        overdraft_limit: i64,
+        writes: &mut Vec<Write>,
+    ) -> Result<(), CreateError> {
+        assert!(balance >= 0 && overdraft_limit >= 0, "balances and limits are validated before they reach the machine");
         if self.accounts.contains_key(&id) {
             return Err(CreateError::Exists);
         }
-        let record = AccountRecord { balance, held: 0, incoming: 0 };
+        let record = AccountRecord { balance, held: 0, incoming: 0, overdraft_limit };
         self.accounts.insert(id.clone(), record);
         self.totals.add(&record);
         writes.push(Write::Account(id, record));
@@ -452,7 +464,7 @@ impl ParticipantMachine {
                 let (stored, derived) = (record.incoming, incoming);
                 return Err(RestoreError::HoldMismatch { account: id.clone(), field: "incoming", stored, derived });
             }
-            if record.held < 0 || record.held > record.balance {
+            if record.held < 0 || record.overdraft_limit < 0 || record.available_exact() < 0 || record.below_floor() {
                 return Err(RestoreError::BadBalance(id.clone()));
             }
         }
@@ -464,7 +476,7 @@ impl ParticipantMachine {
 fn apply_hold(mut record: AccountRecord, delta: i64) -> Result<AccountRecord, RefusalReason> {
     if delta < 0 {
         let amount = delta.checked_neg().ok_or(RefusalReason::InsufficientFunds)?;
-        if record.available() < amount {
+        if record.available_exact() < i128::from(amount) {
             return Err(RefusalReason::InsufficientFunds);
         }
         record.held += amount;
@@ -491,7 +503,7 @@ fn release_hold(mut record: AccountRecord, delta: i64, decision: Decision) -> Ac
             record.balance += delta;
         }
     }
-    assert!(record.held >= 0 && record.incoming >= 0 && record.held <= record.balance);
+    assert!(record.held >= 0 && record.incoming >= 0 && record.available_exact() >= 0 && !record.below_floor());
     record
 }
 
@@ -529,14 +541,14 @@ mod tests {
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
         assert_eq!(m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w), Vote::Yes);
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 }));
         assert!(w.iter().any(|x| matches!(x, Write::Prepared(..))));
         // A second debit only sees what is still available.
         let tx2 = Uuid::new_v4();
         let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &NothingFinished, &mut w);
         assert_eq!(vote, Vote::No(RefusalReason::InsufficientFunds));
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0, overdraft_limit: 0 }));
         m.check_invariants();
     }
 
@@ -552,7 +564,7 @@ mod tests {
         let reused = item(tx, "alice", "bob", 10, vec![("alice", -10)]);
         assert_eq!(m.prepare(&reused, 5, &NothingFinished, &mut w), Vote::No(RefusalReason::IdInUse));
         assert!(w.is_empty(), "neither writes anything");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 }));
     }
 
     #[test]
@@ -563,7 +575,7 @@ mod tests {
         assert_eq!(m.prepare(&item(tx, "alice", "bob", 10, vec![("bob", 10)]), 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("bob")).map(|a| a.balance), Some(5));
         assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Done);
-        assert_eq!(m.account(&id("bob")), Some(AccountRecord { balance: 5, held: 0, incoming: 0 }));
+        assert_eq!(m.account(&id("bob")), Some(AccountRecord { balance: 5, held: 0, incoming: 0, overdraft_limit: 0 }));
         m.check_invariants();
     }
 
@@ -580,7 +592,7 @@ mod tests {
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Refused);
         assert_eq!(m.prepare(&it, 0, &NothingFinished, &mut w), Vote::Yes, "a late Prepare never re-applies");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 70, held: 0, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 70, held: 0, incoming: 0, overdraft_limit: 0 }));
         m.check_invariants();
     }
 
@@ -605,7 +617,7 @@ mod tests {
         let overflow = item(Uuid::new_v4(), "alice", "rich", 1, vec![("alice", -1), ("rich", 1)]);
         assert_eq!(m.prepare(&overflow, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::BalanceOverflow));
         assert!(w.is_empty());
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0, overdraft_limit: 0 }));
     }
 
     #[test]
@@ -618,12 +630,12 @@ mod tests {
         assert!(!w.iter().any(|x| matches!(x, Write::Account(..))), "a prepare writes no account");
         m.decide(tx2, Decision::Commit, &NothingFinished, &mut w);
         // What a store holds: balances as last written, stale holds, and the prepared records.
-        let stale = |b| AccountRecord { balance: b, held: 7, incoming: 7 };
+        let stale = |b| AccountRecord { balance: b, held: 7, incoming: 7, overdraft_limit: 0 };
         let accounts: BTreeMap<_, _> = [(id("alice"), stale(80)), (id("bob"), stale(20))].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let restored = ParticipantMachine::restore(0, accounts, prepared).expect("consistent");
         assert_eq!(restored.account(&id("alice")), m.account(&id("alice")));
-        assert_eq!(restored.account(&id("bob")), Some(AccountRecord { balance: 20, held: 0, incoming: 30 }));
+        assert_eq!(restored.account(&id("bob")), Some(AccountRecord { balance: 20, held: 0, incoming: 30, overdraft_limit: 0 }));
     }
 
     #[test]
@@ -632,10 +644,46 @@ mod tests {
         let mut w = Vec::new();
         let tx = Uuid::new_v4();
         m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w);
-        let accounts: BTreeMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0 })].into();
+        let accounts: BTreeMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0, overdraft_limit: 0 })].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let err = ParticipantMachine::restore(0, accounts, prepared);
         assert!(matches!(err, Err(RestoreError::BadBalance(_))));
+    }
+
+    #[test]
+    fn an_overdraft_limit_lets_a_balance_go_that_far_below_zero_and_no_further() {
+        let mut m = ParticipantMachine::new(0);
+        let mut w = Vec::new();
+        m.create_account_with_limit(id("cash"), 0, 100, &mut w).expect("new account");
+        m.create_account(id("alice"), 0, &mut w).expect("new account");
+        let cash = |m: &ParticipantMachine| m.account(&id("cash")).expect("cash");
+        assert_eq!(cash(&m).available(), 100, "available counts the limit");
+
+        let deposit = |amount| item(Uuid::new_v4(), "cash", "alice", amount, vec![("cash", -amount), ("alice", amount)]);
+        let first = deposit(60);
+        assert_eq!(m.prepare(&first, 0, &NothingFinished, &mut w), Vote::Yes);
+        assert_eq!(cash(&m).available(), 40);
+        assert_eq!(m.prepare(&deposit(41), 0, &NothingFinished, &mut w), Vote::No(RefusalReason::InsufficientFunds));
+        assert_eq!(m.decide(first.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
+        let rest = deposit(40);
+        assert_eq!(m.prepare(&rest, 0, &NothingFinished, &mut w), Vote::Yes);
+        assert_eq!(m.decide(rest.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
+        assert_eq!(cash(&m), AccountRecord { balance: -100, held: 0, incoming: 0, overdraft_limit: 100 });
+        assert_eq!(m.prepare(&deposit(1), 0, &NothingFinished, &mut w), Vote::No(RefusalReason::InsufficientFunds));
+        m.check_invariants();
+        assert_eq!(m.totals(), Totals { balance: 0, held: 0, incoming: 0, below_floor: 0 });
+        assert_eq!(m.holds_violation(), None);
+
+        // A store that holds the account at its floor restores; one below it is refused.
+        let at_floor: BTreeMap<_, _> = [(id("cash"), cash(&m))].into();
+        assert!(ParticipantMachine::restore(0, at_floor, HashMap::new()).is_ok());
+        let below = AccountRecord { balance: -101, ..cash(&m) };
+        let err = ParticipantMachine::restore(0, [(id("cash"), below)].into(), HashMap::new());
+        assert!(matches!(err, Err(RestoreError::BadBalance(_))));
+        // The largest limit does not overflow what is available.
+        m.create_account_with_limit(id("bank"), i64::MAX, i64::MAX, &mut w).expect("new account");
+        assert_eq!(m.account(&id("bank")).expect("bank").available(), i64::MAX);
+        m.check_invariants();
     }
 
     #[test]
@@ -664,7 +712,7 @@ mod tests {
         assert_eq!(m.decide(oldest.id, Decision::Commit, &store, &mut w), DecideAck::Done);
         assert_eq!(m.decide(oldest.id, Decision::Abort, &store, &mut w), DecideAck::Refused);
         assert!(w.is_empty(), "nothing is applied twice");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 995, held: 0, incoming: 0 }));
+        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 995, held: 0, incoming: 0, overdraft_limit: 0 }));
         // The same machine with nothing in the store would prepare it again: the lookup is what refuses.
         assert_eq!(m.prepare(oldest, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(1));
@@ -687,11 +735,11 @@ mod tests {
         let (tx, tx2) = (Uuid::new_v4(), Uuid::new_v4());
         m.prepare(&item(tx, "alice", "bob", 30, vec![("alice", -30), ("bob", 30)]), 0, &NothingFinished, &mut w);
         m.prepare(&item(tx2, "alice", "bob", 20, vec![("alice", -20)]), 0, &NothingFinished, &mut w);
-        assert_eq!(m.totals(), Totals { balance: 105, held: 50, incoming: 30, negative: 0 });
+        assert_eq!(m.totals(), Totals { balance: 105, held: 50, incoming: 30, below_floor: 0 });
         assert_eq!(m.holds_violation(), None);
         m.decide(tx, Decision::Commit, &NothingFinished, &mut w);
         m.decide(tx2, Decision::Abort, &NothingFinished, &mut w);
-        assert_eq!(m.totals(), Totals { balance: 105, held: 0, incoming: 0, negative: 0 });
+        assert_eq!(m.totals(), Totals { balance: 105, held: 0, incoming: 0, below_floor: 0 });
         assert_eq!(m.holds_violation(), None);
         m.check_invariants(); // recomputes the sums from every account
         // A hold no prepared transfer explains shows in the sums.

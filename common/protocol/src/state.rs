@@ -7,18 +7,32 @@ use crate::msg::Decision;
 use serde::{Deserialize, Serialize};
 
 /// Participant: one account's money. `held` is reserved by prepared debits; `incoming` is promised to prepared
-/// credits, so a commit can never overflow the balance. Only `balance` is stored: `held` and `incoming` follow
-/// from the prepared records, so a prepare writes one record, not two.
+/// credits, so a commit can never overflow the balance. Only `balance` and `overdraft_limit` are stored:
+/// `held` and `incoming` follow from the prepared records, so a prepare writes one record, not two.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AccountRecord {
     pub balance: i64,
     pub held: i64,
     pub incoming: i64,
+    /// How far below zero the balance may go (0 for a customer's account; a bank's cash or settlement account
+    /// has one, or no money could ever enter the ledger). Fixed when the account is opened.
+    pub overdraft_limit: i64,
 }
 
 impl AccountRecord {
+    /// What a new debit may take: `balance - held + overdraft_limit`, exact (the sum can pass `i64::MAX`).
+    pub fn available_exact(&self) -> i128 {
+        i128::from(self.balance) - i128::from(self.held) + i128::from(self.overdraft_limit)
+    }
+
+    /// [`Self::available_exact`], capped at `i64::MAX` for showing.
     pub fn available(&self) -> i64 {
-        self.balance - self.held
+        i64::try_from(self.available_exact()).unwrap_or(i64::MAX)
+    }
+
+    /// The balance is below what its overdraft limit allows: what the invariants forbid.
+    pub fn below_floor(&self) -> bool {
+        i128::from(self.balance) < -i128::from(self.overdraft_limit)
     }
 }
 

@@ -859,8 +859,8 @@ impl LedgerModel {
             if actual != expected {
                 return Err(format!("{account} has {actual:?}, expected {expected:?}"));
             }
-            if record.balance < 0 || record.held > record.balance {
-                return Err(format!("{account} is negative or over-held"));
+            if record.below_floor() || record.available_exact() < 0 {
+                return Err(format!("{account} is below its overdraft limit or over-held"));
             }
         }
         Ok(())

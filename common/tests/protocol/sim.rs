@@ -52,7 +52,8 @@
 //! finished twice on a shard and every balance equals its opening balance plus the postings of the transfers
 //! committed there; the holds equal the prepared debits ([`ParticipantMachine::check_invariants`], plus a
 //! shadow of the writes compared with the machine); money is conserved, counting committed transfers some
-//! shard has not applied yet, both in memory and on disk; no balance goes negative; every transfer the core
+//! shard has not applied yet, both in memory and on disk; no balance goes below its overdraft limit (some
+//! accounts have one); every transfer the core
 //! runs has its log entry, and every staging record with no decision is running. At the end the network heals, the nodes restart, the
 //! clients resubmit what was never answered, and the run goes on until quiescent: then nothing is left
 //! running or only staged, every transfer must be decided everywhere (a commit decision still unflushed only
@@ -348,8 +349,9 @@ impl Records {
         for write in writes {
             match write {
                 Write::Account(id, record) => {
-                    // Only the balance is durable; holds follow from the prepared records.
-                    self.accounts.insert(id.clone(), AccountRecord { balance: record.balance, held: 0, incoming: 0 });
+                    // Only the balance and the limit are durable; holds follow from the prepared records.
+                    let durable = AccountRecord { held: 0, incoming: 0, ..*record };
+                    self.accounts.insert(id.clone(), durable);
                 }
                 Write::Prepared(id, record) => {
                     if self.finished.contains_key(id) {
@@ -441,8 +443,8 @@ impl Records {
                     (balance, held, incoming)
                 ));
             }
-            if record.balance < 0 || record.held < 0 || record.incoming < 0 || record.held > record.balance {
-                return Err(format!("P{shard} {what}: account {id} is negative or over-held: {record:?}"));
+            if record.below_floor() || record.held < 0 || record.incoming < 0 || record.available_exact() < 0 {
+                return Err(format!("P{shard} {what}: account {id} is below its overdraft limit or over-held: {record:?}"));
             }
         }
         Ok(())
@@ -625,6 +627,8 @@ pub struct Stats {
     pub commits_proved_by_staging: u64,
     /// Commits on the classic path (no staging record: the core was busy), decided after the votes.
     pub classic_commits: u64,
+    /// Steps after which a shard held an account below zero, within its overdraft limit.
+    pub overdrawn: u64,
 }
 
 impl Stats {
@@ -632,6 +636,7 @@ impl Stats {
         self.seeds += o.seeds;
         self.events += o.events;
         self.committed += o.committed;
+        self.overdrawn += o.overdrawn;
         self.aborted_refused += o.aborted_refused;
         self.aborted_unavailable += o.aborted_unavailable;
         self.presumed_aborts += o.presumed_aborts;
@@ -708,15 +713,20 @@ impl Cluster {
         let faults = Faults::draw(&mut rng);
         let fault_end = rng.range(3_000, 15_000);
 
-        // Accounts: four to seven, at least one on every shard, with small balances so funds run short.
+        // Accounts: four to seven, at least one on every shard, with small balances so funds run short; some
+        // may go below zero, down to a small overdraft limit.
         let mut opening = BTreeMap::new();
+        let mut limits = BTreeMap::new();
         let mut n = 0;
         let wanted = rng.range(4, 7) as usize;
         while opening.len() < wanted || (0..shard_count).any(|s| !opening.keys().any(|a| shard(a, shard_count) == s)) {
             let id = account(&format!("acct{n}"));
             n += 1;
             if opening.len() < wanted || !opening.keys().any(|a| shard(a, shard_count) == shard(&id, shard_count)) {
-                opening.insert(id, rng.range(0, 120) as i64);
+                opening.insert(id.clone(), rng.range(0, 120) as i64);
+                if rng.chance(0.3) {
+                    limits.insert(id, rng.range(1, 80) as i64);
+                }
             }
         }
         let opening_total = opening.values().sum();
@@ -725,7 +735,8 @@ impl Cluster {
                 let mut machine = ParticipantMachine::new(s).with_recent_finished_max(RECENT_FINISHED_MAX);
                 let mut writes = Vec::new();
                 for (id, balance) in opening.iter().filter(|(a, _)| shard(a, shard_count) == s) {
-                    machine.create_account(id.clone(), *balance, &mut writes).expect("account names are unique");
+                    let limit = limits.get(id).copied().unwrap_or(0);
+                    machine.create_account_with_limit(id.clone(), *balance, limit, &mut writes).expect("unique names");
                 }
                 let mut disk = Records::default();
                 disk.apply(&writes).expect("account creation writes apply");
@@ -1852,6 +1863,7 @@ impl Cluster {
             let p = &self.participants[s as usize];
             if let Some(machine) = &p.machine {
                 machine.check_invariants();
+                self.stats.overdrawn += u64::from(machine.accounts().any(|(_, a)| a.balance < 0));
                 p.memory.check_books(s, &self.opening, "in memory")?;
             }
         }
@@ -2257,6 +2269,7 @@ fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
             ("commits applied before the commit decision was durable", stats.commit_applied_before_decision_durable),
             ("commits proved by a staging record alone", stats.commits_proved_by_staging),
             ("commits on the classic path", stats.classic_commits),
+            ("balances below zero within an overdraft limit", stats.overdrawn),
         ];
         for (what, n) in exercised {
             assert!(n > 0, "{count} seeds never produced any {what}: the simulation is not testing them");

@@ -51,7 +51,7 @@ async fn refused_transfers_change_nothing() {
 
     assert_eq!(
         c.account(&alice).await,
-        json!({"id": alice, "balance": 100, "held": 0, "available": 100, "shard": c.account(&alice).await["shard"]})
+        json!({"id": alice, "balance": 100, "held": 0, "available": 100, "overdraft_limit": 0, "shard": c.account(&alice).await["shard"]})
     );
     assert_eq!(c.balance(&bob).await, 5);
 }

@@ -9,5 +9,6 @@ mod fuzz;
 mod history;
 mod harness;
 mod load;
+mod overdraft;
 mod partition;
 mod security;

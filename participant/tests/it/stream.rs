@@ -176,7 +176,7 @@ async fn the_stream_opens_only_with_the_secret_for_this_cluster_and_the_right_up
 
     assert_eq!(p.post("/internal/accounts", json!({"id": "alice", "balance": 5})).await.0, 201);
     let mut opened = stream::connect(addr, CLUSTER_ID, Some(CLUSTER_TOKEN)).await.expect("the stream opens");
-    assert_eq!(read_alice(&mut opened, 2).await, Ok(Some(AccountRecord { balance: 5, held: 0, incoming: 0 })));
+    assert_eq!(read_alice(&mut opened, 2).await, Ok(Some(AccountRecord { balance: 5, held: 0, incoming: 0, overdraft_limit: 0 })));
 }
 
 /// The fuzz run's seed: fixed, so a failure replays exactly.
@@ -315,7 +315,7 @@ async fn run_fuzz_case(addr: &str, case: &Case) -> Result<(), String> {
         stream::connect(addr, CLUSTER_ID, None).await.map_err(|e| format!("the stream did not open: {e}"))?;
     match case {
         Case::Read { read } => match read_alice(&mut opened, *read).await? {
-            Some(AccountRecord { balance: FUZZ_BALANCE, held: 0, incoming: 0 }) => Ok(()),
+            Some(AccountRecord { balance: FUZZ_BALANCE, held: 0, incoming: 0, overdraft_limit: 0 }) => Ok(()),
             other => Err(format!("alice changed: {other:?}")),
         },
         Case::Garbage { bytes, half_close, .. } => {
@@ -502,6 +502,6 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
 
     // The restarted participant serves the same state on the stream.
     let mut opened = stream::connect(p.addr(), CLUSTER_ID, None).await.expect("the stream opens again");
-    let record = AccountRecord { balance: KILL_BALANCE, held, incoming: 0 };
+    let record = AccountRecord { balance: KILL_BALANCE, held, incoming: 0, overdraft_limit: 0 };
     assert_eq!(read_alice(&mut opened, 1).await, Ok(Some(record)));
 }
