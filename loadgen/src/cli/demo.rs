@@ -9,7 +9,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 /// Longest wait for any answer of the tour, as `demo.sh`'s `curl --max-time 15`.
@@ -28,6 +28,9 @@ const BOB_OPENING: i64 = 100;
 const TRANSFERRED: i64 = 250;
 const TOO_MUCH: i64 = 1_000_000;
 const CONFLICTING_AMOUNT: i64 = 999;
+/// The bank's cash account may go this far below zero: what it can pay out before money comes back.
+const CASH_OVERDRAFT_LIMIT: i64 = 1_000_000_000;
+const DEPOSITED: i64 = 500;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -248,6 +251,16 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
     tour.section("Bad request: an amount of zero");
     tour.call(Method::POST, "/transfers", 400, Some(transfer(None, &alice, &bob, 0))).await;
 
+    let cash = format!("cash-{suffix}");
+    tour.section("A deposit: the bank's cash account, which may go below zero, pays 500 into alice's");
+    let cash_body = format!(r#"{{"id":"{cash}","overdraft_limit":{CASH_OVERDRAFT_LIMIT}}}"#);
+    tour.call(Method::POST, "/accounts", 201, Some(cash_body)).await;
+    let deposit = tour.call(Method::POST, "/transfers", 200, Some(transfer(None, &cash, &alice, DEPOSITED))).await;
+    tour.check(&deposit.field("status"), "committed", "status");
+    let cash_now = tour.call(Method::GET, &format!("/accounts/{cash}"), 200, None).await;
+    tour.check(&cash_now.field("balance"), &(-DEPOSITED).to_string(), "cash's balance");
+    tour.check(&cash_now.field("available"), &(CASH_OVERDRAFT_LIMIT - DEPOSITED).to_string(), "cash's available");
+
     tour.section("Look the transfer up by id");
     let looked_up = tour.call(Method::GET, &format!("/transfers/{transfer_id}"), 200, None).await;
     tour.check(&looked_up.field("status"), "committed", "status");
@@ -265,27 +278,10 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
     Ok(tour.failures)
 }
 
-/// `YYYYMMDD-HHMMSS` in UTC, as `date +%Y%m%d-%H%M%S` prints it (in UTC rather than local time: no time zone
-/// database is needed, and the suffix only has to differ between runs).
+/// `YYYYMMDD-HHMMSS` in UTC, as `date -u +%Y%m%d-%H%M%S` prints it: the suffix only has to differ between runs.
 fn utc_timestamp(now: SystemTime) -> String {
-    let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, of_day) = (seconds / 86_400, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", of_day / 3_600, of_day % 3_600 / 60, of_day % 60)
-}
-
-/// The Gregorian date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`, for non-negative days).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    let (year, month, day, hour, minute, second) = super::utc_fields(now);
+    format!("{year:04}{month:02}{day:02}-{hour:02}{minute:02}{second:02}")
 }
 
 /// A number from 0 to 32767, as bash's `$RANDOM`; the low bits of a v4 UUID are random.
@@ -296,6 +292,7 @@ fn random_number() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn timestamps_are_utc_calendar_dates() {
