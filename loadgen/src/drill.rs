@@ -3,6 +3,9 @@
 //! the books. In the style of Jepsen's bank test, but stricter: every transfer's fate is checked, not only the
 //! total.
 //!
+//! One request in four is a batch of a few transfers (`POST /transfers/batch`), each item checked like a
+//! single transfer.
+//!
 //! Checks: every acknowledged commit is committed and every acknowledged abort aborted; every transfer ends
 //! committed or aborted (404 only for ids that never got an answer); each shard applied each committed transfer
 //! and nothing else; final balances equal initial balances plus committed transfers; the total is conserved;
@@ -25,6 +28,10 @@ const AMOUNT_MAX: u64 = 2_000;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
 /// Attempts per transfer before the client gives up and leaves it unknown.
 const ATTEMPTS_MAX: u32 = 20;
+/// One request in this many is a batch (`POST /transfers/batch`) rather than a single transfer.
+const BATCH_ONE_IN: u64 = 4;
+/// A batch carries 2 to this many transfers: small, so a kill often lands while one is being decided.
+const BATCH_ITEMS_MAX: u64 = 8;
 /// How long the healed cluster gets to settle every transfer.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -152,23 +159,37 @@ pub async fn run(config: Config) -> Report {
             let mut rng = Rng::new(config.seed.wrapping_mul(1_000_003).wrapping_add(c as u64 + 1));
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
-                    let mut to = from.clone();
-                    while to == from {
-                        to = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                    let batch = rng.below(BATCH_ONE_IN) == 0;
+                    let items = if batch { 2 + rng.below(BATCH_ITEMS_MAX - 1) } else { 1 };
+                    let mut bodies = Vec::new();
+                    for _ in 0..items {
+                        let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                        let mut to = from.clone();
+                        while to == from {
+                            to = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                        }
+                        let amount = 1 + rng.below(AMOUNT_MAX) as i64;
+                        let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
+                        bodies.push((id, from, to, amount));
                     }
-                    let amount = 1 + rng.below(AMOUNT_MAX) as i64;
-                    let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
-                    let body = json!({"from": from, "to": to, "amount": amount, "id": id});
-                    let answer = submit(&http, &base, &body).await;
-                    let counter = match answer {
-                        Answer::Committed => &counters.committed,
-                        Answer::Aborted => &counters.aborted,
-                        Answer::Unknown => &counters.unknown,
+                    let json_of = |(id, from, to, amount): &(String, String, String, i64)| {
+                        json!({"from": from, "to": to, "amount": amount, "id": id})
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    let answers = if batch {
+                        submit_batch(&http, &base, bodies.iter().map(json_of).collect()).await
+                    } else {
+                        vec![submit(&http, &base, &json_of(&bodies[0])).await]
+                    };
                     let mut ledger = ledger.lock().expect("ledger lock");
-                    ledger.insert(id, Attempted { from, to, amount, answer });
+                    for ((id, from, to, amount), answer) in bodies.into_iter().zip(answers) {
+                        let counter = match answer {
+                            Answer::Committed => &counters.committed,
+                            Answer::Aborted => &counters.aborted,
+                            Answer::Unknown => &counters.unknown,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        ledger.insert(id, Attempted { from, to, amount, answer });
+                    }
                 }
             })
         })
@@ -249,6 +270,35 @@ async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> Answer {
         }
     }
     Answer::Unknown
+}
+
+/// Submits a batch, sending the items with no final answer again (same ids) until each has one.
+async fn submit_batch(http: &reqwest::Client, base: &str, items: Vec<Value>) -> Vec<Answer> {
+    let mut answers = vec![Answer::Unknown; items.len()];
+    for attempt in 0..ATTEMPTS_MAX {
+        let open: Vec<usize> = (0..items.len()).filter(|i| answers[*i] == Answer::Unknown).collect();
+        if open.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
+        }
+        let body = json!({"transfers": open.iter().map(|i| items[*i].clone()).collect::<Vec<_>>()});
+        let Ok(reply) = http.post(format!("{base}/transfers/batch")).json(&body).send().await else { continue };
+        if reply.status() != 200 {
+            continue;
+        }
+        let Ok(reply) = reply.json::<Value>().await else { continue };
+        let results = reply["results"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (i, result) in open.iter().zip(results) {
+            answers[*i] = match (result["code"].as_u64(), result["status"].as_str()) {
+                (Some(200), Some("committed")) => Answer::Committed,
+                (_, Some("aborted")) => Answer::Aborted,
+                _ => Answer::Unknown, // overloaded or storage trouble: no final answer yet
+            };
+        }
+    }
+    answers
 }
 
 async fn nemesis_step(cluster: &mut Cluster, rng: &mut Rng, counters: &Counters) {
