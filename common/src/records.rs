@@ -137,7 +137,7 @@ mod tests {
         use crate::ledger::{Amount, Posting, Transfer};
         let account = |n: &str| AccountId::new(n).expect("valid");
         let transfer =
-            Transfer { from: account("acct-000123"), to: account("acct-000456"), amount: Amount::new(250).expect("positive") };
+            Transfer::one(account("acct-000123"), account("acct-000456"), Amount::new(250).expect("positive"));
         let at = 1_796_000_000_000u64;
         let made_by = Some("loadgen".to_string());
         let decided = (
@@ -177,6 +177,50 @@ mod tests {
         old.extend(bincode::serialize(&42i64).expect("serialises"));
         assert_eq!(decode_account(&old).expect("decodes").balance, 42);
         assert!(decode_account(&[RECORD_VERSION + 1, 1]).is_err());
+    }
+
+    /// A transfer's record before transfers had legs.
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct TransferBeforeLegs {
+        from: AccountId,
+        to: AccountId,
+        amount: crate::ledger::Amount,
+    }
+
+    #[test]
+    fn a_one_leg_transfer_is_encoded_as_before_legs_and_several_legs_are_told_apart() {
+        use crate::ledger::{Amount, Leg, Transfer};
+        let account = |n: &str| AccountId::new(n).expect("valid");
+        let amount = |n: i64| Amount::new(n).expect("positive");
+        let one = Transfer::one(account("alice"), account("bob"), amount(250));
+        let before = TransferBeforeLegs { from: account("alice"), to: account("bob"), amount: amount(250) };
+        // Stored records (varint), the stream's frames and records before layout 5 (fixint) alike.
+        assert_eq!(encode(&one), encode(&before));
+        assert_eq!(bincode::serialize(&one).expect("ser"), bincode::serialize(&before).expect("ser"));
+        assert_eq!(decode::<Transfer>(&encode(&before)).expect("decodes"), one);
+        let prepared_before = (before, vec![7u8], "url".to_string());
+        let (read, rest, url): (Transfer, Vec<u8>, String) = decode(&encode(&prepared_before)).expect("decodes");
+        assert_eq!((read, rest, url.as_str()), (one.clone(), vec![7u8], "url"), "fields after it are read right");
+
+        let legs = vec![
+            Leg { from: account("alice"), to: account("bob"), amount: amount(100) },
+            Leg { from: account("alice"), to: account("fees"), amount: amount(2) },
+        ];
+        let two = Transfer::new(legs).expect("two legs");
+        let record = (two.clone(), 42u64);
+        assert_eq!(decode::<(Transfer, u64)>(&encode(&record)).expect("decodes"), record);
+        let fixint: (Transfer, u64) = bincode::deserialize(&bincode::serialize(&record).expect("ser")).expect("de");
+        assert_eq!(fixint, record);
+        assert!(decode::<TransferBeforeLegs>(&encode(&two)).is_err(), "a reader without legs refuses several");
+
+        assert_eq!(serde_json::to_value(&one).expect("json"), serde_json::json!({"from": "alice", "to": "bob", "amount": 250}));
+        let json = serde_json::to_value(&two).expect("json");
+        assert_eq!(json["legs"][1]["to"], "fees");
+        assert_eq!(serde_json::from_value::<Transfer>(json).expect("from json"), two);
+        assert!(serde_json::from_value::<Transfer>(serde_json::json!({"legs": []})).is_err(), "no legs");
+        let leg = serde_json::json!({"from": "a", "to": "b", "amount": 1});
+        let too_many = serde_json::json!({"legs": vec![leg; crate::ledger::LEGS_MAX + 1]});
+        assert!(serde_json::from_value::<Transfer>(too_many).is_err(), "more than LEGS_MAX legs");
     }
 
     #[test]

@@ -221,7 +221,7 @@ mod tests {
         let id = uuid::Uuid::from_u128(7);
         let a = AccountId::new("a").expect("valid");
         let b = AccountId::new("b").expect("valid");
-        let transfer = Transfer { from: a.clone(), to: b, amount: Amount::new(5).expect("positive") };
+        let transfer = Transfer::one(a.clone(), b, Amount::new(5).expect("positive"));
         let item = PrepareItem {
             id,
             transfer,

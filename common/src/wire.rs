@@ -160,3 +160,13 @@ pub struct CommitSeqsReply {
     /// Per id, the journal sequence number at which it was committed here, or null.
     pub seqs: Vec<Option<u64>>,
 }
+
+/// A transfer as the APIs show it, with `fields` (its id, its status...) beside its own: `from`, `to` and
+/// `amount` for one leg, `legs` for several.
+pub fn transfer_json(transfer: &crate::ledger::Transfer, fields: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::to_value(transfer).unwrap_or_default();
+    if let (Some(body), serde_json::Value::Object(fields)) = (body.as_object_mut(), fields) {
+        body.extend(fields);
+    }
+    body
+}

@@ -476,17 +476,14 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
         Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?),
         None => None,
     };
-    Ok((id, Transfer { from, to, amount }))
+    Ok((id, Transfer::one(from, to, amount)))
 }
 
 /// The status and body that answer a decided transfer.
 fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
     match fin.outcome {
         Outcome::Committed => {
-            let body = json!({
-                "id": id, "status": "committed",
-                "from": fin.transfer.from, "to": fin.transfer.to, "amount": fin.transfer.amount,
-            });
+            let body = wire::transfer_json(&fin.transfer, json!({"id": id, "status": "committed"}));
             (StatusCode::OK, body)
         }
         Outcome::Aborted(reason) => {
@@ -521,7 +518,7 @@ fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 }
 
 fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
-    let mut body = json!({"id": id, "from": transfer.from, "to": transfer.to, "amount": transfer.amount});
+    let mut body = wire::transfer_json(transfer, json!({"id": id}));
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),
@@ -723,8 +720,9 @@ mod tests {
                     let result = validate_transfer(req);
                     prop_assert_eq!(result.is_ok(), expected, "from={:?} to={:?} amount={} id={:?}", from, to, amount, id);
                     if let Ok((_, t)) = result {
-                        prop_assert_eq!(Some(t.amount.minor()), amount.as_i64());
-                        prop_assert_eq!(t.from.as_str(), from.as_str());
+                        let leg = t.single().expect("a two-account body is one leg");
+                        prop_assert_eq!(Some(leg.amount.minor()), amount.as_i64());
+                        prop_assert_eq!(leg.from.as_str(), from.as_str());
                     }
                 }
                 // Only a non-number amount may fail to deserialise, and such a request is invalid.

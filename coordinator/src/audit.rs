@@ -185,7 +185,8 @@ pub fn judge(
         let delta: i128 = done.iter().flat_map(|s| t.postings_for(*s, shard_count)).map(|p| i128::from(p.delta)).sum();
         in_flight_total += delta;
         let pending: Vec<ShardId> = touched.iter().copied().filter(|s| !done.contains(s)).collect();
-        in_flight.push(json!({"id": id, "amount": t.amount, "applied_on": done, "pending_on": pending}));
+        let fields = json!({"id": id, "applied_on": done, "pending_on": pending});
+        in_flight.push(common::wire::transfer_json(t, fields));
     }
 
     let balance_total: i128 = snapshots.iter().map(|s| s.balance_total).sum();
@@ -250,15 +251,15 @@ mod tests {
         let id = |s: &str| AccountId::new(s).expect("valid");
         let (from, to) = (id("alice"), id("bob"));
         assert_ne!(shard_of(&from, 2), shard_of(&to, 2));
-        Transfer { from, to, amount: Amount::new(amount).expect("positive") }
+        Transfer::one(from, to, Amount::new(amount).expect("positive"))
     }
 
     #[test]
     fn a_commit_applied_on_one_shard_only_is_in_flight_not_a_violation() {
         let t = cross_shard_transfer(120);
         let id = uuid::Uuid::new_v4();
-        let debit_shard = shard_of(&t.from, 2);
-        let credit_shard = shard_of(&t.to, 2);
+        let leg = t.single().expect("one leg");
+        let (debit_shard, credit_shard) = (shard_of(&leg.from, 2), shard_of(&leg.to, 2));
         // The debit shard applied it (its balances show -120); the credit shard not yet.
         let mut snapshots = vec![snap(0, 0, 0), snap(1, 0, 0)];
         snapshots[debit_shard as usize] = snap(debit_shard, 380, 500);

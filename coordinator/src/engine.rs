@@ -398,7 +398,7 @@ impl Shell {
                     None => self
                         .core
                         .running_transfers()
-                        .filter(|(_, t)| account.as_ref().is_none_or(|a| t.from == *a || t.to == *a))
+                        .filter(|(_, t)| account.as_ref().is_none_or(|a| t.touches(a)))
                         .take(limit)
                         .map(|(id, t)| (*id, t.clone()))
                         .collect(),

@@ -394,11 +394,7 @@ mod tests {
 
     fn record(outcome: Outcome, decided_at_unix_ms: u64) -> TransferRecord {
         TransferRecord {
-            transfer: Transfer {
-                from: AccountId::new("alice").expect("valid"),
-                to: AccountId::new("bob").expect("valid"),
-                amount: Amount::new(5).expect("positive"),
-            },
+            transfer: Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive")),
             outcome,
             shards: vec![0, 1],
             decided_at_unix_ms,
@@ -611,11 +607,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (named, anonymous) = (Uuid::new_v4(), Uuid::new_v4());
         let record = TransferRecord {
-            transfer: Transfer {
-                from: AccountId::new("alice").expect("valid"),
-                to: AccountId::new("bob").expect("valid"),
-                amount: Amount::new(5).expect("positive"),
-            },
+            transfer: Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive")),
             outcome: Outcome::Committed,
             shards: vec![0, 1],
             decided_at_unix_ms: 3,

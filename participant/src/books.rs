@@ -173,15 +173,15 @@ pub async fn in_doubt(State(node): State<Arc<Node>>) -> Json<Value> {
         .prepared()
         .map(|(id, p)| {
             let heard = state.resolver.last_heard(id);
-            json!({
+            let fields = json!({
                 "id": id,
-                "from": p.transfer.from, "to": p.transfer.to, "amount": p.transfer.amount,
                 "postings": p.postings,
                 "age_ms": now.saturating_sub(p.prepared_at_unix_ms),
                 "coordinator": p.coordinator_url,
                 "last_heard": heard.map(|h| h.heard.to_string()),
                 "last_heard_age_ms": heard.map(|h| now.saturating_sub(h.at_ms)),
-            })
+            });
+            common::wire::transfer_json(&p.transfer, fields)
         })
         .collect();
     list.sort_by_key(|v| std::cmp::Reverse(v["age_ms"].as_u64()));

@@ -281,7 +281,7 @@ mod tests {
         let alice = AccountId::new("alice").expect("valid");
         let (prepared, committed) = (Uuid::new_v4(), Uuid::new_v4());
         db.insert(keys::account(&alice), v1(&AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 })).expect("insert");
-        let transfer = Transfer { from: alice.clone(), to: AccountId::new("bob").expect("valid"), amount: Amount::new(30).expect("positive") };
+        let transfer = Transfer::one(alice.clone(), AccountId::new("bob").expect("valid"), Amount::new(30).expect("positive"));
         let record = PreparedV1 {
             transfer,
             postings: vec![Posting { account: alice.clone(), delta: -30 }],

@@ -197,11 +197,7 @@ mod tests {
 
     /// alice and bob sit on different shards of two (pinned in the ledger tests).
     fn cross_shard() -> TransferMachine {
-        let t = Transfer {
-            from: AccountId::new("alice").expect("valid"),
-            to: AccountId::new("bob").expect("valid"),
-            amount: Amount::new(5).expect("positive"),
-        };
+        let t = Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive"));
         let m = TransferMachine::new(Uuid::new_v4(), t, 2);
         assert_eq!(m.shards(), vec![0, 1]);
         m

@@ -827,7 +827,7 @@ mod tests {
     /// alice and bob sit on different shards of two (pinned in the ledger tests).
     fn transfer(amount: i64) -> Transfer {
         let id = |s: &str| AccountId::new(s).expect("valid id");
-        Transfer { from: id("alice"), to: id("bob"), amount: Amount::new(amount).expect("positive") }
+        Transfer::one(id("alice"), id("bob"), Amount::new(amount).expect("positive"))
     }
 
     fn up(core: &mut CoordinatorCore) {

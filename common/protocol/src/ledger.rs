@@ -106,12 +106,178 @@ pub type TransferId = Uuid;
 /// Shards are numbered 0..N in the order of the coordinator's `--participants` list.
 pub type ShardId = u32;
 
-/// What a client asked for: move `amount` from `from` to `to`. The body compared for idempotency.
+/// The most legs one transfer may have.
+pub const LEGS_MAX: usize = 16;
+
+/// One movement of a transfer: `amount` from `from` to `to`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Transfer {
+pub struct Leg {
     pub from: AccountId,
     pub to: AccountId,
     pub amount: Amount,
+}
+
+/// What a client asked for: one or more legs (at most [`LEGS_MAX`]), applied all together or not at all. The
+/// body compared for idempotency.
+///
+/// A one-leg transfer is encoded exactly as the transfers of earlier versions, which had no legs: as JSON
+/// `{"from","to","amount"}`, and in bincode the three fields in a row. A transfer of several legs is JSON
+/// `{"legs":[...]}`, and in bincode an empty string (which no account id can be, so a reader of either kind
+/// tells them apart by the first field) followed by the legs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Transfer {
+    legs: Vec<Leg>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LegsError {
+    #[error("a transfer has 1 to {LEGS_MAX} legs")]
+    Count,
+}
+
+impl Transfer {
+    /// A transfer of one leg.
+    pub fn one(from: AccountId, to: AccountId, amount: Amount) -> Transfer {
+        Transfer { legs: vec![Leg { from, to, amount }] }
+    }
+
+    pub fn new(legs: Vec<Leg>) -> Result<Transfer, LegsError> {
+        if (1..=LEGS_MAX).contains(&legs.len()) {
+            Ok(Transfer { legs })
+        } else {
+            Err(LegsError::Count)
+        }
+    }
+
+    pub fn legs(&self) -> &[Leg] {
+        &self.legs
+    }
+
+    /// The leg of a one-leg transfer.
+    pub fn single(&self) -> Option<&Leg> {
+        match self.legs.as_slice() {
+            [leg] => Some(leg),
+            _ => None,
+        }
+    }
+
+    /// The postings that fall on `shard` when accounts are spread over `shard_count` shards, leg by leg, each
+    /// with the index of its leg.
+    pub fn postings_with_legs(&self, shard: ShardId, shard_count: u32) -> Vec<(usize, Posting)> {
+        let mut postings = Vec::with_capacity(2 * self.legs.len());
+        for (index, leg) in self.legs.iter().enumerate() {
+            if shard_of(&leg.from, shard_count) == shard {
+                postings.push((index, Posting { account: leg.from.clone(), delta: -leg.amount.minor() }));
+            }
+            if shard_of(&leg.to, shard_count) == shard {
+                postings.push((index, Posting { account: leg.to.clone(), delta: leg.amount.minor() }));
+            }
+        }
+        postings
+    }
+
+    /// The postings that fall on `shard` when accounts are spread over `shard_count` shards.
+    pub fn postings_for(&self, shard: ShardId, shard_count: u32) -> Vec<Posting> {
+        self.postings_with_legs(shard, shard_count).into_iter().map(|(_, posting)| posting).collect()
+    }
+
+    /// The shards this transfer touches, ascending and without repeats.
+    pub fn shards(&self, shard_count: u32) -> Vec<ShardId> {
+        let mut shards: Vec<ShardId> = self
+            .legs
+            .iter()
+            .flat_map(|leg| [shard_of(&leg.from, shard_count), shard_of(&leg.to, shard_count)])
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// Whether `account` is debited or credited by some leg.
+    pub fn touches(&self, account: &AccountId) -> bool {
+        self.legs.iter().any(|leg| leg.from == *account || leg.to == *account)
+    }
+}
+
+/// `alice->bob 5`, legs separated by `, `.
+impl fmt::Display for Transfer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, leg) in self.legs.iter().enumerate() {
+            let separator = if i == 0 { "" } else { ", " };
+            write!(f, "{separator}{}->{} {}", leg.from, leg.to, leg.amount.minor())?;
+        }
+        Ok(())
+    }
+}
+
+/// The JSON form of a transfer of several legs.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegsJson {
+    legs: Vec<Leg>,
+}
+
+impl Serialize for Transfer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        match (self.single(), serializer.is_human_readable()) {
+            (Some(leg), true) => leg.serialize(serializer),
+            (None, true) => LegsJson { legs: self.legs.clone() }.serialize(serializer),
+            (Some(leg), false) => {
+                let mut tuple = serializer.serialize_tuple(3)?;
+                tuple.serialize_element(&leg.from)?;
+                tuple.serialize_element(&leg.to)?;
+                tuple.serialize_element(&leg.amount)?;
+                tuple.end()
+            }
+            (None, false) => {
+                let mut tuple = serializer.serialize_tuple(2)?;
+                tuple.serialize_element("")?;
+                tuple.serialize_element(&self.legs)?;
+                tuple.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Transfer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        if deserializer.is_human_readable() {
+            #[derive(Deserialize)]
+            #[serde(untagged)]
+            enum Json {
+                One(Leg),
+                Many(LegsJson),
+            }
+            return match Json::deserialize(deserializer)? {
+                Json::One(leg) => Ok(Transfer { legs: vec![leg] }),
+                Json::Many(many) => Transfer::new(many.legs).map_err(D::Error::custom),
+            };
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Transfer;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a transfer: from, to and amount, or an empty string and legs")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Transfer, A::Error> {
+                let missing = || A::Error::custom("a transfer ends too early");
+                let first: String = seq.next_element()?.ok_or_else(missing)?;
+                if first.is_empty() {
+                    let legs: Vec<Leg> = seq.next_element()?.ok_or_else(missing)?;
+                    return Transfer::new(legs).map_err(A::Error::custom);
+                }
+                let from = AccountId::new(first).map_err(A::Error::custom)?;
+                let to: AccountId = seq.next_element()?.ok_or_else(missing)?;
+                let amount: Amount = seq.next_element()?.ok_or_else(missing)?;
+                Ok(Transfer::one(from, to, amount))
+            }
+        }
+        deserializer.deserialize_tuple(3, Visitor)
+    }
 }
 
 /// One signed change to one account: negative debits, positive credits.
@@ -119,28 +285,6 @@ pub struct Transfer {
 pub struct Posting {
     pub account: AccountId,
     pub delta: i64,
-}
-
-impl Transfer {
-    /// The postings that fall on `shard` when accounts are spread over `shard_count` shards.
-    pub fn postings_for(&self, shard: ShardId, shard_count: u32) -> Vec<Posting> {
-        let mut postings = Vec::with_capacity(2);
-        if shard_of(&self.from, shard_count) == shard {
-            postings.push(Posting { account: self.from.clone(), delta: -self.amount.minor() });
-        }
-        if shard_of(&self.to, shard_count) == shard {
-            postings.push(Posting { account: self.to.clone(), delta: self.amount.minor() });
-        }
-        postings
-    }
-
-    /// The shards this transfer touches, ascending and without repeats.
-    pub fn shards(&self, shard_count: u32) -> Vec<ShardId> {
-        let mut shards = vec![shard_of(&self.from, shard_count), shard_of(&self.to, shard_count)];
-        shards.sort_unstable();
-        shards.dedup();
-        shards
-    }
 }
 
 /// The shard that owns `account`: FNV-1a (64-bit) of the id's bytes, modulo the shard count. FNV is written out
@@ -187,9 +331,34 @@ mod tests {
     const PINNED_TWO_SHARDS: [u32; 4] = [1, 0, 0, 1];
 
     #[test]
+    fn a_transfer_of_several_legs_posts_each_leg_on_its_shards() {
+        let id = |s: &str| AccountId::new(s).expect("valid id");
+        let amount = |n: i64| Amount::new(n).expect("positive");
+        // alice and dave on shard 1, bob and carol on shard 0 (the pinned map above).
+        let legs = vec![
+            Leg { from: id("alice"), to: id("bob"), amount: amount(100) },
+            Leg { from: id("alice"), to: id("dave"), amount: amount(2) },
+            Leg { from: id("carol"), to: id("bob"), amount: amount(5) },
+        ];
+        let t = Transfer::new(legs).expect("three legs");
+        assert_eq!(t.shards(2), vec![0, 1]);
+        let on = |shard| t.postings_with_legs(shard, 2).into_iter().map(|(leg, p)| (leg, p.account.to_string(), p.delta)).collect::<Vec<_>>();
+        assert_eq!(on(1), [(0, "alice".into(), -100), (1, "alice".into(), -2), (1, "dave".into(), 2)]);
+        assert_eq!(on(0), [(0, "bob".into(), 100), (2, "carol".into(), -5), (2, "bob".into(), 5)]);
+        let all: i64 = (0..2).flat_map(|s| t.postings_for(s, 2)).map(|p| p.delta).sum();
+        assert_eq!(all, 0, "every leg's debit meets its credit");
+        assert!(t.touches(&id("dave")) && !t.touches(&id("erin")));
+        assert_eq!(t.single(), None);
+        assert_eq!(t.to_string(), "alice->bob 100, alice->dave 2, carol->bob 5");
+        assert_eq!(Transfer::new(Vec::new()), Err(LegsError::Count));
+        let leg = Leg { from: id("a"), to: id("b"), amount: amount(1) };
+        assert_eq!(Transfer::new(vec![leg; LEGS_MAX + 1]), Err(LegsError::Count));
+    }
+
+    #[test]
     fn postings_split_by_shard() {
         let id = |s: &str| AccountId::new(s).expect("valid id");
-        let t = Transfer { from: id("alice"), to: id("bob"), amount: Amount::new(7).expect("positive") };
+        let t = Transfer::one(id("alice"), id("bob"), Amount::new(7).expect("positive"));
         let all: Vec<Posting> = (0..2).flat_map(|s| t.postings_for(s, 2)).collect();
         assert_eq!(all.iter().map(|p| p.delta).sum::<i64>(), 0);
         assert_eq!(all.len(), 2);

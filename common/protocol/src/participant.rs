@@ -520,7 +520,7 @@ mod tests {
     fn item(tx: TransferId, from: &str, to: &str, amount: i64, postings: Vec<(&str, i64)>) -> PrepareItem {
         PrepareItem {
             id: tx,
-            transfer: Transfer { from: id(from), to: id(to), amount: Amount::new(amount).expect("positive") },
+            transfer: Transfer::one(id(from), id(to), Amount::new(amount).expect("positive")),
             postings: postings.into_iter().map(|(a, d)| Posting { account: id(a), delta: d }).collect(),
             coordinator_url: "http://127.0.0.1:1".into(),
         }

@@ -339,7 +339,7 @@ mod tests {
     fn record(url: &str, prepared_at: u64) -> PreparedRecord {
         let account = |s: &str| AccountId::new(s).expect("valid id");
         PreparedRecord {
-            transfer: Transfer { from: account("alice"), to: account("bob"), amount: Amount::new(1).expect("positive") },
+            transfer: Transfer::one(account("alice"), account("bob"), Amount::new(1).expect("positive")),
             postings: Vec::new(),
             coordinator_url: url.into(),
             prepared_at_unix_ms: prepared_at,

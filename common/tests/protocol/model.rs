@@ -328,11 +328,7 @@ impl LedgerModel {
         let accounts = vec![(id("alice"), 10), (id("bob"), 0), (id("carol"), 0)];
         let transfers = transfers
             .iter()
-            .map(|(from, to, amount)| Transfer {
-                from: id(from),
-                to: id(to),
-                amount: Amount::new(*amount).expect("positive amount"),
-            })
+            .map(|(from, to, amount)| Transfer::one(id(from), id(to), Amount::new(*amount).expect("positive amount")))
             .collect();
         LedgerModel {
             accounts,

@@ -210,7 +210,7 @@ impl Msg {
     fn describe(&self) -> String {
         match self {
             Msg::Submit { id, transfer } => {
-                format!("Submit {} {}->{} {}", short(id), transfer.from, transfer.to, transfer.amount.minor())
+                format!("Submit {} {transfer}", short(id))
             }
             Msg::Answer { id, answer } => format!("Answer {} {answer:?}", short(id)),
             Msg::Frame { epoch, life, items } => {
@@ -826,7 +826,7 @@ impl Cluster {
                 to = pick(&mut self.rng);
             }
             let amount = Amount::new(self.rng.range(1, 60) as i64).expect("positive amount");
-            let transfer = Transfer { from, to, amount };
+            let transfer = Transfer::one(from, to, amount);
             let id = if self.reused_ids && i > 0 && self.rng.chance(0.3) {
                 self.intents[self.rng.below(self.intents.len())].id
             } else {

@@ -58,11 +58,7 @@ fn alice() -> AccountId {
 
 /// A prepare of `amount` from alice, who is on this shard, to bob, who is elsewhere.
 fn prepare(id: Uuid, amount: i64, made_by: Option<&str>) -> ToShard {
-    let transfer = Transfer {
-        from: alice(),
-        to: AccountId::new("bob").expect("valid id"),
-        amount: Amount::new(amount).expect("positive"),
-    };
+    let transfer = Transfer::one(alice(), AccountId::new("bob").expect("valid id"), Amount::new(amount).expect("positive"));
     let item = PrepareItem {
         id,
         transfer,
