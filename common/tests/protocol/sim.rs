@@ -65,7 +65,7 @@
 //! body (a client bug the API refuses while the coordinator knows the first body); a separate test runs a
 //! third as many seeds of it: see `reused_ids` below.
 
-use common::ledger::{AccountId, Amount, Posting, ShardId, Transfer, TransferId};
+use common::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, TransferId};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
 use protocol::coordinator_core::{
@@ -629,6 +629,8 @@ pub struct Stats {
     pub classic_commits: u64,
     /// Steps after which a shard held an account below zero, within its overdraft limit.
     pub overdrawn: u64,
+    /// Commits of transfers with several legs.
+    pub multi_leg_commits: u64,
 }
 
 impl Stats {
@@ -637,6 +639,7 @@ impl Stats {
         self.events += o.events;
         self.committed += o.committed;
         self.overdrawn += o.overdrawn;
+        self.multi_leg_commits += o.multi_leg_commits;
         self.aborted_refused += o.aborted_refused;
         self.aborted_unavailable += o.aborted_unavailable;
         self.presumed_aborts += o.presumed_aborts;
@@ -808,7 +811,8 @@ impl Cluster {
         cluster
     }
 
-    /// Transfers between random accounts (now and then a missing one), some submitted twice at once.
+    /// Transfers between random accounts (now and then a missing one), some of several legs, some submitted
+    /// twice at once.
     fn plan_workload(&mut self) {
         let accounts: Vec<AccountId> = self.opening.keys().cloned().collect();
         let count = self.rng.range(8, 40) as usize;
@@ -820,13 +824,20 @@ impl Cluster {
                     accounts[rng.below(accounts.len())].clone()
                 }
             };
-            let from = pick(&mut self.rng);
-            let mut to = pick(&mut self.rng);
-            while to == from {
-                to = pick(&mut self.rng);
-            }
-            let amount = Amount::new(self.rng.range(1, 60) as i64).expect("positive amount");
-            let transfer = Transfer::one(from, to, amount);
+            // Now and then several legs, over any of the shards, all or nothing.
+            let leg_count = if self.rng.chance(0.3) { self.rng.range(2, 5) } else { 1 };
+            let legs = (0..leg_count)
+                .map(|_| {
+                    let from = pick(&mut self.rng);
+                    let mut to = pick(&mut self.rng);
+                    while to == from {
+                        to = pick(&mut self.rng);
+                    }
+                    let amount = Amount::new(self.rng.range(1, 60) as i64).expect("positive amount");
+                    Leg { from, to, amount }
+                })
+                .collect();
+            let transfer = Transfer::new(legs).expect("1 to 4 legs");
             let id = if self.reused_ids && i > 0 && self.rng.chance(0.3) {
                 self.intents[self.rng.below(self.intents.len())].id
             } else {
@@ -1407,6 +1418,9 @@ impl Cluster {
                 self.coordinator.unflushed.push(LogWrite::Stage(id, record));
             }
             coordinator_core::LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
+                if outcome == Outcome::Committed && transfer.single().is_none() {
+                    self.stats.multi_leg_commits += 1;
+                }
                 match outcome {
                     Outcome::Committed => self.stats.committed += 1,
                     Outcome::Aborted(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
@@ -2270,6 +2284,7 @@ fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
             ("commits proved by a staging record alone", stats.commits_proved_by_staging),
             ("commits on the classic path", stats.classic_commits),
             ("balances below zero within an overdraft limit", stats.overdrawn),
+            ("commits of transfers with several legs", stats.multi_leg_commits),
         ];
         for (what, n) in exercised {
             assert!(n > 0, "{count} seeds never produced any {what}: the simulation is not testing them");
