@@ -423,7 +423,8 @@ async fn run_transfer(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    transfers: Vec<Value>,
+    /// Each item's text, parsed on its own: a bad item is that item's 400, and no tree of values is built.
+    transfers: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// `POST /transfers/batch`: each item is what `POST /transfers` would take, and gets what it would answer, with
@@ -443,7 +444,7 @@ async fn create_transfers_batch(
         let (state, made_by) = (&state, made_by.clone());
         async move {
             let decided = async {
-                let request = serde_json::from_value::<TransferRequest>(item)
+                let request = serde_json::from_str::<TransferRequest>(item.get())
                     .map_err(|e| ApiError::Invalid(format!("malformed transfer: {e}")))?;
                 let (id, transfer) = validate_transfer(request)?;
                 let _room = state.batch_room.acquire().await.map_err(|_| ApiError::Overloaded)?;
