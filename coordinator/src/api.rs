@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
 use common::http::{error_response, JsonBody};
-use common::ledger::{shard_of, AccountId, Amount, ShardId, Transfer};
+use common::ledger::{shard_of, AccountId, Amount, Leg, ShardId, Transfer, LEGS_MAX};
 use common::records::{AbortReason, Outcome};
 use common::wire::{self, AccountView, CreateAccount, DecisionAnswers, DecisionQuery};
 use serde::Deserialize;
@@ -40,6 +40,9 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 pub enum ApiError {
     #[error("{0}")]
     Invalid(String),
+    /// A bad leg of a transfer of several legs: named by its index, in the message and in the body.
+    #[error("legs[{leg}]: {message}")]
+    InvalidLeg { leg: usize, message: String },
     #[error("account already exists")]
     AccountExists,
     #[error("account not found")]
@@ -60,7 +63,7 @@ impl ApiError {
     /// The status and the error code this error is answered with.
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Invalid(_) | ApiError::InvalidLeg { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::AccountExists => (StatusCode::CONFLICT, "account_exists"),
             ApiError::AccountNotFound => (StatusCode::NOT_FOUND, "account_not_found"),
             ApiError::TransferNotFound => (StatusCode::NOT_FOUND, "transfer_not_found"),
@@ -81,12 +84,22 @@ impl ApiError {
             other => other.to_string(),
         }
     }
+
+    /// The status and the JSON body that answer this error.
+    fn answer(&self) -> (StatusCode, Value) {
+        let (status, code) = self.status_and_code();
+        let mut error = json!({"code": code, "message": self.message()});
+        if let ApiError::InvalidLeg { leg, .. } = self {
+            error["leg"] = json!(leg);
+        }
+        (status, json!({"error": error}))
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let mut response = error_response(status, code, self.message());
+        let (status, body) = self.answer();
+        let mut response = (status, Json(body)).into_response();
         if matches!(self, ApiError::Overloaded) {
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
@@ -381,14 +394,25 @@ async fn audit(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     }
 }
 
+/// `{"from","to","amount"}` or `{"legs":[...]}`, with an optional `id`. Every field is optional (a missing
+/// `Option` is `None`) so that [`validate_transfer`] can say which rule a body breaks, and which leg.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TransferRequest {
-    from: String,
-    to: String,
-    amount: serde_json::Number,
-    #[serde(default)]
+    from: Option<String>,
+    to: Option<String>,
+    amount: Option<serde_json::Number>,
+    /// Each leg's text, parsed on its own so that a bad one is named.
+    legs: Option<Vec<Box<serde_json::value::RawValue>>>,
     id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegRequest {
+    from: Option<String>,
+    to: Option<String>,
+    amount: Option<serde_json::Number>,
 }
 
 async fn create_transfer(
@@ -452,10 +476,7 @@ async fn create_transfers_batch(
             };
             let (status, mut body) = match decided.await {
                 Ok(answer) => answer,
-                Err(error) => {
-                    let (status, code) = error.status_and_code();
-                    (status, json!({"error": {"code": code, "message": error.message()}}))
-                }
+                Err(error) => error.answer(),
             };
             body["code"] = json!(status.as_u16());
             body
@@ -467,17 +488,44 @@ async fn create_transfers_batch(
 
 /// Every rule a transfer request must meet, in one pure function (fuzzed by the tests below).
 fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), ApiError> {
-    let from = account_id("from", req.from)?;
-    let to = account_id("to", req.to)?;
-    if from == to {
-        return Err(ApiError::Invalid("from and to must be different accounts".into()));
-    }
-    let amount = Amount::new(whole_number("amount", &req.amount, 1)?).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let id = match req.id {
         Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?),
         None => None,
     };
-    Ok((id, Transfer::one(from, to, amount)))
+    let Some(legs) = req.legs else {
+        let leg = validate_leg(LegRequest { from: req.from, to: req.to, amount: req.amount }).map_err(ApiError::Invalid)?;
+        return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
+    };
+    if req.from.is_some() || req.to.is_some() || req.amount.is_some() {
+        return Err(ApiError::Invalid("a transfer has either from, to and amount, or legs, not both".into()));
+    }
+    if legs.is_empty() || legs.len() > LEGS_MAX {
+        return Err(ApiError::Invalid(format!("legs must hold 1 to {LEGS_MAX} legs")));
+    }
+    let legs = legs
+        .iter()
+        .enumerate()
+        .map(|(leg, raw)| {
+            let request = serde_json::from_str::<LegRequest>(raw.get()).map_err(|e| format!("malformed leg: {e}"));
+            request.and_then(validate_leg).map_err(|message| ApiError::InvalidLeg { leg, message })
+        })
+        .collect::<Result<Vec<Leg>, ApiError>>()?;
+    let transfer = Transfer::new(legs).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    Ok((id, transfer))
+}
+
+/// The rules for one movement, whether it is a whole transfer's body or one of its legs.
+fn validate_leg(req: LegRequest) -> Result<Leg, String> {
+    let present = |field: &str, value: Option<String>| value.ok_or_else(|| format!("missing field `{field}`"));
+    let invalid = |e: ApiError| e.message();
+    let from = account_id("from", present("from", req.from)?).map_err(invalid)?;
+    let to = account_id("to", present("to", req.to)?).map_err(invalid)?;
+    if from == to {
+        return Err("from and to must be different accounts".into());
+    }
+    let amount = req.amount.ok_or("missing field `amount`")?;
+    let amount = Amount::new(whole_number("amount", &amount, 1).map_err(invalid)?).map_err(|e| e.to_string())?;
+    Ok(Leg { from, to, amount })
 }
 
 /// The status and body that answer a decided transfer.
@@ -487,7 +535,7 @@ fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
             let body = wire::transfer_json(&fin.transfer, json!({"id": id, "status": "committed"}));
             (StatusCode::OK, body)
         }
-        Outcome::Aborted(reason) => {
+        Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => {
             let status = match reason {
                 AbortReason::InsufficientFunds | AbortReason::BalanceOverflow => StatusCode::UNPROCESSABLE_ENTITY,
                 AbortReason::AccountNotFound => StatusCode::NOT_FOUND,
@@ -495,7 +543,11 @@ fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             };
-            (status, json!({"id": id, "status": "aborted", "reason": reason.code()}))
+            let mut body = json!({"id": id, "status": "aborted", "reason": reason.code()});
+            if let Some(leg) = fin.outcome.failed_leg() {
+                body["leg"] = json!(leg);
+            }
+            (status, body)
         }
     }
 }
@@ -523,9 +575,12 @@ fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Val
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),
-        Some(Outcome::Aborted(reason)) => {
+        Some(outcome @ (Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) => {
             body["status"] = json!("aborted");
-            body["reason"] = json!(reason.code());
+            body["reason"] = json!(outcome.abort_reason().map(AbortReason::code));
+            if let Some(leg) = outcome.failed_leg() {
+                body["leg"] = json!(leg);
+            }
         }
     }
     body
@@ -700,6 +755,44 @@ mod tests {
             any::<u128>().prop_map(|n| Some(Uuid::from_u128(n).to_string())),
             ".{0,40}".prop_map(Some),
         ]
+    }
+
+    #[test]
+    fn a_transfer_of_several_legs_is_validated_leg_by_leg_and_a_bad_leg_is_named() {
+        let parse = |body: Value| validate_transfer(serde_json::from_str(&body.to_string()).expect("parses"));
+        let good = json!({"from": "a", "to": "b", "amount": 3});
+        let (_, t) = parse(json!({"legs": [good, {"from": "b", "to": "c", "amount": 1}]})).expect("valid");
+        assert_eq!(t.to_string(), "a->b 3, b->c 1");
+        let (_, t) = parse(json!({"legs": [good]})).expect("one leg in a list is valid");
+        assert_eq!(t.single().map(|leg| leg.amount.minor()), Some(3));
+        let bad_legs = [
+            (json!([good, {"from": "a", "to": "a", "amount": 1}]), 1),
+            (json!([good, good, {"from": "a", "amount": 1}]), 2),
+            (json!([{"from": "a", "to": "b", "amount": 0}]), 0),
+            (json!([good, 5]), 1),
+            (json!([good, {"from": "a", "to": "b", "amount": 1, "memo": "x"}]), 1),
+            (json!([{"from": "bad id!", "to": "b", "amount": 1}]), 0),
+        ];
+        for (legs, index) in bad_legs {
+            match parse(json!({"legs": legs})) {
+                Err(error @ ApiError::InvalidLeg { leg, .. }) => {
+                    assert_eq!(leg, index, "{legs}");
+                    let (status, body) = error.answer();
+                    assert_eq!((status, &body["error"]["leg"]), (StatusCode::BAD_REQUEST, &json!(index)));
+                    assert!(error.message().starts_with(&format!("legs[{index}]: ")), "{}", error.message());
+                }
+                other => panic!("{legs}: {:?}", other.map(|(_, t)| t.to_string())),
+            }
+        }
+        let whole_body_errors = [
+            json!({"legs": []}),
+            json!({"legs": vec![good.clone(); LEGS_MAX + 1]}),
+            json!({"legs": [good], "from": "a"}),
+            json!({"legs": [good], "id": "nope"}),
+        ];
+        for body in whole_body_errors {
+            assert!(matches!(parse(body.clone()), Err(ApiError::Invalid(_))), "{body}");
+        }
     }
 
     proptest! {

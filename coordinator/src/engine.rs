@@ -569,7 +569,7 @@ impl Shell {
             Answer::Transfer { id, transfer, outcome } => {
                 let (label, reason) = match outcome {
                     Outcome::Committed => ("committed", "none"),
-                    Outcome::Aborted(reason) => ("aborted", reason.code()),
+                    Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => ("aborted", reason.code()),
                 };
                 let waiters = self.waiters.remove(&id).unwrap_or_default();
                 if !waiters.is_empty() {

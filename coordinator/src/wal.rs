@@ -163,7 +163,7 @@ impl Owed {
                     match record.outcome {
                         Outcome::Committed if staged_at.is_none() => self.insert(record.decided_at_unix_ms, id),
                         Outcome::Committed => {}
-                        Outcome::Aborted(_) => self.remove(&id),
+                        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.remove(&id),
                     }
                 }
                 Op::End(id) => self.remove(&id),

@@ -251,6 +251,13 @@ impl Drop for Cluster {
     }
 }
 
+/// An account id that starts with `prefix` and lives on `shard` of `shard_count`.
+pub fn account_on_shard(prefix: &str, shard: u32, shard_count: u32) -> String {
+    use common::ledger::{shard_of, AccountId};
+    let on = |s: &str| shard_of(&AccountId::new(s).expect("valid id"), shard_count);
+    (0..).map(|i| format!("{prefix}-{i}")).find(|id| on(id) == shard).expect("some id on the shard")
+}
+
 /// Two account ids that live on different shards of two.
 pub fn cross_shard_pair(prefix: &str) -> (String, String) {
     use common::ledger::{shard_of, AccountId};

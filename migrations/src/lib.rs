@@ -13,8 +13,8 @@
 /// with variable-length integers (version byte 5; see [`v5_compact_records`]). Version 6 puts a redo log in
 /// front of each store (see [`v6_redo_log`]). Version 7 writes the history keys to run files rather than to
 /// sled (see [`v7_history_runs`]). Version 8 lets a participant's account value carry an overdraft limit (see
-/// [`v8_overdraft_limits`]).
-pub const LAYOUT_VERSION: u32 = 8;
+/// [`v8_overdraft_limits`]). Version 9 stores transfers of several legs (see [`v9_transfer_legs`]).
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Coordinator: every commit decided before this time (unix ms, big-endian u64) is acknowledged by all its
 /// shards; commits at or after it may not be. `u64::MAX`: none is owed.
@@ -83,6 +83,11 @@ pub const MIGRATIONS: &[Migration] = &[
         to_version: 8,
         description: "participant: an account's value may carry an overdraft limit beside its balance",
         apply: v8_overdraft_limits,
+    },
+    Migration {
+        to_version: 9,
+        description: "transfers of several legs: their records, the leg an abort names, journal entries by leg",
+        apply: v9_transfer_legs,
     },
 ];
 
@@ -252,6 +257,15 @@ fn v7_history_runs(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
 /// rewritten: the version exists so that a binary of layout 7, which would misread such a value, refuses the
 /// store.
 fn v8_overdraft_limits(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
+    Ok(())
+}
+
+/// Version 8 → 9. A transfer of several legs is stored as an empty string and its legs where a transfer had
+/// `from`, `to` and `amount`; a coordinator's decision may name the leg that failed (`Outcome::AbortedAtLeg`),
+/// and a journal entry the leg it posts (`EntryKind::LegPosting`). Every existing record is of one leg and
+/// reads as before. Nothing is rewritten: the version exists so that a binary of layout 8, which would misread
+/// such records, refuses the store.
+fn v9_transfer_legs(_db: &sled::Db, _kind: StoreKind) -> sled::Result<()> {
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! a prepared transfer's outcome when the coordinator's data is gone for good (a heuristic decision).
 
 use crate::server::{apply_decisions, ApiError};
-use crate::journal::JournalEntry;
+use crate::journal::{self, JournalEntry};
 use crate::{resolver, storage, Node};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -78,9 +78,14 @@ pub async fn entries(
 }
 
 /// An entry as the API shows it: `made_by` also goes out as `actor`, the name clients of earlier versions read.
+/// A posting of a transfer of several legs shows as kind `posting` with its `leg`.
 fn entry_json(entry: &JournalEntry) -> Value {
     let mut value = serde_json::to_value(entry).unwrap_or(Value::Null);
     value["actor"] = json!(entry.made_by);
+    if let journal::EntryKind::LegPosting { leg } = entry.kind {
+        value["kind"] = json!("posting");
+        value["leg"] = json!(leg);
+    }
     value
 }
 

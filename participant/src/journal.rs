@@ -45,6 +45,16 @@ pub enum EntryKind {
     /// An operator forced the transfer's outcome here without the coordinator (see `heuristic` in the server).
     HeuristicCommit,
     HeuristicAbort,
+    /// One posting of a committed transfer of several legs, from the leg at this index. Last, so that the
+    /// entries written before it existed read as they did.
+    LegPosting { leg: u8 },
+}
+
+impl EntryKind {
+    /// The entry records a commit (its transfer's money moved here).
+    pub fn is_commit(self) -> bool {
+        matches!(self, EntryKind::Posting | EntryKind::HeuristicCommit | EntryKind::LegPosting { .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,22 +155,20 @@ impl JournalState {
         self.entry(account, EntryKind::Opened, None, balance, balance, now, None, out);
     }
 
-    /// Journals the postings of a transfer applied here; `postings` holds (account, delta, balance after).
-    #[allow(clippy::too_many_arguments)]
+    /// Journals the postings of a transfer applied here; `postings` holds (kind, account, delta, balance after).
     pub fn applied(
         &mut self,
         id: TransferId,
-        kind: EntryKind,
-        postings: &[(AccountId, i64, i64)],
+        postings: &[(EntryKind, AccountId, i64, i64)],
         made_by: Option<&str>,
         now: u64,
         out: &mut Inserts,
     ) {
         let mut last = 0;
-        for (account, delta, after) in postings {
-            last = self.entry(account, kind, Some(id), *delta, *after, now, made_by, out);
+        for (kind, account, delta, after) in postings {
+            last = self.entry(account, *kind, Some(id), *delta, *after, now, made_by, out);
         }
-        if matches!(kind, EntryKind::Posting | EntryKind::HeuristicCommit) {
+        if postings.last().is_some_and(|(kind, ..)| kind.is_commit()) {
             out.commit_seqs.insert(id, last);
             self.remember_commit(last, id);
         }
@@ -227,8 +235,8 @@ mod tests {
         let account = AccountId::new("alice").expect("valid");
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let mut out = Inserts::default();
-        state.applied(a, EntryKind::Posting, &[(account.clone(), 5, 5)], None, 0, &mut out);
-        state.applied(b, EntryKind::Posting, &[(account, -5, 0)], None, 0, &mut out);
+        state.applied(a, &[(EntryKind::Posting, account.clone(), 5, 5)], None, 0, &mut out);
+        state.applied(b, &[(EntryKind::Posting, account, -5, 0)], None, 0, &mut out);
         assert_eq!(out.commit_seqs.get(&a), Some(&11));
         assert_eq!(out.next_seq, Some(13));
         assert_eq!(state.commits_between(10, 12).expect("listed"), vec![a, b]);

@@ -19,6 +19,7 @@ use common::wire::{
     PrepareReply, Vote,
 };
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -265,7 +266,7 @@ async fn prepare(
         tracing::debug_span!("transfer", transfer_id = %item.id).in_scope(|| tracing::debug!(?vote, "prepare"));
         let label = match vote {
             Vote::Yes => "yes",
-            Vote::No(_) => "no",
+            Vote::No { .. } => "no",
         };
         metrics::counter!(metric::VOTES, "vote" => label).increment(1);
     }
@@ -346,15 +347,30 @@ pub(crate) fn journal_decision(
         (Some(_), wire::Decision::Commit) => journal::EntryKind::HeuristicCommit,
         (Some(_), wire::Decision::Abort) => journal::EntryKind::HeuristicAbort,
     };
-    let lines: Vec<(AccountId, i64, i64)> = postings
+    // A commit of several legs names each entry's leg.
+    let legs = match kind {
+        journal::EntryKind::Posting if record.transfer.single().is_none() => record.transfer.legs_of_postings(postings),
+        _ => Vec::new(),
+    };
+    // The decision is applied: walk back from each account's balance now, so that an account posted twice shows
+    // its balance after each posting.
+    let mut balance: HashMap<&AccountId, i64> = HashMap::new();
+    let mut lines: Vec<(journal::EntryKind, AccountId, i64, i64)> = postings
         .iter()
-        .map(|p| {
-            let after = state.account(&p.account).map_or(0, |a| a.balance);
+        .enumerate()
+        .rev()
+        .map(|(index, p)| {
             let amount = if decision == wire::Decision::Commit { p.delta } else { 0 };
-            (p.account.clone(), amount, after)
+            let now = balance.entry(&p.account).or_insert_with(|| state.account(&p.account).map_or(0, |a| a.balance));
+            let after = *now;
+            *now = now.saturating_sub(amount);
+            let leg = legs.get(index).copied().flatten().and_then(|leg| u8::try_from(leg).ok());
+            let kind = leg.map_or(kind, |leg| journal::EntryKind::LegPosting { leg });
+            (kind, p.account.clone(), amount, after)
         })
         .collect();
-    state.journal.applied(id, kind, &lines, operator.or(record.made_by.as_deref()), now, extra);
+    lines.reverse();
+    state.journal.applied(id, &lines, operator.or(record.made_by.as_deref()), now, extra);
     if let Some(operator) = operator {
         let record = journal::HeuristicRecord { decision, operator: operator.to_owned(), at_unix_ms: now };
         extra.keys.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));

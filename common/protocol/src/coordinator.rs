@@ -41,6 +41,8 @@ pub struct TransferMachine {
     pub transfer: Transfer,
     /// Every shard the transfer touches.
     shards: BTreeSet<ShardId>,
+    /// How many shards the cluster has: which of the transfer's postings went to which shard.
+    shard_count: u32,
     phase: Phase,
 }
 
@@ -48,12 +50,18 @@ impl TransferMachine {
     pub fn new(id: TransferId, transfer: Transfer, shard_count: u32) -> Self {
         let shards: BTreeSet<ShardId> = transfer.shards(shard_count).into_iter().collect();
         let votes = shards.iter().map(|s| (*s, None)).collect();
-        TransferMachine { id, transfer, shards, phase: Phase::Preparing { votes } }
+        TransferMachine { id, transfer, shards, shard_count, phase: Phase::Preparing { votes } }
     }
 
     /// A machine for a decision read back from the log (coordinator recovery).
-    pub fn recovered(id: TransferId, transfer: Transfer, outcome: Outcome, unacked: BTreeSet<ShardId>) -> Self {
-        TransferMachine { id, transfer, shards: unacked.clone(), phase: Phase::Decided { outcome, unacked } }
+    pub fn recovered(
+        id: TransferId,
+        transfer: Transfer,
+        outcome: Outcome,
+        unacked: BTreeSet<ShardId>,
+        shard_count: u32,
+    ) -> Self {
+        TransferMachine { id, transfer, shards: unacked.clone(), shard_count, phase: Phase::Decided { outcome, unacked } }
     }
 
     pub fn phase(&self) -> &Phase {
@@ -80,9 +88,10 @@ impl TransferMachine {
         if votes.iter().any(|(_, v)| v.is_none()) {
             return None;
         }
-        let outcome = decide(votes.iter().filter_map(|(_, v)| *v));
+        let votes: Vec<(ShardId, VoteResult)> = votes.iter().filter_map(|(s, v)| Some((*s, (*v)?))).collect();
+        let outcome = decide(&self.transfer, self.shard_count, &votes);
         let voted_no =
-            votes.iter().filter(|(_, v)| matches!(v, Some(VoteResult::Vote(Vote::No(_))))).map(|(s, _)| *s).collect();
+            votes.iter().filter(|(_, v)| matches!(v, VoteResult::Vote(Vote::No { .. }))).map(|(s, _)| *s).collect();
         self.phase = Phase::Logging { outcome, voted_no };
         Some(outcome)
     }
@@ -129,13 +138,21 @@ impl TransferMachine {
 }
 
 /// The outcome of a complete vote: commit only on YES from everyone. Among refusals the most specific reason
-/// wins, so a retried request always reports the same reason whatever order the votes arrived in.
-fn decide(votes: impl Iterator<Item = VoteResult>) -> Outcome {
-    let mut reason: Option<AbortReason> = None;
-    for vote in votes {
-        let this = match vote {
+/// wins, and among refusals for it the first leg, so the outcome does not depend on the order the votes
+/// arrived in.
+fn decide(transfer: &Transfer, shard_count: u32, votes: &[(ShardId, VoteResult)]) -> Outcome {
+    let mut worst: Option<(AbortReason, Option<usize>)> = None;
+    for (shard, vote) in votes {
+        let leg = match vote {
+            VoteResult::Vote(Vote::No { posting: Some(index), .. }) => {
+                transfer.postings_with_legs(*shard, shard_count).get(usize::from(*index)).map(|(leg, _)| *leg)
+            }
+            VoteResult::Unavailable => transfer.postings_with_legs(*shard, shard_count).first().map(|(leg, _)| *leg),
+            _ => None,
+        };
+        let this = match *vote {
             VoteResult::Vote(Vote::Yes) => continue,
-            VoteResult::Vote(Vote::No(r)) => match r {
+            VoteResult::Vote(Vote::No { reason: r, .. }) => match r {
                 RefusalReason::AccountNotFound => AbortReason::AccountNotFound,
                 RefusalReason::InsufficientFunds => AbortReason::InsufficientFunds,
                 RefusalReason::BalanceOverflow => AbortReason::BalanceOverflow,
@@ -144,12 +161,22 @@ fn decide(votes: impl Iterator<Item = VoteResult>) -> Outcome {
             },
             VoteResult::Unavailable => AbortReason::ParticipantUnavailable,
         };
-        reason = Some(match reason {
-            Some(r) if precedence(r) <= precedence(this) => r,
-            _ => this,
-        });
+        // A refusal that names no leg ranks after one that does.
+        let rank = |(reason, leg): (AbortReason, Option<usize>)| (precedence(reason), leg.unwrap_or(usize::MAX));
+        worst = match worst {
+            Some(kept) if rank(kept) <= rank((this, leg)) => Some(kept),
+            _ => Some((this, leg)),
+        };
     }
-    reason.map_or(Outcome::Committed, Outcome::Aborted)
+    match worst {
+        None => Outcome::Committed,
+        // A transfer of one leg keeps the record and the answer of the transfers before legs.
+        Some((reason, Some(leg))) if transfer.legs().len() > 1 => match u8::try_from(leg) {
+            Ok(leg) => Outcome::AbortedAtLeg { reason, leg },
+            Err(_) => Outcome::Aborted(reason),
+        },
+        Some((reason, _)) => Outcome::Aborted(reason),
+    }
 }
 
 fn precedence(reason: AbortReason) -> u8 {
@@ -165,7 +192,7 @@ fn precedence(reason: AbortReason) -> u8 {
 pub fn decision_of(outcome: Outcome) -> Decision {
     match outcome {
         Outcome::Committed => Decision::Commit,
-        Outcome::Aborted(_) => Decision::Abort,
+        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => Decision::Abort,
     }
 }
 
@@ -183,7 +210,7 @@ pub enum QueryPlan {
 pub fn plan_query_answer(in_progress: bool, logged: Option<Outcome>) -> QueryPlan {
     match (in_progress, logged) {
         (_, Some(Outcome::Committed)) => QueryPlan::Answer(QueryAnswer::Commit),
-        (_, Some(Outcome::Aborted(_))) => QueryPlan::Answer(QueryAnswer::Abort),
+        (_, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) => QueryPlan::Answer(QueryAnswer::Abort),
         (true, None) => QueryPlan::Answer(QueryAnswer::Pending),
         (false, None) => QueryPlan::LogAbortThenAnswer,
     }
@@ -192,7 +219,7 @@ pub fn plan_query_answer(in_progress: bool, logged: Option<Outcome>) -> QueryPla
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{AccountId, Amount};
+    use crate::ledger::{AccountId, Amount, Leg};
     use uuid::Uuid;
 
     /// alice and bob sit on different shards of two (pinned in the ledger tests).
@@ -216,7 +243,7 @@ mod tests {
     #[test]
     fn a_refusal_aborts_and_the_refusing_shard_needs_no_abort() {
         let mut m = cross_shard();
-        assert_eq!(m.on_vote(1, VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds))), None);
+        assert_eq!(m.on_vote(1, VoteResult::Vote(Vote::no(RefusalReason::InsufficientFunds))), None);
         let outcome = m.on_vote(0, VoteResult::Vote(Vote::Yes));
         assert_eq!(outcome, Some(Outcome::Aborted(AbortReason::InsufficientFunds)));
         assert_eq!(m.on_decision_logged(), (Decision::Abort, vec![0]));
@@ -227,14 +254,42 @@ mod tests {
         for order in [[0u32, 1], [1, 0]] {
             let mut m = cross_shard();
             let votes = [
-                VoteResult::Vote(Vote::No(RefusalReason::InsufficientFunds)),
-                VoteResult::Vote(Vote::No(RefusalReason::AccountNotFound)),
+                VoteResult::Vote(Vote::no(RefusalReason::InsufficientFunds)),
+                VoteResult::Vote(Vote::no(RefusalReason::AccountNotFound)),
             ];
             let mut outcome = None;
             for shard in order {
                 outcome = m.on_vote(shard, votes[shard as usize]);
             }
             assert_eq!(outcome, Some(Outcome::Aborted(AbortReason::AccountNotFound)));
+        }
+    }
+
+    #[test]
+    fn an_abort_of_several_legs_names_the_first_failing_leg_whatever_the_vote_order() {
+        let id = |s: &str| AccountId::new(s).expect("valid");
+        let leg = |from: &str, to: &str, n: i64| Leg { from: id(from), to: id(to), amount: Amount::new(n).expect("positive") };
+        // Shard 0 holds bob and carol, shard 1 alice and dave. Postings on shard 0: bob +100 (leg 0), carol -5
+        // and bob +5 (leg 1); on shard 1: alice -100 (leg 0), alice -2 and dave +2 (leg 2).
+        let t = Transfer::new(vec![leg("alice", "bob", 100), leg("carol", "bob", 5), leg("alice", "dave", 2)]).expect("legs");
+        let no_at = |reason, index| VoteResult::Vote(Vote::no_at(reason, index));
+        let funds = RefusalReason::InsufficientFunds;
+        let cases = [
+            ([no_at(funds, 1), no_at(funds, 1)], Outcome::AbortedAtLeg { reason: AbortReason::InsufficientFunds, leg: 1 }),
+            ([no_at(funds, 0), no_at(RefusalReason::AccountNotFound, 2)], Outcome::AbortedAtLeg { reason: AbortReason::AccountNotFound, leg: 2 }),
+            ([VoteResult::Vote(Vote::Yes), VoteResult::Unavailable], Outcome::AbortedAtLeg { reason: AbortReason::ParticipantUnavailable, leg: 0 }),
+            ([VoteResult::Vote(Vote::no(RefusalReason::IdInUse)), VoteResult::Vote(Vote::Yes)], Outcome::Aborted(AbortReason::CoordinatorRestarted)),
+        ];
+        for (votes, expected) in cases {
+            for order in [[0u32, 1], [1, 0]] {
+                let mut m = TransferMachine::new(Uuid::new_v4(), t.clone(), 2);
+                let mut outcome = None;
+                for shard in order {
+                    outcome = m.on_vote(shard, votes[shard as usize]);
+                }
+                assert_eq!(outcome, Some(expected), "votes {votes:?} in order {order:?}");
+                assert_eq!(expected.failed_leg().is_some(), expected != Outcome::Aborted(AbortReason::CoordinatorRestarted));
+            }
         }
     }
 

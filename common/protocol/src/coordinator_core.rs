@@ -93,13 +93,14 @@ mod vote_as_refusal {
     pub fn serialize<S: Serializer>(vote: &Vote, s: S) -> Result<S::Ok, S::Error> {
         let refusal = match vote {
             Vote::Yes => None,
-            Vote::No(reason) => Some(*reason),
+            Vote::No { reason, posting } => Some((*reason, *posting)),
         };
         refusal.serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vote, D::Error> {
-        Ok(Option::<RefusalReason>::deserialize(d)?.map_or(Vote::Yes, Vote::No))
+        let refusal = Option::<(RefusalReason, Option<u8>)>::deserialize(d)?;
+        Ok(refusal.map_or(Vote::Yes, |(reason, posting)| Vote::No { reason, posting }))
     }
 }
 
@@ -283,7 +284,7 @@ impl CoordinatorCore {
             .into_iter()
             .map(|(id, record)| {
                 let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
-                let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked);
+                let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked, config.shard_count);
                 // Never sent by this incarnation: due at the first re-delivery check, or when a link comes up.
                 (id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: 0 })
             })
@@ -653,7 +654,7 @@ impl CoordinatorCore {
         match outcome {
             Outcome::Committed if run.staged => self.commit(now_ms, id),
             Outcome::Committed if run.parallel => {} // `staged` commits it once the staging record is durable
-            Outcome::Committed | Outcome::Aborted(_) => self.log_decision(id, outcome),
+            Outcome::Committed | Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.log_decision(id, outcome),
         }
     }
 
@@ -986,7 +987,7 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), vec![staged]);
         up(&mut core);
         drain_frames(&mut core);
-        core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::No(RefusalReason::AlreadyAborted) }]);
+        core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::no(RefusalReason::AlreadyAborted) }]);
         core.handle_replies(0, 1, vec![FromShard::Vote { id, vote: Vote::Yes }]);
         let batch = core.poll_log().expect("the abort is logged");
         assert!(matches!(&batch.writes[..], [LogWrite::Decision { outcome: Outcome::Aborted(_), .. }]));
@@ -1025,7 +1026,7 @@ mod tests {
         let (a, b) = (TransferId::from_u128(3), TransferId::from_u128(4));
         core.handle_submit(0, a, transfer(5), None, None).expect("taken");
         core.handle_submit(0, b, transfer(6), None, None).expect("taken");
-        core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::No(RefusalReason::InsufficientFunds) }]);
+        core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::no(RefusalReason::InsufficientFunds) }]);
         assert_eq!(core.poll_timeout(), Some(100));
         core.handle_timeout(100);
         let batch = core.poll_log().expect("both decided");

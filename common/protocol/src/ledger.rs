@@ -176,6 +176,26 @@ impl Transfer {
         postings
     }
 
+    /// The leg each of `postings` came from, where `postings` is one shard's share of this transfer's postings
+    /// in order (what [`Self::postings_for`] gives): `None` for a posting that is not such a share. Matching in
+    /// order is exact because equal postings name one account, which falls on one shard: the shard's share
+    /// holds every posting equal to one of its own.
+    pub fn legs_of_postings(&self, postings: &[Posting]) -> Vec<Option<usize>> {
+        let all = self.legs.iter().enumerate().flat_map(|(index, leg)| {
+            [(index, &leg.from, -leg.amount.minor()), (index, &leg.to, leg.amount.minor())]
+        });
+        let mut legs = Vec::with_capacity(postings.len());
+        let mut next = postings.iter().peekable();
+        for (index, account, delta) in all {
+            if next.peek().is_some_and(|p| p.account == *account && p.delta == delta) {
+                next.next();
+                legs.push(Some(index));
+            }
+        }
+        legs.resize(postings.len(), None);
+        legs
+    }
+
     /// The postings that fall on `shard` when accounts are spread over `shard_count` shards.
     pub fn postings_for(&self, shard: ShardId, shard_count: u32) -> Vec<Posting> {
         self.postings_with_legs(shard, shard_count).into_iter().map(|(_, posting)| posting).collect()
@@ -345,6 +365,12 @@ mod tests {
         let on = |shard| t.postings_with_legs(shard, 2).into_iter().map(|(leg, p)| (leg, p.account.to_string(), p.delta)).collect::<Vec<_>>();
         assert_eq!(on(1), [(0, "alice".into(), -100), (1, "alice".into(), -2), (1, "dave".into(), 2)]);
         assert_eq!(on(0), [(0, "bob".into(), 100), (2, "carol".into(), -5), (2, "bob".into(), 5)]);
+        for shard in 0..2 {
+            let legs: Vec<Option<usize>> = t.postings_with_legs(shard, 2).iter().map(|(leg, _)| Some(*leg)).collect();
+            assert_eq!(t.legs_of_postings(&t.postings_for(shard, 2)), legs, "shard {shard}");
+        }
+        let stranger = Posting { account: id("erin"), delta: 1 };
+        assert_eq!(t.legs_of_postings(&[stranger]), vec![None]);
         let all: i64 = (0..2).flat_map(|s| t.postings_for(s, 2)).map(|p| p.delta).sum();
         assert_eq!(all, 0, "every leg's debit meets its credit");
         assert!(t.touches(&id("dave")) && !t.touches(&id("erin")));

@@ -31,10 +31,28 @@ pub enum RefusalReason {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(tag = "vote", content = "reason", rename_all = "snake_case")]
+#[serde(tag = "vote", rename_all = "snake_case")]
 pub enum Vote {
     Yes,
-    No(RefusalReason),
+    No {
+        reason: RefusalReason,
+        /// The index, in the item's postings, of the posting that was refused, when one was: the coordinator
+        /// maps it to the leg it names to the client.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        posting: Option<u8>,
+    },
+}
+
+impl Vote {
+    /// A refusal of the whole item, not of one posting in it.
+    pub fn no(reason: RefusalReason) -> Vote {
+        Vote::No { reason, posting: None }
+    }
+
+    /// A refusal of the posting at `index` in the item's postings.
+    pub fn no_at(reason: RefusalReason, index: usize) -> Vote {
+        Vote::No { reason, posting: u8::try_from(index).ok() }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

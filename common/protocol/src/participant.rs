@@ -330,29 +330,29 @@ impl ParticipantMachine {
         if let Some(prepared) = self.prepared.get(&item.id) {
             // YES to another body would commit this shard's old postings beside the other shards' new ones.
             let same = prepared.transfer == item.transfer && prepared.postings == item.postings;
-            return if same { Vote::Yes } else { Vote::No(RefusalReason::IdInUse) };
+            return if same { Vote::Yes } else { Vote::no(RefusalReason::IdInUse) };
         }
         match self.finished_decision(&item.id, log) {
             // Only a YES can have led to a commit, so repeating it is the truthful answer.
             Some(Decision::Commit) => return Vote::Yes,
-            Some(Decision::Abort) => return Vote::No(RefusalReason::AlreadyAborted),
+            Some(Decision::Abort) => return Vote::no(RefusalReason::AlreadyAborted),
             None => {}
         }
         assert!(!item.postings.is_empty(), "the coordinator only prepares shards with postings");
 
         // Work on copies so a refusal leaves no trace; a transfer may touch an account more than once.
         let mut touched: Vec<(AccountId, AccountRecord)> = Vec::with_capacity(item.postings.len());
-        for posting in &item.postings {
+        for (index, posting) in item.postings.iter().enumerate() {
             let current = match touched.iter().find(|(id, _)| *id == posting.account) {
                 Some((_, record)) => *record,
                 None => match self.accounts.get(&posting.account) {
                     Some(record) => *record,
-                    None => return Vote::No(RefusalReason::AccountNotFound),
+                    None => return Vote::no_at(RefusalReason::AccountNotFound, index),
                 },
             };
             let next = match apply_hold(current, posting.delta) {
                 Ok(next) => next,
-                Err(reason) => return Vote::No(reason),
+                Err(reason) => return Vote::no_at(reason, index),
             };
             match touched.iter_mut().find(|(id, _)| *id == posting.account) {
                 Some((_, record)) => *record = next,
@@ -546,7 +546,7 @@ mod tests {
         // A second debit only sees what is still available.
         let tx2 = Uuid::new_v4();
         let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &NothingFinished, &mut w);
-        assert_eq!(vote, Vote::No(RefusalReason::InsufficientFunds));
+        assert_eq!(vote, Vote::no_at(RefusalReason::InsufficientFunds, 0));
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0, overdraft_limit: 0 }));
         m.check_invariants();
@@ -562,7 +562,7 @@ mod tests {
         w.clear();
         assert_eq!(m.prepare(&first, 5, &NothingFinished, &mut w), Vote::Yes, "a repeated Prepare");
         let reused = item(tx, "alice", "bob", 10, vec![("alice", -10)]);
-        assert_eq!(m.prepare(&reused, 5, &NothingFinished, &mut w), Vote::No(RefusalReason::IdInUse));
+        assert_eq!(m.prepare(&reused, 5, &NothingFinished, &mut w), Vote::no(RefusalReason::IdInUse));
         assert!(w.is_empty(), "neither writes anything");
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 }));
     }
@@ -603,7 +603,7 @@ mod tests {
         let mut w = Vec::new();
         assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Done);
         let late = item(tx, "alice", "bob", 30, vec![("alice", -30)]);
-        assert_eq!(m.prepare(&late, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::AlreadyAborted));
+        assert_eq!(m.prepare(&late, 0, &NothingFinished, &mut w), Vote::no(RefusalReason::AlreadyAborted));
         assert_eq!(m.decide(Uuid::new_v4(), Decision::Commit, &NothingFinished, &mut w), DecideAck::Refused);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(0));
     }
@@ -613,9 +613,9 @@ mod tests {
         let mut m = machine_with(&[("alice", 10), ("rich", i64::MAX)]);
         let mut w = Vec::new();
         let missing = item(Uuid::new_v4(), "alice", "nobody", 1, vec![("alice", -1), ("nobody", 1)]);
-        assert_eq!(m.prepare(&missing, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::AccountNotFound));
+        assert_eq!(m.prepare(&missing, 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::AccountNotFound, 1));
         let overflow = item(Uuid::new_v4(), "alice", "rich", 1, vec![("alice", -1), ("rich", 1)]);
-        assert_eq!(m.prepare(&overflow, 0, &NothingFinished, &mut w), Vote::No(RefusalReason::BalanceOverflow));
+        assert_eq!(m.prepare(&overflow, 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::BalanceOverflow, 1));
         assert!(w.is_empty());
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0, overdraft_limit: 0 }));
     }
@@ -663,13 +663,13 @@ mod tests {
         let first = deposit(60);
         assert_eq!(m.prepare(&first, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(cash(&m).available(), 40);
-        assert_eq!(m.prepare(&deposit(41), 0, &NothingFinished, &mut w), Vote::No(RefusalReason::InsufficientFunds));
+        assert_eq!(m.prepare(&deposit(41), 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::InsufficientFunds, 0));
         assert_eq!(m.decide(first.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         let rest = deposit(40);
         assert_eq!(m.prepare(&rest, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.decide(rest.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(cash(&m), AccountRecord { balance: -100, held: 0, incoming: 0, overdraft_limit: 100 });
-        assert_eq!(m.prepare(&deposit(1), 0, &NothingFinished, &mut w), Vote::No(RefusalReason::InsufficientFunds));
+        assert_eq!(m.prepare(&deposit(1), 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::InsufficientFunds, 0));
         m.check_invariants();
         assert_eq!(m.totals(), Totals { balance: 0, held: 0, incoming: 0, below_floor: 0 });
         assert_eq!(m.holds_violation(), None);

@@ -82,7 +82,30 @@ impl AbortReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     Committed,
+    /// Aborted, for a reason that names no leg, or a transfer of one leg (whose record and answer are those of
+    /// the transfers before legs).
     Aborted(AbortReason),
+    /// A transfer of several legs aborted because of the leg at this index (the first failing one). Last, so
+    /// that the records written before it existed read as they did.
+    AbortedAtLeg { reason: AbortReason, leg: u8 },
+}
+
+impl Outcome {
+    /// Why it aborted, if it did.
+    pub fn abort_reason(self) -> Option<AbortReason> {
+        match self {
+            Outcome::Committed => None,
+            Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => Some(reason),
+        }
+    }
+
+    /// The leg whose failure aborted it, if one is named.
+    pub fn failed_leg(self) -> Option<u8> {
+        match self {
+            Outcome::AbortedAtLeg { leg, .. } => Some(leg),
+            _ => None,
+        }
+    }
 }
 
 /// Coordinator: the decision for one transfer. Kept forever: it answers idempotent retries and participants'

@@ -44,7 +44,7 @@
 //! queries, resubmissions) make the duplicates. The simulator (`sim.rs`) covers what this model abstracts:
 //! disk contents written record by record, torn flushes, many transfers, real timings.
 
-use common::ledger::{AccountId, Amount, ShardId, Transfer, TransferId};
+use common::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{
@@ -141,7 +141,7 @@ impl LogRecord {
     }
 
     fn aborted(&self) -> bool {
-        matches!(self.outcome, Some(Outcome::Aborted(_)))
+        matches!(self.outcome, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. }))
     }
 }
 
@@ -322,14 +322,18 @@ impl CState {
 }
 
 impl LedgerModel {
-    fn new(transfers: &[(&str, &str, i64)], crashes: u8, crashable: [bool; 3], retries: Retries) -> Self {
+    /// `transfers`: each a list of legs (from, to, amount).
+    fn new(transfers: &[&[(&str, &str, i64)]], crashes: u8, crashable: [bool; 3], retries: Retries) -> Self {
         let id = |s: &str| AccountId::new(s).expect("valid account id");
         // alice is on shard 1, bob and carol on shard 0 (pinned by the ledger's shard map tests).
         let accounts = vec![(id("alice"), 10), (id("bob"), 0), (id("carol"), 0)];
-        let transfers = transfers
-            .iter()
-            .map(|(from, to, amount)| Transfer::one(id(from), id(to), Amount::new(*amount).expect("positive amount")))
-            .collect();
+        let leg = |(from, to, amount): &(&str, &str, i64)| Leg {
+            from: id(from),
+            to: id(to),
+            amount: Amount::new(*amount).expect("positive amount"),
+        };
+        let transfers =
+            transfers.iter().map(|legs| Transfer::new(legs.iter().map(leg).collect()).expect("1 to 16 legs")).collect();
         LedgerModel {
             accounts,
             transfers,
@@ -1237,15 +1241,16 @@ fn env_or(name: &str, default: u8) -> u8 {
 
 #[test]
 fn one_transfer_survives_every_interleaving_of_loss_and_a_crash() {
-    let mut model = LedgerModel::new(&[("alice", "bob", 6)], env_or("MC", 1), [true; 3], Retries::Always);
+    let mut model = LedgerModel::new(&[&[("alice", "bob", 6)]], env_or("MC", 1), [true; 3], Retries::Always);
     model.time_max = u64::from(env_or("MCT", 2));
     model.queries = env_or("MCQ", 2);
     let states = check("one transfer, a crash of any node", model);
     assert!(states > 10_000, "only {states} states: the model explores too little to prove anything");
 }
 
-/// Two transfers racing for the same funds over a lossy, reordering network. With a crash as well the state
-/// space is beyond a CI budget; `MC2=1 MCN=<0|1|2>` runs that check for one crashing node.
+/// Two transfers racing for the same funds over a lossy, reordering network, one of them of two legs. With a
+/// crash as well the state space is beyond a CI budget; `MC2=1 MCN=<0|1|2>` runs that check for one crashing
+/// node.
 #[test]
 fn two_transfers_competing_for_funds_survive_every_interleaving_of_loss() {
     let crashes = env_or("MC2", 0);
@@ -1256,7 +1261,8 @@ fn two_transfers_competing_for_funds_survive_every_interleaving_of_loss() {
         }
         let mut crashable = [false; 3];
         crashable[node as usize] = true;
-        let transfers = [("alice", "bob", 6), ("alice", "carol", 7)];
+        // The second has two legs, which debit alice twice on her shard: 6 + 3 + 2 > 10, so one of the two aborts.
+        let transfers: [&[(&str, &str, i64)]; 2] = [&[("alice", "bob", 6)], &[("alice", "carol", 3), ("alice", "bob", 2)]];
         let mut model = LedgerModel::new(&transfers, crashes, crashable, Retries::AfterCrash);
         model.time_max = u64::from(env_or("MCT2", 2));
         model.queries = env_or("MCQ2", 1);

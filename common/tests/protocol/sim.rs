@@ -1206,7 +1206,7 @@ impl Cluster {
             .filter_map(|(id, r)| match r.outcome() {
                 None => Some((r.indexed_at, *id, true, false)),
                 Some(Outcome::Committed) => Some((r.indexed_at, *id, r.unacked_marker, !r.unacked_marker)),
-                Some(Outcome::Aborted(_)) => None,
+                Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. }) => None,
             })
             .collect();
         if !entries.iter().any(|(_, _, _, acked)| *acked) {
@@ -1261,7 +1261,7 @@ impl Cluster {
             }
             Msg::Replies { epoch: e, shard, replies } if e == epoch => {
                 for reply in &replies {
-                    if let FromShard::Vote { id, vote: Vote::No(_) } = reply {
+                    if let FromShard::Vote { id, vote: Vote::No { .. } } = reply {
                         self.coordinator.no_votes.insert(*id);
                     }
                 }
@@ -1421,16 +1421,16 @@ impl Cluster {
                 if outcome == Outcome::Committed && transfer.single().is_none() {
                     self.stats.multi_leg_commits += 1;
                 }
-                match outcome {
-                    Outcome::Committed => self.stats.committed += 1,
-                    Outcome::Aborted(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
-                    Outcome::Aborted(AbortReason::CoordinatorRestarted) => {}
-                    Outcome::Aborted(_) => self.stats.aborted_refused += 1,
+                match outcome.abort_reason() {
+                    None => self.stats.committed += 1,
+                    Some(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
+                    Some(AbortReason::CoordinatorRestarted) => {}
+                    Some(_) => self.stats.aborted_refused += 1,
                 }
                 if self.coordinator.staged_handed.contains(&id) {
                     match outcome {
                         Outcome::Committed => self.stats.staged_recovered_committed += 1,
-                        Outcome::Aborted(_) => self.stats.staged_recovered_aborted += 1,
+                        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.stats.staged_recovered_aborted += 1,
                     }
                 }
                 // A decision overwrites the staging record and keeps its place in the time index.
@@ -1486,7 +1486,7 @@ impl Cluster {
                 }
                 self.bind_commit(id, "its commit was released to clients")
             }
-            Outcome::Aborted(_) => {
+            Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => {
                 let durable = self.durable_outcomes.get(&id).copied();
                 if durable != Some(outcome) {
                     return Err(format!("the coordinator released {outcome:?} for {id}, the durable outcome is {durable:?}"));
@@ -1505,7 +1505,7 @@ impl Cluster {
     /// `id` must end committed (`why`): no abort of it may be durable, now or later.
     fn bind_commit(&mut self, id: TransferId, why: &str) -> Check {
         if self.must_commit.insert(id) {
-            if let Some(outcome @ Outcome::Aborted(_)) = self.durable_outcomes.get(&id) {
+            if let Some(outcome @ (Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) = self.durable_outcomes.get(&id) {
                 return Err(format!("{id} must commit ({why}), but its durable outcome is {outcome:?}"));
             }
             let transfer = self.coordinator.memory.get(&id).or_else(|| self.coordinator.durable.get(&id));
@@ -1642,7 +1642,7 @@ impl Cluster {
                 // `check_staging_proofs`.
                 if epoch == self.coordinator.epoch {
                     for reply in &applied.replies {
-                        if let FromShard::Vote { id, vote: Vote::No(_) } = reply {
+                        if let FromShard::Vote { id, vote: Vote::No { .. } } = reply {
                             self.coordinator.no_votes.insert(*id);
                         }
                     }

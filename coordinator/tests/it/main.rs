@@ -7,6 +7,7 @@ mod console;
 mod crash;
 mod fuzz;
 mod history;
+mod legs;
 mod harness;
 mod load;
 mod overdraft;

@@ -121,7 +121,7 @@ async fn prepared_holds_survive_sigkill_and_decisions_apply_once() {
         json!([{"account": "alice", "delta": -41}]),
     );
     let (_, reply) = p.post("/internal/prepare", json!({"items": [other]})).await;
-    assert_eq!(reply, json!({"votes": [{"vote": "no", "reason": "insufficient_funds"}]}));
+    assert_eq!(reply, json!({"votes": [{"vote": "no", "reason": "insufficient_funds", "posting": 0}]}));
 
     let commit = json!({"items": [{"id": tx, "decision": "commit"}]});
     for _ in 0..2 {

@@ -442,7 +442,7 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
         for (reply, id) in replies.iter().zip(ids) {
             match reply {
                 FromShard::Vote { id: voted, vote: Vote::Yes } if *voted == id => acknowledged.push(id),
-                FromShard::Vote { id: voted, vote: Vote::No(_) } if *voted == id => {}
+                FromShard::Vote { id: voted, vote: Vote::No { .. } } if *voted == id => {}
                 other => panic!("reply frame {answered}: expected the vote on {id}, got {other:?}"),
             }
         }
