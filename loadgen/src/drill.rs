@@ -4,7 +4,7 @@
 //! total.
 //!
 //! One request in four is a batch of a few transfers (`POST /transfers/batch`), each item checked like a
-//! single transfer.
+//! single transfer. One transfer in five has 2 to 4 legs (a payment with fees, a split), over any accounts.
 //!
 //! Checks: every acknowledged commit is committed and every acknowledged abort aborted; every transfer ends
 //! committed or aborted (404 only for ids that never got an answer); each shard applied each committed transfer
@@ -32,6 +32,10 @@ const ATTEMPTS_MAX: u32 = 20;
 const BATCH_ONE_IN: u64 = 4;
 /// A batch carries 2 to this many transfers: small, so a kill often lands while one is being decided.
 const BATCH_ITEMS_MAX: u64 = 8;
+/// One transfer in this many has several legs.
+const LEGS_ONE_IN: u64 = 5;
+/// A transfer of several legs has 2 to this many.
+const LEGS_MAX: u64 = 4;
 /// How long the healed cluster gets to settle every transfer.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -123,11 +127,32 @@ enum Answer {
     Unknown,
 }
 
+/// One movement of a transfer: (from, to, amount).
+type Leg = (String, String, i64);
+
 struct Attempted {
-    from: String,
-    to: String,
-    amount: i64,
+    legs: Vec<Leg>,
     answer: Answer,
+}
+
+/// The legs a transfer's answer shows: `legs`, or `from`, `to` and `amount` for one.
+fn shown_legs(body: &Value) -> Option<Vec<Leg>> {
+    let leg = |v: &Value| Some((v["from"].as_str()?.to_string(), v["to"].as_str()?.to_string(), v["amount"].as_i64()?));
+    match body.get("legs") {
+        Some(legs) => legs.as_array()?.iter().map(leg).collect(),
+        None => Some(vec![leg(body)?]),
+    }
+}
+
+/// The body `POST /transfers` takes for these legs: the two-account form for one.
+fn transfer_body(id: &str, legs: &[Leg]) -> Value {
+    match legs {
+        [(from, to, amount)] => json!({"from": from, "to": to, "amount": amount, "id": id}),
+        _ => {
+            let legs: Vec<Value> = legs.iter().map(|(from, to, amount)| json!({"from": from, "to": to, "amount": amount})).collect();
+            json!({"legs": legs, "id": id})
+        }
+    }
 }
 
 #[derive(Default)]
@@ -161,34 +186,37 @@ pub async fn run(config: Config) -> Report {
                 while Instant::now() < deadline {
                     let batch = rng.below(BATCH_ONE_IN) == 0;
                     let items = if batch { 2 + rng.below(BATCH_ITEMS_MAX - 1) } else { 1 };
-                    let mut bodies = Vec::new();
+                    let mut bodies: Vec<(String, Vec<Leg>)> = Vec::new();
                     for _ in 0..items {
-                        let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
-                        let mut to = from.clone();
-                        while to == from {
-                            to = accounts[rng.below(accounts.len() as u64) as usize].clone();
-                        }
-                        let amount = 1 + rng.below(AMOUNT_MAX) as i64;
+                        let leg_count = if rng.below(LEGS_ONE_IN) == 0 { 2 + rng.below(LEGS_MAX - 1) } else { 1 };
+                        let legs = (0..leg_count)
+                            .map(|_| {
+                                let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                                let mut to = from.clone();
+                                while to == from {
+                                    to = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                                }
+                                (from, to, 1 + rng.below(AMOUNT_MAX) as i64)
+                            })
+                            .collect();
                         let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
-                        bodies.push((id, from, to, amount));
+                        bodies.push((id, legs));
                     }
-                    let json_of = |(id, from, to, amount): &(String, String, String, i64)| {
-                        json!({"from": from, "to": to, "amount": amount, "id": id})
-                    };
+                    let json_of = |(id, legs): &(String, Vec<Leg>)| transfer_body(id, legs);
                     let answers = if batch {
                         submit_batch(&http, &base, bodies.iter().map(json_of).collect()).await
                     } else {
                         vec![submit(&http, &base, &json_of(&bodies[0])).await]
                     };
                     let mut ledger = ledger.lock().expect("ledger lock");
-                    for ((id, from, to, amount), answer) in bodies.into_iter().zip(answers) {
+                    for ((id, legs), answer) in bodies.into_iter().zip(answers) {
                         let counter = match answer {
                             Answer::Committed => &counters.committed,
                             Answer::Aborted => &counters.aborted,
                             Answer::Unknown => &counters.unknown,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
-                        ledger.insert(id, Attempted { from, to, amount, answer });
+                        ledger.insert(id, Attempted { legs, answer });
                     }
                 }
             })
@@ -372,7 +400,7 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
             Answer::Aborted => report.aborted += 1,
             Answer::Unknown => report.unknown += 1,
         }
-        let shards: HashSet<usize> = [shard(&t.from), shard(&t.to)].into_iter().collect();
+        let shards: HashSet<usize> = t.legs.iter().flat_map(|(from, to, _)| [shard(from), shard(to)]).collect();
         for (s, by_id) in applied.iter().enumerate() {
             let here = by_id.get(id.as_str()).map(String::as_str);
             let ok = match final_status {
@@ -383,10 +411,15 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
                 report.violations.push(format!("transfer {id} ({final_status:?}): shard {s} shows {here:?}"));
             }
         }
+        if final_status != Answer::Unknown && shown_legs(&body).as_ref() != Some(&t.legs) {
+            report.violations.push(format!("transfer {id}: GET shows {body}, the client sent {:?}", t.legs));
+        }
         if final_status == Answer::Committed {
             committed_ids.insert(id);
-            *expected.get_mut(t.from.as_str()).expect("known account") -= t.amount;
-            *expected.get_mut(t.to.as_str()).expect("known account") += t.amount;
+            for (from, to, amount) in &t.legs {
+                *expected.get_mut(from.as_str()).expect("known account") -= amount;
+                *expected.get_mut(to.as_str()).expect("known account") += amount;
+            }
         }
     }
     // A shard must not have committed anything the drill did not ask for.
