@@ -1,9 +1,10 @@
 //! A SIGKILL at every named crash point (see `common::crash`), on both sides: arm it, run one cross-shard
-//! transfer, let the process die, restart it, and check that the transfer ended committed on both shards or
-//! aborted on both, that no funds stay held, that money is conserved, and that the client's answer (when it
-//! got one) matches what happened.
+//! transfer, let the process die, restart it, and check that the transfer ended committed on every shard or
+//! aborted on every shard, that no funds stay held, that money is conserved, and that the client's answer (when
+//! it got one) matches what happened. Each point runs with a two-account transfer over two shards, and once
+//! more with a transfer of three legs over three shards.
 
-use crate::harness::{cross_shard_pair, Cluster};
+use crate::harness::{account_on_shard, cross_shard_pair, Cluster, Options};
 use common::crash;
 use common::ledger::{shard_of, AccountId};
 use serde_json::{json, Value};
@@ -20,42 +21,107 @@ enum Expect {
     /// The client got no final answer and the coordinator has no record: a resubmission runs it afresh.
     NeverDecided,
     /// Committed if the staging record became durable before the crash, aborted if not: a race between the
-    /// staging sync and the Prepares, which parallel commits run at once. Either way on both shards, and as
+    /// staging sync and the Prepares, which parallel commits run at once. Either way on every shard, and as
     /// the client was told.
     Either,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Victim {
     Coordinator,
-    /// The participant owning the debited account.
+    /// The participant owning the (first) debited account.
     DebitShard,
-    /// The participant owning the credited account.
+    /// The participant owning the (last) credited account.
     CreditShard,
 }
 
+/// One transfer to crash in the middle of: its accounts, with their opening balances and what a commit adds.
+struct Scenario {
+    participants: usize,
+    /// (account, opening balance, change if the transfer commits)
+    accounts: Vec<(String, i64, i64)>,
+    /// The transfer's body, without its id.
+    body: Value,
+    debit: String,
+    credit: String,
+}
+
+impl Scenario {
+    fn one_leg(prefix: &str) -> Scenario {
+        let (alice, bob) = cross_shard_pair(prefix);
+        Scenario {
+            participants: 2,
+            accounts: vec![(alice.clone(), 1_000, -250), (bob.clone(), 0, 250)],
+            body: json!({"from": alice, "to": bob, "amount": 250}),
+            debit: alice,
+            credit: bob,
+        }
+    }
+
+    /// A payment with a fee and a third party's share: the payer on shard 0 is debited twice, the merchant and
+    /// carol share shard 1, the fee account is on shard 2.
+    fn three_shards(prefix: &str) -> Scenario {
+        let on = |name: &str, shard| account_on_shard(&format!("{prefix}-{name}"), shard, 3);
+        let (payer, merchant, carol, fees) = (on("payer", 0), on("merchant", 1), on("carol", 1), on("fees", 2));
+        let leg = |from: &str, to: &str, amount: i64| json!({"from": from, "to": to, "amount": amount});
+        Scenario {
+            participants: 3,
+            accounts: vec![(payer.clone(), 1_000, -250), (merchant.clone(), 0, 200), (carol.clone(), 100, -10), (fees.clone(), 0, 60)],
+            body: json!({"legs": [leg(&payer, &merchant, 200), leg(&payer, &fees, 50), leg(&carol, &fees, 10)]}),
+            debit: payer,
+            credit: fees,
+        }
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.accounts.iter().map(|(id, ..)| id.as_str()).collect()
+    }
+
+    /// Money is conserved and the transfer applied wholly or not at all; returns whether it moved.
+    async fn check_money(&self, c: &Cluster) -> bool {
+        let mut balances = Vec::new();
+        for (id, ..) in &self.accounts {
+            let account = c.account(id).await;
+            assert_eq!(account["held"], json!(0), "{id}: holds released");
+            balances.push(account["balance"].as_i64().expect("balance"));
+        }
+        let opening: Vec<i64> = self.accounts.iter().map(|(_, open, _)| *open).collect();
+        let committed: Vec<i64> = self.accounts.iter().map(|(_, open, change)| open + change).collect();
+        assert_eq!(balances.iter().sum::<i64>(), opening.iter().sum::<i64>(), "money conserved");
+        assert!(balances == opening || balances == committed, "applied wholly or not at all: {balances:?}");
+        balances == committed
+    }
+}
+
 async fn drill(point: &'static str, victim: Victim, expect: Expect) {
-    let mut c = Cluster::start().await;
-    let (alice, bob) = cross_shard_pair(&point.replace('.', "-"));
-    c.create_account(&alice, 1_000).await;
-    c.create_account(&bob, 0).await;
-    let shard = |s: &str| shard_of(&AccountId::new(s).expect("valid"), 2);
+    run(Scenario::one_leg(&point.replace('.', "-")), point, victim, expect).await;
+}
+
+async fn run(scenario: Scenario, point: &'static str, victim: Victim, expect: Expect) {
+    let options = Options { participants: scenario.participants, ..Options::default() };
+    let mut c = Cluster::start_with(options).await;
+    for (id, balance, _) in &scenario.accounts {
+        c.create_account(id, *balance).await;
+    }
+    let shard = |s: &str| shard_of(&AccountId::new(s).expect("valid"), scenario.participants as u32);
     let name = match victim {
         Victim::Coordinator => "coordinator".to_string(),
-        Victim::DebitShard => format!("p{}", shard(&alice)),
-        Victim::CreditShard => format!("p{}", shard(&bob)),
+        Victim::DebitShard => format!("p{}", shard(&scenario.debit)),
+        Victim::CreditShard => format!("p{}", shard(&scenario.credit)),
     };
+    let accounts = scenario.names();
     c.restart(&name, Some(point)).await;
 
     let id = Uuid::new_v4().to_string();
-    let body = json!({"from": alice, "to": bob, "amount": 250, "id": id});
+    let mut body = scenario.body.clone();
+    body["id"] = json!(id);
     let answer = c.try_post("/transfers", body.clone()).await;
     assert!(c.node(&name).wait_for_death(DEATH), "{name} did not die at {point}");
     c.restart(&name, None).await;
-    c.settle(&[&alice, &bob], SETTLE).await;
+    c.settle(&accounts, SETTLE).await;
 
     let (status, stored) = c.get(&format!("/transfers/{id}")).await;
-    let moved = check_money(&c, &alice, &bob).await;
+    let moved = scenario.check_money(&c).await;
     match expect {
         Expect::Committed => {
             assert!(moved, "{point}: the transfer must end committed");
@@ -84,7 +150,7 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
         None => {}
     }
     // The shards agree, and each applied the transfer at most once (finished ids are unique per shard).
-    for s in 0..2 {
+    for s in 0..scenario.participants {
         let applied = c.applied(s).await;
         let mine: Vec<&Value> = applied.iter().filter(|a| a["id"] == json!(id)).collect();
         assert!(mine.len() <= 1);
@@ -103,8 +169,8 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
         Expect::Either => assert_eq!(retry["status"], "aborted", "{retry}"),
         Expect::NeverDecided => {
             assert_eq!(retry_status, 200, "{retry}");
-            c.settle(&[&alice, &bob], SETTLE).await;
-            assert!(check_money(&c, &alice, &bob).await, "the resubmission committed");
+            c.settle(&accounts, SETTLE).await;
+            assert!(scenario.check_money(&c).await, "the resubmission committed");
         }
     }
     if let Some((s, first)) = answer {
@@ -112,14 +178,30 @@ async fn drill(point: &'static str, victim: Victim, expect: Expect) {
     }
 }
 
-/// Money is conserved and the transfer applied wholly or not at all; returns whether it moved.
-async fn check_money(c: &Cluster, alice: &str, bob: &str) -> bool {
-    let (a, b) = (c.account(alice).await, c.account(bob).await);
-    assert_eq!((a["held"].clone(), b["held"].clone()), (json!(0), json!(0)), "holds released");
-    let (a, b) = (a["balance"].as_i64().expect("balance"), b["balance"].as_i64().expect("balance"));
-    assert_eq!(a + b, 1_000, "money conserved");
-    assert!((a, b) == (750, 250) || (a, b) == (1_000, 0), "applied wholly or not at all: {a} / {b}");
-    b == 250
+/// Every crash point of a transfer, as the tests below run them one by one for a transfer of one leg.
+const TRANSFER_CRASHES: [(&str, Victim, Expect); 13] = [
+    (crash::PARTICIPANT_PREPARE_RECEIVED, Victim::DebitShard, Expect::Aborted),
+    (crash::PARTICIPANT_PREPARE_FLUSHED, Victim::DebitShard, Expect::Aborted),
+    (crash::PARTICIPANT_PREPARE_FLUSHED, Victim::CreditShard, Expect::Aborted),
+    (crash::PARTICIPANT_DECIDE_RECEIVED, Victim::DebitShard, Expect::Committed),
+    (crash::PARTICIPANT_DECIDE_APPLIED, Victim::CreditShard, Expect::Committed),
+    (crash::PARTICIPANT_FRAME_RECEIVED, Victim::DebitShard, Expect::Aborted),
+    (crash::COORDINATOR_TRANSFER_RECEIVED, Victim::Coordinator, Expect::NeverDecided),
+    (crash::COORDINATOR_PREPARE_SENT, Victim::Coordinator, Expect::Either),
+    (crash::COORDINATOR_VOTES_RECEIVED, Victim::Coordinator, Expect::Committed),
+    (crash::COORDINATOR_DECISION_LOGGED, Victim::Coordinator, Expect::Committed),
+    (crash::COORDINATOR_COMMIT_SENT, Victim::Coordinator, Expect::Committed),
+    (crash::COORDINATOR_FRAME_SENT, Victim::Coordinator, Expect::Either),
+    (crash::COORDINATOR_BEFORE_END, Victim::Coordinator, Expect::Committed),
+];
+
+/// The same SIGKILLs during a transfer of three legs over three shards, one point after another.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_crash_point_during_a_transfer_of_three_legs_over_three_shards() {
+    for (i, (point, victim, expect)) in TRANSFER_CRASHES.into_iter().enumerate() {
+        eprintln!("three legs: {point} on {victim:?}");
+        run(Scenario::three_shards(&format!("crash{i}")), point, victim, expect).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
