@@ -31,6 +31,9 @@ const CONFLICTING_AMOUNT: i64 = 999;
 /// The bank's cash account may go this far below zero: what it can pay out before money comes back.
 const CASH_OVERDRAFT_LIMIT: i64 = 1_000_000_000;
 const DEPOSITED: i64 = 500;
+/// A payment of this much from alice to bob, with a fee to the bank of `FEE`.
+const PAID: i64 = 100;
+const FEE: i64 = 2;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -260,6 +263,25 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
     let cash_now = tour.call(Method::GET, &format!("/accounts/{cash}"), 200, None).await;
     tour.check(&cash_now.field("balance"), &(-DEPOSITED).to_string(), "cash's balance");
     tour.check(&cash_now.field("available"), &(CASH_OVERDRAFT_LIMIT - DEPOSITED).to_string(), "cash's available");
+
+    let fees = format!("fees-{suffix}");
+    tour.section("A payment with a fee: alice pays bob 100 and the bank's fees account 2, in one transfer of two legs");
+    tour.call(Method::POST, "/accounts", 201, Some(create(&fees, 0))).await;
+    let legs = |paid: i64| {
+        format!(
+            r#"{{"legs":[{{"from":"{alice}","to":"{bob}","amount":{paid}}},{{"from":"{alice}","to":"{fees}","amount":{FEE}}}]}}"#
+        )
+    };
+    let payment = tour.call(Method::POST, "/transfers", 200, Some(legs(PAID))).await;
+    tour.check(&payment.field("status"), "committed", "status");
+    let alice_after = ALICE_OPENING - TRANSFERRED + DEPOSITED - PAID - FEE;
+    let alice_now = tour.call(Method::GET, &format!("/accounts/{alice}"), 200, None).await;
+    tour.check(&alice_now.field("balance"), &alice_after.to_string(), "alice's balance");
+    tour.say("  A payment whose fee alice cannot cover as well: the fee leg (index 1) fails, so neither leg moves.");
+    let refused = tour.call(Method::POST, "/transfers", 422, Some(legs(alice_after - FEE + 1))).await;
+    tour.check(&refused.field("leg"), "1", "the failing leg");
+    let fees_now = tour.call(Method::GET, &format!("/accounts/{fees}"), 200, None).await;
+    tour.check(&fees_now.field("balance"), &FEE.to_string(), "fees' balance");
 
     tour.section("Look the transfer up by id");
     let looked_up = tour.call(Method::GET, &format!("/transfers/{transfer_id}"), 200, None).await;
