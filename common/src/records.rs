@@ -224,6 +224,33 @@ mod tests {
     }
 
     #[test]
+    fn a_hold_is_told_apart_from_a_transfer_in_both_encodings() {
+        use crate::ledger::{Amount, Transfer, HOLD_SECONDS_MAX};
+        let account = |n: &str| AccountId::new(n).expect("valid");
+        let amount = Amount::new(70).expect("positive");
+        let hold = Transfer::hold(account("alice"), account("shop"), amount, 600).expect("a hold");
+        let plain = Transfer::one(account("alice"), account("shop"), amount);
+        assert_ne!(hold, plain, "a hold and a transfer of the same leg are different bodies");
+        assert_eq!((hold.hold_seconds(), plain.hold_seconds()), (Some(600), None));
+        let record = (hold.clone(), 42u64);
+        assert_eq!(decode::<(Transfer, u64)>(&encode(&record)).expect("decodes"), record);
+        let fixint: (Transfer, u64) = bincode::deserialize(&bincode::serialize(&record).expect("ser")).expect("de");
+        assert_eq!(fixint, record);
+        assert!(decode::<TransferBeforeLegs>(&encode(&hold)).is_err(), "a reader without holds refuses one");
+
+        let json = serde_json::to_value(&hold).expect("json");
+        let expected = serde_json::json!({"from": "alice", "to": "shop", "amount": 70, "hold": true, "expires_in_s": 600});
+        assert_eq!(json, expected);
+        assert_eq!(serde_json::from_value::<Transfer>(json).expect("from json"), hold);
+        assert_eq!(hold.to_string(), "alice->shop 70 (hold 600 s)");
+
+        assert!(Transfer::hold(account("a"), account("b"), amount, 0).is_err());
+        assert!(Transfer::hold(account("a"), account("b"), amount, HOLD_SECONDS_MAX + 1).is_err());
+        let too_long = serde_json::json!({"from": "a", "to": "b", "amount": 1, "hold": true, "expires_in_s": HOLD_SECONDS_MAX + 1});
+        assert!(serde_json::from_value::<Transfer>(too_long).is_err());
+    }
+
+    #[test]
     fn records_written_before_layout_5_still_decode() {
         let rec = AccountRecord { balance: 10, held: 3, incoming: 1, overdraft_limit: 0 };
         let mut old = vec![FIXINT_RECORD_VERSION];

@@ -117,43 +117,75 @@ pub struct Leg {
     pub amount: Amount,
 }
 
-/// What a client asked for: one or more legs (at most [`LEGS_MAX`]), applied all together or not at all. The
-/// body compared for idempotency.
+/// The longest a hold may last (30 days), and how long one lasts unless asked otherwise (a day).
+pub const HOLD_SECONDS_MAX: u32 = 2_592_000;
+pub const HOLD_SECONDS_DEFAULT: u32 = 86_400;
+
+/// What a client asked for: one or more legs (at most [`LEGS_MAX`]), applied all together or not at all; or a
+/// hold of one leg, which reserves the amount for a number of seconds until it is captured, released or
+/// expires. The body compared for idempotency.
 ///
 /// A one-leg transfer is encoded exactly as the transfers of earlier versions, which had no legs: as JSON
 /// `{"from","to","amount"}`, and in bincode the three fields in a row. A transfer of several legs is JSON
 /// `{"legs":[...]}`, and in bincode an empty string (which no account id can be, so a reader of either kind
-/// tells them apart by the first field) followed by the legs.
+/// tells them apart by the first field) followed by the legs. A hold is JSON `{"from","to","amount","hold":
+/// true,"expires_in_s"}`, and in bincode `"+"` (no account id either), its legs and its seconds.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Transfer {
     legs: Vec<Leg>,
+    /// A hold for this many seconds, not a transfer.
+    hold_seconds: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LegsError {
     #[error("a transfer has 1 to {LEGS_MAX} legs")]
     Count,
+    #[error("a hold lasts 1 to {HOLD_SECONDS_MAX} seconds")]
+    HoldSeconds,
+    #[error("a hold has one leg")]
+    HoldLegs,
 }
 
 impl Transfer {
     /// A transfer of one leg.
     pub fn one(from: AccountId, to: AccountId, amount: Amount) -> Transfer {
-        Transfer { legs: vec![Leg { from, to, amount }] }
+        Transfer { legs: vec![Leg { from, to, amount }], hold_seconds: None }
     }
 
     pub fn new(legs: Vec<Leg>) -> Result<Transfer, LegsError> {
         if (1..=LEGS_MAX).contains(&legs.len()) {
-            Ok(Transfer { legs })
+            Ok(Transfer { legs, hold_seconds: None })
         } else {
             Err(LegsError::Count)
         }
+    }
+
+    /// A hold of `amount` on `from`, for `to`, lasting `seconds` (1 to [`HOLD_SECONDS_MAX`]).
+    pub fn hold(from: AccountId, to: AccountId, amount: Amount, seconds: u32) -> Result<Transfer, LegsError> {
+        Transfer::with_hold(vec![Leg { from, to, amount }], seconds)
+    }
+
+    fn with_hold(legs: Vec<Leg>, seconds: u32) -> Result<Transfer, LegsError> {
+        if !(1..=HOLD_SECONDS_MAX).contains(&seconds) {
+            return Err(LegsError::HoldSeconds);
+        }
+        if legs.len() != 1 {
+            return Err(LegsError::HoldLegs);
+        }
+        Ok(Transfer { legs, hold_seconds: Some(seconds) })
+    }
+
+    /// How long it holds its amount, if it is a hold.
+    pub fn hold_seconds(&self) -> Option<u32> {
+        self.hold_seconds
     }
 
     pub fn legs(&self) -> &[Leg] {
         &self.legs
     }
 
-    /// The leg of a one-leg transfer.
+    /// The leg of a one-leg transfer or hold.
     pub fn single(&self) -> Option<&Leg> {
         match self.legs.as_slice() {
             [leg] => Some(leg),
@@ -219,14 +251,17 @@ impl Transfer {
     }
 }
 
-/// `alice->bob 5`, legs separated by `, `.
+/// `alice->bob 5`, legs separated by `, `; a hold ends with ` (hold 60 s)`.
 impl fmt::Display for Transfer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, leg) in self.legs.iter().enumerate() {
             let separator = if i == 0 { "" } else { ", " };
             write!(f, "{separator}{}->{} {}", leg.from, leg.to, leg.amount.minor())?;
         }
-        Ok(())
+        match self.hold_seconds {
+            Some(seconds) => write!(f, " (hold {seconds} s)"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -237,12 +272,39 @@ struct LegsJson {
     legs: Vec<Leg>,
 }
 
+/// The JSON form of a hold.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldJson {
+    from: AccountId,
+    to: AccountId,
+    amount: Amount,
+    hold: bool,
+    expires_in_s: u32,
+}
+
+/// The first field of a hold's bincode form, where a transfer has its first account id or `""`.
+const HOLD_MARK: &str = "+";
+
 impl Serialize for Transfer {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
         match (self.single(), serializer.is_human_readable()) {
-            (Some(leg), true) => leg.serialize(serializer),
+            (Some(leg), true) => match self.hold_seconds {
+                None => leg.serialize(serializer),
+                Some(expires_in_s) => {
+                    let (from, to, amount) = (leg.from.clone(), leg.to.clone(), leg.amount);
+                    HoldJson { from, to, amount, hold: true, expires_in_s }.serialize(serializer)
+                }
+            },
             (None, true) => LegsJson { legs: self.legs.clone() }.serialize(serializer),
+            (_, false) if self.hold_seconds.is_some() => {
+                let mut tuple = serializer.serialize_tuple(3)?;
+                tuple.serialize_element(HOLD_MARK)?;
+                tuple.serialize_element(&self.legs)?;
+                tuple.serialize_element(&self.hold_seconds.unwrap_or_default())?;
+                tuple.end()
+            }
             (Some(leg), false) => {
                 let mut tuple = serializer.serialize_tuple(3)?;
                 tuple.serialize_element(&leg.from)?;
@@ -264,14 +326,18 @@ impl<'de> Deserialize<'de> for Transfer {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         if deserializer.is_human_readable() {
+            // A hold first: a plain leg would also read it, ignoring its hold fields.
             #[derive(Deserialize)]
             #[serde(untagged)]
             enum Json {
+                Hold(HoldJson),
                 One(Leg),
                 Many(LegsJson),
             }
             return match Json::deserialize(deserializer)? {
-                Json::One(leg) => Ok(Transfer { legs: vec![leg] }),
+                Json::Hold(h) if h.hold => Transfer::hold(h.from, h.to, h.amount, h.expires_in_s).map_err(D::Error::custom),
+                Json::Hold(h) => Ok(Transfer::one(h.from, h.to, h.amount)),
+                Json::One(leg) => Ok(Transfer::one(leg.from, leg.to, leg.amount)),
                 Json::Many(many) => Transfer::new(many.legs).map_err(D::Error::custom),
             };
         }
@@ -289,6 +355,11 @@ impl<'de> Deserialize<'de> for Transfer {
                 if first.is_empty() {
                     let legs: Vec<Leg> = seq.next_element()?.ok_or_else(missing)?;
                     return Transfer::new(legs).map_err(A::Error::custom);
+                }
+                if first == HOLD_MARK {
+                    let legs: Vec<Leg> = seq.next_element()?.ok_or_else(missing)?;
+                    let seconds: u32 = seq.next_element()?.ok_or_else(missing)?;
+                    return Transfer::with_hold(legs, seconds).map_err(A::Error::custom);
                 }
                 let from = AccountId::new(first).map_err(A::Error::custom)?;
                 let to: AccountId = seq.next_element()?.ok_or_else(missing)?;
