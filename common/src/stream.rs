@@ -27,8 +27,8 @@ pub const PATH_STREAM: &str = "/internal/stream";
 pub const UPGRADE_PROTOCOL: &str = "ledger-stream/1";
 /// The version byte in front of every frame's body. 2: a vote may refuse an id prepared for another body
 /// (`RefusalReason::IdInUse`), which a version-1 peer cannot decode. 3: an account read carries its overdraft
-/// limit. 4: a refusal names the posting it refused.
-pub const FRAME_VERSION: u8 = 4;
+/// limit. 4: a refusal names the posting it refused. 5: the coordinator may send `Capture`.
+pub const FRAME_VERSION: u8 = 5;
 /// Longest frame either side accepts. A frame holds at most `FRAME_ITEMS_MAX` items of a few hundred bytes.
 pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Items in one frame (the coordinator's batching limit; a participant refuses more).

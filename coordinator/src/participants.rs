@@ -91,7 +91,7 @@ impl Outgoing {
         for item in &items {
             match item {
                 ToShard::Prepare { .. } => kinds.prepares = true,
-                ToShard::Decide { decision: wire::Decision::Commit, .. } => kinds.commits = true,
+                ToShard::Decide { decision: wire::Decision::Commit, .. } | ToShard::Capture { .. } => kinds.commits = true,
                 ToShard::Decide { .. } => kinds.aborts = true,
                 ToShard::Read { .. } => {}
             }

@@ -70,6 +70,11 @@ pub enum ToShard {
         read: u64,
         account: AccountId,
     },
+    /// Commit `amount` of a hold (1 up to its amount) and release the rest. Acknowledged as a commit.
+    Capture {
+        id: TransferId,
+        amount: i64,
+    },
 }
 
 /// A shard's answer to one [`ToShard`] item.

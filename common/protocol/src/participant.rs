@@ -392,7 +392,39 @@ impl ParticipantMachine {
         log: &dyn FinishedLog,
         writes: &mut Vec<Write>,
     ) -> (DecideAck, Option<PreparedRecord>) {
-        let Some(prepared) = self.prepared.remove(&id) else {
+        self.finish(id, decision, None, log, writes)
+    }
+
+    /// Captures `amount` of the hold `id`: a commit that moves that much (1 up to the held amount) and
+    /// releases the rest. Handed back, the record's postings are the amounts moved. Idempotent as a commit is;
+    /// a capture of something that is not a hold, or of more than it holds, is refused.
+    pub fn capture(
+        &mut self,
+        id: TransferId,
+        amount: i64,
+        log: &dyn FinishedLog,
+        writes: &mut Vec<Write>,
+    ) -> (DecideAck, Option<PreparedRecord>) {
+        if let Some(prepared) = self.prepared.get(&id) {
+            let held = prepared.transfer.single().map_or(0, |leg| leg.amount.minor());
+            if prepared.transfer.hold_seconds().is_none() || !(1..=held).contains(&amount) {
+                return (DecideAck::Refused, None);
+            }
+        }
+        self.finish(id, Decision::Commit, Some(amount), log, writes)
+    }
+
+    /// Settles `id`: an abort releases its reservations; a commit applies its postings, or `captured` of each
+    /// (signed as the posting) when the commit captures part of a hold.
+    fn finish(
+        &mut self,
+        id: TransferId,
+        decision: Decision,
+        captured: Option<i64>,
+        log: &dyn FinishedLog,
+        writes: &mut Vec<Write>,
+    ) -> (DecideAck, Option<PreparedRecord>) {
+        let Some(mut prepared) = self.prepared.remove(&id) else {
             if let Some(done) = self.finished_decision(&id, log) {
                 return (if done == decision { DecideAck::Done } else { DecideAck::Refused }, None);
             }
@@ -406,13 +438,21 @@ impl ParticipantMachine {
                 }
             };
         };
-        for posting in &prepared.postings {
+        for posting in &mut prepared.postings {
             let record = self
                 .accounts
                 .get_mut(&posting.account)
                 .expect("a prepared transfer's accounts exist (checked at prepare and at restore)");
             let old = *record;
-            *record = release_hold(old, posting.delta, decision);
+            let moved = match (decision, captured) {
+                (Decision::Abort, _) => 0,
+                (Decision::Commit, None) => posting.delta,
+                (Decision::Commit, Some(amount)) => posting.delta.signum() * amount,
+            };
+            *record = release_hold(old, posting.delta, moved);
+            if decision == Decision::Commit {
+                posting.delta = moved;
+            }
             self.totals.remove(&old);
             self.totals.add(record);
             // An abort changes no balance, and the released hold needs no write (see `restore`).
@@ -490,19 +530,16 @@ fn apply_hold(mut record: AccountRecord, delta: i64) -> Result<AccountRecord, Re
     Ok(record)
 }
 
-/// Undoes one posting's reservation and, on commit, applies it. Prepare made both steps overflow-free.
-fn release_hold(mut record: AccountRecord, delta: i64, decision: Decision) -> AccountRecord {
+/// Undoes the reservation of a posting of `delta` and moves `moved` (0 on abort, `delta` or a captured part of
+/// it, of the same sign, on commit). Prepare made both steps overflow-free.
+fn release_hold(mut record: AccountRecord, delta: i64, moved: i64) -> AccountRecord {
+    assert!(moved == 0 || (moved.signum() == delta.signum() && moved.abs() <= delta.abs()), "moves at most what was reserved");
     if delta < 0 {
         record.held += delta;
-        if decision == Decision::Commit {
-            record.balance += delta;
-        }
     } else {
         record.incoming -= delta;
-        if decision == Decision::Commit {
-            record.balance += delta;
-        }
     }
+    record.balance += moved;
     assert!(record.held >= 0 && record.incoming >= 0 && record.available_exact() >= 0 && !record.below_floor());
     record
 }
@@ -550,6 +587,38 @@ mod tests {
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0, overdraft_limit: 0 }));
         m.check_invariants();
+    }
+
+    #[test]
+    fn a_capture_moves_part_of_a_hold_and_releases_the_rest() {
+        let mut m = machine_with(&[("alice", 100), ("shop", 0), ("bob", 0)]);
+        let mut w = Vec::new();
+        let (hold_id, plain_id) = (Uuid::new_v4(), Uuid::new_v4());
+        let hold = PrepareItem {
+            id: hold_id,
+            transfer: Transfer::hold(id("alice"), id("shop"), Amount::new(60).expect("positive"), 600).expect("hold"),
+            postings: vec![Posting { account: id("alice"), delta: -60 }, Posting { account: id("shop"), delta: 60 }],
+            coordinator_url: "http://127.0.0.1:1".into(),
+        };
+        assert_eq!(m.prepare(&hold, 0, &NothingFinished, &mut w), Vote::Yes);
+        assert_eq!(m.account(&id("alice")).map(|a| (a.balance, a.held, a.available())), Some((100, 60, 40)));
+        let plain = item(plain_id, "alice", "bob", 10, vec![("alice", -10), ("bob", 10)]);
+        assert_eq!(m.prepare(&plain, 0, &NothingFinished, &mut w), Vote::Yes);
+
+        assert_eq!(m.capture(plain_id, 5, &NothingFinished, &mut w).0, DecideAck::Refused, "not a hold");
+        assert_eq!(m.capture(hold_id, 61, &NothingFinished, &mut w).0, DecideAck::Refused, "more than it holds");
+        assert_eq!(m.capture(hold_id, 0, &NothingFinished, &mut w).0, DecideAck::Refused, "nothing");
+        let (ack, settled) = m.capture(hold_id, 25, &NothingFinished, &mut w);
+        assert_eq!(ack, DecideAck::Done);
+        let moved: Vec<i64> = settled.expect("the hold's record").postings.iter().map(|p| p.delta).collect();
+        assert_eq!(moved, [-25, 25], "the record handed back shows what moved");
+        assert_eq!(m.account(&id("alice")).map(|a| (a.balance, a.held)), Some((75, 10)), "the plain transfer's 10 stays held");
+        assert_eq!(m.account(&id("shop")).map(|a| (a.balance, a.incoming)), Some((25, 0)));
+        assert_eq!(m.capture(hold_id, 25, &NothingFinished, &mut w).0, DecideAck::Done, "a repeated capture");
+        assert_eq!(m.decide(hold_id, Decision::Abort, &NothingFinished, &mut w), DecideAck::Refused, "it committed");
+        assert_eq!(m.decide(plain_id, Decision::Abort, &NothingFinished, &mut w), DecideAck::Done);
+        m.check_invariants();
+        assert_eq!(m.totals().balance, 100, "money is conserved");
     }
 
     #[test]

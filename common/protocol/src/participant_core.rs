@@ -54,6 +54,14 @@ pub fn apply_frame(
                 }
                 out.replies.push(FromShard::Ack { id, decision, ack });
             }
+            ToShard::Capture { id, amount } => {
+                out.needs_sync = true;
+                let (ack, settled) = machine.capture(id, amount, log, writes);
+                if let (DecideAck::Done, Some(record)) = (ack, settled) {
+                    out.settled.push((id, Decision::Commit, record));
+                }
+                out.replies.push(FromShard::Ack { id, decision: Decision::Commit, ack });
+            }
             ToShard::Read { read, account } => {
                 out.replies.push(FromShard::Account { read, account: machine.account(&account) });
             }

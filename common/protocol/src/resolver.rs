@@ -6,8 +6,9 @@
 //! The core works in rounds. A round starts when [`ResolverCore::poll_timeout`] is due and the shell calls
 //! [`ResolverCore::handle_timeout`] with every prepared transfer: the core picks those in doubt (all of them
 //! until a round has been fully answered since start, since decisions may have come and gone while the
-//! participant was down; afterwards those at least `in_doubt_after_ms` old), groups them by the coordinator
-//! they name, at most `query_items_max` per query, oldest first. The shell sends each [`Query`] it takes from
+//! participant was down; afterwards those at least `in_doubt_after_ms` past their due time, which for a hold is
+//! its expiry: `PreparedRecord::due_unix_ms`), groups them by the coordinator they name, at most
+//! `query_items_max` per query, oldest first. The shell sends each [`Query`] it takes from
 //! [`ResolverCore::poll_query`] and reports the outcome: [`ResolverCore::handle_answers`] (which hands back
 //! the decisions to apply), then [`ResolverCore::handle_applied`] or [`ResolverCore::handle_apply_failed`]
 //! once they are durable or not, or [`ResolverCore::handle_unreachable`]. When every query of the round is
@@ -177,7 +178,9 @@ impl ResolverCore {
             if let Some(h) = self.last_heard.remove(id) {
                 heard.insert(*id, h);
             }
-            if now_ms.saturating_sub(record.prepared_at_unix_ms) >= age_min {
+            // Before the first answered round even a hold not yet due is asked about: it may have been decided
+            // while this participant was down.
+            if now_ms.saturating_sub(record.due_unix_ms()) >= age_min {
                 by_coordinator.entry(&record.coordinator_url).or_default().push((record.prepared_at_unix_ms, *id, record));
             }
         }
@@ -396,6 +399,22 @@ mod tests {
         let query = round(&mut core, now, &prepared, Some(QueryAnswer::Pending)).expect("id 3 is old enough");
         assert_eq!(ids(&query), [id(3)]);
         assert_eq!(core.last_heard(&id(1)).map(|h| h.at_ms), Some(10_000), "not asked, still prepared: kept");
+    }
+
+    #[test]
+    fn a_hold_is_in_doubt_only_once_it_has_expired() {
+        let mut core = core(0);
+        let account = |s: &str| AccountId::new(s).expect("valid id");
+        let hold = Transfer::hold(account("alice"), account("shop"), Amount::new(1).expect("positive"), 60);
+        let held = PreparedRecord { transfer: hold.expect("a hold"), ..record("http://c", 1_000) };
+        let prepared = BTreeMap::from([(id(1), held)]);
+        let query = round(&mut core, 1_000, &prepared, Some(QueryAnswer::Pending)).expect("asked right after start");
+        assert_eq!(ids(&query), [id(1)]);
+        let expiry = 1_000 + 60_000;
+        assert!(round(&mut core, expiry + AGE - 1, &prepared, None).is_none(), "not in doubt before expiry + the age");
+        let next = expiry + AGE - 1 + SCAN_INTERVAL_MS;
+        let query = round(&mut core, next, &prepared, Some(QueryAnswer::Pending)).expect("in doubt at the next round");
+        assert_eq!(ids(&query), [id(1)]);
     }
 
     #[test]

@@ -47,6 +47,15 @@ pub struct PreparedRecord {
     pub made_by: Option<String>,
 }
 
+impl PreparedRecord {
+    /// When its decision is due here: at once for a transfer, at its expiry for a hold (the coordinator
+    /// captures, releases or expires it by then). Doubt about it is measured from this time.
+    pub fn due_unix_ms(&self) -> u64 {
+        let hold_ms = self.transfer.hold_seconds().map_or(0, |seconds| u64::from(seconds) * 1_000);
+        self.prepared_at_unix_ms.saturating_add(hold_ms)
+    }
+}
+
 /// Participant: a transfer that is over here, kept forever so a late Prepare or decision is recognised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FinishedRecord {

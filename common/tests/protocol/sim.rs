@@ -220,6 +220,7 @@ impl Msg {
                         ToShard::Prepare { item, .. } => format!("Prepare {} {:?}", short(&item.id), item.postings),
                         ToShard::Decide { id, decision } => format!("{decision:?} {}", short(id)),
                         ToShard::Read { read, .. } => format!("Read {read}"),
+                        ToShard::Capture { id, amount } => format!("Capture {amount} of {}", short(id)),
                     })
                     .collect();
                 format!("Frame e{epoch} l{life} {items:?}")
