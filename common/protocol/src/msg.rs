@@ -85,4 +85,7 @@ pub enum QueryAnswer {
     Abort,
     /// The coordinator is still deciding; ask again later.
     Pending,
+    /// A hold the coordinator has durably granted: it ends by capture, release or expiry, so ask again only
+    /// once it is due (`PreparedRecord::due_unix_ms`).
+    Held,
 }

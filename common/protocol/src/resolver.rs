@@ -6,8 +6,8 @@
 //! The core works in rounds. A round starts when [`ResolverCore::poll_timeout`] is due and the shell calls
 //! [`ResolverCore::handle_timeout`] with every prepared transfer: the core picks those in doubt (all of them
 //! until a round has been fully answered since start, since decisions may have come and gone while the
-//! participant was down; afterwards those at least `in_doubt_after_ms` past their due time, which for a hold is
-//! its expiry: `PreparedRecord::due_unix_ms`), groups them by the coordinator they name, at most
+//! participant was down; afterwards those at least `in_doubt_after_ms` old, or as long past its expiry for a
+//! hold the coordinator has said it granted), groups them by the coordinator they name, at most
 //! `query_items_max` per query, oldest first. The shell sends each [`Query`] it takes from
 //! [`ResolverCore::poll_query`] and reports the outcome: [`ResolverCore::handle_answers`] (which hands back
 //! the decisions to apply), then [`ResolverCore::handle_applied`] or [`ResolverCore::handle_apply_failed`]
@@ -74,6 +74,8 @@ pub struct Query {
 pub enum Heard {
     /// The coordinator is still deciding.
     Pending,
+    /// The coordinator has granted the hold: it is not in doubt before its expiry.
+    Held,
     /// The query failed with this error.
     Unreachable(Arc<str>),
 }
@@ -83,6 +85,7 @@ impl fmt::Display for Heard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Heard::Pending => f.write_str("pending"),
+            Heard::Held => f.write_str("held"),
             Heard::Unreachable(error) => write!(f, "unreachable: {error}"),
         }
     }
@@ -178,9 +181,11 @@ impl ResolverCore {
             if let Some(h) = self.last_heard.remove(id) {
                 heard.insert(*id, h);
             }
-            // Before the first answered round even a hold not yet due is asked about: it may have been decided
-            // while this participant was down.
-            if now_ms.saturating_sub(record.due_unix_ms()) >= age_min {
+            // A hold is asked about as a transfer is, since the coordinator may have lost it, until the
+            // coordinator says it has granted it; then only once it is due.
+            let granted = heard.get(id).is_some_and(|h: &LastHeard| h.heard == Heard::Held);
+            let from = if granted { record.due_unix_ms() } else { record.prepared_at_unix_ms };
+            if now_ms.saturating_sub(from) >= age_min {
                 by_coordinator.entry(&record.coordinator_url).or_default().push((record.prepared_at_unix_ms, *id, record));
             }
         }
@@ -232,6 +237,10 @@ impl ResolverCore {
                 QueryAnswer::Abort => decisions.push((*id, Decision::Abort)),
                 QueryAnswer::Pending => {
                     self.last_heard.insert(*id, LastHeard { heard: Heard::Pending, at_ms: now_ms });
+                    continue;
+                }
+                QueryAnswer::Held => {
+                    self.last_heard.insert(*id, LastHeard { heard: Heard::Held, at_ms: now_ms });
                     continue;
                 }
             }
@@ -402,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_is_in_doubt_only_once_it_has_expired() {
+    fn a_granted_hold_is_in_doubt_only_once_it_has_expired() {
         let mut core = core(0);
         let account = |s: &str| AccountId::new(s).expect("valid id");
         let hold = Transfer::hold(account("alice"), account("shop"), Amount::new(1).expect("positive"), 60);
@@ -410,6 +419,10 @@ mod tests {
         let prepared = BTreeMap::from([(id(1), held)]);
         let query = round(&mut core, 1_000, &prepared, Some(QueryAnswer::Pending)).expect("asked right after start");
         assert_eq!(ids(&query), [id(1)]);
+        // Not yet granted: a coordinator that lost it must not leave the money held until the expiry.
+        let query = round(&mut core, 1_000 + AGE, &prepared, Some(QueryAnswer::Held)).expect("asked as a transfer is");
+        assert_eq!(ids(&query), [id(1)]);
+        assert_eq!(core.last_heard(&id(1)).map(|h| h.heard.to_string()), Some("held".into()));
         let expiry = 1_000 + 60_000;
         assert!(round(&mut core, expiry + AGE - 1, &prepared, None).is_none(), "not in doubt before expiry + the age");
         let next = expiry + AGE - 1 + SCAN_INTERVAL_MS;

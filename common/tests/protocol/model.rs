@@ -685,7 +685,7 @@ impl LedgerModel {
                             .filter_map(|(id, a)| match a {
                                 QueryAnswer::Commit => Some((id, Decision::Commit)),
                                 QueryAnswer::Abort => Some((id, Decision::Abort)),
-                                QueryAnswer::Pending => None,
+                                QueryAnswer::Pending | QueryAnswer::Held => None,
                             })
                             .collect();
                         // Only pending: the participant would ignore it and ask again, so sending it changes nothing.
