@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
 use common::http::{error_response, JsonBody};
-use common::ledger::{shard_of, AccountId, Amount, Leg, ShardId, Transfer, LEGS_MAX};
+use common::ledger::{shard_of, AccountId, Amount, Leg, ShardId, Transfer, HOLD_SECONDS_DEFAULT, HOLD_SECONDS_MAX, LEGS_MAX};
+use protocol::coordinator_core::{HoldEnd, HoldError};
 use common::records::{AbortReason, Outcome};
 use common::wire::{self, AccountView, CreateAccount, DecisionAnswers, DecisionQuery};
 use serde::Deserialize;
@@ -55,6 +56,14 @@ pub enum ApiError {
     ParticipantUnavailable(ShardId),
     #[error("too many transfers in flight; retry shortly")]
     Overloaded,
+    #[error("too many holds are active; capture or release some, or retry later")]
+    HoldsFull,
+    #[error("no hold has this id")]
+    HoldNotFound,
+    #[error("the hold is not active: it is {0}")]
+    HoldNotActive(&'static str),
+    #[error("the hold has expired")]
+    HoldExpired,
     #[error("storage is unavailable")]
     Storage(String),
 }
@@ -70,6 +79,10 @@ impl ApiError {
             ApiError::IdempotencyConflict => (StatusCode::CONFLICT, "idempotency_conflict"),
             ApiError::ParticipantUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "participant_unavailable"),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::HoldsFull => (StatusCode::SERVICE_UNAVAILABLE, "holds_full"),
+            ApiError::HoldNotFound => (StatusCode::NOT_FOUND, "hold_not_found"),
+            ApiError::HoldNotActive(_) => (StatusCode::CONFLICT, "hold_not_active"),
+            ApiError::HoldExpired => (StatusCode::CONFLICT, "hold_expired"),
             ApiError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
@@ -112,6 +125,13 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::IdempotencyConflict => ApiError::IdempotencyConflict,
             EngineError::Overloaded => ApiError::Overloaded,
+            EngineError::HoldsFull => ApiError::HoldsFull,
+            EngineError::Hold(HoldError::NotFound | HoldError::NotAHold) => ApiError::HoldNotFound,
+            EngineError::Hold(HoldError::NotActive(status)) => ApiError::HoldNotActive(status),
+            EngineError::Hold(HoldError::Expired) => ApiError::HoldExpired,
+            EngineError::Hold(HoldError::BadAmount { held }) => {
+                ApiError::Invalid(format!("amount must be a whole number from 1 to the held amount, {held}"))
+            }
             EngineError::Wal(e) => ApiError::Storage(e.to_string()),
             EngineError::CoreGone => ApiError::Storage(e.to_string()),
         }
@@ -161,6 +181,9 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/transfers/batch", post(create_transfers_batch).layer(DefaultBodyLimit::max(BATCH_BODY_BYTES_MAX)))
         .route("/transfers/{id}", get(get_transfer))
+        .route("/transfers/{id}/capture", post(capture_hold))
+        .route("/transfers/{id}/release", post(release_hold))
+        .route("/holds", get(list_holds))
         .route("/transactions", get(transactions))
         .merge(admin)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -405,6 +428,9 @@ struct TransferRequest {
     /// Each leg's text, parsed on its own so that a bad one is named.
     legs: Option<Vec<Box<serde_json::value::RawValue>>>,
     id: Option<String>,
+    /// Reserve the amount instead of moving it, for `expires_in_s` (default a day).
+    hold: Option<bool>,
+    expires_in_s: Option<serde_json::Number>,
 }
 
 #[derive(Deserialize)]
@@ -492,9 +518,28 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
         Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("id must be a UUID".into()))?),
         None => None,
     };
+    let hold = req.hold == Some(true);
+    if req.expires_in_s.is_some() && !hold {
+        return Err(ApiError::Invalid("expires_in_s is only for a hold (\"hold\": true)".into()));
+    }
+    if hold && req.legs.is_some() {
+        return Err(ApiError::Invalid("a hold has one leg: from, to and amount, not legs".into()));
+    }
     let Some(legs) = req.legs else {
         let leg = validate_leg(LegRequest { from: req.from, to: req.to, amount: req.amount }).map_err(ApiError::Invalid)?;
-        return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
+        if !hold {
+            return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
+        }
+        let seconds = match &req.expires_in_s {
+            Some(raw) => whole_number("expires_in_s", raw, 1).and_then(|s| {
+                u32::try_from(s).ok().filter(|s| *s <= HOLD_SECONDS_MAX).ok_or_else(|| {
+                    ApiError::Invalid(format!("expires_in_s must be a whole number from 1 to {HOLD_SECONDS_MAX}"))
+                })
+            })?,
+            None => HOLD_SECONDS_DEFAULT,
+        };
+        let transfer = Transfer::hold(leg.from, leg.to, leg.amount, seconds).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        return Ok((id, transfer));
     };
     if req.from.is_some() || req.to.is_some() || req.amount.is_some() {
         return Err(ApiError::Invalid("a transfer has either from, to and amount, or legs, not both".into()));
@@ -528,12 +573,39 @@ fn validate_leg(req: LegRequest) -> Result<Leg, String> {
     Ok(Leg { from, to, amount })
 }
 
+/// A hold as the API shows it: `amount` is what it holds, or what was captured of it (then `held_amount` is
+/// what it held); `expires_at_unix_ms` while it is held.
+fn hold_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
+    let leg = transfer.single();
+    let held = leg.map(|l| l.amount.minor());
+    let mut body = json!({
+        "id": id,
+        "status": outcome.map_or("pending", Outcome::status),
+        "from": leg.map(|l| l.from.as_str()),
+        "to": leg.map(|l| l.to.as_str()),
+        "amount": held,
+    });
+    match outcome {
+        Some(Outcome::Held { expires_at_unix_ms }) => body["expires_at_unix_ms"] = json!(expires_at_unix_ms),
+        Some(Outcome::Captured { amount }) => {
+            body["amount"] = json!(amount);
+            body["held_amount"] = json!(held);
+        }
+        Some(outcome) if outcome.abort_reason().is_some() => body["reason"] = json!(outcome.abort_reason().map(AbortReason::code)),
+        _ => {}
+    }
+    body
+}
+
 /// The status and body that answer a decided transfer.
 fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
     match fin.outcome {
         Outcome::Committed => {
             let body = wire::transfer_json(&fin.transfer, json!({"id": id, "status": "committed"}));
             (StatusCode::OK, body)
+        }
+        Outcome::Held { .. } | Outcome::Captured { .. } | Outcome::Released | Outcome::Expired => {
+            (StatusCode::OK, hold_json(id, &fin.transfer, Some(fin.outcome)))
         }
         Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => {
             let status = match reason {
@@ -543,6 +615,9 @@ fn outcome_body(id: Uuid, fin: &Final) -> (StatusCode, Value) {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
             };
+            if fin.transfer.hold_seconds().is_some() {
+                return (status, hold_json(id, &fin.transfer, Some(fin.outcome)));
+            }
             let mut body = json!({"id": id, "status": "aborted", "reason": reason.code()});
             if let Some(leg) = fin.outcome.failed_leg() {
                 body["leg"] = json!(leg);
@@ -571,10 +646,16 @@ fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 }
 
 fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
+    if transfer.hold_seconds().is_some() {
+        return hold_json(id, transfer, outcome);
+    }
     let mut body = wire::transfer_json(transfer, json!({"id": id}));
     match outcome {
         None => body["status"] = json!("pending"),
         Some(Outcome::Committed) => body["status"] = json!("committed"),
+        Some(outcome @ (Outcome::Held { .. } | Outcome::Captured { .. } | Outcome::Released | Outcome::Expired)) => {
+            body["status"] = json!(outcome.status())
+        }
         Some(outcome @ (Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) => {
             body["status"] = json!("aborted");
             body["reason"] = json!(outcome.abort_reason().map(AbortReason::code));
@@ -662,6 +743,85 @@ async fn get_transfer(
         body["made_by"] = json!(name);
     }
     Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureRequest {
+    amount: Option<serde_json::Number>,
+}
+
+fn transfer_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
+    let Path(raw) = path?;
+    Uuid::parse_str(&raw).map_err(|_| ApiError::Invalid("transfer id must be a UUID".into()))
+}
+
+/// `POST /transfers/{id}/capture`, with an optional `{"amount": n}` (all of the hold by default).
+async fn capture_hold(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(path)?;
+    let amount = match optional_body::<CaptureRequest>(&body)? {
+        Some(CaptureRequest { amount: Some(raw) }) => Some(whole_number("amount", &raw, 1)?),
+        _ => None,
+    };
+    end_hold(&state, id, HoldEnd::Capture(amount)).await
+}
+
+/// `POST /transfers/{id}/release`: the body, if any, is `{}`.
+async fn release_hold(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(path)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    optional_body::<Empty>(&body)?;
+    end_hold(&state, id, HoldEnd::Release).await
+}
+
+/// A body that may be left out (empty), and is otherwise JSON of type `T`.
+fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::Invalid(format!("malformed body: {e}")))
+}
+
+async fn end_hold(state: &AppState, id: Uuid, end: HoldEnd) -> Result<Response, ApiError> {
+    let fin = tracing::info_span!("transfer", transfer_id = %id).in_scope(|| state.engine.end_hold(id, end));
+    let fin = fin.await?;
+    let (status, body) = outcome_body(id, &fin);
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldsQuery {
+    account: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /holds?account={id}`: the account's active holds, soonest expiry first.
+async fn list_holds(
+    State(state): State<AppState>,
+    query: Result<Query<HoldsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query?;
+    let account = account_id("account", query.account.ok_or_else(|| ApiError::Invalid("account must be given".into()))?)?;
+    let limit = list_limit(query.limit)?;
+    let holds = state.engine.holds_of(account, limit).await?;
+    let list: Vec<Value> = holds
+        .iter()
+        .map(|(id, transfer, expires_at_unix_ms)| {
+            hold_json(*id, transfer, Some(Outcome::Held { expires_at_unix_ms: *expires_at_unix_ms }))
+        })
+        .collect();
+    Ok(Json(json!({"holds": list})))
 }
 
 #[derive(Deserialize)]

@@ -10,11 +10,11 @@ use crate::participants::{self, ParticipantClient};
 use crate::wal::{Wal, WalError};
 use common::crash;
 use common::ledger::{AccountId, ShardId, Transfer, TransferId};
-use common::records::{AccountRecord, Outcome};
+use common::records::{AccountRecord, Outcome, TransferRecord};
 use common::stream;
 use common::wire::{DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, FromShard, LogWrite, Notice, OwedView, SubmitError,
+    Answer, CoordinatorCore, CoreConfig, FromShard, HoldEnd, HoldError, LogWrite, Notice, OwedView, SubmitError,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,6 +97,10 @@ pub enum EngineError {
     IdempotencyConflict,
     #[error("too many transfers in flight")]
     Overloaded,
+    #[error("too many holds are active")]
+    HoldsFull,
+    #[error("{0:?}")]
+    Hold(HoldError),
     #[error(transparent)]
     Wal(#[from] WalError),
     #[error("the coordinator's core has stopped")]
@@ -132,6 +136,9 @@ enum Command {
     Running { id: Option<TransferId>, account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer)>> },
     Owed { reply: Reply<Vec<OwedView>> },
     InMemory { reply: Reply<serde_json::Value> },
+    EndHold { id: TransferId, end: HoldEnd, reply: Reply<Result<Final, EngineError>> },
+    /// The granted holds on an account, soonest expiry first: (id, transfer, expiry in unix ms).
+    Holds { account: AccountId, limit: usize, reply: Reply<Vec<(TransferId, Transfer, u64)>> },
 }
 
 pub(crate) enum Event {
@@ -171,7 +178,10 @@ impl Engine {
             frame_items_max: stream::FRAME_ITEMS_MAX,
             parallel_commits_max: config.parallel_commits_max,
         };
-        let core = CoordinatorCore::new(core_config, 0, recovery.unacked, recovery.staged);
+        // The core's clock: milliseconds of a monotonic clock, counted from the unix epoch at this start.
+        let origin = Instant::now();
+        let origin_unix_ms = common::http::now_unix_ms();
+        let core = CoordinatorCore::new(core_config, origin_unix_ms, recovery.unacked, recovery.staged).with_holds(recovery.holds);
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (events, event_rx) = mpsc::channel(EVENT_QUEUE_MAX);
         let wakes: Vec<Arc<tokio::sync::Notify>> = participants.iter().map(|_| Arc::default()).collect();
@@ -189,7 +199,8 @@ impl Engine {
         let shell = Shell {
             core,
             wal: wal.clone(),
-            origin: Instant::now(),
+            origin,
+            origin_unix_ms,
             events: events.clone(),
             links: vec![None; config.shard_count as usize],
             waiters: HashMap::new(),
@@ -253,6 +264,16 @@ impl Engine {
         owed.into_iter().map(unacknowledged_view).collect()
     }
 
+    /// Captures or releases the hold `id`, or repeats the answer of the same request; the end is durable.
+    pub async fn end_hold(&self, id: TransferId, end: HoldEnd) -> Result<Final, EngineError> {
+        self.ask(|reply| Command::EndHold { id, end, reply }).await?
+    }
+
+    /// The holds granted on `account`, soonest expiry first: (id, transfer, expiry in unix ms).
+    pub async fn holds_of(&self, account: AccountId, limit: usize) -> Result<Vec<(TransferId, Transfer, u64)>, EngineError> {
+        self.ask(|reply| Command::Holds { account, limit, reply }).await
+    }
+
     /// The sizes of what the engine and its core hold in memory (for `GET /stats`): none grows with history.
     pub async fn in_memory(&self) -> Result<serde_json::Value, EngineError> {
         self.ask(|reply| Command::InMemory { reply }).await
@@ -288,8 +309,9 @@ fn unacknowledged_view(o: OwedView) -> Unacknowledged {
 struct Shell {
     core: CoordinatorCore,
     wal: Wal,
-    /// The core's clock starts here.
+    /// The core's clock reads `origin_unix_ms` here.
     origin: Instant,
+    origin_unix_ms: u64,
     events: mpsc::Sender<Event>,
     /// The current link to each shard: its generation and where its frames go.
     links: Vec<Option<(u64, mpsc::Sender<participants::Outgoing>)>>,
@@ -304,12 +326,13 @@ struct Shell {
 
 impl Shell {
     fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        self.origin_unix_ms + self.origin.elapsed().as_millis() as u64
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut events: mpsc::Receiver<Event>) {
         loop {
-            let deadline = self.core.poll_timeout().map(|ms| self.origin + Duration::from_millis(ms));
+            let since_origin = |ms: u64| Duration::from_millis(ms.saturating_sub(self.origin_unix_ms));
+            let deadline = self.core.poll_timeout().map(|ms| self.origin + since_origin(ms));
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -344,26 +367,43 @@ impl Shell {
         }
     }
 
+    /// What the log holds for `id`, which the core consults only when `id` is not running.
+    fn logged_unless_running(&self, id: &TransferId) -> Result<Option<TransferRecord>, EngineError> {
+        if self.core.running(id).is_some() {
+            return Ok(None);
+        }
+        Ok(self.wal.get(id)?)
+    }
+
     fn command(&mut self, command: Command) {
         let now = self.now_ms();
         match command {
             Command::Submit { id, transfer, made_by, reply } => {
-                let logged = if self.core.running(&id).is_some() {
-                    None
-                } else {
-                    match self.wal.get(&id) {
-                        Ok(logged) => logged,
-                        Err(e) => {
-                            let _ = reply.send(Err(e.into()));
-                            return;
-                        }
-                    }
+                let logged = match self.logged_unless_running(&id) {
+                    Ok(logged) => logged,
+                    Err(e) => return drop(reply.send(Err(e))),
                 };
                 match self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()) {
                     Ok(()) => self.waiters.entry(id).or_default().push(reply),
                     Err(SubmitError::IdempotencyConflict) => drop(reply.send(Err(EngineError::IdempotencyConflict))),
                     Err(SubmitError::Overloaded) => drop(reply.send(Err(EngineError::Overloaded))),
+                    Err(SubmitError::HoldsFull) => drop(reply.send(Err(EngineError::HoldsFull))),
                 }
+            }
+            Command::EndHold { id, end, reply } => {
+                let logged = match self.logged_unless_running(&id) {
+                    Ok(logged) => logged,
+                    Err(e) => return drop(reply.send(Err(e))),
+                };
+                match self.core.handle_end_hold(now, id, end, logged.as_ref()) {
+                    Ok(()) => self.waiters.entry(id).or_default().push(reply),
+                    Err(error) => drop(reply.send(Err(EngineError::Hold(error)))),
+                }
+            }
+            Command::Holds { account, limit, reply } => {
+                let holds = self.core.holds_of(&account, limit);
+                let list = holds.into_iter().map(|h| (h.id, h.transfer.clone(), h.expires_at_unix_ms)).collect();
+                drop(reply.send(list))
             }
             Command::Query { items, reply } => {
                 let mut asked = Vec::with_capacity(items.len());
@@ -411,6 +451,7 @@ impl Shell {
                 let view = serde_json::json!({
                     "running": core.running,
                     "owed": core.owed,
+                    "holds": core.holds,
                     "queued": core.queued,
                     "unlogged": core.unlogged,
                     "log_owed": self.wal.owed_count(),
@@ -567,10 +608,7 @@ impl Shell {
     fn release(&mut self, answer: Answer) {
         match answer {
             Answer::Transfer { id, transfer, outcome } => {
-                let (label, reason) = match outcome {
-                    Outcome::Committed => ("committed", "none"),
-                    Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => ("aborted", reason.code()),
-                };
+                let (label, reason) = (outcome.status(), outcome.abort_reason().map_or("none", |r| r.code()));
                 let waiters = self.waiters.remove(&id).unwrap_or_default();
                 if !waiters.is_empty() {
                     metrics::counter!(metric::TRANSFERS, "outcome" => label, "reason" => reason).increment(1);

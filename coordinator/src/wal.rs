@@ -14,8 +14,8 @@ use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
 use migrations::ACKED_BEFORE_KEY;
-use protocol::coordinator_core::StagedTransfer;
-use std::collections::{BTreeSet, HashMap};
+use protocol::coordinator_core::{GrantedHold, StagedTransfer};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use uuid::Uuid;
@@ -25,8 +25,12 @@ const PARTICIPANT_COUNT_KEY: &[u8] = b"mparticipant_count";
 const CLUSTER_ID_KEY: &[u8] = b"mcluster_id";
 /// Prefix of the ledger-wide index by the time a transfer's entry was first written: time, transfer id.
 const BY_TIME: u8 = b'r';
-/// Both kinds of key are written once per transfer and kept: history, in run files (see `common::runs`).
+/// Both kinds of key are written once per transfer and kept: history, in run files (see `common::runs`). A
+/// hold's record is written again when it ends.
 const CLASSES: KeyClasses = KeyClasses { transient: None, history: &[RECORD, BY_TIME] };
+/// `h` hold id → nothing: a hold granted, or ended and not yet acknowledged by every shard. Removed at its
+/// end record, so the keys are as many as the holds alive (at most `HOLDS_ACTIVE_MAX`), not history.
+const HOLD: u8 = b'h';
 /// The mark's value when no transfer is owed anything.
 const NOTHING_OWED: u64 = u64::MAX;
 
@@ -118,6 +122,9 @@ struct Owed {
     time_of: HashMap<TransferId, u64>,
     /// The mark in the store (or in a batch applied to it); `None` before the first.
     mark: Option<u64>,
+    /// The holds with an `h` key: owed an end, or the acks of their end. Not by time, so that a hold of a month
+    /// does not hold the mark back for a month.
+    holds: HashSet<TransferId>,
 }
 
 impl Owed {
@@ -139,34 +146,48 @@ impl Owed {
         self.by_time.first().map_or(NOTHING_OWED, |(at, _)| *at)
     }
 
-    /// The inserts that carry out `ops`, in a crash-safe order (see [`Wal::apply`]), and the owed set updated.
-    fn plan(&mut self, ops: Vec<Op>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// The inserts (and removals) that carry out `ops`, in a crash-safe order (see [`Wal::apply`]), and the
+    /// owed set updated.
+    fn plan(&mut self, ops: Vec<Op>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let mut inserts = Vec::with_capacity(ops.len() * 2);
         for op in ops {
             match op {
                 Op::Stage(id, staged) => {
                     let at = staged.staged_at_unix_ms;
                     let value = records::encode(&staged);
-                    inserts.push((time_key(vec![BY_TIME], at, &id), value));
+                    inserts.push((time_key(vec![BY_TIME], at, &id), Some(value)));
                     self.insert(at, id);
                 }
                 Op::Decide(id, record, made_by) => {
                     let staged_at = self.time_of.get(&id).copied();
-                    if staged_at.is_none() {
+                    // A hold's end keeps the index key its grant wrote.
+                    if staged_at.is_none() && !record.outcome.ends_hold() {
                         // Not staged (a presumed abort): its own index key, first, so that a log cut short
                         // after it leaves a key whose record is missing, which readers skip; never a record the
                         // index and recovery cannot find.
-                        inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, &id), Vec::new()));
+                        inserts.push((time_key(vec![BY_TIME], record.decided_at_unix_ms, &id), Some(Vec::new())));
+                    }
+                    if let Outcome::Held { .. } = record.outcome {
+                        // Before the record, as the index key is.
+                        inserts.push((key(HOLD, &id).to_vec(), Some(Vec::new())));
+                        self.holds.insert(id);
                     }
                     let value = records::encode(&DecidedRef { record: &record, made_by: made_by.as_deref() });
-                    inserts.push((key(RECORD, &id).to_vec(), value));
+                    inserts.push((key(RECORD, &id).to_vec(), Some(value)));
                     match record.outcome {
                         Outcome::Committed if staged_at.is_none() => self.insert(record.decided_at_unix_ms, id),
                         Outcome::Committed => {}
-                        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.remove(&id),
+                        // Owed through its `h` key until every shard has acknowledged its end.
+                        outcome if outcome.ends_hold() => {}
+                        _ => self.remove(&id),
                     }
                 }
-                Op::End(id) => self.remove(&id),
+                Op::End(id) => {
+                    self.remove(&id);
+                    if self.holds.remove(&id) {
+                        inserts.push((key(HOLD, &id).to_vec(), None));
+                    }
+                }
             }
         }
         let mark = self.needed_mark();
@@ -186,20 +207,25 @@ pub struct Wal {
     owed: Arc<Mutex<Owed>>,
 }
 
-/// What recovery hands the core: commits some shard may not have acknowledged, and staged transfers with no
-/// decision.
+/// What recovery hands the core: commits and hold ends some shard may not have acknowledged, staged transfers
+/// with no decision, and the holds granted and not ended.
 pub struct Recovery {
     pub unacked: Vec<(TransferId, TransferRecord)>,
     pub staged: Vec<StagedTransfer>,
+    pub holds: Vec<GrantedHold>,
 }
 
 /// The order a batch's inserts go to the log in, with the mark moving from `old_mark` to `new_mark`: before the
 /// entries when it moves back (or is the first), after them when it moves on, not at all when it stays.
-fn log_order(inserts: Vec<(Vec<u8>, Vec<u8>)>, old_mark: Option<u64>, new_mark: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn log_order(
+    inserts: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    old_mark: Option<u64>,
+    new_mark: u64,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     if old_mark == Some(new_mark) {
         return inserts;
     }
-    let mark = (ACKED_BEFORE_KEY.to_vec(), new_mark.to_be_bytes().to_vec());
+    let mark = (ACKED_BEFORE_KEY.to_vec(), Some(new_mark.to_be_bytes().to_vec()));
     // No mark yet claims nothing, like a lower one: it goes first too.
     if old_mark.is_none_or(|old| new_mark < old) {
         std::iter::once(mark).chain(inserts).collect()
@@ -258,6 +284,7 @@ impl Wal {
         let mut owed = wal.owed();
         owed.mark = mark;
         wal.scan_owed(|at, id, _| owed.insert(at, id))?;
+        owed.holds = wal.hold_ids()?.into_iter().collect();
         drop(owed);
         Ok(wal)
     }
@@ -315,8 +342,7 @@ impl Wal {
     /// them when it moves on, so no durable commit owed acks is ever behind the durable mark.
     pub fn apply(&self, batch: WalBatch) -> Result<(), WalError> {
         let mut owed = self.owed();
-        let ops = owed.plan(batch.ops).into_iter().map(|(key, value)| (key, Some(value))).collect();
-        Ok(self.store.log(ops)?)
+        Ok(self.store.log(owed.plan(batch.ops))?)
     }
 
     /// The newest `limit` decided transfers of the whole ledger (by the time each was first logged), newest
@@ -348,12 +374,32 @@ impl Wal {
     /// acknowledged it) and every staged transfer with no decision. Bounded by how far the oldest of them
     /// lags, not by history.
     pub fn recovery(&self) -> Result<Recovery, WalError> {
-        let mut recovery = Recovery { unacked: Vec::new(), staged: Vec::new() };
+        let mut recovery = Recovery { unacked: Vec::new(), staged: Vec::new(), holds: Vec::new() };
         self.scan_owed(|_, id, entry| match entry {
             Entry::Decided(d) => recovery.unacked.push((id, d.record)),
             Entry::Staged(s) => recovery.staged.push(StagedTransfer { id, transfer: s.transfer, made_by: s.made_by }),
         })?;
+        for id in self.hold_ids()? {
+            // An `h` key whose record a crash lost was never granted: nobody heard of it.
+            let Some(Decided { record, made_by }) = self.decided(&id)? else { continue };
+            match record.outcome {
+                Outcome::Held { expires_at_unix_ms } => {
+                    let transfer = record.transfer;
+                    recovery.holds.push(GrantedHold { id, transfer, made_by, expires_at_unix_ms });
+                }
+                outcome if outcome.ends_hold() => recovery.unacked.push((id, record)),
+                _ => {}
+            }
+        }
         Ok(recovery)
+    }
+
+    /// The holds with an `h` key: granted, or ended and not yet acknowledged everywhere.
+    fn hold_ids(&self) -> Result<Vec<TransferId>, WalError> {
+        let keys = self.store.range(vec![HOLD]..vec![HOLD + 1], false, usize::MAX)?;
+        keys.into_iter()
+            .map(|(k, _)| Uuid::from_slice(k.get(1..).unwrap_or_default()).map_err(|_| WalError::BadKey(k.to_vec())))
+            .collect()
     }
 
     /// Calls `found` with the index time, id and entry of every staged transfer and every commit indexed at or
@@ -527,7 +573,9 @@ mod tests {
             for (at, id) in aborted {
                 batch.put(id, record(Outcome::Aborted(AbortReason::CoordinatorRestarted), *at + 1), None);
             }
-            let written = owed.plan(batch.ops);
+            // This case writes no hold, so nothing is removed.
+            let written: Vec<(Vec<u8>, Vec<u8>)> =
+                owed.plan(batch.ops).into_iter().map(|(k, v)| (k, v.expect("no removal"))).collect();
             let time_of = |id: &TransferId| {
                 before.iter().map(|(at, i)| (*at, *i)).chain(new.iter().map(|(at, i, _)| (*at, *i))).find(|(_, i)| i == id)
             };

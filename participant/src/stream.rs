@@ -170,7 +170,7 @@ fn checked(frame: &[u8]) -> Result<Option<Vec<ToShard>>, StreamError> {
 fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
     let all = || frames.iter().flatten();
     let prepared = all().any(|i| matches!(i, ToShard::Prepare { .. }));
-    let decided = all().any(|i| matches!(i, ToShard::Decide { .. }));
+    let decided = all().any(|i| matches!(i, ToShard::Decide { .. } | ToShard::Capture { .. }));
     if prepared {
         crash::point(crash::PARTICIPANT_PREPARE_RECEIVED);
     }

@@ -53,6 +53,15 @@ impl TransferMachine {
         TransferMachine { id, transfer, shards, shard_count, phase: Phase::Preparing { votes } }
     }
 
+    /// A machine for the end of a granted hold (every shard voted YES on it and holds it prepared): the
+    /// decision is chosen, to be logged and then sent to every shard.
+    pub fn ending(id: TransferId, transfer: Transfer, outcome: Outcome, shard_count: u32) -> Self {
+        assert!(outcome.ends_hold(), "only a hold's end follows a granted hold: {outcome:?}");
+        let shards: BTreeSet<ShardId> = transfer.shards(shard_count).into_iter().collect();
+        let phase = Phase::Logging { outcome, voted_no: BTreeSet::new() };
+        TransferMachine { id, transfer, shards, shard_count, phase }
+    }
+
     /// A machine for a decision read back from the log (coordinator recovery).
     pub fn recovered(
         id: TransferId,
@@ -94,6 +103,17 @@ impl TransferMachine {
             votes.iter().filter(|(_, v)| matches!(v, VoteResult::Vote(Vote::No { .. }))).map(|(s, _)| *s).collect();
         self.phase = Phase::Logging { outcome, voted_no };
         Some(outcome)
+    }
+
+    /// Every shard voted YES on a hold: it is granted, not committed. Returns the outcome to log.
+    pub fn grant(&mut self, expires_at_unix_ms: u64) -> Outcome {
+        match &mut self.phase {
+            Phase::Logging { outcome: outcome @ Outcome::Committed, .. } => {
+                *outcome = Outcome::Held { expires_at_unix_ms };
+                *outcome
+            }
+            other => panic!("hold {} granted outside a unanimous vote: {other:?}", self.id),
+        }
     }
 
     /// The prepare round ran out of time: whoever has not answered counts as unavailable.
@@ -189,10 +209,13 @@ fn precedence(reason: AbortReason) -> u8 {
     }
 }
 
+/// The decision an outcome sends to the shards. A granted hold has none yet: the shell never sends it, and
+/// the core never logs one as a decision to deliver.
 pub fn decision_of(outcome: Outcome) -> Decision {
     match outcome {
-        Outcome::Committed => Decision::Commit,
-        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => Decision::Abort,
+        Outcome::Committed | Outcome::Captured { .. } => Decision::Commit,
+        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } | Outcome::Released | Outcome::Expired => Decision::Abort,
+        Outcome::Held { .. } => unreachable!("a granted hold is never delivered as a decision"),
     }
 }
 
@@ -209,8 +232,14 @@ pub enum QueryPlan {
 /// decision; then the answer must wait, because the transfer may yet commit.
 pub fn plan_query_answer(in_progress: bool, logged: Option<Outcome>) -> QueryPlan {
     match (in_progress, logged) {
-        (_, Some(Outcome::Committed)) => QueryPlan::Answer(QueryAnswer::Commit),
-        (_, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) => QueryPlan::Answer(QueryAnswer::Abort),
+        (_, Some(Outcome::Held { .. })) => QueryPlan::Answer(QueryAnswer::Held),
+        // A Commit would move the whole hold: the capture, with its amount, is re-delivered until every shard
+        // has it (its `h` key keeps it owed across restarts), so the shard waits for that.
+        (_, Some(Outcome::Captured { .. })) => QueryPlan::Answer(QueryAnswer::Pending),
+        (_, Some(outcome)) => match decision_of(outcome) {
+            Decision::Commit => QueryPlan::Answer(QueryAnswer::Commit),
+            Decision::Abort => QueryPlan::Answer(QueryAnswer::Abort),
+        },
         (true, None) => QueryPlan::Answer(QueryAnswer::Pending),
         (false, None) => QueryPlan::LogAbortThenAnswer,
     }

@@ -18,7 +18,15 @@
 //! Under load (`CoreConfig::parallel_commits_max` transfers running) a new transfer takes the classic path
 //! instead: no staging record, and its commit is answered and sent once its decision is durable.
 //!
-//! The shell feeds it inputs (`handle_*`, each with the current time in milliseconds of a monotonic clock) and
+//! A hold (a one-leg transfer with `hold_seconds`) runs the classic path, and where a transfer would commit it
+//! is granted instead: [`Outcome::Held`] is logged, the client hears once it is durable, and the shards keep it
+//! prepared and hear nothing. It ends once, by [`CoordinatorCore::handle_end_hold`] (a capture commits part or
+//! all of it, a release aborts it) or by reaching its expiry in [`CoordinatorCore::handle_timeout`] (an abort):
+//! that end is a decision like any other, logged before anyone hears of it and delivered until every shard has
+//! acknowledged it. At most [`HOLDS_ACTIVE_MAX`] holds are granted at once.
+//!
+//! The shell feeds it inputs (`handle_*`, each with the current time in milliseconds of a monotonic clock whose
+//! zero is the unix epoch at the shell's start, so that hold expiries, in unix milliseconds, compare with it) and
 //! carries out what it asks for, in this order after every input: [`CoordinatorCore::poll_log`] (writes to
 //! apply to the log, and a sync barrier to wait for), [`CoordinatorCore::poll_transmit`] (frames to send),
 //! [`CoordinatorCore::poll_answer`] (answers to release) and [`CoordinatorCore::poll_timeout`] (when to call
@@ -30,6 +38,9 @@ use crate::msg::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswe
 use crate::state::{AbortReason, AccountRecord, Outcome, TransferRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Holds granted and not yet ended, at most: each keeps an entry in memory until it ends.
+pub const HOLDS_ACTIVE_MAX: usize = 100_000;
 
 /// The core's settings (the shell's flags, in milliseconds).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -147,6 +158,40 @@ pub enum SubmitError {
     /// The id is known with a different body.
     IdempotencyConflict,
     Overloaded,
+    /// [`HOLDS_ACTIVE_MAX`] holds are granted or being granted.
+    HoldsFull,
+}
+
+/// How a client ends a hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HoldEnd {
+    /// Commit this much of it (all of it by default) and release the rest.
+    Capture(Option<i64>),
+    Release,
+}
+
+/// Why a hold's end was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HoldError {
+    /// No transfer or hold has this id.
+    NotFound,
+    /// The id is a transfer, not a hold.
+    NotAHold,
+    /// The hold is not active: it is being granted, was refused, or ended in another way (its status).
+    NotActive(&'static str),
+    /// A capture of a hold that has expired.
+    Expired,
+    /// A capture of more than the hold holds (or of nothing).
+    BadAmount { held: i64 },
+}
+
+/// A granted hold, as the log holds it: what [`CoordinatorCore::with_holds`] takes after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GrantedHold {
+    pub id: TransferId,
+    pub transfer: Transfer,
+    pub made_by: Option<String>,
+    pub expires_at_unix_ms: u64,
 }
 
 /// Events worth a log line or a metric; the core itself says nothing.
@@ -189,6 +234,8 @@ struct Run {
     /// Staged by an earlier life of the coordinator, and finished by this one: its Prepares go again until
     /// every shard answers, and silence never aborts it.
     recovering: Option<Recovering>,
+    /// A hold, granted at this time if every shard votes YES.
+    expires_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -238,6 +285,8 @@ pub struct InMemory {
     pub running: usize,
     /// Decided transfers some shard has not acknowledged.
     pub owed: usize,
+    /// Granted holds (at most [`HOLDS_ACTIVE_MAX`]).
+    pub holds: usize,
     /// Items waiting for a shard's link.
     pub queued: usize,
     /// Decisions made but not yet handed to the shell.
@@ -272,6 +321,9 @@ pub struct CoordinatorCore {
     recovering: usize,
     /// Decisions in `log`, not yet handed to the shell: what its reads of the log cannot see yet.
     unlogged: BTreeMap<TransferId, (Transfer, Outcome)>,
+    /// Granted holds, and their expiries in time order.
+    holds: BTreeMap<TransferId, GrantedHold>,
+    expiries: BTreeSet<(u64, TransferId)>,
 }
 
 impl CoordinatorCore {
@@ -299,7 +351,7 @@ impl CoordinatorCore {
             .map(|s| {
                 let machine = TransferMachine::new(s.id, s.transfer, config.shard_count);
                 let recovering = Some(Recovering { last_sent_ms: 0 });
-                let run = Run { machine, made_by: s.made_by, parallel: true, staged: true, recovering };
+                let run = Run { machine, made_by: s.made_by, parallel: true, staged: true, recovering, expires_at_ms: None };
                 (s.id, run)
             })
             .collect::<BTreeMap<_, _>>();
@@ -321,7 +373,19 @@ impl CoordinatorCore {
             next_query: 0,
             next_redeliver_ms: now_ms,
             config,
+            holds: BTreeMap::new(),
+            expiries: BTreeSet::new(),
         }
+    }
+
+    /// The holds the log holds granted and not ended (after a restart). Those past their expiry expire at the
+    /// first [`CoordinatorCore::handle_timeout`].
+    pub fn with_holds(mut self, holds: Vec<GrantedHold>) -> Self {
+        for hold in holds {
+            self.expiries.insert((hold.expires_at_unix_ms, hold.id));
+            self.holds.insert(hold.id, hold);
+        }
+        self
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -342,7 +406,12 @@ impl CoordinatorCore {
         if let Some(run) = self.running.get(&id) {
             return if run.machine.transfer == transfer { Ok(()) } else { Err(SubmitError::IdempotencyConflict) };
         }
-        let logged = logged.map(|r| (r.transfer.clone(), r.outcome)).or_else(|| self.unlogged.get(&id).cloned());
+        let granted = self.holds.get(&id).map(|h| {
+            (h.transfer.clone(), Outcome::Held { expires_at_unix_ms: h.expires_at_unix_ms })
+        });
+        let logged = granted
+            .or_else(|| self.unlogged.get(&id).cloned())
+            .or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
         if let Some((logged_transfer, outcome)) = logged {
             if logged_transfer != transfer {
                 return Err(SubmitError::IdempotencyConflict);
@@ -355,9 +424,17 @@ impl CoordinatorCore {
         if self.running.len() >= self.config.transfers_in_flight_max {
             return Err(SubmitError::Overloaded);
         }
+        let expires_at_ms = transfer.hold_seconds().map(|seconds| now_ms.saturating_add(u64::from(seconds) * 1_000));
+        if expires_at_ms.is_some() {
+            let granting = self.running.values().filter(|r| r.expires_at_ms.is_some()).count();
+            if self.holds.len() + granting >= HOLDS_ACTIVE_MAX {
+                return Err(SubmitError::HoldsFull);
+            }
+        }
         let machine = TransferMachine::new(id, transfer, self.config.shard_count);
         let shards = machine.shards();
-        let parallel = self.running.len() < self.config.parallel_commits_max;
+        // A hold is never staged: a staged transfer with every YES is committed, and a hold is not.
+        let parallel = expires_at_ms.is_none() && self.running.len() < self.config.parallel_commits_max;
         if parallel {
             self.log.push(LogWrite::Stage {
                 id,
@@ -367,7 +444,7 @@ impl CoordinatorCore {
             });
             self.after_next_sync(AfterSync::Staged(id));
         }
-        self.running.insert(id, Run { machine, made_by, parallel, staged: false, recovering: None });
+        self.running.insert(id, Run { machine, made_by, parallel, staged: false, recovering: None, expires_at_ms });
         self.deadlines.push_back((now_ms + self.config.prepare_timeout_ms, id));
         for shard in shards {
             self.want_link(shard);
@@ -476,6 +553,73 @@ impl CoordinatorCore {
         query
     }
 
+    /// A client ends hold `id`. `logged` is what the log holds for `id`, as for `handle_submit`. On `Ok`, an
+    /// [`Answer::Transfer`] for `id` follows: the end's outcome once it is durable (a repeated request gets the
+    /// same one).
+    pub fn handle_end_hold(
+        &mut self,
+        now_ms: u64,
+        id: TransferId,
+        end: HoldEnd,
+        logged: Option<&TransferRecord>,
+    ) -> Result<(), HoldError> {
+        if let Some(hold) = self.holds.get(&id) {
+            let held = hold.transfer.single().map_or(0, |leg| leg.amount.minor());
+            if now_ms >= hold.expires_at_unix_ms {
+                self.end_hold(id, Outcome::Expired);
+                return Err(match end {
+                    HoldEnd::Capture(_) => HoldError::Expired,
+                    HoldEnd::Release => HoldError::NotActive(Outcome::Expired.status()),
+                });
+            }
+            let outcome = match end {
+                HoldEnd::Capture(amount) => {
+                    let amount = amount.unwrap_or(held);
+                    if !(1..=held).contains(&amount) {
+                        return Err(HoldError::BadAmount { held });
+                    }
+                    Outcome::Captured { amount }
+                }
+                HoldEnd::Release => Outcome::Released,
+            };
+            self.end_hold(id, outcome);
+            return Ok(());
+        }
+        // Not granted here: being granted or ended (running), or known only to the log.
+        let (transfer, outcome) = match self.running.get(&id) {
+            Some(run) => match run.machine.phase() {
+                Phase::Logging { outcome, .. } | Phase::Decided { outcome, .. } => (run.machine.transfer.clone(), Some(*outcome)),
+                Phase::Preparing { .. } => (run.machine.transfer.clone(), None),
+            },
+            None => {
+                // A decision not handed out yet is newer than the log.
+                let logged = self.unlogged.get(&id).cloned().or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
+                let (transfer, outcome) = logged.ok_or(HoldError::NotFound)?;
+                (transfer, Some(outcome))
+            }
+        };
+        let Some(held) = transfer.hold_seconds().and(transfer.single()).map(|leg| leg.amount.minor()) else {
+            return Err(HoldError::NotAHold);
+        };
+        let same = match (end, outcome) {
+            (HoldEnd::Capture(amount), Some(Outcome::Captured { amount: captured })) => amount.unwrap_or(held) == captured,
+            (HoldEnd::Release, Some(Outcome::Released)) => true,
+            (HoldEnd::Capture(_), Some(Outcome::Expired)) => return Err(HoldError::Expired),
+            _ => false,
+        };
+        match outcome {
+            Some(outcome) if same => {
+                if !self.running.contains_key(&id) {
+                    // Ended before: the same answer again, once the record it comes from is surely durable.
+                    self.after_next_sync(AfterSync::Answer(Answer::Transfer { id, transfer, outcome }));
+                }
+                Ok(())
+            }
+            Some(outcome) => Err(HoldError::NotActive(outcome.status())),
+            None => Err(HoldError::NotActive("pending")),
+        }
+    }
+
     /// Every log write handed out with barriers up to `barrier` is durable.
     pub fn handle_synced(&mut self, now_ms: u64, barrier: u64) {
         self.barrier_synced = self.barrier_synced.max(barrier);
@@ -492,8 +636,15 @@ impl CoordinatorCore {
         }
     }
 
-    /// Time passed: prepare rounds past their deadline end, and owed decisions are sent again.
+    /// Time passed: prepare rounds past their deadline end, holds past their expiry expire, and owed decisions
+    /// are sent again.
     pub fn handle_timeout(&mut self, now_ms: u64) {
+        while let Some(&(expires_at, id)) = self.expiries.first() {
+            if expires_at > now_ms {
+                break;
+            }
+            self.end_hold(id, Outcome::Expired);
+        }
         while let Some(&(deadline, id)) = self.deadlines.front() {
             if deadline > now_ms {
                 break;
@@ -571,7 +722,8 @@ impl CoordinatorCore {
     pub fn poll_timeout(&self) -> Option<u64> {
         let prepare = self.deadlines.front().map(|(at, _)| *at);
         let redeliver = (!self.owed.is_empty() || self.recovering > 0).then_some(self.next_redeliver_ms);
-        prepare.into_iter().chain(redeliver).min()
+        let expiry = self.expiries.first().map(|(at, _)| *at);
+        prepare.into_iter().chain(redeliver).chain(expiry).min()
     }
 
     /// The transfer as it runs here (`None` once decided and answered: then the log knows it).
@@ -616,6 +768,7 @@ impl CoordinatorCore {
         InMemory {
             running: self.running.len(),
             owed: self.owed.len(),
+            holds: self.holds.len(),
             queued: self.outbox.iter().map(VecDeque::len).sum(),
             unlogged: self.unlogged.len(),
         }
@@ -633,6 +786,27 @@ impl CoordinatorCore {
 
     pub fn owed_count(&self) -> usize {
         self.owed.len()
+    }
+
+    /// The granted holds on `account` (debiting it), soonest expiry first, at most `limit`.
+    pub fn holds_of(&self, account: &AccountId, limit: usize) -> Vec<&GrantedHold> {
+        let on = |hold: &&GrantedHold| hold.transfer.single().is_some_and(|leg| leg.from == *account);
+        self.expiries.iter().filter_map(|(_, id)| self.holds.get(id)).filter(on).take(limit).collect()
+    }
+
+    /// How many holds are granted.
+    pub fn holds_count(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// A granted hold ends: its end is logged, then delivered to every shard like any decision.
+    fn end_hold(&mut self, id: TransferId, outcome: Outcome) {
+        let Some(hold) = self.holds.remove(&id) else { return };
+        self.expiries.remove(&(hold.expires_at_unix_ms, id));
+        let machine = TransferMachine::ending(id, hold.transfer, outcome, self.config.shard_count);
+        let run = Run { machine, made_by: hold.made_by, parallel: false, staged: false, recovering: None, expires_at_ms: None };
+        self.running.insert(id, run);
+        self.log_decision(id, outcome);
     }
 
     fn after_next_sync(&mut self, after: AfterSync) {
@@ -655,11 +829,16 @@ impl CoordinatorCore {
     /// The votes are in. A staged commit is final once the staging record is durable; any other decision once
     /// it is logged.
     fn chosen(&mut self, now_ms: u64, id: TransferId, outcome: Outcome) {
-        let run = &self.running[&id];
+        let Some(run) = self.running.get_mut(&id) else { return };
         match outcome {
+            // Every shard said YES to a hold: granted, not committed.
+            Outcome::Committed if run.expires_at_ms.is_some() => {
+                let held = run.machine.grant(run.expires_at_ms.unwrap_or_default());
+                self.log_decision(id, held);
+            }
             Outcome::Committed if run.staged => self.commit(now_ms, id),
             Outcome::Committed if run.parallel => {} // `staged` commits it once the staging record is durable
-            Outcome::Committed | Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.log_decision(id, outcome),
+            _ => self.log_decision(id, outcome),
         }
     }
 
@@ -732,11 +911,19 @@ impl CoordinatorCore {
     /// The decision of `id` is final (an abort durable, a commit staged and voted): tell the client, and the
     /// shards that prepared.
     fn decided(&mut self, now_ms: u64, id: TransferId) {
-        let Some(Run { mut machine, recovering, .. }) = self.running.remove(&id) else {
+        let Some(Run { mut machine, recovering, made_by, .. }) = self.running.remove(&id) else {
             unreachable!("transfer {id} was logged while not running");
         };
         if recovering.is_some() {
             self.recovering -= 1;
+        }
+        if let Phase::Logging { outcome: outcome @ Outcome::Held { expires_at_unix_ms }, .. } = *machine.phase() {
+            // Granted: the shards keep it prepared and hear nothing until it ends.
+            let transfer = machine.transfer;
+            self.answers.push_back(Answer::Transfer { id, transfer: transfer.clone(), outcome });
+            self.expiries.insert((expires_at_unix_ms, id));
+            self.holds.insert(id, GrantedHold { id, transfer, made_by, expires_at_unix_ms });
+            return;
         }
         let (decision, targets) = machine.on_decision_logged();
         let outcome = match machine.phase() {
@@ -749,7 +936,7 @@ impl CoordinatorCore {
         }
         for shard in &targets {
             if self.links[*shard as usize] != LinkState::Down {
-                self.outbox[*shard as usize].push_back(ToShard::Decide { id, decision });
+                self.outbox[*shard as usize].push_back(delivery(id, outcome, decision));
             }
         }
         self.owed.insert(id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: now_ms });
@@ -768,8 +955,11 @@ impl CoordinatorCore {
         }
         if owed.machine.on_ack(shard) {
             let owed = self.owed.remove(&id);
-            if let Some(Phase::Decided { outcome: Outcome::Committed, .. }) = owed.as_ref().map(|o| o.machine.phase()) {
-                self.log.push(LogWrite::End { id });
+            // A commit and a hold's end are kept as owed in the log until every shard has them.
+            if let Some(Phase::Decided { outcome, .. }) = owed.as_ref().map(|o| o.machine.phase()) {
+                if *outcome == Outcome::Committed || outcome.ends_hold() {
+                    self.log.push(LogWrite::End { id });
+                }
             }
         }
     }
@@ -784,11 +974,11 @@ impl CoordinatorCore {
                 continue;
             }
             let Phase::Decided { outcome, unacked } = owed.machine.phase() else { continue };
-            let decision = decision_of(*outcome);
+            let (outcome, decision) = (*outcome, decision_of(*outcome));
             let mut sent = false;
             for shard in unacked.iter().copied().filter(|s| only.is_none_or(|o| o == *s)) {
                 if self.links[shard as usize] == LinkState::Up {
-                    self.outbox[shard as usize].push_back(ToShard::Decide { id: *id, decision });
+                    self.outbox[shard as usize].push_back(delivery(*id, outcome, decision));
                     counts[shard as usize] += 1;
                     sent = true;
                 }
@@ -802,6 +992,14 @@ impl CoordinatorCore {
                 self.notices.push_back(Notice::Redelivered { shard: shard as ShardId, count });
             }
         }
+    }
+}
+
+/// What delivers `outcome` to a shard: a capture of its amount, or the plain decision.
+fn delivery(id: TransferId, outcome: Outcome, decision: Decision) -> ToShard {
+    match outcome {
+        Outcome::Captured { amount } => ToShard::Capture { id, amount },
+        _ => ToShard::Decide { id, decision },
     }
 }
 
@@ -856,6 +1054,94 @@ mod tests {
                 .collect();
             core.handle_replies(0, *shard, replies);
         }
+    }
+
+    fn hold(amount: i64, seconds: u32) -> Transfer {
+        let id = |s: &str| AccountId::new(s).expect("valid id");
+        Transfer::hold(id("alice"), id("bob"), Amount::new(amount).expect("positive"), seconds).expect("a hold")
+    }
+
+    /// Hands out the log's writes and reports them durable; returns them.
+    fn sync(core: &mut CoordinatorCore, now: u64) -> Vec<LogWrite> {
+        let batch = core.poll_log().expect("something to log");
+        core.handle_synced(now, batch.sync.expect("a barrier"));
+        batch.writes
+    }
+
+    #[test]
+    fn a_hold_is_granted_then_ends_once_by_capture_release_or_expiry() {
+        let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
+        up(&mut core);
+        let (captured, released, expiring) = (TransferId::from_u128(1), TransferId::from_u128(2), TransferId::from_u128(3));
+        for (id, seconds) in [(captured, 60), (released, 60), (expiring, 5)] {
+            core.handle_submit(1_000, id, hold(10, seconds), None, None).expect("taken");
+        }
+        let frames = drain_frames(&mut core);
+        vote_all(&mut core, &frames, Vote::Yes);
+        let writes = sync(&mut core, 1_000);
+        assert!(writes.iter().all(|w| matches!(w, LogWrite::Decision { outcome: Outcome::Held { .. }, .. })), "{writes:?}");
+        assert!(matches!(writes[0], LogWrite::Decision { outcome: Outcome::Held { expires_at_unix_ms: 61_000 }, .. }));
+        let granted: Vec<Outcome> = std::iter::from_fn(|| core.poll_answer())
+            .filter_map(|a| match a { Answer::Transfer { outcome, .. } => Some(outcome), _ => None })
+            .collect();
+        assert_eq!(granted.len(), 3);
+        assert!(drain_frames(&mut core).is_empty(), "the shards hear nothing of a grant");
+        assert_eq!(core.holds_count(), 3);
+        core.handle_timeout(1_100); // the spent prepare deadlines
+        assert_eq!(core.poll_timeout(), Some(6_000), "the soonest expiry");
+        assert_eq!(core.handle_submit(1_000, captured, transfer(10), None, None), Err(SubmitError::IdempotencyConflict));
+
+        // A capture is logged before anyone hears, then goes to every shard with its amount.
+        let logged = |outcome| TransferRecord { transfer: hold(10, 60), outcome, shards: vec![0, 1], decided_at_unix_ms: 1_000 };
+        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), None), Err(HoldError::BadAmount { held: 10 }));
+        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), None).expect("taken");
+        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Release, None), Err(HoldError::NotActive("captured")));
+        assert!(core.poll_answer().is_none() && drain_frames(&mut core).is_empty(), "nothing before the log is durable");
+        assert!(matches!(sync(&mut core, 2_000)[..], [LogWrite::Decision { outcome: Outcome::Captured { amount: 4 }, .. }]));
+        let frames = drain_frames(&mut core);
+        assert!(frames.iter().all(|(_, items)| items == &[ToShard::Capture { id: captured, amount: 4 }]), "{frames:?}");
+        for shard in [0, 1] {
+            core.handle_replies(2_000, shard, vec![FromShard::Ack { id: captured, decision: Decision::Commit, ack: DecideAck::Done }]);
+        }
+        assert!(matches!(core.poll_log().expect("the end").writes[..], [LogWrite::End { .. }]), "owed until both acked");
+        // Asked again: the same answer from the log; another end is refused.
+        let record = logged(Outcome::Captured { amount: 4 });
+        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), Some(&record)).expect("a replay");
+        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Capture(None), Some(&record)), Err(HoldError::NotActive("captured")));
+
+        core.handle_end_hold(2_000, released, HoldEnd::Release, None).expect("taken");
+        sync(&mut core, 2_000);
+        let frames = drain_frames(&mut core);
+        assert!(frames.iter().all(|(_, items)| items == &[ToShard::Decide { id: released, decision: Decision::Abort }]));
+
+        // Expiry: at its time, by itself; a capture after it is refused.
+        core.handle_timeout(5_999);
+        assert_eq!(core.holds_count(), 1);
+        core.handle_timeout(6_000);
+        assert_eq!(core.holds_count(), 0);
+        assert!(matches!(sync(&mut core, 6_000)[..], [LogWrite::Decision { outcome: Outcome::Expired, .. }]));
+        let record = logged(Outcome::Expired);
+        assert_eq!(core.handle_end_hold(6_000, expiring, HoldEnd::Capture(None), Some(&record)), Err(HoldError::Expired));
+        let plain = TransferRecord { transfer: transfer(10), ..logged(Outcome::Committed) };
+        assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, Some(&plain)), Err(HoldError::NotAHold));
+        assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, None), Err(HoldError::NotFound));
+    }
+
+    #[test]
+    fn a_participant_asking_about_a_hold_hears_held_and_a_capture_is_only_delivered() {
+        let held = TransferRecord { transfer: hold(10, 60), outcome: Outcome::Held { expires_at_unix_ms: 9 }, shards: vec![0, 1], decided_at_unix_ms: 1 };
+        let captured = TransferRecord { outcome: Outcome::Captured { amount: 3 }, ..held.clone() };
+        let released = TransferRecord { outcome: Outcome::Released, ..held.clone() };
+        let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
+        let items = [held, captured, released]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (DecisionQueryItem { id: TransferId::from_u128(i as u128), transfer: r.transfer.clone() }, Some((r.transfer, r.outcome))))
+            .collect();
+        let q = core.handle_query(items);
+        sync(&mut core, 0);
+        let answers = vec![QueryAnswer::Held, QueryAnswer::Pending, QueryAnswer::Abort];
+        assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers }));
     }
 
     #[test]

@@ -424,6 +424,12 @@ impl ParticipantMachine {
         log: &dyn FinishedLog,
         writes: &mut Vec<Write>,
     ) -> (DecideAck, Option<PreparedRecord>) {
+        if captured.is_none() && decision == Decision::Commit {
+            // A hold moves only by a capture, which says how much.
+            if self.prepared.get(&id).is_some_and(|p| p.transfer.hold_seconds().is_some()) {
+                return (DecideAck::Refused, None);
+            }
+        }
         let Some(mut prepared) = self.prepared.remove(&id) else {
             if let Some(done) = self.finished_decision(&id, log) {
                 return (if done == decision { DecideAck::Done } else { DecideAck::Refused }, None);
@@ -608,6 +614,7 @@ mod tests {
         assert_eq!(m.capture(plain_id, 5, &NothingFinished, &mut w).0, DecideAck::Refused, "not a hold");
         assert_eq!(m.capture(hold_id, 61, &NothingFinished, &mut w).0, DecideAck::Refused, "more than it holds");
         assert_eq!(m.capture(hold_id, 0, &NothingFinished, &mut w).0, DecideAck::Refused, "nothing");
+        assert_eq!(m.decide(hold_id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Refused, "a hold is captured");
         let (ack, settled) = m.capture(hold_id, 25, &NothingFinished, &mut w);
         assert_eq!(ack, DecideAck::Done);
         let moved: Vec<i64> = settled.expect("the hold's record").postings.iter().map(|p| p.delta).collect();

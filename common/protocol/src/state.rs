@@ -94,17 +94,43 @@ pub enum Outcome {
     /// Aborted, for a reason that names no leg, or a transfer of one leg (whose record and answer are those of
     /// the transfers before legs).
     Aborted(AbortReason),
-    /// A transfer of several legs aborted because of the leg at this index (the first failing one). Last, so
-    /// that the records written before it existed read as they did.
+    /// A transfer of several legs aborted because of the leg at this index (the first failing one). After the
+    /// variants before it, so that the records written before it existed read as they did.
     AbortedAtLeg { reason: AbortReason, leg: u8 },
+    /// A hold every shard voted YES on: its amount stays reserved until it is captured, released or expires
+    /// (at this time, on the coordinator's clock). Not a decision: the shards hear nothing of it.
+    Held { expires_at_unix_ms: u64 },
+    /// A hold captured for `amount` (the rest released): a commit of that much.
+    Captured { amount: i64 },
+    /// A hold its client released: an abort.
+    Released,
+    /// A hold that reached its expiry: an abort.
+    Expired,
 }
 
 impl Outcome {
-    /// Why it aborted, if it did.
+    /// Why it aborted, if it did (a hold that ended by release or expiry did not abort: it was granted).
     pub fn abort_reason(self) -> Option<AbortReason> {
         match self {
-            Outcome::Committed => None,
             Outcome::Aborted(reason) | Outcome::AbortedAtLeg { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// A hold's end (capture, release or expiry): a decision that follows [`Outcome::Held`].
+    pub fn ends_hold(self) -> bool {
+        matches!(self, Outcome::Captured { .. } | Outcome::Released | Outcome::Expired)
+    }
+
+    /// What a client reads as its status.
+    pub fn status(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => "aborted",
+            Outcome::Held { .. } => "held",
+            Outcome::Captured { .. } => "captured",
+            Outcome::Released => "released",
+            Outcome::Expired => "expired",
         }
     }
 

@@ -1207,7 +1207,8 @@ impl Cluster {
             .filter_map(|(id, r)| match r.outcome() {
                 None => Some((r.indexed_at, *id, true, false)),
                 Some(Outcome::Committed) => Some((r.indexed_at, *id, r.unacked_marker, !r.unacked_marker)),
-                Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. }) => None,
+                // The simulator submits no holds.
+                Some(_) => None,
             })
             .collect();
         if !entries.iter().any(|(_, _, _, acked)| *acked) {
@@ -1257,7 +1258,7 @@ impl Cluster {
                         self.stats.conflicts += 1;
                         self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Conflict });
                     }
-                    Err(SubmitError::Overloaded) => {} // the client retries
+                    Err(SubmitError::Overloaded | SubmitError::HoldsFull) => {} // the client retries
                 }
             }
             Msg::Replies { epoch: e, shard, replies } if e == epoch => {
@@ -1431,7 +1432,7 @@ impl Cluster {
                 if self.coordinator.staged_handed.contains(&id) {
                     match outcome {
                         Outcome::Committed => self.stats.staged_recovered_committed += 1,
-                        Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => self.stats.staged_recovered_aborted += 1,
+                        _ => self.stats.staged_recovered_aborted += 1,
                     }
                 }
                 // A decision overwrites the staging record and keeps its place in the time index.
@@ -1487,7 +1488,7 @@ impl Cluster {
                 }
                 self.bind_commit(id, "its commit was released to clients")
             }
-            Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } => {
+            _ => {
                 let durable = self.durable_outcomes.get(&id).copied();
                 if durable != Some(outcome) {
                     return Err(format!("the coordinator released {outcome:?} for {id}, the durable outcome is {durable:?}"));

@@ -7,6 +7,7 @@ mod console;
 mod crash;
 mod fuzz;
 mod history;
+mod holds;
 mod legs;
 mod harness;
 mod load;
