@@ -45,15 +45,21 @@ pub enum EntryKind {
     /// An operator forced the transfer's outcome here without the coordinator (see `heuristic` in the server).
     HeuristicCommit,
     HeuristicAbort,
-    /// One posting of a committed transfer of several legs, from the leg at this index. Last, so that the
-    /// entries written before it existed read as they did.
+    /// One posting of a committed transfer of several legs, from the leg at this index. After the kinds before
+    /// it, so that the entries written before it existed read as they did.
     LegPosting { leg: u8 },
+    /// A hold granted here: `amount` is reserved (debit) or promised (credit); the balance does not change.
+    Hold,
+    /// The captured part of a hold, moved.
+    Capture,
+    /// A hold released or expired: nothing moved (amount 0).
+    Release,
 }
 
 impl EntryKind {
     /// The entry records a commit (its transfer's money moved here).
     pub fn is_commit(self) -> bool {
-        matches!(self, EntryKind::Posting | EntryKind::HeuristicCommit | EntryKind::LegPosting { .. })
+        matches!(self, EntryKind::Posting | EntryKind::HeuristicCommit | EntryKind::LegPosting { .. } | EntryKind::Capture)
     }
 }
 

@@ -258,7 +258,9 @@ async fn prepare(
             .zip(made_by)
             .map(|(item, made_by)| machine.prepare_by(item, made_by, now, &log, &mut writes))
             .collect();
-        persist(&node, &mut machine, &writes, &journal::Inserts::default());
+        let mut extra = journal::Inserts::default();
+        journal_holds(&mut machine, &writes, now, &mut extra);
+        persist(&node, &mut machine, &writes, &extra);
         metrics::gauge!(metric::PREPARED).set(machine.prepared().count() as f64);
         votes
     };
@@ -341,7 +343,10 @@ pub(crate) fn journal_decision(
     extra: &mut journal::Inserts,
 ) {
     let postings = &record.postings;
+    let hold = record.transfer.hold_seconds().is_some();
     let kind = match (operator, decision) {
+        (None, wire::Decision::Commit) if hold => journal::EntryKind::Capture,
+        (None, wire::Decision::Abort) if hold => journal::EntryKind::Release,
         (None, wire::Decision::Commit) => journal::EntryKind::Posting,
         (None, wire::Decision::Abort) => return,
         (Some(_), wire::Decision::Commit) => journal::EntryKind::HeuristicCommit,
@@ -374,6 +379,26 @@ pub(crate) fn journal_decision(
     if let Some(operator) = operator {
         let record = journal::HeuristicRecord { decision, operator: operator.to_owned(), at_unix_ms: now };
         extra.keys.push((journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(common::records::encode(&record))));
+    }
+}
+
+/// The journal side of new prepared records: a hold granted here gets an entry per posting (what it reserves
+/// or promises; the balance is unchanged). A transfer's prepare is not journaled: only its outcome is.
+pub(crate) fn journal_holds(state: &mut crate::ShardState, writes: &[Write], now: u64, extra: &mut journal::Inserts) {
+    for write in writes {
+        let Write::Prepared(id, record) = write else { continue };
+        if record.transfer.hold_seconds().is_none() {
+            continue;
+        }
+        let lines: Vec<(journal::EntryKind, AccountId, i64, i64)> = record
+            .postings
+            .iter()
+            .map(|p| {
+                let balance = state.account(&p.account).map_or(0, |a| a.balance);
+                (journal::EntryKind::Hold, p.account.clone(), p.delta, balance)
+            })
+            .collect();
+        state.journal.applied(*id, &lines, record.made_by.as_deref(), now, extra);
     }
 }
 

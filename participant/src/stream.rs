@@ -7,7 +7,7 @@
 //! before it is durable, so a YES vote or an ack is never sent for a write that a crash could still lose, and
 //! a read never shows what a crash could take back.
 
-use crate::server::{journal_decision, metric, persist};
+use crate::server::{journal_decision, journal_holds, metric, persist};
 use crate::{journal, storage, Node};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -184,7 +184,9 @@ fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
     let mut needs_sync = false;
     let mut replies = Vec::with_capacity(frames.len());
     for items in frames {
+        let before = writes.len();
         let frame = apply_frame(&mut state, items, now, &storage::Decisions(&node.store), &mut writes);
+        journal_holds(&mut state, &writes[before..], now, &mut extra);
         journal(&mut state, &frame, now, &mut extra);
         needs_sync |= frame.needs_sync;
         replies.push(frame.replies);

@@ -57,6 +57,24 @@ async fn wait_for_status(c: &Cluster, id: &str, want: &str, timeout: Duration) {
     }
 }
 
+fn owned(entries: &[(&str, i64, i64)]) -> Vec<(String, i64, i64)> {
+    entries.iter().map(|(kind, amount, after)| (kind.to_string(), *amount, *after)).collect()
+}
+
+/// `account`'s journal entries for transfer `id`, newest first: (kind, amount, balance after).
+async fn journal_of(c: &Cluster, account: &str, id: &str) -> Vec<(String, i64, i64)> {
+    let (_, entries) = c.get(&format!("/accounts/{account}/entries")).await;
+    let entries = entries["entries"].as_array().cloned().unwrap_or_default();
+    entries
+        .iter()
+        .filter(|e| e["transfer_id"] == json!(id))
+        .map(|e| {
+            let number = |field: &str| e[field].as_i64().unwrap_or(i64::MIN);
+            (e["kind"].as_str().unwrap_or_default().to_string(), number("amount"), number("balance_after"))
+        })
+        .collect()
+}
+
 /// Waits until `account` shows `(balance, held)`, or panics after [`SETTLE`] (`Cluster::settle` cannot be
 /// used while a hold is active: a granted hold stays prepared on its shards).
 async fn wait_for_books(c: &Cluster, account: &str, want: (i64, i64)) {
@@ -108,6 +126,8 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
     assert_eq!(code, 409);
     assert_eq!(status(&c, &id).await, "captured");
     assert_eq!(held_and_balance(&c, &a.alice).await, (880, 0), "moved once");
+    assert_eq!(journal_of(&c, &a.alice, &id).await, owned(&[("capture", -120, 880), ("hold", -300, 1000)]));
+    assert_eq!(journal_of(&c, &a.shop, &id).await, owned(&[("capture", 120, 120), ("hold", 300, 0)]));
 
     // Released: nothing moves, and the hold is gone from the list.
     let (_, granted) = hold(&c, &a.alice, &a.bob, 50, 60).await;
@@ -121,6 +141,7 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
     assert_eq!((code, refused["error"]["code"].clone()), (409, json!("hold_not_active")));
     assert_eq!(held_and_balance(&c, &a.alice).await, (880, 0));
     assert_eq!(held_and_balance(&c, &a.bob).await, (0, 0));
+    assert_eq!(journal_of(&c, &a.alice, &released_id).await, owned(&[("release", 0, 880), ("hold", -50, 880)]));
 
     // Expired: released by itself at its time; a capture after it is refused.
     let (_, granted) = hold(&c, &a.alice, &a.shop, 10, 1).await;
@@ -179,6 +200,8 @@ async fn every_bad_hold_request_gets_its_4xx() {
     let (code, answer) = c.post(&format!("/transfers/{plain_id}/release"), json!({})).await;
     assert_eq!((code, answer["error"]["code"].clone()), (404, json!("hold_not_found")), "a transfer is not a hold");
     assert_eq!(c.get("/holds").await.0, 400, "the account is required");
+    let (_, audit) = c.get("/audit").await;
+    assert_eq!((audit["ok"].clone(), audit["holds_active"].clone()), (json!(true), json!(1)), "a live hold is no violation: {audit}");
     let (code, answer) = c.post(&format!("/transfers/{id}/release"), json!({})).await;
     assert_eq!((code, answer["status"].clone()), (200, json!("released")));
 }
