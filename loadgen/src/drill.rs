@@ -5,6 +5,8 @@
 //!
 //! One request in four is a batch of a few transfers (`POST /transfers/batch`), each item checked like a
 //! single transfer. One transfer in five has 2 to 4 legs (a payment with fees, a split), over any accounts.
+//! One single request in ten is a hold of 1 to 4 seconds, which the client then captures (all or part),
+//! releases, or leaves to expire; the check requires every hold to have ended once, as its client was told.
 //!
 //! Checks: every acknowledged commit is committed and every acknowledged abort aborted; every transfer ends
 //! committed or aborted (404 only for ids that never got an answer); each shard applied each committed transfer
@@ -36,6 +38,10 @@ const BATCH_ITEMS_MAX: u64 = 8;
 const LEGS_ONE_IN: u64 = 5;
 /// A transfer of several legs has 2 to this many.
 const LEGS_MAX: u64 = 4;
+/// One single request in this many is a hold.
+const HOLD_ONE_IN: u64 = 10;
+/// A hold lasts 1 to this many seconds: short, so many expire during a run, some while a process is down.
+const HOLD_SECONDS_MAX: u64 = 4;
 /// How long the healed cluster gets to settle every transfer.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -72,6 +78,11 @@ pub struct Report {
     pub committed: usize,
     pub aborted: usize,
     pub unknown: usize,
+    /// Holds granted, and how they ended.
+    pub holds: usize,
+    pub captured: usize,
+    pub released: usize,
+    pub expired: usize,
     pub kills: u64,
     pub pauses: u64,
     pub violations: Vec<String>,
@@ -80,11 +91,16 @@ pub struct Report {
 impl Report {
     pub fn summary(&self, seed: u64) -> String {
         format!(
-            "drill: seed={seed} transfers={} committed={} aborted={} unknown={} kills={} pauses={} violations={}",
+            "drill: seed={seed} transfers={} committed={} aborted={} unknown={} holds={} captured={} released={} \
+             expired={} kills={} pauses={} violations={}",
             self.transfers,
             self.committed,
             self.aborted,
             self.unknown,
+            self.holds,
+            self.captured,
+            self.released,
+            self.expired,
             self.kills,
             self.pauses,
             self.violations.len()
@@ -125,6 +141,18 @@ enum Answer {
     Committed,
     Aborted,
     Unknown,
+    /// A hold, granted.
+    Held,
+}
+
+/// What a client learnt when it ended a hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum EndAnswer {
+    Captured(i64),
+    Released,
+    /// A 4xx error code (`hold_expired`, `hold_not_active`).
+    Refused(String),
+    Unknown,
 }
 
 /// One movement of a transfer: (from, to, amount).
@@ -133,6 +161,8 @@ type Leg = (String, String, i64);
 struct Attempted {
     legs: Vec<Leg>,
     answer: Answer,
+    /// For a hold: its seconds, and what its client heard when it tried to end it (if it did).
+    hold: Option<(u64, Option<EndAnswer>)>,
 }
 
 /// The legs a transfer's answer shows: `legs`, or `from`, `to` and `amount` for one.
@@ -142,6 +172,33 @@ fn shown_legs(body: &Value) -> Option<Vec<Leg>> {
         Some(legs) => legs.as_array()?.iter().map(leg).collect(),
         None => Some(vec![leg(body)?]),
     }
+}
+
+/// Ends the granted hold `id` as a client would: after a while, a capture of all or part of it, a release, or
+/// nothing (it expires). Retries an unknown outcome with the same request.
+async fn end_hold(http: &reqwest::Client, base: &str, id: &str, amount: i64, rng: &mut Rng) -> Option<EndAnswer> {
+    let (path, body) = match rng.below(4) {
+        0 => ("capture", json!({})),
+        1 => ("capture", json!({"amount": 1 + rng.below(amount as u64) as i64})),
+        2 => ("release", json!({})),
+        _ => return None,
+    };
+    tokio::time::sleep(rng.duration_ms(0, HOLD_SECONDS_MAX * 1_000)).await;
+    for attempt in 0..ATTEMPTS_MAX {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
+        }
+        let Ok(reply) = http.post(format!("{base}/transfers/{id}/{path}")).json(&body).send().await else { continue };
+        let status = reply.status().as_u16();
+        let Ok(reply) = reply.json::<Value>().await else { continue };
+        match (status, reply["status"].as_str(), reply["error"]["code"].as_str()) {
+            (200, Some("captured"), _) => return Some(EndAnswer::Captured(reply["amount"].as_i64().unwrap_or(0))),
+            (200, Some("released"), _) => return Some(EndAnswer::Released),
+            (409, _, Some(code)) => return Some(EndAnswer::Refused(code.to_string())),
+            _ => continue,
+        }
+    }
+    Some(EndAnswer::Unknown)
 }
 
 /// The body `POST /transfers` takes for these legs: the two-account form for one.
@@ -158,6 +215,7 @@ fn transfer_body(id: &str, legs: &[Leg]) -> Value {
 #[derive(Default)]
 struct Counters {
     committed: AtomicU64,
+    holds: AtomicU64,
     aborted: AtomicU64,
     unknown: AtomicU64,
     kills: AtomicU64,
@@ -184,6 +242,32 @@ pub async fn run(config: Config) -> Report {
             let mut rng = Rng::new(config.seed.wrapping_mul(1_000_003).wrapping_add(c as u64 + 1));
             tokio::spawn(async move {
                 while Instant::now() < deadline {
+                    if rng.below(HOLD_ONE_IN) == 0 {
+                        let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                        let mut to = from.clone();
+                        while to == from {
+                            to = accounts[rng.below(accounts.len() as u64) as usize].clone();
+                        }
+                        let (amount, seconds) = (1 + rng.below(AMOUNT_MAX) as i64, 1 + rng.below(HOLD_SECONDS_MAX));
+                        let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
+                        let mut body = transfer_body(&id, &[(from.clone(), to.clone(), amount)]);
+                        body["hold"] = json!(true);
+                        body["expires_in_s"] = json!(seconds);
+                        let answer = submit(&http, &base, &body).await;
+                        let ended = match answer {
+                            Answer::Held => end_hold(&http, &base, &id, amount, &mut rng).await,
+                            _ => None,
+                        };
+                        let counter = match answer {
+                            Answer::Held | Answer::Committed => &counters.holds,
+                            Answer::Aborted => &counters.aborted,
+                            Answer::Unknown => &counters.unknown,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let attempted = Attempted { legs: vec![(from, to, amount)], answer, hold: Some((seconds, ended)) };
+                        ledger.lock().expect("ledger lock").insert(id, attempted);
+                        continue;
+                    }
                     let batch = rng.below(BATCH_ONE_IN) == 0;
                     let items = if batch { 2 + rng.below(BATCH_ITEMS_MAX - 1) } else { 1 };
                     let mut bodies: Vec<(String, Vec<Leg>)> = Vec::new();
@@ -211,12 +295,12 @@ pub async fn run(config: Config) -> Report {
                     let mut ledger = ledger.lock().expect("ledger lock");
                     for ((id, legs), answer) in bodies.into_iter().zip(answers) {
                         let counter = match answer {
-                            Answer::Committed => &counters.committed,
+                            Answer::Committed | Answer::Held => &counters.committed,
                             Answer::Aborted => &counters.aborted,
                             Answer::Unknown => &counters.unknown,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
-                        ledger.insert(id, Attempted { legs, answer });
+                        ledger.insert(id, Attempted { legs, answer, hold: None });
                     }
                 }
             })
@@ -237,9 +321,10 @@ pub async fn run(config: Config) -> Report {
             if Instant::now() >= next_progress {
                 next_progress = Instant::now() + config.progress_every;
                 eprintln!(
-                    "drill: {:>4}s committed={} aborted={} unknown={} kills={} pauses={}",
+                    "drill: {:>4}s committed={} holds={} aborted={} unknown={} kills={} pauses={}",
                     started.elapsed().as_secs(),
                     counters.committed.load(Ordering::Relaxed),
+                    counters.holds.load(Ordering::Relaxed),
                     counters.aborted.load(Ordering::Relaxed),
                     counters.unknown.load(Ordering::Relaxed),
                     counters.kills.load(Ordering::Relaxed),
@@ -293,6 +378,7 @@ async fn submit(http: &reqwest::Client, base: &str, body: &Value) -> Answer {
         let Ok(reply) = reply.json::<Value>().await else { continue };
         match (status, reply["status"].as_str()) {
             (200, Some("committed")) => return Answer::Committed,
+            (200, Some("held")) => return Answer::Held,
             (_, Some("aborted")) => return Answer::Aborted,
             _ => continue, // overloaded or storage trouble: no final answer yet
         }
@@ -360,6 +446,46 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// Checks one hold after the heal: it ended (none is still held), once, as its client was told. Returns the
+/// amount it moved, if it was captured.
+fn check_hold(id: &str, answer: Answer, ended: Option<&EndAnswer>, status: u16, body: &Value, report: &mut Report) -> Option<i64> {
+    let now = match (status, body["status"].as_str()) {
+        (404, _) => "unknown",
+        (200, Some(now)) => now,
+        _ => {
+            report.violations.push(format!("hold {id}: unexpected GET answer {status} {body}"));
+            return None;
+        }
+    };
+    match now {
+        "captured" => report.captured += 1,
+        "released" => report.released += 1,
+        "expired" => report.expired += 1,
+        "aborted" => report.aborted += 1,
+        "unknown" => report.unknown += 1,
+        other => report.violations.push(format!("hold {id} is still {other} after the heal: {body}")),
+    }
+    report.holds += usize::from(matches!(now, "captured" | "released" | "expired"));
+    let as_told = match (answer, now) {
+        (Answer::Held, "captured" | "released" | "expired") | (Answer::Aborted, "aborted") | (Answer::Unknown, _) => true,
+        _ => false,
+    };
+    if !as_told {
+        report.violations.push(format!("hold {id}: its client was told {answer:?}, now {body}"));
+    }
+    let captured = (now == "captured").then(|| body["amount"].as_i64().unwrap_or(0));
+    let end_as_told = match ended {
+        Some(EndAnswer::Captured(amount)) => captured == Some(*amount),
+        Some(EndAnswer::Released) => now == "released",
+        Some(EndAnswer::Refused(code)) if code == "hold_expired" => now == "expired",
+        Some(EndAnswer::Refused(_) | EndAnswer::Unknown) | None => true,
+    };
+    if !end_as_told {
+        report.violations.push(format!("hold {id}: its end was answered {ended:?}, now {body}"));
+    }
+    captured
+}
+
 async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String, Attempted>, report: &mut Report) {
     let shard_count = cluster.participants.len() as u32;
     let shard = |a: &str| shard_of(&AccountId::new(a).expect("drill account ids are valid"), shard_count) as usize;
@@ -381,6 +507,23 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
     let mut committed_ids: HashSet<&str> = HashSet::new();
     for (id, t) in ledger {
         let (status, body) = cluster.get(&format!("/transfers/{id}")).await;
+        if let Some((_, ended)) = &t.hold {
+            let moved = check_hold(id, t.answer, ended.as_ref(), status, &body, report);
+            let shards: HashSet<usize> = t.legs.iter().flat_map(|(from, to, _)| [shard(from), shard(to)]).collect();
+            for (s, by_id) in applied.iter().enumerate() {
+                let here = by_id.get(id.as_str()).map(String::as_str);
+                let ok = if moved.is_some() { !shards.contains(&s) || here == Some("commit") } else { here != Some("commit") };
+                if !ok {
+                    report.violations.push(format!("hold {id} (moved {moved:?}): shard {s} shows {here:?}"));
+                }
+            }
+            if let (Some(amount), [(from, to, _)]) = (moved, t.legs.as_slice()) {
+                committed_ids.insert(id);
+                *expected.get_mut(from.as_str()).expect("known account") -= amount;
+                *expected.get_mut(to.as_str()).expect("known account") += amount;
+            }
+            continue;
+        }
         let final_status = match (status, body["status"].as_str()) {
             (200, Some("committed")) => Answer::Committed,
             (200, Some("aborted")) => Answer::Aborted,
@@ -396,7 +539,7 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
             (told, now) => report.violations.push(format!("transfer {id}: client was told {told:?}, now {now:?}")),
         }
         match final_status {
-            Answer::Committed => report.committed += 1,
+            Answer::Committed | Answer::Held => report.committed += 1,
             Answer::Aborted => report.aborted += 1,
             Answer::Unknown => report.unknown += 1,
         }
@@ -404,7 +547,7 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
         for (s, by_id) in applied.iter().enumerate() {
             let here = by_id.get(id.as_str()).map(String::as_str);
             let ok = match final_status {
-                Answer::Committed => !shards.contains(&s) || here == Some("commit"),
+                Answer::Committed | Answer::Held => !shards.contains(&s) || here == Some("commit"),
                 Answer::Aborted | Answer::Unknown => here != Some("commit"),
             };
             if !ok {

@@ -25,5 +25,6 @@ async fn drill_with_kills_and_pauses_keeps_every_transfer_and_the_books_right() 
     );
     assert!(report.kills + report.pauses > 0, "the nemesis acted: {summary}");
     assert!(report.committed > 0, "transfers committed: {summary}");
-    assert_eq!(report.committed + report.aborted + report.unknown, report.transfers);
+    assert!(report.holds > 0, "holds were granted: {summary}");
+    assert_eq!(report.committed + report.holds + report.aborted + report.unknown, report.transfers);
 }
