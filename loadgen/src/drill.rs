@@ -466,10 +466,10 @@ fn check_hold(id: &str, answer: Answer, ended: Option<&EndAnswer>, status: u16, 
         other => report.violations.push(format!("hold {id} is still {other} after the heal: {body}")),
     }
     report.holds += usize::from(matches!(now, "captured" | "released" | "expired"));
-    let as_told = match (answer, now) {
-        (Answer::Held, "captured" | "released" | "expired") | (Answer::Aborted, "aborted") | (Answer::Unknown, _) => true,
-        _ => false,
-    };
+    let as_told = matches!(
+        (answer, now),
+        (Answer::Held, "captured" | "released" | "expired") | (Answer::Aborted, "aborted") | (Answer::Unknown, _)
+    );
     if !as_told {
         report.violations.push(format!("hold {id}: its client was told {answer:?}, now {body}"));
     }
