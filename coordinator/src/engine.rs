@@ -138,7 +138,7 @@ enum Command {
     InMemory { reply: Reply<serde_json::Value> },
     EndHold { id: TransferId, end: HoldEnd, reply: Reply<Result<Final, EngineError>> },
     /// The granted holds on an account, soonest expiry first: (id, transfer, expiry in unix ms).
-    Holds { account: AccountId, limit: usize, reply: Reply<Vec<(TransferId, Transfer, u64)>> },
+    Holds { account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer, u64)>> },
 }
 
 pub(crate) enum Event {
@@ -269,8 +269,8 @@ impl Engine {
         self.ask(|reply| Command::EndHold { id, end, reply }).await?
     }
 
-    /// The holds granted on `account`, soonest expiry first: (id, transfer, expiry in unix ms).
-    pub async fn holds_of(&self, account: AccountId, limit: usize) -> Result<Vec<(TransferId, Transfer, u64)>, EngineError> {
+    /// The holds granted (on `account`, if given), soonest expiry first: (id, transfer, expiry in unix ms).
+    pub async fn holds_of(&self, account: Option<AccountId>, limit: usize) -> Result<Vec<(TransferId, Transfer, u64)>, EngineError> {
         self.ask(|reply| Command::Holds { account, limit, reply }).await
     }
 
@@ -401,7 +401,7 @@ impl Shell {
                 }
             }
             Command::Holds { account, limit, reply } => {
-                let holds = self.core.holds_of(&account, limit);
+                let holds = self.core.holds_of(account.as_ref(), limit);
                 let list = holds.into_iter().map(|h| (h.id, h.transfer.clone(), h.expires_at_unix_ms)).collect();
                 drop(reply.send(list))
             }

@@ -788,9 +788,11 @@ impl CoordinatorCore {
         self.owed.len()
     }
 
-    /// The granted holds on `account` (debiting it), soonest expiry first, at most `limit`.
-    pub fn holds_of(&self, account: &AccountId, limit: usize) -> Vec<&GrantedHold> {
-        let on = |hold: &&GrantedHold| hold.transfer.single().is_some_and(|leg| leg.from == *account);
+    /// The granted holds (on `account`, debiting it, if given), soonest expiry first, at most `limit`.
+    pub fn holds_of(&self, account: Option<&AccountId>, limit: usize) -> Vec<&GrantedHold> {
+        let on = |hold: &&GrantedHold| {
+            account.is_none_or(|account| hold.transfer.single().is_some_and(|leg| leg.from == *account))
+        };
         self.expiries.iter().filter_map(|(_, id)| self.holds.get(id)).filter(on).take(limit).collect()
     }
 

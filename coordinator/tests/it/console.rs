@@ -194,6 +194,17 @@ async fn the_console_shows_a_shard_die_and_return_and_a_decision_wait_for_its_ac
     .await;
     page.wait_until("the books balanced", "document.querySelector('#audit [data-ok]')?.dataset.ok === 'true'").await;
     assert_eq!(page.eval("document.querySelector('#accounts p.stale') === null").await, json!(true), "fresh again");
+
+    // A hold shows among the active holds with its expiry, and leaves the list once released.
+    let hold = json!({"from": alice, "to": bob, "amount": 5, "hold": true, "expires_in_s": 600});
+    let (status, held) = c.post("/transfers", hold).await;
+    assert_eq!((status, held["status"].clone()), (200, json!("held")), "{held}");
+    let hold_id = held["id"].as_str().expect("id").to_string();
+    let hold_row = format!("document.querySelector('#holds tr[data-hold=\"{hold_id}\"]')");
+    let expires_in = format!("Number({hold_row}?.dataset.expiresInS)");
+    page.wait_until("the hold among the active holds, with its expiry", &format!("{expires_in} > 590 && {expires_in} <= 600")).await;
+    assert_eq!(c.post(&format!("/transfers/{hold_id}/release"), json!({})).await.0, 200);
+    page.wait_until("the hold gone once released", &format!("{hold_row} === null")).await;
     if let Ok(path) = std::env::var("LEDGER_CONSOLE_SCREENSHOT") {
         page.screenshot(&path).await;
     }
