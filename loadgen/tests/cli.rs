@@ -218,7 +218,8 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     let demo = ledger(&["demo", "--url", url], &[]).await;
     demo.assert_success();
     assert!(demo.stdout.trim_end().ends_with("Demo finished: every answer was as expected."), "{demo:?}");
-    assert!(demo.stdout.contains("== 12. Health"), "{demo:?}");
+    assert!(demo.stdout.contains("== 13. Health"), "{demo:?}");
+    assert!(demo.stdout.contains("check: status = captured: ok"), "the hold captured in part: {demo:?}");
     assert!(demo.stdout.contains("check: the failing leg = 1: ok"), "the fee payment: {demo:?}");
     assert!(demo.stdout.contains("check: cash's balance = -500: ok"), "the deposit from cash: {demo:?}");
     assert!(!demo.stdout.contains("UNEXPECTED"), "{demo:?}");

@@ -34,6 +34,9 @@ const DEPOSITED: i64 = 500;
 /// A payment of this much from alice to bob, with a fee to the bank of `FEE`.
 const PAID: i64 = 100;
 const FEE: i64 = 2;
+/// A card payment: this much is held on alice's account for bob, and `CAPTURED` of it captured.
+const HELD: i64 = 60;
+const CAPTURED: i64 = 45;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -282,6 +285,20 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
     tour.check(&refused.field("leg"), "1", "the failing leg");
     let fees_now = tour.call(Method::GET, &format!("/accounts/{fees}"), 200, None).await;
     tour.check(&fees_now.field("balance"), &FEE.to_string(), "fees' balance");
+
+    tour.section("A card payment: hold 60 of alice's for bob (authorised now), then capture 45 of it (the rest is released)");
+    let hold_body = format!(r#"{{"from":"{alice}","to":"{bob}","amount":{HELD},"hold":true,"expires_in_s":600}}"#);
+    let hold = tour.call(Method::POST, "/transfers", 200, Some(hold_body)).await;
+    tour.check(&hold.field("status"), "held", "status");
+    let alice_now = tour.call(Method::GET, &format!("/accounts/{alice}"), 200, None).await;
+    tour.check(&alice_now.field("held"), &HELD.to_string(), "alice's held");
+    let hold_id = hold.field("id");
+    let capture = format!(r#"{{"amount":{CAPTURED}}}"#);
+    let captured = tour.call(Method::POST, &format!("/transfers/{hold_id}/capture"), 200, Some(capture)).await;
+    tour.check(&captured.field("status"), "captured", "status");
+    let alice_now = tour.call(Method::GET, &format!("/accounts/{alice}"), 200, None).await;
+    tour.check(&alice_now.field("balance"), &(alice_after - CAPTURED).to_string(), "alice's balance");
+    tour.check(&alice_now.field("held"), "0", "alice's held");
 
     tour.section("Look the transfer up by id");
     let looked_up = tour.call(Method::GET, &format!("/transfers/{transfer_id}"), 200, None).await;
