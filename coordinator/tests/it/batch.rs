@@ -64,6 +64,32 @@ async fn a_batch_mixing_good_bad_duplicate_and_conflicting_items_answers_each_al
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_takes_transfers_of_several_legs_and_holds_as_items() {
+    let c = Cluster::start().await;
+    let (alice, bob) = cross_shard_pair("batchlegs");
+    c.create_account(&alice, 1_000).await;
+    c.create_account(&bob, 0).await;
+    let leg = |from: &str, to: &str, amount: i64| json!({"from": from, "to": to, "amount": amount});
+    let items = vec![
+        json!({"legs": [leg(&alice, &bob, 5), leg(&alice, &bob, 6)]}),
+        json!({"from": alice, "to": bob, "amount": 20, "hold": true, "expires_in_s": 60}),
+        json!({"legs": [leg(&alice, &bob, 1), leg(&alice, &alice, 1)]}),
+        json!({"legs": [leg(&alice, &bob, 1), leg(&bob, &alice, 1_000)]}),
+    ];
+    let (status, body) = c.post("/transfers/batch", json!({"transfers": items})).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    let codes: Vec<u64> = results.iter().map(|r| r["code"].as_u64().expect("a code")).collect();
+    assert_eq!(codes, [200, 200, 400, 422], "{body}");
+    assert_eq!((results[0]["status"].clone(), results[0]["legs"].as_array().map(Vec::len)), (json!("committed"), Some(2)));
+    assert_eq!((results[1]["status"].clone(), results[1]["amount"].clone()), (json!("held"), json!(20)));
+    assert_eq!(results[2]["error"]["leg"], 1, "a bad leg is named in its item's error");
+    assert_eq!((results[3]["reason"].clone(), results[3]["leg"].clone()), (json!("insufficient_funds"), json!(1)));
+    let account = c.account(&alice).await;
+    assert_eq!((account["balance"].clone(), account["held"].clone()), (json!(1_000 - 11), json!(20)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bad_envelope_fails_the_whole_batch_and_nothing_moves() {
     let c = Cluster::start().await;
     let (alice, bob) = cross_shard_pair("envelope");
