@@ -177,7 +177,8 @@ pub enum HoldError {
     NotFound,
     /// The id is a transfer, not a hold.
     NotAHold,
-    /// The hold is not active: it is being granted, was refused, or ended in another way (its status).
+    /// The hold is not active: it is being granted or ended (`pending`), was refused, or ended in another way
+    /// (its status).
     NotActive(&'static str),
     /// A capture of a hold that has expired.
     Expired,
@@ -615,6 +616,12 @@ impl CoordinatorCore {
                 }
                 Ok(())
             }
+            // Another end (or the grant) is being logged and is not durable yet: a crash now would lose it, so
+            // nobody may hear of it, and the hold is only pending. An expiry is told at once, as above: once its
+            // time has passed nothing else can end the hold, after a restart either.
+            Some(outcome) if self.running.contains_key(&id) && outcome != Outcome::Expired => {
+                Err(HoldError::NotActive("pending"))
+            }
             Some(outcome) => Err(HoldError::NotActive(outcome.status())),
             None => Err(HoldError::NotActive("pending")),
         }
@@ -805,6 +812,12 @@ impl CoordinatorCore {
     fn end_hold(&mut self, id: TransferId, outcome: Outcome) {
         let Some(hold) = self.holds.remove(&id) else { return };
         self.expiries.remove(&(hold.expires_at_unix_ms, id));
+        // An answer is for every client waiting on the id, whatever each asked: a grant answered again (to a
+        // repeated submission) and not yet handed out would reach the requester of this end too. The end's own
+        // answer, once it is durable, serves them all.
+        let regrant = |a: &Answer| matches!(a, Answer::Transfer { id: i, outcome: Outcome::Held { .. }, .. } if *i == id);
+        self.answers.retain(|a| !regrant(a));
+        self.after_sync.retain(|(_, after)| !matches!(after, AfterSync::Answer(a) if regrant(a)));
         let machine = TransferMachine::ending(id, hold.transfer, outcome, self.config.shard_count);
         let run = Run { machine, made_by: hold.made_by, parallel: false, staged: false, recovering: None, expires_at_ms: None };
         self.running.insert(id, run);
@@ -1097,7 +1110,8 @@ mod tests {
         let logged = |outcome| TransferRecord { transfer: hold(10, 60), outcome, shards: vec![0, 1], decided_at_unix_ms: 1_000 };
         assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), None), Err(HoldError::BadAmount { held: 10 }));
         core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), None).expect("taken");
-        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Release, None), Err(HoldError::NotActive("captured")));
+        // Until the capture is durable, a crash may lose it: another end hears only that the hold is pending.
+        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
         assert!(core.poll_answer().is_none() && drain_frames(&mut core).is_empty(), "nothing before the log is durable");
         assert!(matches!(sync(&mut core, 2_000)[..], [LogWrite::Decision { outcome: Outcome::Captured { amount: 4 }, .. }]));
         let frames = drain_frames(&mut core);
@@ -1127,6 +1141,48 @@ mod tests {
         let plain = TransferRecord { transfer: transfer(10), ..logged(Outcome::Committed) };
         assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, Some(&plain)), Err(HoldError::NotAHold));
         assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, None), Err(HoldError::NotFound));
+    }
+
+    /// A core whose shards have all voted YES on hold `id` (10, for 60 s from 1,000): its grant is being logged.
+    fn granting(id: TransferId) -> CoordinatorCore {
+        let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
+        up(&mut core);
+        core.handle_submit(1_000, id, hold(10, 60), None, None).expect("taken");
+        let frames = drain_frames(&mut core);
+        vote_all(&mut core, &frames, Vote::Yes);
+        core
+    }
+
+    #[test]
+    fn no_one_hears_how_a_hold_ends_before_that_end_is_durable() {
+        let id = TransferId::from_u128(1);
+        let mut core = granting(id);
+        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, None), Err(HoldError::NotActive("pending")), "granting");
+        sync(&mut core, 1_000);
+        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), None).expect("taken");
+        assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
+        assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(5)), None), Err(HoldError::NotActive("pending")));
+        // Had the release heard "captured": a crash before the capture is durable leaves the hold granted (its
+        // `h` key names the grant), and it may yet be released or expire.
+        let granted = GrantedHold { id, transfer: hold(10, 60), made_by: None, expires_at_unix_ms: 61_000 };
+        let mut restarted = CoordinatorCore::new(config(), 2_000, Vec::new(), Vec::new()).with_holds(vec![granted]);
+        restarted.handle_end_hold(2_100, id, HoldEnd::Release, None).expect("still granted after the crash");
+    }
+
+    #[test]
+    fn a_request_that_ends_a_hold_never_hears_it_granted() {
+        let id = TransferId::from_u128(1);
+        let mut core = granting(id);
+        sync(&mut core, 1_000);
+        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Held { .. }, .. })));
+        // A late copy of the submission is answered "held" after the next sync; a capture comes before it. The
+        // shell's waiters on the id are the submitter and the capturer: both hear the capture, once durable.
+        core.handle_submit(2_000, id, hold(10, 60), None, None).expect("a replay");
+        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), None).expect("taken");
+        sync(&mut core, 2_000);
+        let answers: Vec<Answer> = std::iter::from_fn(|| core.poll_answer()).collect();
+        let captured = Answer::Transfer { id, transfer: hold(10, 60), outcome: Outcome::Captured { amount: 4 } };
+        assert_eq!(answers, vec![captured]);
     }
 
     #[test]

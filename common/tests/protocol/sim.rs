@@ -41,6 +41,14 @@
 //!   calls, and replies once the frame's writes are flushed.
 //! - Clients submit transfers (random accounts and amounts: some lack funds, some name missing accounts),
 //!   sometimes twice at once, and resubmit the same id while unanswered, as the API invites them to.
+//! - Some submissions are holds (one leg, lasting 1 to 20 virtual seconds). Once a client hears its hold
+//!   granted it may end it, a random while later (before or after its expiry), with a capture (of a random
+//!   amount, all of it, or now and then more than it holds) or a release, once or twice (the same end again,
+//!   or the other one), each request resent while unanswered; a hold nobody ends expires. The coordinator
+//!   plays the engine: `handle_end_hold` with the log's record unless the core runs the id, a refusal
+//!   answered at once, an accepted end answered with the core's answer for the id. Its log keeps the `h` key
+//!   of `coordinator/src/wal.rs`: written with a hold's grant, removed by the `End` of its end, and a restart
+//!   hands the core the holds still granted (`with_holds`) and the ends still owed acks (with the commits).
 //!
 //! After every event the oracle checks: no transfer is committed on one shard and aborted on another; a
 //! client told "committed", or a shard applying a Commit, needs the transfer's staging record or commit
@@ -60,6 +68,15 @@
 //! if its staging record is durable and every shard has durably applied it), no hold may remain, money is
 //! exactly conserved, every transfer bound to commit committed, and every answer matches the final outcome.
 //!
+//! For holds the oracle also checks: a hold's durable outcome changes once, from granted to one end (capture,
+//! release or expiry), and no end reaches the disk for a hold whose grant did not; a shard captures exactly
+//! the durable capture's amount, and a released or expired hold moves nothing; a client hears a hold granted
+//! only once that grant is durable, an end only once it is (and only the end it asked for, when it asked to
+//! end the hold), and a refusal only when the durable log agrees (the hold ended that way, or has expired, or
+//! another end is under way and the refusal does not name it); a restart grants again only holds whose end
+//! never reached the disk; every hold granted has ended by the end of the run, moved money as its end says,
+//! and is prepared nowhere.
+//!
 //! `SIM_SEEDS=<n>` sets the number of seeds (default 3000); `SIM_SEED=<n>` replays one seed and prints its
 //! trace. `SIM_REUSED_IDS=1` runs (or replays) the mode where clients reuse a transfer id with a different
 //! body (a client bug the API refuses while the coordinator knows the first body); a separate test runs a
@@ -69,7 +86,8 @@ use common::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, Transfe
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
 use protocol::coordinator_core::{
-    self, Answer, CoordinatorCore, CoreConfig, FromShard, Notice, StagedTransfer, SubmitError, ToShard,
+    self, Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, Notice, StagedTransfer,
+    SubmitError, ToShard,
 };
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::apply_frame;
@@ -103,6 +121,10 @@ const IN_DOUBT_AFTER: u64 = 3_000;
 /// How long the participant's shell waits for a decision query's answer (`--query-timeout`): the core does not
 /// own this one, the shell reports the timeout with `handle_unreachable`.
 const QUERY_TIMEOUT: u64 = 2_000;
+/// The share of submissions that are holds, and the longest a hold lasts (s): short against a run (the faults
+/// last 3 to 15 s), so that many expire within it while others are captured or released first.
+const HOLD_SHARE: f64 = 0.15;
+const HOLD_SECONDS_MAX: u64 = 20;
 /// How long after the faults stop the cluster has to become quiescent.
 const QUIESCE_WITHIN: u64 = 120_000;
 /// Events one seed may process before it is declared stuck.
@@ -166,6 +188,14 @@ enum ClientAnswer {
     Conflict,
 }
 
+/// What a client heard about its request to end a hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndAnswer {
+    /// Taken (or the same end again): the hold's outcome, once durable.
+    Final(Outcome),
+    Refused(HoldError),
+}
+
 /// Every message of the protocol. Replies carry the incarnation (`epoch` of the coordinator, `life` of a
 /// participant) of the call they answer: an HTTP reply never reaches a later incarnation of the caller.
 #[derive(Clone, Debug)]
@@ -177,6 +207,16 @@ enum Msg {
     Answer {
         id: TransferId,
         answer: ClientAnswer,
+    },
+    /// A client's request to end a hold (`POST /transfers/{id}/capture` or `/release`).
+    EndHold {
+        request: usize,
+        id: TransferId,
+        end: HoldEnd,
+    },
+    EndAnswer {
+        request: usize,
+        answer: EndAnswer,
     },
     /// A frame on the coordinator's link to one life of a participant: a later life never reads it.
     Frame {
@@ -213,6 +253,8 @@ impl Msg {
                 format!("Submit {} {transfer}", short(id))
             }
             Msg::Answer { id, answer } => format!("Answer {} {answer:?}", short(id)),
+            Msg::EndHold { request, id, end } => format!("EndHold r{request} {} {end:?}", short(id)),
+            Msg::EndAnswer { request, answer } => format!("EndAnswer r{request} {answer:?}"),
             Msg::Frame { epoch, life, items } => {
                 let items: Vec<String> = items
                     .iter()
@@ -268,6 +310,8 @@ enum Event {
     ResolverTick { shard: ShardId, life: u64, at: u64 },
     QueryTimeout { shard: ShardId, life: u64, qid: u64 },
     ClientSubmit { intent: usize },
+    /// A client sends (or, unanswered, resends) a request to end a hold.
+    ClientEndHold { request: usize },
     Nemesis,
     Restart(Node),
     Reconnect(Node),
@@ -347,9 +391,13 @@ struct Records {
 impl Records {
     /// Applies one batch as `participant::storage::apply` does, refusing changes no correct machine makes.
     fn apply(&mut self, writes: &[Write]) -> Result<(), String> {
+        // What the balance writes since the last `Finished` moved, per account: what a capture of a hold moved.
+        let mut moved: Vec<Posting> = Vec::new();
         for write in writes {
             match write {
                 Write::Account(id, record) => {
+                    let before = self.accounts.get(id).map_or(0, |a| a.balance);
+                    moved.push(Posting { account: id.clone(), delta: record.balance - before });
                     // Only the balance and the limit are durable; holds follow from the prepared records.
                     let durable = AccountRecord { held: 0, incoming: 0, ..*record };
                     self.accounts.insert(id.clone(), durable);
@@ -371,16 +419,30 @@ impl Records {
                     }
                     self.finished.insert(*id, *decision);
                     let cleared = self.last_cleared.take().filter(|(cleared, _)| cleared == id);
+                    let moved = std::mem::take(&mut moved);
                     if *decision == Decision::Commit {
                         let Some((_, record)) = cleared else {
                             return Err(format!("transfer {id} committed without a prepared record"));
                         };
-                        self.committed_postings.insert(*id, record.postings);
+                        let postings = if record.transfer.hold_seconds().is_some() {
+                            captured_postings(id, &record.postings, &moved)?
+                        } else {
+                            record.postings
+                        };
+                        self.committed_postings.insert(*id, postings);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The amount a capture of hold `id` committed here: the same for each of its postings, 1 up to the
+    /// posting's own, each moved in the posting's direction (`None`: `id` is no capture committed here).
+    fn captured_amount(&self, id: &TransferId) -> Option<i64> {
+        let postings = self.committed_postings.get(id)?;
+        let amount = postings.first()?.delta.abs();
+        postings.iter().all(|p| p.delta.abs() == amount).then_some(amount)
     }
 
     /// The accounts as a restart rebuilds them: stored balances, holds and credits from the prepared records.
@@ -452,6 +514,21 @@ impl Records {
     }
 }
 
+/// The postings a capture of hold `id` committed: each of the hold's `postings` as far as the balance writes
+/// before it `moved` its account, in the posting's direction and no further.
+fn captured_postings(id: &TransferId, postings: &[Posting], moved: &[Posting]) -> Result<Vec<Posting>, String> {
+    postings
+        .iter()
+        .map(|p| {
+            let delta = moved.iter().find(|m| m.account == p.account).map_or(0, |m| m.delta);
+            if delta == 0 || delta.signum() != p.delta.signum() || delta.abs() > p.delta.abs() {
+                return Err(format!("the capture of {id} moved {delta} on {}, which holds {}", p.account, p.delta));
+            }
+            Ok(Posting { account: p.account.clone(), delta })
+        })
+        .collect()
+}
+
 /// What a participant sends or does once a flush has made its writes durable.
 #[derive(Clone, Debug)]
 enum AfterParticipantFlush {
@@ -502,11 +579,20 @@ struct LogRecord {
     /// transfer is decided and every commit acknowledged, so recovery hands the core these and some
     /// acknowledged ones too (see `restart`).
     unacked_marker: bool,
+    /// The hold's `h` key (`coordinator/src/wal.rs`): written with its grant, removed by the `End` of its end.
+    /// A restart hands the core the holds whose key names a grant, and owes the ends it names.
+    hold_key: bool,
 }
 
 impl LogRecord {
     fn outcome(&self) -> Option<Outcome> {
         self.decision.map(|(outcome, _)| outcome)
+    }
+
+    /// Every shard has acknowledged the decision (`LogWrite::End`): no marker or `h` key is left.
+    fn end(&mut self) {
+        self.unacked_marker = false;
+        self.hold_key = false;
     }
 
     /// The decision as the coordinator's log hands it to the core (`None` while only staged).
@@ -547,7 +633,7 @@ struct Coordinator {
     barrier: u64,
     flush_scheduled: bool,
     /// The shell's side of the core's answers: clients waiting per transfer, and whose query is which.
-    waiters: BTreeMap<TransferId, usize>,
+    waiters: BTreeMap<TransferId, Vec<Waiter>>,
     queries: BTreeMap<u64, (ShardId, u64, u64)>,
     /// Per shard, the participant life the link is connected to, if up.
     links: Vec<Option<u64>>,
@@ -563,6 +649,16 @@ struct Coordinator {
     staged_handed: BTreeSet<TransferId>,
     /// The transfers this life's core was handed a NO vote for, or has one on its way (sent by a shard).
     no_votes: BTreeSet<TransferId>,
+}
+
+/// A client waiting for the core's answer about an id. As in the engine, every request about the id waits in
+/// one list, and the core's next answer for the id goes to all of them.
+#[derive(Clone, Copy, Debug)]
+enum Waiter {
+    /// A submission of the transfer or hold.
+    Submit,
+    /// A request to end the hold (its index in `Cluster::end_requests`).
+    End(usize),
 }
 
 impl Coordinator {
@@ -589,6 +685,20 @@ struct Intent {
     id: TransferId,
     transfer: Transfer,
     answer: Option<ClientAnswer>,
+    /// For a hold, the requests to end it (indices in `Cluster::end_requests`), sent once it is granted.
+    ends: Vec<usize>,
+}
+
+/// A client's request to end a hold it was told is granted, and what it heard.
+#[derive(Clone, Debug)]
+struct EndRequest {
+    intent: usize,
+    end: HoldEnd,
+    /// Sent this long (virtual ms) after the client first hears the hold granted.
+    after_grant: u64,
+    /// Its client heard the hold granted: it is sent then, and resent until answered.
+    scheduled: bool,
+    answer: Option<EndAnswer>,
 }
 
 /// Counters summed over seeds, so a run that silently stops exercising something is noticed.
@@ -632,6 +742,18 @@ pub struct Stats {
     pub overdrawn: u64,
     /// Commits of transfers with several legs.
     pub multi_leg_commits: u64,
+    /// Holds whose grant reached the disk, and how they ended (each end once it reached the disk).
+    pub holds_granted: u64,
+    pub holds_captured: u64,
+    /// Captures of less than the whole hold.
+    pub holds_captured_in_part: u64,
+    pub holds_released: u64,
+    pub holds_expired: u64,
+    /// Requests to end a hold that were refused (another end, expired, more than it holds).
+    pub hold_ends_refused: u64,
+    /// Granted holds a restart handed the core (`with_holds`), and ended ones it handed as owed acks.
+    pub holds_regranted: u64,
+    pub hold_ends_recovered: u64,
 }
 
 impl Stats {
@@ -641,6 +763,14 @@ impl Stats {
         self.committed += o.committed;
         self.overdrawn += o.overdrawn;
         self.multi_leg_commits += o.multi_leg_commits;
+        self.holds_granted += o.holds_granted;
+        self.holds_captured += o.holds_captured;
+        self.holds_captured_in_part += o.holds_captured_in_part;
+        self.holds_released += o.holds_released;
+        self.holds_expired += o.holds_expired;
+        self.hold_ends_refused += o.hold_ends_refused;
+        self.holds_regranted += o.holds_regranted;
+        self.hold_ends_recovered += o.hold_ends_recovered;
         self.aborted_refused += o.aborted_refused;
         self.aborted_unavailable += o.aborted_unavailable;
         self.presumed_aborts += o.presumed_aborts;
@@ -688,12 +818,16 @@ pub struct Cluster {
     coordinator: Coordinator,
     participants: Vec<Participant>,
     intents: Vec<Intent>,
+    end_requests: Vec<EndRequest>,
     /// Clients may reuse an id with a different body (see `SIM_REUSED_IDS`).
     reused_ids: bool,
     opening: BTreeMap<AccountId, i64>,
     opening_total: i64,
-    /// Every outcome that ever reached the coordinator's disk: it must never change.
+    /// Every outcome that ever reached the coordinator's disk: it must never change, but for a hold's grant,
+    /// which its end overwrites once.
     durable_outcomes: BTreeMap<TransferId, Outcome>,
+    /// Every hold whose grant reached the disk, and its expiry: what a client told "held" must find.
+    durable_grants: BTreeMap<TransferId, u64>,
     /// Every decision any shard ever applied (even if a crash later lost it): one per transfer.
     applied: BTreeMap<TransferId, Decision>,
     /// The committed transfers' bodies, for counting money still in flight.
@@ -790,10 +924,12 @@ impl Cluster {
             },
             participants,
             intents: Vec::new(),
+            end_requests: Vec::new(),
             reused_ids,
             opening,
             opening_total,
             durable_outcomes: BTreeMap::new(),
+            durable_grants: BTreeMap::new(),
             applied: BTreeMap::new(),
             committed: BTreeMap::new(),
             must_commit: BTreeSet::new(),
@@ -825,9 +961,11 @@ impl Cluster {
                     accounts[rng.below(accounts.len())].clone()
                 }
             };
-            // Now and then several legs, over any of the shards, all or nothing.
-            let leg_count = if self.rng.chance(0.3) { self.rng.range(2, 5) } else { 1 };
-            let legs = (0..leg_count)
+            // Some are holds, of one leg; now and then a transfer has several legs, over any of the shards, all or
+            // nothing.
+            let hold = self.rng.chance(HOLD_SHARE);
+            let leg_count = if !hold && self.rng.chance(0.3) { self.rng.range(2, 5) } else { 1 };
+            let mut legs: Vec<Leg> = (0..leg_count)
                 .map(|_| {
                     let from = pick(&mut self.rng);
                     let mut to = pick(&mut self.rng);
@@ -838,16 +976,51 @@ impl Cluster {
                     Leg { from, to, amount }
                 })
                 .collect();
-            let transfer = Transfer::new(legs).expect("1 to 4 legs");
-            let id = if self.reused_ids && i > 0 && self.rng.chance(0.3) {
-                self.intents[self.rng.below(self.intents.len())].id
+            let transfer = if hold {
+                let Leg { from, to, amount } = legs.pop().expect("a hold has one leg");
+                let seconds = self.rng.range(1, HOLD_SECONDS_MAX) as u32;
+                Transfer::hold(from, to, amount, seconds).expect("a hold of 1 to 20 s")
+            } else {
+                Transfer::new(legs).expect("1 to 4 legs")
+            };
+            // A hold neither reuses an id nor lends its own: its ends are asked for by id.
+            let reusable: Vec<TransferId> =
+                self.intents.iter().filter(|i| i.transfer.hold_seconds().is_none()).map(|i| i.id).collect();
+            let id = if self.reused_ids && !hold && !reusable.is_empty() && self.rng.chance(0.3) {
+                reusable[self.rng.below(reusable.len())]
             } else {
                 Uuid::from_u128(((self.seed as u128) << 64) | (i as u128 + 1))
             };
-            self.intents.push(Intent { id, transfer, answer: None });
+            let ends = if hold { self.plan_hold_ends(i, &transfer) } else { Vec::new() };
+            self.intents.push(Intent { id, transfer, answer: None, ends });
             let at = self.rng.range(0, self.fault_end);
             self.schedule(at, Event::ClientSubmit { intent: i });
         }
+    }
+
+    /// How the client of hold `intent` will end it once told it is granted: a quarter of the time not at all
+    /// (it expires), else once or twice, each a capture (of a random amount, of all of it, or now and then of
+    /// more than it holds) or a release, at a random time up to a quarter of its life past its expiry.
+    fn plan_hold_ends(&mut self, intent: usize, hold: &Transfer) -> Vec<usize> {
+        let held = hold.single().expect("a hold has one leg").amount.minor();
+        let lasts_ms = u64::from(hold.hold_seconds().expect("a hold")) * 1_000;
+        let count = [0, 0, 1, 1, 1, 1, 2, 2][self.rng.below(8)];
+        (0..count)
+            .map(|_| {
+                let end = if self.rng.chance(0.6) {
+                    HoldEnd::Capture(match self.rng.below(10) {
+                        0..=2 => None,
+                        3 => Some(held + 1),
+                        _ => Some(self.rng.range(1, held as u64) as i64),
+                    })
+                } else {
+                    HoldEnd::Release
+                };
+                let after_grant = self.rng.range(0, lasts_ms + lasts_ms / 4);
+                self.end_requests.push(EndRequest { intent, end, after_grant, scheduled: false, answer: None });
+                self.end_requests.len() - 1
+            })
+            .collect()
     }
 
     // ---------------------------------------------------------------------------------------------------------
@@ -1015,13 +1188,15 @@ impl Cluster {
             Event::ClientSubmit { intent } => {
                 if self.intents[intent].answer.is_none() {
                     let Intent { id, transfer, .. } = self.intents[intent].clone();
-                    self.send(Node::Client, Node::Coordinator, Msg::Submit { id, transfer: transfer.clone() });
-                    if self.healed_at.is_none() && self.rng.chance(0.15) {
-                        self.stats.duplicate_submissions += 1;
-                        self.send(Node::Client, Node::Coordinator, Msg::Submit { id, transfer });
-                    }
-                    let retry = self.now + self.rng.range(1_500, 5_000);
-                    self.schedule(retry, Event::ClientSubmit { intent });
+                    self.client_request(Msg::Submit { id, transfer }, Event::ClientSubmit { intent });
+                }
+                Ok(None)
+            }
+            Event::ClientEndHold { request } => {
+                let r = &self.end_requests[request];
+                if r.answer.is_none() {
+                    let (id, end) = (self.intents[r.intent].id, r.end);
+                    self.client_request(Msg::EndHold { request, id, end }, Event::ClientEndHold { request });
                 }
                 Ok(None)
             }
@@ -1152,12 +1327,37 @@ impl Cluster {
                 self.stats.recovered_commits += owed as u64;
                 self.stats.acked_commits_resent += resent.len() as u64;
                 c.resent_acked.extend(resent.iter().copied());
+                // And, from the `h` keys: every hold still granted, and every hold's end still owed acks.
+                let hold_end_owed = |r: &LogRecord| r.hold_key && r.outcome().is_some_and(Outcome::ends_hold);
                 let unacked: Vec<(TransferId, TransferRecord)> = c
                     .durable
                     .iter()
-                    .filter(|(id, r)| r.unacked_marker || resent.contains(id))
+                    .filter(|(id, r)| r.unacked_marker || resent.contains(id) || hold_end_owed(r))
                     .map(|(id, r)| (*id, r.to_record().expect("only decisions are owed acks")))
                     .collect();
+                let holds: Vec<GrantedHold> = c
+                    .durable
+                    .iter()
+                    .filter(|(_, r)| r.hold_key)
+                    .filter_map(|(id, r)| match r.outcome() {
+                        Some(Outcome::Held { expires_at_unix_ms }) => Some(GrantedHold {
+                            id: *id,
+                            transfer: r.transfer.clone(),
+                            made_by: r.made_by.clone(),
+                            expires_at_unix_ms,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                // A hold granted again is one whose end never reached the disk: a durable end is never lost.
+                for hold in &holds {
+                    let durable = self.durable_outcomes.get(&hold.id);
+                    if durable != Some(&Outcome::Held { expires_at_unix_ms: hold.expires_at_unix_ms }) {
+                        return Err(format!("a restart grants {} again, but its durable outcome is {durable:?}", hold.id));
+                    }
+                }
+                self.stats.holds_regranted += holds.len() as u64;
+                self.stats.hold_ends_recovered += c.durable.values().filter(|r| hold_end_owed(r)).count() as u64;
                 let staged: Vec<StagedTransfer> = c
                     .durable
                     .iter()
@@ -1167,11 +1367,16 @@ impl Cluster {
                 self.stats.staged_recovered += staged.len() as u64;
                 c.staged_handed.extend(staged.iter().map(|s| s.id));
                 let staged_ids: Vec<String> = staged.iter().map(|s| short(&s.id)).collect();
-                c.core = Some(CoordinatorCore::new(core_config(self.shard_count), self.now, unacked, staged));
+                let hold_ids: Vec<String> = holds.iter().map(|h| short(&h.id)).collect();
+                let core = CoordinatorCore::new(core_config(self.shard_count), self.now, unacked, staged);
+                c.core = Some(core.with_holds(holds));
                 let epoch = c.epoch;
                 self.note(|| {
                     let resent: Vec<String> = resent.iter().map(short).collect();
-                    format!("restart C as e{epoch} (owed {owed}, acknowledged re-sent {resent:?}, staged {staged_ids:?})")
+                    format!(
+                        "restart C as e{epoch} (owed {owed}, acknowledged re-sent {resent:?}, staged {staged_ids:?}, \
+                         holds {hold_ids:?})"
+                    )
                 });
                 self.schedule(self.now, Event::LinkTick { epoch });
                 self.drive_coordinator()?;
@@ -1207,7 +1412,7 @@ impl Cluster {
             .filter_map(|(id, r)| match r.outcome() {
                 None => Some((r.indexed_at, *id, true, false)),
                 Some(Outcome::Committed) => Some((r.indexed_at, *id, r.unacked_marker, !r.unacked_marker)),
-                // The simulator submits no holds.
+                // Aborts are owed nothing; a hold is owed through its `h` key, not the mark.
                 Some(_) => None,
             })
             .collect();
@@ -1247,18 +1452,25 @@ impl Cluster {
         let now = self.now;
         match msg {
             Msg::Submit { id, transfer } => {
-                let logged = match self.core().running(&id) {
-                    Some(_) => None,
-                    // Only a decision: a staging record with none is always running (`check_core_and_log`).
-                    None => self.coordinator.memory.get(&id).and_then(LogRecord::to_record),
-                };
+                let logged = self.logged_unless_running(&id);
                 match self.core().handle_submit(now, id, transfer, None, logged.as_ref()) {
-                    Ok(()) => *self.coordinator.waiters.entry(id).or_default() += 1,
+                    Ok(()) => self.coordinator.waiters.entry(id).or_default().push(Waiter::Submit),
                     Err(SubmitError::IdempotencyConflict) => {
                         self.stats.conflicts += 1;
                         self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer: ClientAnswer::Conflict });
                     }
                     Err(SubmitError::Overloaded | SubmitError::HoldsFull) => {} // the client retries
+                }
+            }
+            Msg::EndHold { request, id, end } => {
+                let logged = self.logged_unless_running(&id);
+                match self.core().handle_end_hold(now, id, end, logged.as_ref()) {
+                    Ok(()) => self.coordinator.waiters.entry(id).or_default().push(Waiter::End(request)),
+                    Err(error) => {
+                        self.stats.hold_ends_refused += 1;
+                        let answer = EndAnswer::Refused(error);
+                        self.send(Node::Coordinator, Node::Client, Msg::EndAnswer { request, answer });
+                    }
                 }
             }
             Msg::Replies { epoch: e, shard, replies } if e == epoch => {
@@ -1294,6 +1506,16 @@ impl Cluster {
             return Ok(());
         }
         self.drive_coordinator()
+    }
+
+    /// What the engine hands the core as logged for `id` (`Shell::logged_unless_running`): the log's record as
+    /// the process reads it, unless the core runs `id`. Only a decision: a staging record with none is always
+    /// running (`check_core_and_log`).
+    fn logged_unless_running(&mut self, id: &TransferId) -> Option<TransferRecord> {
+        match self.core().running(id) {
+            Some(_) => None,
+            None => self.coordinator.memory.get(id).and_then(LogRecord::to_record),
+        }
     }
 
     /// The life of `shard` the coordinator could hold a connection to now: both up, neither cut off.
@@ -1356,11 +1578,14 @@ impl Cluster {
                 progressed = true;
                 match answer {
                     Answer::Transfer { id, outcome, .. } => {
-                        let waiters = self.coordinator.waiters.remove(&id).unwrap_or(0);
-                        self.check_released(id, outcome, waiters)?;
-                        for _ in 0..waiters {
-                            let answer = ClientAnswer::Final(outcome);
-                            self.send(Node::Coordinator, Node::Client, Msg::Answer { id, answer });
+                        let waiters = self.coordinator.waiters.remove(&id).unwrap_or_default();
+                        self.check_released(id, outcome, waiters.len())?;
+                        for waiter in waiters {
+                            let msg = match waiter {
+                                Waiter::Submit => Msg::Answer { id, answer: ClientAnswer::Final(outcome) },
+                                Waiter::End(request) => Msg::EndAnswer { request, answer: EndAnswer::Final(outcome) },
+                            };
+                            self.send(Node::Coordinator, Node::Client, msg);
                         }
                     }
                     Answer::Queries { query, answers } => {
@@ -1415,6 +1640,7 @@ impl Cluster {
                     staged_in: Some(epoch),
                     decision: None,
                     unacked_marker: false,
+                    hold_key: false,
                 };
                 self.coordinator.memory.insert(id, record.clone());
                 self.coordinator.unflushed.push(LogWrite::Stage(id, record));
@@ -1424,7 +1650,8 @@ impl Cluster {
                     self.stats.multi_leg_commits += 1;
                 }
                 match outcome.abort_reason() {
-                    None => self.stats.committed += 1,
+                    None if outcome == Outcome::Committed => self.stats.committed += 1,
+                    None => {} // a hold's grant or end, counted once durable (`make_durable`)
                     Some(AbortReason::ParticipantUnavailable) => self.stats.aborted_unavailable += 1,
                     Some(AbortReason::CoordinatorRestarted) => {}
                     Some(_) => self.stats.aborted_refused += 1,
@@ -1435,10 +1662,14 @@ impl Cluster {
                         _ => self.stats.staged_recovered_aborted += 1,
                     }
                 }
-                // A decision overwrites the staging record and keeps its place in the time index.
+                // A decision overwrites the staging record and keeps its place in the time index; a hold's end
+                // overwrites its grant, and nothing else may follow a decision.
                 let staged = self.coordinator.memory.get(&id);
-                if let Some(known) = staged.and_then(LogRecord::outcome) {
-                    if known != outcome {
+                match staged.and_then(LogRecord::outcome) {
+                    Some(known) if known == outcome => {}
+                    Some(Outcome::Held { .. }) if outcome.ends_hold() => {}
+                    None if !outcome.ends_hold() => {}
+                    known => {
                         return Err(format!("the core decided {id} {outcome:?}, but the log already says {known:?}"));
                     }
                 }
@@ -1455,14 +1686,17 @@ impl Cluster {
                     staged_in: staged.and_then(|r| r.staged_in),
                     decision: Some((outcome, self.now)),
                     unacked_marker: outcome == Outcome::Committed,
+                    hold_key: matches!(outcome, Outcome::Held { .. })
+                        || (outcome.ends_hold() && staged.is_some_and(|r| r.hold_key)),
                 };
                 self.coordinator.memory.insert(id, record.clone());
                 self.coordinator.unflushed.push(LogWrite::Put(id, record));
             }
             coordinator_core::LogWrite::End { id } => {
-                // Not flushed: if the end is lost, recovery re-sends a commit acknowledged idempotently.
+                // Not flushed: if the end is lost, recovery re-sends a commit (or a hold's end) acknowledged
+                // idempotently.
                 if let Some(record) = self.coordinator.memory.get_mut(&id) {
-                    record.unacked_marker = false;
+                    record.end();
                 }
                 self.coordinator.unflushed.push(LogWrite::End(id));
             }
@@ -1487,6 +1721,17 @@ impl Cluster {
                     self.stats.committed_before_decision_durable += 1;
                 }
                 self.bind_commit(id, "its commit was released to clients")
+            }
+            // A grant may be answered after the hold has ended (a repeated submission), but it was durable.
+            Outcome::Held { expires_at_unix_ms } => {
+                let granted = self.durable_grants.get(&id).copied();
+                if granted != Some(expires_at_unix_ms) {
+                    return Err(format!(
+                        "the coordinator released {id} granted until {expires_at_unix_ms}, but the durable grant is \
+                         {granted:?}"
+                    ));
+                }
+                Ok(())
             }
             _ => {
                 let durable = self.durable_outcomes.get(&id).copied();
@@ -1571,13 +1816,26 @@ impl Cluster {
             }
             LogWrite::Put(id, record) => {
                 let outcome = record.outcome().expect("a decision write holds a decision");
-                if let Some(known) = self.durable_outcomes.insert(*id, outcome) {
-                    if known != outcome {
-                        return Err(format!("the durable outcome of {id} changed from {known:?} to {outcome:?}"));
+                match self.durable_outcomes.insert(*id, outcome) {
+                    Some(known) if known == outcome => {}
+                    Some(Outcome::Held { .. }) if outcome.ends_hold() => self.count_hold_end(outcome, &record.transfer),
+                    None if !outcome.ends_hold() => {}
+                    known => {
+                        return Err(format!(
+                            "the durable outcome of {id} went from {known:?} to {outcome:?}: only a hold's grant \
+                             changes, once, to its end"
+                        ));
+                    }
+                }
+                if let Outcome::Held { expires_at_unix_ms } = outcome {
+                    if self.durable_grants.insert(*id, expires_at_unix_ms).is_none() {
+                        self.stats.holds_granted += 1;
                     }
                 }
                 if outcome == Outcome::Committed {
                     self.committed.insert(*id, record.transfer.clone());
+                } else if let Outcome::Captured { amount } = outcome {
+                    self.committed.insert(*id, captured(&record.transfer, amount)?);
                 } else if self.must_commit.contains(id) {
                     return Err(format!("{id} must end committed, but {outcome:?} reached the disk"));
                 }
@@ -1586,6 +1844,19 @@ impl Cluster {
         }
         apply_log_write(&mut self.coordinator.durable, write);
         Ok(())
+    }
+
+    /// A hold's end reached the disk.
+    fn count_hold_end(&mut self, end: Outcome, hold: &Transfer) {
+        match end {
+            Outcome::Captured { amount } => {
+                self.stats.holds_captured += 1;
+                let held = hold.single().map_or(0, |leg| leg.amount.minor());
+                self.stats.holds_captured_in_part += u64::from(amount < held);
+            }
+            Outcome::Released => self.stats.holds_released += 1,
+            _ => self.stats.holds_expired += 1,
+        }
     }
 
     fn crash_and_schedule_restart(&mut self, node: Node) -> Check {
@@ -1689,6 +1960,16 @@ impl Cluster {
         }
         let p = &mut self.participants[s as usize];
         p.memory.apply(&writes).map_err(|e| format!("P{s} in memory: {e}"))?;
+        // A capture moves what the durable one says: not the whole hold, nor another amount.
+        for write in &writes {
+            let Write::Finished(id, Decision::Commit) = write else { continue };
+            if let Some(Outcome::Captured { amount }) = self.durable_outcomes.get(id) {
+                let here = p.memory.captured_amount(id);
+                if here != Some(*amount) {
+                    return Err(format!("P{s} captured {here:?} of {id}, the coordinator's durable capture is {amount}"));
+                }
+            }
+        }
         if let Some(machine) = p.machine.as_mut() {
             machine.writes_applied();
         }
@@ -1705,6 +1986,8 @@ impl Cluster {
     fn record_applied(&mut self, s: ShardId, id: TransferId, decision: Decision) -> Check {
         let durable = self.durable_outcomes.get(&id).copied();
         match decision {
+            // A capture of a hold: `persist` checks its amount against the durable capture once it is applied.
+            Decision::Commit if matches!(durable, Some(Outcome::Captured { .. })) => {}
             Decision::Commit => {
                 let log = self.coordinator.durable.get(&id);
                 if !log.is_some_and(LogRecord::allows_commit) {
@@ -1727,7 +2010,7 @@ impl Cluster {
                 if self.reused_ids && held.is_some() && current.is_some() && held != current.as_ref() {
                     return Ok(());
                 }
-                if durable.map(protocol::coordinator::decision_of) != Some(decision) {
+                if durable.and_then(delivered) != Some(decision) {
                     return Err(format!(
                         "P{s} applied {decision:?} to {id}, but the coordinator's durable outcome is {durable:?}"
                     ));
@@ -1823,15 +2106,33 @@ impl Cluster {
     // ---------------------------------------------------------------------------------------------------------
     // Clients.
 
+    /// A client sends `msg` to the coordinator (now and then twice at once while the faults last), and sends it
+    /// again (`again`) a while later if it is unanswered by then.
+    fn client_request(&mut self, msg: Msg, again: Event) {
+        self.send(Node::Client, Node::Coordinator, msg.clone());
+        if self.healed_at.is_none() && self.rng.chance(0.15) {
+            self.stats.duplicate_submissions += 1;
+            self.send(Node::Client, Node::Coordinator, msg);
+        }
+        let retry = self.now + self.rng.range(1_500, 5_000);
+        self.schedule(retry, again);
+    }
+
     fn client_receive(&mut self, msg: Msg) -> Check {
-        let Msg::Answer { id, answer } = msg else {
-            return Err(format!("a client got a message it never receives: {msg:?}"));
+        let (id, answer) = match msg {
+            Msg::Answer { id, answer } => (id, answer),
+            Msg::EndAnswer { request, answer } => return self.client_end_answer(request, answer),
+            other => return Err(format!("a client got a message it never receives: {other:?}")),
         };
         if let ClientAnswer::Final(outcome) = answer {
             let durable = self.durable_outcomes.get(&id).copied();
             let staged = self.coordinator.durable.get(&id).is_some_and(|r| r.decision.is_none());
             // A commit is told once staged and voted: its decision need not be durable yet, its staging record must.
-            let matches = durable == Some(outcome) || (outcome == Outcome::Committed && durable.is_none() && staged);
+            // A hold's grant is told once durable, though its end may have overwritten it since.
+            let matches = durable == Some(outcome)
+                || (outcome == Outcome::Committed && durable.is_none() && staged)
+                || matches!(outcome, Outcome::Held { expires_at_unix_ms }
+                    if self.durable_grants.get(&id) == Some(&expires_at_unix_ms));
             if !matches {
                 return Err(format!(
                     "a client heard {outcome:?} for {id}, but the durable outcome is {durable:?} (staged: {staged})"
@@ -1858,15 +2159,81 @@ impl Cluster {
                 return Err(format!("a conflict was reported for {id}, but no client sent it another body"));
             }
         }
-        for intent in self.intents.iter_mut().filter(|i| i.id == id && for_this_body(i)) {
+        let mut granted = Vec::new();
+        for (index, intent) in self.intents.iter_mut().enumerate().filter(|(_, i)| i.id == id && for_this_body(i)) {
             match (intent.answer, answer) {
+                // A hold heard granted may be heard ended (a repeated submission answered later), and the two
+                // answers may cross: each was checked against the durable log above.
+                (Some(ClientAnswer::Final(Outcome::Held { .. })), ClientAnswer::Final(_))
+                | (Some(ClientAnswer::Final(_)), ClientAnswer::Final(Outcome::Held { .. })) => {}
                 (Some(ClientAnswer::Final(a)), ClientAnswer::Final(b)) if a != b => {
                     return Err(format!("a client heard {a:?} and then {b:?} for {id}"));
                 }
-                (None, _) | (Some(ClientAnswer::Conflict), ClientAnswer::Final(_)) => intent.answer = Some(answer),
+                (None, _) | (Some(ClientAnswer::Conflict), ClientAnswer::Final(_)) => {
+                    intent.answer = Some(answer);
+                    if matches!(answer, ClientAnswer::Final(o) if matches!(o, Outcome::Held { .. }) || o.ends_hold()) {
+                        granted.push(index);
+                    }
+                }
                 _ => {}
             }
         }
+        // Told its hold is granted, a client ends it as planned (a hold heard ended is tried all the same).
+        for intent in granted {
+            for request in self.intents[intent].ends.clone() {
+                let r = &mut self.end_requests[request];
+                if !r.scheduled {
+                    r.scheduled = true;
+                    let at = self.now + r.after_grant;
+                    self.schedule(at, Event::ClientEndHold { request });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A client hears about its request to end a hold. A taken end is the one it asked for, and durable; a
+    /// refusal agrees with the durable log: the hold ended another way, or its expiry has passed (which is
+    /// bound to end it: the core refuses a late capture at once, and a restart expires the hold before
+    /// anything else), or the capture asked for more than the hold holds while it was granted, or (`pending`)
+    /// another end is under way, which it must not name before that end is durable.
+    fn client_end_answer(&mut self, request: usize, answer: EndAnswer) -> Check {
+        let r = &self.end_requests[request];
+        let intent = &self.intents[r.intent];
+        let id = intent.id;
+        let held = intent.transfer.single().map_or(0, |leg| leg.amount.minor());
+        let durable = self.durable_outcomes.get(&id).copied();
+        let asked = match r.end {
+            HoldEnd::Capture(amount) => Outcome::Captured { amount: amount.unwrap_or(held) },
+            HoldEnd::Release => Outcome::Released,
+        };
+        let expired = match durable {
+            Some(Outcome::Held { expires_at_unix_ms }) => expires_at_unix_ms <= self.now,
+            other => other == Some(Outcome::Expired),
+        };
+        let agrees = match answer {
+            EndAnswer::Final(outcome) => outcome == asked && durable == Some(outcome),
+            // Another end is under way, not yet durable: a refusal that tells nothing of it.
+            EndAnswer::Refused(HoldError::NotActive("pending")) => self.durable_grants.contains_key(&id),
+            EndAnswer::Refused(HoldError::NotActive("expired")) => expired,
+            EndAnswer::Refused(HoldError::NotActive(status)) => {
+                durable.is_some_and(|o| o.ends_hold() && o.status() == status)
+            }
+            EndAnswer::Refused(HoldError::Expired) => matches!(r.end, HoldEnd::Capture(_)) && expired,
+            EndAnswer::Refused(HoldError::BadAmount { held: told }) => {
+                told == held
+                    && matches!(r.end, HoldEnd::Capture(Some(amount)) if !(1..=held).contains(&amount))
+                    && self.durable_grants.contains_key(&id)
+            }
+            EndAnswer::Refused(HoldError::NotFound | HoldError::NotAHold) => false,
+        };
+        if !agrees {
+            return Err(format!(
+                "the client of hold {id} asked {:?} and heard {answer:?}, but the durable outcome is {durable:?}",
+                r.end
+            ));
+        }
+        self.end_requests[request].answer.get_or_insert(answer);
         Ok(())
     }
 
@@ -1953,6 +2320,7 @@ impl Cluster {
         self.messages_in_flight == 0
             && c.core.as_ref().is_some_and(CoordinatorCore::is_idle)
             && self.intents.iter().all(|i| i.answer.is_some())
+            && self.end_requests.iter().all(|r| !r.scheduled || r.answer.is_some())
             && self.participants.iter().all(|p| {
                 p.machine.as_ref().is_some_and(|m| m.prepared().next().is_none())
                     && p.unflushed.is_empty()
@@ -2006,6 +2374,9 @@ impl Cluster {
                 format!("transfer {} was answered but the coordinator has no record of it", intent.id)
             })?;
             match answer {
+                // A hold heard granted: the grant was durable (`client_receive`), and has ended since (below).
+                ClientAnswer::Final(Outcome::Held { expires_at_unix_ms })
+                    if self.durable_grants.get(&intent.id) == Some(&expires_at_unix_ms) => {}
                 ClientAnswer::Final(heard) if heard != outcome => {
                     return Err(format!("transfer {}: the client heard {heard:?}, the log says {outcome:?}", intent.id));
                 }
@@ -2020,19 +2391,25 @@ impl Cluster {
             for s in record.transfer.shards(self.shard_count) {
                 let p = &self.participants[s as usize];
                 let here = p.disk.finished.get(id).copied();
-                match outcome {
-                    Outcome::Committed if here != Some(Decision::Commit) => {
-                        return Err(format!("{id} committed, but P{s} has {here:?}"));
+                match delivered(*outcome) {
+                    None => return Err(format!("hold {id} is still granted once the cluster is quiet")),
+                    Some(Decision::Commit) if here != Some(Decision::Commit) => {
+                        return Err(format!("{id} ended {outcome:?}, but P{s} has {here:?}"));
                     }
-                    Outcome::Aborted(_) if here == Some(Decision::Commit) => {
-                        return Err(format!("{id} aborted, but P{s} committed it"));
+                    Some(Decision::Abort) if here == Some(Decision::Commit) => {
+                        return Err(format!("{id} ended {outcome:?}, but P{s} committed it"));
                     }
                     _ => {}
                 }
             }
-            if *outcome == Outcome::Committed {
+            let moved = match outcome {
+                Outcome::Committed => Some(record.transfer.clone()),
+                Outcome::Captured { amount } => Some(captured(&record.transfer, *amount)?),
+                _ => None,
+            };
+            if let Some(moved) = moved {
                 for s in 0..self.shard_count {
-                    for posting in record.transfer.postings_for(s, self.shard_count) {
+                    for posting in moved.postings_for(s, self.shard_count) {
                         *expected
                             .get_mut(&posting.account)
                             .ok_or_else(|| format!("{id} committed on a missing account"))? += posting.delta;
@@ -2066,6 +2443,32 @@ impl Cluster {
         if total != self.opening_total {
             return Err(format!("the books end at {total}, they opened at {}", self.opening_total));
         }
+        self.check_holds_ended(&finals)
+    }
+
+    /// Every hold granted has ended, and every answer to a request to end one agrees with how it ended.
+    fn check_holds_ended(&self, finals: &BTreeMap<TransferId, (&LogRecord, Outcome)>) -> Check {
+        for id in self.durable_grants.keys() {
+            let outcome = finals.get(id).map(|(_, o)| *o);
+            if !outcome.is_some_and(Outcome::ends_hold) {
+                return Err(format!("hold {id} was granted, but ends {outcome:?}"));
+            }
+        }
+        for r in self.end_requests.iter().filter(|r| r.scheduled) {
+            let id = self.intents[r.intent].id;
+            let answer = r.answer.ok_or_else(|| format!("the request to end hold {id} ({:?}) was never answered", r.end))?;
+            let outcome = finals.get(&id).map(|(_, o)| *o);
+            let agrees = match answer {
+                EndAnswer::Final(heard) => outcome == Some(heard),
+                EndAnswer::Refused(HoldError::NotActive("pending")) => true,
+                EndAnswer::Refused(HoldError::NotActive(status)) => outcome.is_some_and(|o| o.status() == status),
+                EndAnswer::Refused(HoldError::Expired) => outcome == Some(Outcome::Expired),
+                EndAnswer::Refused(_) => true, // checked when it arrived
+            };
+            if !agrees {
+                return Err(format!("the client of hold {id} asked {:?} and heard {answer:?}, but it ends {outcome:?}", r.end));
+            }
+        }
         Ok(())
     }
 
@@ -2092,7 +2495,7 @@ fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: LogWrite) {
         }
         LogWrite::End(id) => {
             if let Some(record) = log.get_mut(&id) {
-                record.unacked_marker = false;
+                record.end();
             }
         }
     }
@@ -2119,6 +2522,18 @@ fn compare_with_shadow(machine: &ParticipantMachine, shadow: &Records) -> Check 
     Ok(())
 }
 
+/// What a capture of `amount` of `hold` moves: a transfer of that amount along the hold's leg.
+fn captured(hold: &Transfer, amount: i64) -> Result<Transfer, String> {
+    let leg = hold.single().ok_or_else(|| format!("a capture of {amount} ends {hold}, which has no single leg"))?;
+    let amount = Amount::new(amount).map_err(|e| format!("a capture of {amount} of {hold}: {e}"))?;
+    Ok(Transfer::one(leg.from.clone(), leg.to.clone(), amount))
+}
+
+/// The decision a shard applies for `outcome`: none for a hold's grant, which no shard hears.
+fn delivered(outcome: Outcome) -> Option<Decision> {
+    (!matches!(outcome, Outcome::Held { .. })).then(|| protocol::coordinator::decision_of(outcome))
+}
+
 /// A transfer id as the trace shows it.
 fn short(id: &TransferId) -> String {
     format!("t{}", id.as_u128() & 0xffff)
@@ -2136,6 +2551,8 @@ fn discriminant(msg: &Msg) -> u64 {
     match msg {
         Msg::Submit { .. } => 1,
         Msg::Answer { .. } => 2,
+        Msg::EndHold { .. } => 11,
+        Msg::EndAnswer { .. } => 12,
         Msg::Frame { .. } => 3,
         Msg::Replies { .. } => 5,
         Msg::Query { .. } => 8,
@@ -2287,6 +2704,14 @@ fn random_faults_never_break_the_ledger_and_every_transfer_ends_decided() {
             ("commits on the classic path", stats.classic_commits),
             ("balances below zero within an overdraft limit", stats.overdrawn),
             ("commits of transfers with several legs", stats.multi_leg_commits),
+            ("holds granted", stats.holds_granted),
+            ("holds captured", stats.holds_captured),
+            ("holds captured in part", stats.holds_captured_in_part),
+            ("holds released", stats.holds_released),
+            ("holds expired", stats.holds_expired),
+            ("refused requests to end a hold", stats.hold_ends_refused),
+            ("granted holds handed to a restarted coordinator", stats.holds_regranted),
+            ("holds' ends owed acks handed to a restarted coordinator", stats.hold_ends_recovered),
         ];
         for (what, n) in exercised {
             assert!(n > 0, "{count} seeds never produced any {what}: the simulation is not testing them");
