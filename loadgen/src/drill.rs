@@ -241,6 +241,8 @@ pub async fn run(config: Config) -> Report {
             let (counters, ledger) = (counters.clone(), ledger.clone());
             let mut rng = Rng::new(config.seed.wrapping_mul(1_000_003).wrapping_add(c as u64 + 1));
             tokio::spawn(async move {
+                // Holds being ended, each on its own task so that the client goes on meanwhile.
+                let mut ending: Vec<tokio::task::JoinHandle<()>> = Vec::new();
                 while Instant::now() < deadline {
                     if rng.below(HOLD_ONE_IN) == 0 {
                         let from = accounts[rng.below(accounts.len() as u64) as usize].clone();
@@ -254,18 +256,23 @@ pub async fn run(config: Config) -> Report {
                         body["hold"] = json!(true);
                         body["expires_in_s"] = json!(seconds);
                         let answer = submit(&http, &base, &body).await;
-                        let ended = match answer {
-                            Answer::Held => end_hold(&http, &base, &id, amount, &mut rng).await,
-                            _ => None,
-                        };
                         let counter = match answer {
                             Answer::Held | Answer::Committed => &counters.holds,
                             Answer::Aborted => &counters.aborted,
                             Answer::Unknown => &counters.unknown,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
-                        let attempted = Attempted { legs: vec![(from, to, amount)], answer, hold: Some((seconds, ended)) };
-                        ledger.lock().expect("ledger lock").insert(id, attempted);
+                        let (http, base, ledger) = (http.clone(), base.clone(), ledger.clone());
+                        let mut end_rng = Rng::new(rng.next_u64());
+                        ending.retain(|task| !task.is_finished());
+                        ending.push(tokio::spawn(async move {
+                            let ended = match answer {
+                                Answer::Held => end_hold(&http, &base, &id, amount, &mut end_rng).await,
+                                _ => None,
+                            };
+                            let attempted = Attempted { legs: vec![(from, to, amount)], answer, hold: Some((seconds, ended)) };
+                            ledger.lock().expect("ledger lock").insert(id, attempted);
+                        }));
                         continue;
                     }
                     let batch = rng.below(BATCH_ONE_IN) == 0;
@@ -302,6 +309,9 @@ pub async fn run(config: Config) -> Report {
                         counter.fetch_add(1, Ordering::Relaxed);
                         ledger.insert(id, Attempted { legs, answer, hold: None });
                     }
+                }
+                for task in ending {
+                    let _ = task.await;
                 }
             })
         })
