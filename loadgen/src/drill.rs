@@ -42,6 +42,9 @@ const LEGS_MAX: u64 = 4;
 const HOLD_ONE_IN: u64 = 10;
 /// A hold lasts 1 to this many seconds: short, so many expire during a run, some while a process is down.
 const HOLD_SECONDS_MAX: u64 = 4;
+/// Largest hold: smaller than a transfer, since holds pile up while they last, and with the amounts of
+/// transfers they would hold most of the money and leave transfers mostly refused.
+const HOLD_AMOUNT_MAX: u64 = 200;
 /// How long the healed cluster gets to settle every transfer.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -250,7 +253,8 @@ pub async fn run(config: Config) -> Report {
                         while to == from {
                             to = accounts[rng.below(accounts.len() as u64) as usize].clone();
                         }
-                        let (amount, seconds) = (1 + rng.below(AMOUNT_MAX) as i64, 1 + rng.below(HOLD_SECONDS_MAX));
+                        let amount = 1 + rng.below(HOLD_AMOUNT_MAX) as i64;
+                        let seconds = 1 + rng.below(HOLD_SECONDS_MAX);
                         let id = uuid::Uuid::from_u64_pair(rng.next_u64(), rng.next_u64()).to_string();
                         let mut body = transfer_body(&id, &[(from.clone(), to.clone(), amount)]);
                         body["hold"] = json!(true);
