@@ -97,10 +97,11 @@ impl TransferMachine {
         if votes.iter().any(|(_, v)| v.is_none()) {
             return None;
         }
-        let votes: Vec<(ShardId, VoteResult)> = votes.iter().filter_map(|(s, v)| Some((*s, (*v)?))).collect();
-        let outcome = decide(&self.transfer, self.shard_count, &votes);
+        // Every slot is filled: read each as (shard, vote), with no copy of the list on this per-transfer path.
+        let votes = || votes.iter().filter_map(|(s, v)| Some((*s, (*v)?)));
+        let outcome = decide(&self.transfer, self.shard_count, votes());
         let voted_no =
-            votes.iter().filter(|(_, v)| matches!(v, VoteResult::Vote(Vote::No { .. }))).map(|(s, _)| *s).collect();
+            votes().filter(|(_, v)| matches!(v, VoteResult::Vote(Vote::No { .. }))).map(|(s, _)| s).collect();
         self.phase = Phase::Logging { outcome, voted_no };
         Some(outcome)
     }
@@ -160,17 +161,17 @@ impl TransferMachine {
 /// The outcome of a complete vote: commit only on YES from everyone. Among refusals the most specific reason
 /// wins, and among refusals for it the first leg, so the outcome does not depend on the order the votes
 /// arrived in.
-fn decide(transfer: &Transfer, shard_count: u32, votes: &[(ShardId, VoteResult)]) -> Outcome {
+fn decide(transfer: &Transfer, shard_count: u32, votes: impl Iterator<Item = (ShardId, VoteResult)>) -> Outcome {
     let mut worst: Option<(AbortReason, Option<usize>)> = None;
     for (shard, vote) in votes {
         let leg = match vote {
             VoteResult::Vote(Vote::No { posting: Some(index), .. }) => {
-                transfer.postings_with_legs(*shard, shard_count).get(usize::from(*index)).map(|(leg, _)| *leg)
+                transfer.postings_with_legs(shard, shard_count).get(usize::from(index)).map(|(leg, _)| *leg)
             }
-            VoteResult::Unavailable => transfer.postings_with_legs(*shard, shard_count).first().map(|(leg, _)| *leg),
+            VoteResult::Unavailable => transfer.postings_with_legs(shard, shard_count).first().map(|(leg, _)| *leg),
             _ => None,
         };
-        let this = match *vote {
+        let this = match vote {
             VoteResult::Vote(Vote::Yes) => continue,
             VoteResult::Vote(Vote::No { reason: r, .. }) => match r {
                 RefusalReason::AccountNotFound => AbortReason::AccountNotFound,

@@ -44,17 +44,25 @@ async fn status(c: &Cluster, id: &str) -> Value {
     c.get(&format!("/transfers/{id}")).await.1["status"].clone()
 }
 
-/// Waits until `id` shows `want`, or panics after `timeout`.
-async fn wait_for_status(c: &Cluster, id: &str, want: &str, timeout: Duration) {
+/// Polls `read` until it returns `want`, or panics after `timeout` naming `what`.
+async fn wait_for<T, F>(what: &str, want: T, timeout: Duration, mut read: impl FnMut() -> F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: std::future::Future<Output = T>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        let now = status(c, id).await;
+        let now = read().await;
         if now == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{id} is {now}, not {want}, after {timeout:?}");
+        assert!(Instant::now() < deadline, "{what} is {now:?}, not {want:?}, after {timeout:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn wait_for_status(c: &Cluster, id: &str, want: &str, timeout: Duration) {
+    wait_for(id, json!(want), timeout, || status(c, id)).await;
 }
 
 fn owned(entries: &[(&str, i64, i64)]) -> Vec<(String, i64, i64)> {
@@ -75,18 +83,10 @@ async fn journal_of(c: &Cluster, account: &str, id: &str) -> Vec<(String, i64, i
         .collect()
 }
 
-/// Waits until `account` shows `(balance, held)`, or panics after [`SETTLE`] (`Cluster::settle` cannot be
-/// used while a hold is active: a granted hold stays prepared on its shards).
+/// Waits until `account` shows `(balance, held)` (`Cluster::settle` cannot be used while a hold is active: a
+/// granted hold stays prepared on its shards).
 async fn wait_for_books(c: &Cluster, account: &str, want: (i64, i64)) {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let now = held_and_balance(c, account).await;
-        if now == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{account} shows (balance, held) {now:?}, not {want:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(account, want, SETTLE, || held_and_balance(c, account)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
