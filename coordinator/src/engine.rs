@@ -177,6 +177,7 @@ impl Engine {
             transfers_in_flight_max: config.transfers_in_flight_max,
             frame_items_max: stream::FRAME_ITEMS_MAX,
             parallel_commits_max: config.parallel_commits_max,
+            hold_second_ms: protocol::coordinator_core::HOLD_SECOND_MS,
         };
         // The core's clock: milliseconds of a monotonic clock, counted from the unix epoch at this start.
         let origin = Instant::now();

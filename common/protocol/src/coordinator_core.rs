@@ -61,7 +61,13 @@ pub struct CoreConfig {
     /// queues more than for that fsync, and one decision fsync then serves a whole burst of votes, where
     /// staging records, arriving one by one, would cost more fsyncs and smaller frames.
     pub parallel_commits_max: usize,
+    /// A second of a hold's life (`expires_in_s`), in the core's milliseconds: [`HOLD_SECOND_MS`], except in
+    /// the model check, whose clock is a few ticks long and must still reach an expiry.
+    pub hold_second_ms: u64,
 }
+
+/// A second, in milliseconds: what [`CoreConfig::hold_second_ms`] is outside the model check.
+pub const HOLD_SECOND_MS: u64 = 1_000;
 
 /// One piece of work for a shard. A frame carries several, and a shard handles them in order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -425,7 +431,7 @@ impl CoordinatorCore {
         if self.running.len() >= self.config.transfers_in_flight_max {
             return Err(SubmitError::Overloaded);
         }
-        let expires_at_ms = transfer.hold_seconds().map(|seconds| now_ms.saturating_add(u64::from(seconds) * 1_000));
+        let expires_at_ms = transfer.hold_seconds().map(|seconds| now_ms.saturating_add(u64::from(seconds) * self.config.hold_second_ms));
         if expires_at_ms.is_some() {
             let granting = self.running.values().filter(|r| r.expires_at_ms.is_some()).count();
             if self.holds.len() + granting >= HOLDS_ACTIVE_MAX {
@@ -1040,6 +1046,7 @@ mod tests {
             transfers_in_flight_max: 8,
             frame_items_max: 64,
             parallel_commits_max: 8,
+            hold_second_ms: HOLD_SECOND_MS,
         }
     }
 

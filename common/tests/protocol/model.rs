@@ -78,6 +78,7 @@ fn core_config() -> CoreConfig {
         transfers_in_flight_max: 8,
         frame_items_max: 4,
         parallel_commits_max: 1,
+        hold_second_ms: 1,
     }
 }
 

@@ -676,6 +676,7 @@ fn core_config(shard_count: u32) -> CoreConfig {
         transfers_in_flight_max: 1_000,
         frame_items_max: FRAME_ITEMS_MAX,
         parallel_commits_max: PARALLEL_COMMITS_MAX,
+        hold_second_ms: coordinator_core::HOLD_SECOND_MS,
     }
 }
 
