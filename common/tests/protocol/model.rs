@@ -48,7 +48,8 @@ use common::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
 use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, FromShard, LogBatch, LogWrite, Notice, StagedTransfer, ToShard,
+    Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, LogBatch, LogWrite, Notice,
+    StagedTransfer, ToShard,
 };
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::{apply_frame, frame_is_well_formed};
@@ -66,6 +67,8 @@ const SHARDS: u32 = 2;
 /// Steps a healed run may take to reach quiescence before the state counts as stuck.
 const SETTLE_STEPS_MAX: usize = 600;
 const COORDINATOR_URL: &str = "model://coordinator";
+/// What a client captures of a hold: part of it, so that the shards' books show the rest released.
+const CAPTURED: i64 = 4;
 
 /// The core's settings. One millisecond of prepare round and re-delivery age: every timer the core sets is due
 /// one step of time later, so a bounded clock still lets each of them fire at any point of an interleaving.
@@ -137,12 +140,22 @@ impl LogRecord {
         })
     }
 
+    /// Its shards commit it: a commit, or a hold's capture.
     fn committed(&self) -> bool {
-        self.outcome == Some(Outcome::Committed)
+        matches!(self.outcome, Some(Outcome::Committed | Outcome::Captured { .. }))
     }
 
+    /// Its shards abort it: an abort, or a hold's release or expiry.
     fn aborted(&self) -> bool {
-        matches!(self.outcome, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. }))
+        matches!(self.outcome, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } | Outcome::Released | Outcome::Expired))
+    }
+
+    /// A granted hold: recovery hands it to the core to end.
+    fn held(&self) -> Option<u64> {
+        match self.outcome {
+            Some(Outcome::Held { expires_at_unix_ms }) => Some(expires_at_unix_ms),
+            _ => None,
+        }
     }
 }
 
@@ -173,6 +186,8 @@ struct CState {
     pending: Vec<LogBatch>,
     /// Per transfer: a client waits for this incarnation's answer.
     waiting: Vec<bool>,
+    /// Per hold: a client that asked to end it waits for this incarnation's answer.
+    end_waiting: Vec<bool>,
     /// The shell's side of the decision queries: who asked query `n`, and about what.
     queries: BTreeMap<u64, (ShardId, u8, Vec<TransferId>)>,
     /// Per shard, the participant life the link is connected to, if up.
@@ -189,8 +204,11 @@ struct State {
     coordinator: CState,
     participants: Vec<PState>,
     network: BTreeSet<Msg>,
-    /// What the client heard for each transfer.
+    /// What the client heard for each transfer (for a hold: its grant, then its end).
     answers: Vec<Option<Outcome>>,
+    /// Per hold, the statuses its end requests were refused with (a hold "not active": captured, released,
+    /// expired), other than "pending".
+    refusals: Vec<BTreeSet<&'static str>>,
     /// Ghost: for each transfer, whether any shard ever applied commit (bit 0) or abort (bit 1).
     ever_applied: Vec<u8>,
     crashes_left: u8,
@@ -202,6 +220,8 @@ struct State {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Action {
     Submit(u8),
+    /// A client that heard hold `t` granted captures (part of) it or releases it.
+    EndHold(u8, HoldEnd),
     Deliver(Msg),
     /// The shell drains the core after a burst of inputs (see `CState::undrained`).
     Drain,
@@ -284,11 +304,14 @@ fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: &LogWrite) 
         }
         LogWrite::Decision { id, transfer, outcome, shards, made_by } => {
             if let Some(before) = log.get(id).and_then(|r| r.outcome) {
-                if before != *outcome {
+                // A grant is the one outcome that another follows: the hold's end.
+                let ends = matches!(before, Outcome::Held { .. }) && outcome.ends_hold();
+                if before != *outcome && !ends {
                     return Err(format!("the logged decision of {id} changed from {before:?} to {outcome:?}"));
                 }
             }
-            let unacked = *outcome == Outcome::Committed;
+            // Like the `h` key of a hold's end, the commit's marker stays until every shard has acknowledged it.
+            let unacked = *outcome == Outcome::Committed || outcome.ends_hold();
             let record = LogRecord {
                 transfer: transfer.clone(),
                 outcome: Some(*outcome),
@@ -400,6 +423,7 @@ impl LedgerModel {
     fn apply(&self, s: &mut State, action: &Action) -> Result<(), String> {
         match action {
             Action::Submit(t) => self.submit(s, *t)?,
+            Action::EndHold(t, end) => self.end_hold(s, *t, *end)?,
             Action::Drain => self.drive(s)?,
             Action::Deliver(msg) => {
                 s.network.remove(msg);
@@ -453,6 +477,7 @@ impl LedgerModel {
                 c.epoch += 1;
                 c.pending.clear();
                 c.waiting.iter_mut().for_each(|w| *w = false);
+                c.end_waiting.iter_mut().for_each(|w| *w = false);
                 c.queries.clear();
                 c.links.iter_mut().for_each(|l| *l = None);
                 c.wanted.iter_mut().for_each(|w| *w = false);
@@ -460,13 +485,26 @@ impl LedgerModel {
             Action::RestartCoordinator { resend_acked } => {
                 // `Engine::start`: every commit still marked unacked is owed to all its shards, and the log may
                 // return acknowledged ones with them (the shards ack those again without applying them twice);
-                // every staging entry with no decision is handed over to be prepared again and decided.
+                // every staging entry with no decision is handed over to be prepared again and decided; every
+                // granted hold is handed over to be ended, and every hold's end whose `h` key remains is owed.
                 let c = &mut s.coordinator;
+                let owed = |r: &LogRecord| {
+                    (r.outcome == Some(Outcome::Committed) && (r.unacked || *resend_acked))
+                        || (r.outcome.is_some_and(Outcome::ends_hold) && r.unacked)
+                };
                 let unacked: Vec<(TransferId, TransferRecord)> = c
                     .durable
                     .iter()
-                    .filter(|(_, r)| r.committed() && (r.unacked || *resend_acked))
+                    .filter(|(_, r)| owed(r))
                     .filter_map(|(id, r)| Some((*id, r.to_record()?)))
+                    .collect();
+                let holds: Vec<GrantedHold> = c
+                    .durable
+                    .iter()
+                    .filter_map(|(id, r)| {
+                        let expires_at_unix_ms = r.held()?;
+                        Some(GrantedHold { id: *id, transfer: r.transfer.clone(), made_by: r.made_by.clone(), expires_at_unix_ms })
+                    })
                     .collect();
                 let staged: Vec<StagedTransfer> = c
                     .durable
@@ -476,7 +514,7 @@ impl LedgerModel {
                     .collect();
                 self.count_recovery(s, &staged);
                 let c = &mut s.coordinator;
-                c.core = Some(CoordinatorCore::new(core_config(), c.now, unacked, staged));
+                c.core = Some(CoordinatorCore::new(core_config(), c.now, unacked, staged).with_holds(holds));
                 self.drive(s)?;
             }
             Action::CrashParticipant(p) => {
@@ -524,6 +562,30 @@ impl LedgerModel {
             .handle_submit(now, id, transfer, None, logged.as_ref())
             .map_err(|e| format!("the core refused t{t}: {e:?}"))?;
         c.waiting[t as usize] = true;
+        self.end_of_input(s)
+    }
+
+    /// A client asks to end hold `t`, as `coordinator/src/api.rs` does. A refusal is told at once: unless it
+    /// is "pending", it must say how the hold ends.
+    fn end_hold(&self, s: &mut State, t: u8, end: HoldEnd) -> Result<(), String> {
+        let id = tid(t);
+        let c = &mut s.coordinator;
+        let logged = match c.core().running(&id) {
+            Some(_) => None,
+            None => c.memory()?.get(&id).and_then(LogRecord::to_record),
+        };
+        let now = c.now;
+        match c.core().handle_end_hold(now, id, end, logged.as_ref()) {
+            Ok(()) => c.end_waiting[t as usize] = true,
+            Err(HoldError::NotActive("pending")) => {}
+            Err(HoldError::NotActive(status)) => {
+                s.refusals[t as usize].insert(status);
+            }
+            Err(HoldError::Expired) => {
+                s.refusals[t as usize].insert(Outcome::Expired.status());
+            }
+            Err(e) => return Err(format!("the core refused to end t{t} ({end:?}): {e:?}")),
+        }
         self.end_of_input(s)
     }
 
@@ -667,12 +729,19 @@ impl LedgerModel {
                     Answer::Transfer { id, outcome, .. } => {
                         let t = self.transfer_index(&id)?;
                         if let Some(before) = s.answers[t] {
-                            if before != outcome {
+                            let ends = matches!(before, Outcome::Held { .. }) && outcome.ends_hold();
+                            if before != outcome && !ends {
                                 return Err(format!("the client heard {before:?} and then {outcome:?} for t{t}"));
+                            }
+                        }
+                        if let Outcome::Captured { amount } = outcome {
+                            if amount != CAPTURED {
+                                return Err(format!("t{t} was captured for {amount}; the client asked for {CAPTURED}"));
                             }
                         }
                         s.answers[t] = Some(outcome);
                         c.waiting[t] = false;
+                        c.end_waiting[t] = false;
                     }
                     Answer::Queries { query, answers } => {
                         let (shard, life, ids) =
@@ -790,7 +859,7 @@ impl LedgerModel {
                 if books.commits_applied.iter().any(|n| *n > 1) {
                     return Err(format!("P{p}'s {what} applied a transfer twice: {:?}", books.commits_applied));
                 }
-                self.check_books(p as ShardId, books).map_err(|e| format!("P{p}'s {what}: {e}"))?;
+                self.check_books(p as ShardId, books, durable).map_err(|e| format!("P{p}'s {what}: {e}"))?;
                 for (id, decision) in &books.finished {
                     match decision {
                         Decision::Commit => committed(id, &format!("P{p}'s {what} finished {id} as committed"))?,
@@ -813,19 +882,31 @@ impl LedgerModel {
                         return Err(format!("the client heard Committed for t{t}, and a shard aborted it"));
                     }
                 }
+                // A grant stays durable until the hold's end overwrites it.
+                Some(Outcome::Held { .. }) if durable.get(&id).is_some_and(|r| r.held().is_some() || r.outcome.is_some_and(Outcome::ends_hold)) => {}
                 Some(answer) if durable.get(&id).and_then(|r| r.outcome) != Some(*answer) => {
                     let logged = logged_as(durable, &id);
                     return Err(format!("the client heard {answer:?} for t{t}, the durable log holds {logged}"));
                 }
                 Some(_) => {}
             }
+            // A hold said not to be active ends as the refusal said: it already had, durably, or (expired) its
+            // expiry has passed while it is granted, so that nothing else can end it, after a restart either.
+            for status in &s.refusals[t] {
+                let record = durable.get(&id);
+                let expired = *status == Outcome::Expired.status() && record.and_then(LogRecord::held).is_some_and(|at| at <= s.coordinator.now);
+                if !expired && record.and_then(|r| r.outcome).map(Outcome::status) != Some(status) {
+                    let logged = logged_as(durable, &id);
+                    return Err(format!("t{t}'s end was refused as {status}; the durable log holds {logged}"));
+                }
+            }
         }
         Ok(())
     }
 
-    /// Prepared records are the coordinator's; balance = opening + commits finished here; held and incoming =
-    /// the prepared transfers'; none negative.
-    fn check_books(&self, shard: ShardId, books: &Books) -> Result<(), String> {
+    /// Prepared records are the coordinator's; balance = opening + commits finished here (of a hold, what its
+    /// durable capture says); held and incoming = the prepared transfers'; none negative.
+    fn check_books(&self, shard: ShardId, books: &Books, durable: &BTreeMap<TransferId, LogRecord>) -> Result<(), String> {
         for (id, record) in &books.prepared {
             let t = self.transfer_index(id)?;
             let transfer = &self.transfers[t];
@@ -844,7 +925,12 @@ impl LedgerModel {
             let mut expected = (opening, 0, 0);
             for (id, decision) in &books.finished {
                 if *decision == Decision::Commit {
-                    expected.0 += postings(id)?.iter().filter(|p| p.account == *account).map(|p| p.delta).sum::<i64>();
+                    let captured = match durable.get(id).and_then(|r| r.outcome) {
+                        Some(Outcome::Captured { amount }) => Some(amount),
+                        _ => None,
+                    };
+                    let moved = |delta: i64| captured.map_or(delta, |amount| delta.signum() * amount);
+                    expected.0 += postings(id)?.iter().filter(|p| p.account == *account).map(|p| moved(p.delta)).sum::<i64>();
                 }
             }
             for id in books.prepared.keys() {
@@ -931,7 +1017,7 @@ impl LedgerModel {
 
     fn settled(&self, s: &State) -> Result<bool, String> {
         let c = &s.coordinator;
-        let quiet = c.core.as_ref().is_some_and(CoordinatorCore::is_idle)
+        let quiet = c.core.as_ref().is_some_and(|core| core.is_idle() && core.holds_count() == 0)
             && !c.undrained
             && c.pending.is_empty()
             && c.queries.is_empty()
@@ -946,6 +1032,9 @@ impl LedgerModel {
         for t in 0..self.transfer_count() {
             let record = c.durable.get(&tid(t as u8)).filter(|r| r.outcome.is_some());
             let record = record.ok_or_else(|| format!("t{t} settled with no durable decision"))?;
+            if record.held().is_some() {
+                return Err(format!("t{t} settled as a hold still granted"));
+            }
             let commit = record.committed();
             for shard in self.shards_of(t) {
                 let here = s.participants[shard as usize].disk.finished.get(&tid(t as u8)).copied();
@@ -956,7 +1045,7 @@ impl LedgerModel {
                     return Err(format!("t{t} aborted but P{shard} committed it"));
                 }
             }
-            if commit && record.unacked {
+            if record.unacked {
                 return Err(format!("t{t} settled with its owed-acks marker still durable"));
             }
         }
@@ -997,6 +1086,7 @@ impl Model for LedgerModel {
                 durable: BTreeMap::new(),
                 pending: Vec::new(),
                 waiting: vec![false; self.transfer_count()],
+                end_waiting: vec![false; self.transfer_count()],
                 queries: BTreeMap::new(),
                 links: vec![Some(0); SHARDS as usize],
                 wanted: vec![false; SHARDS as usize],
@@ -1005,6 +1095,7 @@ impl Model for LedgerModel {
             participants,
             network: BTreeSet::new(),
             answers: vec![None; self.transfer_count()],
+            refusals: vec![BTreeSet::new(); self.transfer_count()],
             ever_applied: vec![0; self.transfer_count()],
             crashes_left: self.crashes,
             queries_left: self.queries,
@@ -1056,6 +1147,11 @@ impl Model for LedgerModel {
                     // A client submits (or resubmits) until it hears the outcome; a second wait changes nothing.
                     if s.answers[t].is_none() && !c.waiting[t] {
                         actions.push(Action::Submit(t as u8));
+                    }
+                    // Once it hears a hold granted, it may capture or release it until it hears the end.
+                    if matches!(s.answers[t], Some(Outcome::Held { .. })) && !c.end_waiting[t] {
+                        actions.push(Action::EndHold(t as u8, HoldEnd::Capture(Some(CAPTURED))));
+                        actions.push(Action::EndHold(t as u8, HoldEnd::Release));
                     }
                 }
             }
@@ -1158,6 +1254,10 @@ impl Model for LedgerModel {
                 s.coordinator.durable.values().any(|r| r.outcome == timed_out)
             }),
         ];
+        if self.transfers.iter().any(|t| t.hold_seconds().is_some()) {
+            properties.extend(Self::hold_properties());
+            return properties;
+        }
         if self.crashes == 0 || !self.crashable[0] {
             // Without a coordinator crash there is no presumed abort and no recovery to discover, and the log is
             // synced at once (see `normalize`), so no commit decision is ever left unsynced.
@@ -1214,6 +1314,39 @@ impl Model for LedgerModel {
     }
 }
 
+impl LedgerModel {
+    /// What the hold model must be seen to reach: each way a hold ends, with the crashes around it.
+    fn hold_properties() -> Vec<Property<Self>> {
+        fn ended(s: &State, outcome: Outcome) -> bool {
+            s.coordinator.durable.values().any(|r| r.outcome == Some(outcome))
+        }
+        vec![
+            Property::sometimes("a hold is captured in part on both shards", |_, s: &State| {
+                ended(s, Outcome::Captured { amount: CAPTURED })
+                    && s.participants.iter().all(|p| p.disk.finished.values().any(|d| *d == Decision::Commit))
+            }),
+            Property::sometimes("a client releases a hold", |_, s: &State| {
+                ended(s, Outcome::Released) && s.answers.contains(&Some(Outcome::Released))
+            }),
+            Property::sometimes("a hold expires while a shard is down", |_, s: &State| {
+                ended(s, Outcome::Expired) && s.participants.iter().any(|p| !p.up)
+            }),
+            Property::sometimes("a capture is refused: the hold expired", |_, s: &State| {
+                s.refusals.iter().any(|r| r.contains(Outcome::Expired.status()))
+            }),
+            Property::sometimes("a restarted coordinator is handed a granted hold to end", |_, s: &State| {
+                let c = &s.coordinator;
+                c.epoch > 0 && c.core.as_ref().is_some_and(|core| core.holds_count() > 0)
+            }),
+            Property::sometimes("a restarted coordinator owes a hold's end", |_, s: &State| {
+                let c = &s.coordinator;
+                let ends = |id: &TransferId| c.durable.get(id).is_some_and(|r| r.outcome.is_some_and(Outcome::ends_hold));
+                c.epoch > 0 && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| ends(&o.id)))
+            }),
+        ]
+    }
+}
+
 /// Checks `model` exhaustively; returns the number of unique states explored.
 fn check(name: &str, model: LedgerModel) -> usize {
     let started = Instant::now();
@@ -1246,6 +1379,20 @@ fn one_transfer_survives_every_interleaving_of_loss_and_a_crash() {
     model.time_max = u64::from(env_or("MCT", 2));
     model.queries = env_or("MCQ", 2);
     let states = check("one transfer, a crash of any node", model);
+    assert!(states > 10_000, "only {states} states: the model explores too little to prove anything");
+}
+
+/// A hold of 1 second (a millisecond of the model's clock) on a lossy, reordering network, with a crash of any
+/// node: granted or refused, then captured in part, released or expired, each exactly once.
+#[test]
+fn a_hold_ends_once_through_every_interleaving_of_loss_and_a_crash() {
+    let mut model = LedgerModel::new(&[], env_or("MCH", 1), [true; 3], Retries::Always);
+    let id = |s: &str| AccountId::new(s).expect("valid account id");
+    let hold = Transfer::hold(id("alice"), id("bob"), Amount::new(6).expect("positive"), 1).expect("a hold");
+    model.transfers = vec![hold];
+    model.time_max = u64::from(env_or("MCHT", 2));
+    model.queries = env_or("MCHQ", 2);
+    let states = check("a hold, a crash of any node", model);
     assert!(states > 10_000, "only {states} states: the model explores too little to prove anything");
 }
 
