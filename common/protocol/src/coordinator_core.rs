@@ -328,6 +328,9 @@ pub struct CoordinatorCore {
     recovering: usize,
     /// Decisions in `log`, not yet handed to the shell: what its reads of the log cannot see yet.
     unlogged: BTreeMap<TransferId, (Transfer, Outcome)>,
+    /// Presumed aborts not yet durable, with the barrier that makes them so: a request to end a hold is told
+    /// nothing from them before then. As many as the decision queries answered in one sync's time.
+    presumed_unsynced: BTreeMap<TransferId, u64>,
     /// Granted holds, and their expiries in time order.
     holds: BTreeMap<TransferId, GrantedHold>,
     expiries: BTreeSet<(u64, TransferId)>,
@@ -365,6 +368,7 @@ impl CoordinatorCore {
         CoordinatorCore {
             recovering: running.len(),
             unlogged: BTreeMap::new(),
+            presumed_unsynced: BTreeMap::new(),
             running,
             owed,
             outbox: vec![VecDeque::new(); shards],
@@ -540,6 +544,8 @@ impl CoordinatorCore {
                 QueryPlan::LogAbortThenAnswer => {
                     let outcome = Outcome::Aborted(AbortReason::CoordinatorRestarted);
                     self.unlogged.insert(item.id, (item.transfer.clone(), outcome));
+                    // Written now, so the next barrier handed out covers it.
+                    self.presumed_unsynced.insert(item.id, self.barrier_issued + 1);
                     self.log.push(LogWrite::Decision {
                         id: item.id,
                         transfer: item.transfer,
@@ -598,6 +604,9 @@ impl CoordinatorCore {
                 Phase::Logging { outcome, .. } | Phase::Decided { outcome, .. } => (run.machine.transfer.clone(), Some(*outcome)),
                 Phase::Preparing { .. } => (run.machine.transfer.clone(), None),
             },
+            // The shell reads its log before a sync: a presumed abort there may not survive a crash, and the
+            // transfer, resubmitted, may still be granted.
+            None if self.presumed_unsynced.contains_key(&id) => return Err(HoldError::NotActive("pending")),
             None => {
                 // A decision not handed out yet is newer than the log.
                 let logged = self.unlogged.get(&id).cloned().or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
@@ -636,6 +645,8 @@ impl CoordinatorCore {
     /// Every log write handed out with barriers up to `barrier` is durable.
     pub fn handle_synced(&mut self, now_ms: u64, barrier: u64) {
         self.barrier_synced = self.barrier_synced.max(barrier);
+        let synced = self.barrier_synced;
+        self.presumed_unsynced.retain(|_, b| *b > synced);
         while let Some((b, _)) = self.after_sync.front() {
             if *b > self.barrier_synced {
                 break;
@@ -1174,6 +1185,22 @@ mod tests {
         let granted = GrantedHold { id, transfer: hold(10, 60), made_by: None, expires_at_unix_ms: 61_000 };
         let mut restarted = CoordinatorCore::new(config(), 2_000, Vec::new(), Vec::new()).with_holds(vec![granted]);
         restarted.handle_end_hold(2_100, id, HoldEnd::Release, None).expect("still granted after the crash");
+    }
+
+    #[test]
+    fn a_hold_presumed_aborted_is_pending_to_its_end_until_that_abort_is_durable() {
+        // A restarted coordinator with no record of a hold its shards prepared: their question presumes it aborted.
+        let id = TransferId::from_u128(1);
+        let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
+        core.handle_query(vec![(DecisionQueryItem { id, transfer: hold(10, 60) }, None)]);
+        let batch = core.poll_log().expect("the presumed abort");
+        // The shell reads the abort back before it is synced: a crash could still lose it, and the client that
+        // submitted the hold, resubmitting, could then have it granted.
+        let presumed = Outcome::Aborted(AbortReason::CoordinatorRestarted);
+        let read = TransferRecord { transfer: hold(10, 60), outcome: presumed, shards: Vec::new(), decided_at_unix_ms: 1 };
+        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)), Err(HoldError::NotActive("pending")));
+        core.handle_synced(1_000, batch.sync.expect("a barrier"));
+        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)), Err(HoldError::NotActive("aborted")));
     }
 
     #[test]

@@ -584,6 +584,10 @@ impl LedgerModel {
             Err(HoldError::Expired) => {
                 s.refusals[t as usize].insert(Outcome::Expired.status());
             }
+            Err(HoldError::NotFound) if c.durable.get(&id).is_some_and(|r| r.outcome.is_some()) => {
+                return Err(format!("an end of t{t} heard that it is unknown; the durable log holds {}", logged_as(&c.durable, &id)));
+            }
+            Err(HoldError::NotFound) => {}
             Err(e) => return Err(format!("the core refused to end t{t} ({end:?}): {e:?}")),
         }
         self.end_of_input(s)
@@ -1148,9 +1152,14 @@ impl Model for LedgerModel {
                     if s.answers[t].is_none() && !c.waiting[t] {
                         actions.push(Action::Submit(t as u8));
                     }
-                    // Once it hears a hold granted, it may capture or release it until it hears the end.
-                    if matches!(s.answers[t], Some(Outcome::Held { .. })) && !c.end_waiting[t] {
-                        actions.push(Action::EndHold(t as u8, HoldEnd::Capture(Some(CAPTURED))));
+                    // Once it hears a hold granted, it may capture or release it until it hears the end. One that
+                    // lost its answer in a coordinator crash may release it to be safe.
+                    let granted = matches!(s.answers[t], Some(Outcome::Held { .. }));
+                    let hold = self.transfers[t].hold_seconds().is_some();
+                    if hold && !c.end_waiting[t] && (granted || (s.answers[t].is_none() && c.epoch > 0)) {
+                        if granted {
+                            actions.push(Action::EndHold(t as u8, HoldEnd::Capture(Some(CAPTURED))));
+                        }
                         actions.push(Action::EndHold(t as u8, HoldEnd::Release));
                     }
                 }
