@@ -214,6 +214,52 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     assert_eq!((body["balance_total"].as_i64(), body["created_total"].as_i64()), (Some(1100), Some(1100)));
     assert_eq!(body["shards"].as_array().map(Vec::len), Some(2), "{body}");
 
+    // A bank's own account may go below zero, down to its overdraft limit: a deposit is a transfer from it.
+    let cash = "cli-cash";
+    let created = ledger(&["account", "create", cash, "--overdraft-limit", "1000", "--url", url, "--json"], &[]).await;
+    assert_eq!(created.assert_success().json()["overdraft_limit"], 1000, "{created:?}");
+    ledger(&["transfer", cash, alice, "500", "--url", url], &[]).await.assert_success();
+    assert_eq!((cluster.balance(cash).await, cluster.balance(alice).await), (-500, 1300));
+
+    // Several legs, all or nothing: the legs are shown as a table; an abort names the failing leg.
+    let legs_id = "7a1d2c3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+    let paid = ledger(&["transfer", "--leg", &format!("{alice}:{bob}:100"), "--leg", &format!("{alice}:{extra}:5"), "--id", legs_id, "--url", url], &[]).await;
+    paid.assert_success();
+    assert!(has_line(&paid.stdout, &["status", "committed"]) && has_line(&paid.stdout, &["legs:"]), "{paid:?}");
+    assert!(has_line(&paid.stdout, &["LEG", "FROM", "TO", "AMOUNT"]), "{paid:?}");
+    assert!(has_line(&paid.stdout, &["0", alice, bob, "100"]) && has_line(&paid.stdout, &["1", alice, extra, "5"]), "{paid:?}");
+    let failed = ledger(&["transfer", "--leg", &format!("{bob}:{alice}:1"), "--leg", &format!("{extra}:{alice}:1000000"), "--url", url], &[]).await;
+    failed.assert_refused("422 transfer ");
+    assert!(failed.stderr.contains("aborted at leg 1: insufficient_funds"), "{failed:?}");
+    assert!(has_line(&failed.stdout, &["leg", "1"]), "{failed:?}");
+    assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await, cluster.balance(extra).await), (1195, 400, 5));
+
+    // A hold: listed while active, captured in part (again: the same answer), then no longer releasable.
+    let hold_id = "2b3c4d5e-6f70-4a81-9b2c-3d4e5f607182";
+    let held = ledger(&["transfer", alice, bob, "200", "--hold", "--expires-in-s", "600", "--id", hold_id, "--url", url, "--json"], &[]).await;
+    let body = held.assert_success().json();
+    assert_eq!((body["status"].as_str(), body["amount"].as_i64()), (Some("held"), Some(200)), "{held:?}");
+    assert!(body["expires_at_unix_ms"].is_u64(), "{held:?}");
+    let holds = ledger(&["holds", "--account", alice, "--url", url], &[]).await;
+    holds.assert_success();
+    assert!(has_line(&holds.stdout, &["ID", "FROM", "TO", "AMOUNT", "EXPIRES_AT_UNIX_MS"]), "{holds:?}");
+    assert!(has_line(&holds.stdout, &[hold_id, alice, bob, "200"]), "{holds:?}");
+    for _ in 0..2 {
+        let captured = ledger(&["capture", hold_id, "--amount", "150", "--url", url], &[]).await;
+        captured.assert_success();
+        assert!(has_line(&captured.stdout, &["status", "captured"]) && has_line(&captured.stdout, &["amount", "150"]), "{captured:?}");
+    }
+    ledger(&["release", hold_id, "--url", url], &[]).await.assert_refused("409 hold_not_active: ");
+    assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await), (1045, 550));
+    let held = ledger(&["transfer", bob, alice, "50", "--hold", "--url", url, "--json"], &[]).await;
+    let released_id = held.assert_success().json()["id"].as_str().expect("an id").to_owned();
+    let released = ledger(&["release", &released_id, "--url", url], &[]).await;
+    assert!(has_line(&released.assert_success().stdout, &["status", "released"]), "{released:?}");
+    let holds = ledger(&["holds", "--url", url], &[]).await;
+    assert_eq!(holds.assert_success().stdout, "no active holds\n", "{holds:?}");
+    ledger(&["capture", &released_id, "--url", url], &[]).await.assert_refused("409 hold_not_active: ");
+    assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await), (1045, 550));
+
     // The tour, on the same cluster (its names have a suffix of their own).
     let demo = ledger(&["demo", "--url", url], &[]).await;
     demo.assert_success();
@@ -272,13 +318,17 @@ async fn client_commands_send_the_token_and_report_a_shard_down_and_a_coordinato
 
     // The coordinator down: one clear line and exit 2, from every command.
     cluster.coordinator.kill();
-    let commands: [&[&str]; 6] = [
+    let hold = "3c4d5e6f-7081-4a92-8b3c-4d5e6f708192";
+    let commands: [&[&str]; 9] = [
         &["account", "create", "tok-new"],
         &["account", "show", first],
         &["account", "list"],
         &["transfer", first, second, "1"],
         &["transfers", "--account", first],
         &["audit"],
+        &["holds"],
+        &["capture", hold],
+        &["release", hold],
     ];
     for command in commands {
         let args: Vec<&str> = command.iter().copied().chain(["--url", url]).collect();
@@ -325,10 +375,24 @@ async fn client_commands_explain_an_unreachable_coordinator_and_reject_bad_argum
         &["transfer", "alice", "bob", "5", "--id", "not-a-uuid", "--url", &url],
         &["account", "create", "alice", "--balance", "lots", "--url", &url],
         &["account", "show", "alice", "--url", "not a url"],
+        &["transfer", "--leg", "alice:bob", "--url", &url],
+        &["capture", "not-a-uuid", "--url", &url],
     ] {
         let run = ledger(args, &[]).await;
         assert_eq!(run.code, Some(2), "{run:?}");
         assert!(run.stderr.starts_with("error: invalid value"), "{run:?}");
+        run.assert_no_panic();
+    }
+    // Arguments that do not go together, or a leg with the three arguments: clap says so (exit 2).
+    for args in [
+        &["transfer", "alice", "bob", "5", "--expires-in-s", "60", "--url", &url][..],
+        &["transfer", "alice", "bob", "5", "--leg", "alice:bob:5", "--url", &url],
+        &["transfer", "--leg", "alice:bob:5", "--hold", "--url", &url],
+        &["transfer", "alice", "bob", "--url", &url],
+    ] {
+        let run = ledger(args, &[]).await;
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.starts_with("error: "), "{run:?}");
         run.assert_no_panic();
     }
 }

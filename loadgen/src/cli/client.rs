@@ -84,11 +84,18 @@ pub enum ClientCommand {
     /// Accounts: create one, show one, or list them all.
     #[command(subcommand)]
     Account(AccountCommand),
-    /// Move money from one account to another (a two-phase commit when they sit on different shards). Exits 1
+    /// Move money from one account to another (a two-phase commit when they sit on different shards), or several
+    /// amounts at once, all or nothing (--leg), or hold an amount to capture or release later (--hold). Exits 1
     /// if the transfer aborted, and says why.
     Transfer(TransferArgs),
+    /// Capture a hold: move all of it, or --amount of it and release the rest.
+    Capture(CaptureArgs),
+    /// Release a hold: nothing moves, and the amount is available again.
+    Release(ReleaseArgs),
+    /// The active holds, soonest expiry first, of one account (debited by them) or of the whole ledger.
+    Holds(ListArgs),
     /// The newest transfers (pending first, then decided, newest first), of one account or of the whole ledger.
-    Transfers(TransfersArgs),
+    Transfers(ListArgs),
     /// Prove the books: every balance adds up to the money created, none is negative, every hold is explained.
     /// Exits 1 if the audit finds a violation.
     Audit(AuditArgs),
@@ -111,6 +118,10 @@ pub struct CreateAccountArgs {
     /// The opening balance in minor units (e.g. cents); the server's default is 0.
     #[arg(long)]
     pub balance: Option<u64>,
+    /// How far below zero the balance may go, in minor units (for a bank's own accounts: cash, settlement);
+    /// the server's default is 0.
+    #[arg(long)]
+    pub overdraft_limit: Option<u64>,
     #[command(flatten)]
     pub connection: Connection,
 }
@@ -138,11 +149,25 @@ pub struct ListAccountsArgs {
 #[derive(clap::Args, Debug)]
 pub struct TransferArgs {
     /// The account debited.
-    pub from: String,
+    #[arg(required_unless_present = "legs")]
+    pub from: Option<String>,
     /// The account credited.
-    pub to: String,
+    #[arg(required_unless_present = "legs")]
+    pub to: Option<String>,
     /// The amount in minor units (e.g. cents).
-    pub amount: u64,
+    #[arg(required_unless_present = "legs")]
+    pub amount: Option<u64>,
+    /// One leg of a multi-leg transfer, FROM:TO:AMOUNT, instead of the three arguments; repeat it (1 to 16
+    /// legs, over any shards): every leg commits or none does.
+    #[arg(long = "leg", value_name = "FROM:TO:AMOUNT", value_parser = parse_leg, conflicts_with_all = ["from", "to", "amount"])]
+    pub legs: Vec<(String, String, u64)>,
+    /// Hold the amount instead of moving it: it stays reserved on the debited account until `ledger capture`,
+    /// `ledger release`, or its expiry.
+    #[arg(long, conflicts_with = "legs")]
+    pub hold: bool,
+    /// Seconds until the hold expires by itself (1 to 2592000; the server's default is 86400).
+    #[arg(long, requires = "hold")]
+    pub expires_in_s: Option<u64>,
     /// The transfer's id, its idempotency key: the same id with the same body never moves money twice. Default:
     /// a new random UUID, printed in the answer, to repeat the transfer safely if no answer came.
     #[arg(long)]
@@ -152,11 +177,41 @@ pub struct TransferArgs {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct TransfersArgs {
-    /// Only this account's transfers (its committed ones: an aborted transfer moved nothing and is not listed).
+pub struct CaptureArgs {
+    /// The hold's id (the transfer id `ledger transfer --hold` printed).
+    pub id: Uuid,
+    /// Capture this much (1 up to the held amount) and release the rest; default: all of it.
+    #[arg(long)]
+    pub amount: Option<u64>,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReleaseArgs {
+    /// The hold's id.
+    pub id: Uuid,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+/// A leg as `FROM:TO:AMOUNT` (account ids hold no `:`).
+fn parse_leg(text: &str) -> Result<(String, String, u64), String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [from, to, amount] = parts.as_slice() else {
+        return Err(format!("{text:?} is not FROM:TO:AMOUNT"));
+    };
+    let amount = amount.parse().map_err(|_| format!("{amount:?} is not a whole number of minor units"))?;
+    Ok(((*from).to_owned(), (*to).to_owned(), amount))
+}
+
+/// `ledger transfers` and `ledger holds`.
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Only this account's: its committed transfers (an aborted one moved nothing), or the holds debiting it.
     #[arg(long)]
     pub account: Option<String>,
-    /// At most this many transfers (the server accepts 1 to 1000; its default is 50).
+    /// At most this many (the server accepts 1 to 1000; its default is 50).
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
@@ -196,8 +251,8 @@ pub enum ClientError {
     /// The server's own `{"error":{"code","message"}}` answer.
     #[error("{status} {code}: {message}")]
     Refused { status: u16, code: String, message: String },
-    #[error("{status} transfer {id} aborted: {reason}{}", explain_abort(reason))]
-    Aborted { status: u16, id: String, reason: String },
+    #[error("{status} transfer {id} aborted{}: {reason}{}", at_leg(*leg), explain_abort(reason))]
+    Aborted { status: u16, id: String, reason: String, leg: Option<u64> },
     #[error("{status}: not the answer expected: {body}")]
     UnexpectedAnswer { status: u16, body: String },
     #[error("the audit found {0} violation(s)")]
@@ -225,6 +280,11 @@ impl ClientError {
     fn outcome_unknown(&self) -> bool {
         matches!(self, ClientError::AnswerLost { .. } | ClientError::TimedOut { .. })
     }
+}
+
+/// Which leg failed, for a multi-leg transfer's abort.
+fn at_leg(leg: Option<u64>) -> String {
+    leg.map_or_else(String::new, |leg| format!(" at leg {leg}"))
 }
 
 /// A sentence for the abort reasons of the README, so the reader need not look them up.
@@ -256,7 +316,17 @@ async fn execute(command: ClientCommand) -> Result<(), ClientError> {
         ClientCommand::Account(AccountCommand::Show(args)) => show_account(args).await,
         ClientCommand::Account(AccountCommand::List(args)) => list_accounts(args).await,
         ClientCommand::Transfer(args) => transfer(args).await,
-        ClientCommand::Transfers(args) => list_transfers(args).await,
+        ClientCommand::Capture(args) => {
+            let body = args.amount.map(|amount| json!({"amount": amount}));
+            end_hold(&args.connection, args.id, "capture", body).await
+        }
+        ClientCommand::Release(args) => end_hold(&args.connection, args.id, "release", None).await,
+        ClientCommand::Holds(args) => {
+            list_by_account(&args.connection, "holds", args.account, args.limit, HOLD_COLUMNS, "no active holds").await
+        }
+        ClientCommand::Transfers(args) => {
+            list_by_account(&args.connection, "transfers", args.account, args.limit, TRANSFER_COLUMNS, "no transfers").await
+        }
         ClientCommand::Audit(args) => audit(args).await,
     }
 }
@@ -266,6 +336,9 @@ async fn create_account(args: CreateAccountArgs) -> Result<(), ClientError> {
     let mut body = json!({"id": args.id});
     if let Some(balance) = args.balance {
         body["balance"] = json!(balance);
+    }
+    if let Some(limit) = args.overdraft_limit {
+        body["overdraft_limit"] = json!(limit);
     }
     let answer = client.call(Method::POST, client.url(&["accounts"], &[])?, Some(&body)).await?.success()?;
     client.print(&answer, || key_values(&answer.json, &["id", "balance", "shard"], &[]));
@@ -330,13 +403,48 @@ async fn list_accounts(args: ListAccountsArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
-const TRANSFER_FIELDS: &[&str] = &["id", "status", "reason", "from", "to", "amount", "made_by"];
+const TRANSFER_FIELDS: &[&str] =
+    &["id", "status", "reason", "leg", "from", "to", "amount", "held_amount", "expires_at_unix_ms", "made_by"];
+
+const LEG_COLUMNS: &[Column] =
+    &[Column::number("LEG", "leg"), Column::text("FROM", "from"), Column::text("TO", "to"), Column::number("AMOUNT", "amount")];
+
+/// A transfer's answer as a key/value block, with its legs (if it has several) as a table under it.
+fn transfer_text(body: &Value) -> String {
+    let mut text = key_values(body, TRANSFER_FIELDS, &["legs"]);
+    if let Some(legs) = body["legs"].as_array().filter(|legs| !legs.is_empty()) {
+        let rows: Vec<Value> = legs
+            .iter()
+            .enumerate()
+            .map(|(i, leg)| {
+                let mut row = leg.clone();
+                row["leg"] = json!(i);
+                row
+            })
+            .collect();
+        text.push_str("\nlegs:\n");
+        text.push_str(&table(LEG_COLUMNS, &rows));
+    }
+    text
+}
 
 async fn transfer(args: TransferArgs) -> Result<(), ClientError> {
     let client = Client::new(&args.connection)?;
     // Chosen here rather than by the server, so that a transfer whose answer was lost can be repeated safely.
     let id = args.id.unwrap_or_else(Uuid::new_v4);
-    let body = json!({"id": id, "from": args.from, "to": args.to, "amount": args.amount});
+    let mut body = if args.legs.is_empty() {
+        json!({"id": id, "from": args.from, "to": args.to, "amount": args.amount})
+    } else {
+        let legs: Vec<Value> =
+            args.legs.iter().map(|(from, to, amount)| json!({"from": from, "to": to, "amount": amount})).collect();
+        json!({"id": id, "legs": legs})
+    };
+    if args.hold {
+        body["hold"] = json!(true);
+        if let Some(seconds) = args.expires_in_s {
+            body["expires_in_s"] = json!(seconds);
+        }
+    }
     let answer = match client.call(Method::POST, client.url(&["transfers"], &[])?, Some(&body)).await {
         Ok(answer) => answer,
         Err(error) if error.outcome_unknown() => {
@@ -346,17 +454,36 @@ async fn transfer(args: TransferArgs) -> Result<(), ClientError> {
     };
     // An aborted transfer is an outcome, with a body of its own: show it, then say why it aborted.
     if answer.json["status"] == "aborted" {
-        client.print(&answer, || key_values(&answer.json, TRANSFER_FIELDS, &[]));
+        client.print(&answer, || transfer_text(&answer.json));
         return Err(ClientError::Aborted {
             status: answer.status.as_u16(),
             id: cell(answer.json.get("id")),
             reason: cell(answer.json.get("reason")),
+            leg: answer.json["leg"].as_u64(),
         });
     }
     let answer = answer.success()?;
-    client.print(&answer, || key_values(&answer.json, TRANSFER_FIELDS, &[]));
+    client.print(&answer, || transfer_text(&answer.json));
     Ok(())
 }
+
+/// `ledger capture` and `ledger release`: `POST /transfers/{id}/<action>`. Both are idempotent, so a request
+/// whose answer was lost is simply repeated.
+async fn end_hold(connection: &Connection, id: Uuid, action: &str, body: Option<Value>) -> Result<(), ClientError> {
+    let client = Client::new(connection)?;
+    let url = client.url(&["transfers", &id.to_string(), action], &[])?;
+    let answer = client.call(Method::POST, url, Some(&body.unwrap_or_else(|| json!({})))).await?.success()?;
+    client.print(&answer, || transfer_text(&answer.json));
+    Ok(())
+}
+
+const HOLD_COLUMNS: &[Column] = &[
+    Column::text("ID", "id"),
+    Column::text("FROM", "from"),
+    Column::text("TO", "to"),
+    Column::number("AMOUNT", "amount"),
+    Column::number("EXPIRES_AT_UNIX_MS", "expires_at_unix_ms"),
+];
 
 const TRANSFER_COLUMNS: &[Column] = &[
     Column::text("ID", "id"),
@@ -367,26 +494,23 @@ const TRANSFER_COLUMNS: &[Column] = &[
     Column::text("REASON", "reason"),
 ];
 
-async fn list_transfers(args: TransfersArgs) -> Result<(), ClientError> {
-    let client = Client::new(&args.connection)?;
-    let mut query = Vec::new();
-    if let Some(account) = &args.account {
-        query.push(("account", account.clone()));
-    }
-    if let Some(limit) = args.limit {
-        query.push(("limit", limit.to_string()));
-    }
-    let answer = client.call(Method::GET, client.url(&["transfers"], &query)?, None).await?.success()?;
-    let Some(transfers) = answer.json["transfers"].as_array() else {
+/// A listing by account (`GET /<what>?account=&limit=`) as a table of `columns`, or `empty` when it lists nothing.
+async fn list_by_account(
+    connection: &Connection,
+    what: &str,
+    account: Option<String>,
+    limit: Option<usize>,
+    columns: &[Column],
+    empty: &str,
+) -> Result<(), ClientError> {
+    let client = Client::new(connection)?;
+    let account = account.map(|account| ("account", account));
+    let query: Vec<(&str, String)> = account.into_iter().chain(limit.map(|limit| ("limit", limit.to_string()))).collect();
+    let answer = client.call(Method::GET, client.url(&[what], &query)?, None).await?.success()?;
+    let Some(rows) = answer.json[what].as_array() else {
         return Err(answer.unexpected());
     };
-    client.print(&answer, || {
-        if transfers.is_empty() {
-            "no transfers\n".to_owned()
-        } else {
-            table(TRANSFER_COLUMNS, transfers)
-        }
-    });
+    client.print(&answer, || if rows.is_empty() { format!("{empty}\n") } else { table(columns, rows) });
     Ok(())
 }
 
