@@ -132,7 +132,9 @@ pub const HOLD_SECONDS_DEFAULT: u32 = 86_400;
 /// true,"expires_in_s"}`, and in bincode `"+"` (no account id either), its legs and its seconds.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Transfer {
-    legs: Vec<Leg>,
+    /// Shared: a transfer is cloned into every log write, frame and answer about it, and a clone then costs
+    /// no allocation.
+    legs: std::sync::Arc<[Leg]>,
     /// A hold for this many seconds, not a transfer.
     hold_seconds: Option<u32>,
 }
@@ -150,12 +152,12 @@ pub enum LegsError {
 impl Transfer {
     /// A transfer of one leg.
     pub fn one(from: AccountId, to: AccountId, amount: Amount) -> Transfer {
-        Transfer { legs: vec![Leg { from, to, amount }], hold_seconds: None }
+        Transfer { legs: std::sync::Arc::new([Leg { from, to, amount }]), hold_seconds: None }
     }
 
     pub fn new(legs: Vec<Leg>) -> Result<Transfer, LegsError> {
         if (1..=LEGS_MAX).contains(&legs.len()) {
-            Ok(Transfer { legs, hold_seconds: None })
+            Ok(Transfer { legs: legs.into(), hold_seconds: None })
         } else {
             Err(LegsError::Count)
         }
@@ -173,7 +175,7 @@ impl Transfer {
         if legs.len() != 1 {
             return Err(LegsError::HoldLegs);
         }
-        Ok(Transfer { legs, hold_seconds: Some(seconds) })
+        Ok(Transfer { legs: legs.into(), hold_seconds: Some(seconds) })
     }
 
     /// How long it holds its amount, if it is a hold.
@@ -187,7 +189,7 @@ impl Transfer {
 
     /// The leg of a one-leg transfer or hold.
     pub fn single(&self) -> Option<&Leg> {
-        match self.legs.as_slice() {
+        match &self.legs[..] {
             [leg] => Some(leg),
             _ => None,
         }
@@ -297,11 +299,11 @@ impl Serialize for Transfer {
                     HoldJson { from, to, amount, hold: true, expires_in_s }.serialize(serializer)
                 }
             },
-            (None, true) => LegsJson { legs: self.legs.clone() }.serialize(serializer),
+            (None, true) => LegsJson { legs: self.legs.to_vec() }.serialize(serializer),
             (_, false) if self.hold_seconds.is_some() => {
                 let mut tuple = serializer.serialize_tuple(3)?;
                 tuple.serialize_element(HOLD_MARK)?;
-                tuple.serialize_element(&self.legs)?;
+                tuple.serialize_element(&self.legs[..])?;
                 tuple.serialize_element(&self.hold_seconds.unwrap_or_default())?;
                 tuple.end()
             }
@@ -315,7 +317,7 @@ impl Serialize for Transfer {
             (None, false) => {
                 let mut tuple = serializer.serialize_tuple(2)?;
                 tuple.serialize_element("")?;
-                tuple.serialize_element(&self.legs)?;
+                tuple.serialize_element(&self.legs[..])?;
                 tuple.end()
             }
         }
