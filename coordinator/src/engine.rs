@@ -130,6 +130,8 @@ type ReadAnswer = Option<Option<AccountRecord>>;
 
 enum Command {
     Submit { id: TransferId, transfer: Transfer, made_by: Option<String>, reply: Reply<Result<Final, EngineError>> },
+    /// Several transfers at once (a batch's items): one command and one reply for all, in their order.
+    SubmitMany { items: Vec<(TransferId, Transfer)>, made_by: Option<String>, reply: Reply<Vec<Result<Final, EngineError>>> },
     Query { items: Vec<DecisionQueryItem>, reply: Reply<Result<Vec<QueryAnswer>, EngineError>> },
     /// `None` in the reply: the shard has no link.
     Read { shard: ShardId, account: AccountId, reply: Reply<Option<Option<AccountRecord>>> },
@@ -205,6 +207,8 @@ impl Engine {
             events: events.clone(),
             links: vec![None; config.shard_count as usize],
             waiters: HashMap::new(),
+            many: HashMap::new(),
+            next_many: 0,
             queries: HashMap::new(),
             reads: HashMap::new(),
             next_read: 0,
@@ -223,6 +227,15 @@ impl Engine {
     /// Runs (or joins, or replays) the transfer `id` and returns its final outcome, durable.
     pub async fn submit(&self, id: TransferId, transfer: Transfer, made_by: Option<String>) -> Result<Final, EngineError> {
         self.ask(|reply| Command::Submit { id, transfer, made_by, reply }).await?
+    }
+
+    /// [`Engine::submit`] for each of `items`, as one command: the answers come back together, in order.
+    pub async fn submit_many(
+        &self,
+        items: Vec<(TransferId, Transfer)>,
+        made_by: Option<String>,
+    ) -> Result<Vec<Result<Final, EngineError>>, EngineError> {
+        self.ask(|reply| Command::SubmitMany { items, made_by, reply }).await
     }
 
     /// Answers a participant in doubt (see [`CoordinatorCore::handle_query`]).
@@ -306,6 +319,20 @@ fn unacknowledged_view(o: OwedView) -> Unacknowledged {
     Unacknowledged { id: o.id, decision, age_ms: o.age_ms, awaiting_shards: o.awaiting_shards }
 }
 
+/// Who waits for a transfer's answer.
+enum Waiter {
+    One(Reply<Result<Final, EngineError>>),
+    /// Item `index` of the `SubmitMany` numbered `many`.
+    Many { many: u64, index: usize },
+}
+
+/// A `SubmitMany` whose answers are not all in.
+struct Many {
+    answers: Vec<Option<Result<Final, EngineError>>>,
+    missing: usize,
+    reply: Reply<Vec<Result<Final, EngineError>>>,
+}
+
 /// The task that owns the core, and the callers waiting on it.
 struct Shell {
     core: CoordinatorCore,
@@ -317,7 +344,10 @@ struct Shell {
     /// The current link to each shard: its generation and where its frames go.
     links: Vec<Option<(u64, mpsc::Sender<participants::Outgoing>)>>,
     /// Clients waiting for a transfer's answer (the first submission and any joined duplicates).
-    waiters: HashMap<TransferId, Vec<Reply<Result<Final, EngineError>>>>,
+    waiters: HashMap<TransferId, Vec<Waiter>>,
+    /// The answers of each `SubmitMany` gathered so far, by its number in `next_many`.
+    many: HashMap<u64, Many>,
+    next_many: u64,
     queries: HashMap<u64, Reply<Result<Vec<QueryAnswer>, EngineError>>>,
     reads: HashMap<u64, (ShardId, Reply<ReadAnswer>)>,
     next_read: u64,
@@ -376,19 +406,45 @@ impl Shell {
         Ok(self.wal.get(id)?)
     }
 
+    /// Hands one submission to the core; on `Ok` an answer for `id` follows.
+    fn submit(&mut self, now: u64, id: TransferId, transfer: Transfer, made_by: Option<String>) -> Result<(), EngineError> {
+        let logged = self.logged_unless_running(&id)?;
+        self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()).map_err(|error| match error {
+            SubmitError::IdempotencyConflict => EngineError::IdempotencyConflict,
+            SubmitError::Overloaded => EngineError::Overloaded,
+            SubmitError::HoldsFull => EngineError::HoldsFull,
+        })
+    }
+
     fn command(&mut self, command: Command) {
         let now = self.now_ms();
         match command {
             Command::Submit { id, transfer, made_by, reply } => {
-                let logged = match self.logged_unless_running(&id) {
-                    Ok(logged) => logged,
-                    Err(e) => return drop(reply.send(Err(e))),
-                };
-                match self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()) {
-                    Ok(()) => self.waiters.entry(id).or_default().push(reply),
-                    Err(SubmitError::IdempotencyConflict) => drop(reply.send(Err(EngineError::IdempotencyConflict))),
-                    Err(SubmitError::Overloaded) => drop(reply.send(Err(EngineError::Overloaded))),
-                    Err(SubmitError::HoldsFull) => drop(reply.send(Err(EngineError::HoldsFull))),
+                if let Err(error) = self.submit(now, id, transfer, made_by) {
+                    return drop(reply.send(Err(error)));
+                }
+                self.waiters.entry(id).or_default().push(Waiter::One(reply));
+            }
+            Command::SubmitMany { items, made_by, reply } => {
+                let many = self.next_many;
+                self.next_many += 1;
+                let mut answers = Vec::with_capacity(items.len());
+                let mut missing = 0;
+                for (index, (id, transfer)) in items.into_iter().enumerate() {
+                    match self.submit(now, id, transfer, made_by.clone()) {
+                        Ok(()) => {
+                            self.waiters.entry(id).or_default().push(Waiter::Many { many, index });
+                            missing += 1;
+                            answers.push(None);
+                        }
+                        Err(error) => answers.push(Some(Err(error))),
+                    }
+                }
+                let waiting = Many { answers, missing, reply };
+                if missing == 0 {
+                    finish_many(waiting);
+                } else {
+                    self.many.insert(many, waiting);
                 }
             }
             Command::EndHold { id, end, reply } => {
@@ -397,7 +453,7 @@ impl Shell {
                     Err(e) => return drop(reply.send(Err(e))),
                 };
                 match self.core.handle_end_hold(now, id, end, logged.as_ref()) {
-                    Ok(()) => self.waiters.entry(id).or_default().push(reply),
+                    Ok(()) => self.waiters.entry(id).or_default().push(Waiter::One(reply)),
                     Err(error) => drop(reply.send(Err(EngineError::Hold(error)))),
                 }
             }
@@ -615,7 +671,20 @@ impl Shell {
                     metrics::counter!(metric::TRANSFERS, "outcome" => label, "reason" => reason).increment(1);
                 }
                 for waiter in waiters {
-                    let _ = waiter.send(Ok(Final { transfer: transfer.clone(), outcome }));
+                    let answer = Ok(Final { transfer: transfer.clone(), outcome });
+                    match waiter {
+                        Waiter::One(reply) => drop(reply.send(answer)),
+                        Waiter::Many { many, index } => {
+                            let Some(waiting) = self.many.get_mut(&many) else { continue };
+                            waiting.answers[index] = Some(answer);
+                            waiting.missing -= 1;
+                            if waiting.missing == 0 {
+                                if let Some(done) = self.many.remove(&many) {
+                                    finish_many(done);
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Answer::Queries { query, answers } => {
@@ -625,6 +694,12 @@ impl Shell {
             }
         }
     }
+}
+
+/// Sends a `SubmitMany` its answers, all in.
+fn finish_many(done: Many) {
+    let answers = done.answers.into_iter().map(|a| a.unwrap_or(Err(EngineError::CoreGone))).collect();
+    let _ = done.reply.send(answers);
 }
 
 fn notify(notice: Notice) {
