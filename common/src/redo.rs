@@ -19,7 +19,7 @@
 //! the payload: op count (u32), and per op key length (u32), key, and `0` for a removal or `1`, value length
 //! (u32), value. Files are named by their first group and only ever appended to; recovery starts a new file.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -246,8 +246,13 @@ struct Pending {
     first_group: u64,
 }
 
-/// A key's value as the log's groups left it: `None` if removed.
-type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A key's value as the log's groups left it: `None` if removed. A hash map: every write inserts and every
+/// point read looks up here, and an ordered map's key comparisons were a tenth of a node's CPU; the few
+/// range reads and the checkpoint's run sort what they take.
+type Overlay = HashMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Keys of the overlay in order, with their values, as [`Redo::overlay_range`] returns them.
+pub type SortedOverlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Writes not yet in sled: those since the last checkpoint, and those of the checkpoint being written.
 struct Deferred {
@@ -477,7 +482,7 @@ impl Redo {
         }
         let overlay = Arc::new(std::mem::take(&mut deferred.current));
         if let Some(prefix) = self.classes.transient {
-            for (key, value) in overlay.range(vec![prefix]..vec![prefix + 1]) {
+            for (key, value) in overlay.iter().filter(|(key, _)| key.first() == Some(&prefix)) {
                 match value {
                     Some(_) => deferred.transient_in_sled.insert(key.clone()),
                     None => deferred.transient_in_sled.remove(key),
@@ -497,10 +502,11 @@ impl Redo {
     /// replay from the previous mark redoes them all (a run it wrote and no durable manifest names is deleted
     /// at open).
     fn write_checkpoint(&self, overlay: &Overlay, through: u64) -> Result<(), RedoError> {
-        let history = overlay.iter().filter(|(k, _)| self.classes.is_history(k));
-        let count = history.clone().count();
+        let mut history: Vec<_> = overlay.iter().filter(|(k, _)| self.classes.is_history(k)).collect();
+        history.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let count = history.len();
         if count > 0 {
-            if let Some(run) = self.runs.write(history.map(|(k, v)| (k.clone(), v.clone())), count)? {
+            if let Some(run) = self.runs.write(history.into_iter().map(|(k, v)| (k.clone(), v.clone())), count)? {
                 self.runs.add(run);
             }
         }
@@ -579,13 +585,14 @@ impl Redo {
 
     /// The keys in `range` that the log has ahead of sled, with their values (`None`: removed), newest
     /// checkpoint winning.
-    pub fn overlay_range(&self, range: std::ops::Range<Vec<u8>>) -> Overlay {
+    pub fn overlay_range(&self, range: std::ops::Range<Vec<u8>>) -> SortedOverlay {
         let deferred = lock(&self.deferred);
-        let mut out: Overlay = match &deferred.frozen {
-            Some(frozen) => frozen.range(range.clone()).map(|(k, v)| (k.clone(), v.clone())).collect(),
-            None => Overlay::new(),
+        let within = |(k, v): (&Vec<u8>, &Option<Vec<u8>>)| range.contains(k).then(|| (k.clone(), v.clone()));
+        let mut out: SortedOverlay = match &deferred.frozen {
+            Some(frozen) => frozen.iter().filter_map(within).collect(),
+            None => SortedOverlay::new(),
         };
-        out.extend(deferred.current.range(range).map(|(k, v)| (k.clone(), v.clone())));
+        out.extend(deferred.current.iter().filter_map(within));
         out
     }
 
