@@ -33,7 +33,11 @@ fn compact() -> impl bincode::Options {
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     use bincode::Options;
-    let mut out = vec![RECORD_VERSION];
+    // Sized first: the record is kept (in the redo log's overlay until a checkpoint), and growing it from
+    // empty cost several reallocations per record.
+    let size = compact().serialized_size(value).map_or(0, |n| n as usize);
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(RECORD_VERSION);
     // Serialising plain owned data into a Vec cannot fail.
     compact().serialize_into(&mut out, value).expect("bincode into a Vec is infallible");
     out

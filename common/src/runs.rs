@@ -518,34 +518,36 @@ impl<I: Iterator<Item = Result<Entry, E>>, E> Iterator for Merge<I> {
     type Item = Result<Entry, E>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        // The source holding the next key (the first such source: it wins).
-        let mut best: Option<(usize, Vec<u8>)> = None;
+        // The source holding the next key (the first such source: it wins), found without copying a key.
+        let mut best: Option<usize> = None;
         for i in 0..self.sources.len() {
-            match self.sources[i].peek() {
-                None => {}
-                Some(Err(_)) => return self.sources[i].next(),
-                Some(Ok((key, _))) => {
-                    let better = match &best {
-                        None => true,
-                        Some((_, b)) => {
-                            if self.reverse {
-                                key > b
-                            } else {
-                                key < b
-                            }
-                        }
-                    };
-                    if better {
-                        best = Some((i, key.clone()));
+            let (before, rest) = self.sources.split_at_mut(i);
+            let key = match rest[0].peek() {
+                None => continue,
+                Some(Err(_)) => return rest[0].next(),
+                Some(Ok((key, _))) => key,
+            };
+            let better = match best.and_then(|b| before[b].peek()) {
+                Some(Ok((b, _))) => {
+                    if self.reverse {
+                        key > b
+                    } else {
+                        key < b
                     }
                 }
+                _ => true,
+            };
+            if better {
+                best = Some(i);
             }
         }
-        let (winner, key) = best?;
+        let winner = best?;
         let out = self.sources[winner].next();
-        for source in &mut self.sources[winner + 1..] {
-            if matches!(source.peek(), Some(Ok((k, _))) if *k == key) {
-                source.next();
+        if let Some(Ok((key, _))) = &out {
+            for source in &mut self.sources[winner + 1..] {
+                if matches!(source.peek(), Some(Ok((k, _))) if k == key) {
+                    source.next();
+                }
             }
         }
         out
