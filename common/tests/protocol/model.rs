@@ -335,6 +335,14 @@ impl CState {
         self.core.as_mut().expect("only a running coordinator is driven")
     }
 
+    /// What the shell reads of `id` from its log for a client's request: only when the core is not running it.
+    fn logged_unless_running(&mut self, id: &TransferId) -> Result<Option<TransferRecord>, String> {
+        if self.core().running(id).is_some() {
+            return Ok(None);
+        }
+        Ok(self.memory()?.get(id).and_then(LogRecord::to_record))
+    }
+
     /// The log as the process reads it: the durable records and every write handed out since.
     fn memory(&self) -> Result<BTreeMap<TransferId, LogRecord>, String> {
         let mut log = self.durable.clone();
@@ -553,10 +561,7 @@ impl LedgerModel {
     fn submit(&self, s: &mut State, t: u8) -> Result<(), String> {
         let (id, transfer) = (tid(t), self.transfers[t as usize].clone());
         let c = &mut s.coordinator;
-        let logged = match c.core().running(&id) {
-            Some(_) => None,
-            None => c.memory()?.get(&id).and_then(LogRecord::to_record),
-        };
+        let logged = c.logged_unless_running(&id)?;
         let now = c.now;
         c.core()
             .handle_submit(now, id, transfer, None, logged.as_ref())
@@ -570,10 +575,7 @@ impl LedgerModel {
     fn end_hold(&self, s: &mut State, t: u8, end: HoldEnd) -> Result<(), String> {
         let id = tid(t);
         let c = &mut s.coordinator;
-        let logged = match c.core().running(&id) {
-            Some(_) => None,
-            None => c.memory()?.get(&id).and_then(LogRecord::to_record),
-        };
+        let logged = c.logged_unless_running(&id)?;
         let now = c.now;
         match c.core().handle_end_hold(now, id, end, logged.as_ref()) {
             Ok(()) => c.end_waiting[t as usize] = true,
