@@ -14,4 +14,3 @@ pub mod store;
 pub mod stream;
 pub mod telemetry;
 pub mod wire;
-

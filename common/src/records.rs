@@ -145,7 +145,12 @@ mod tests {
         let at = 1_796_000_000_000u64;
         let made_by = Some("loadgen".to_string());
         let decided = (
-            TransferRecord { transfer: transfer.clone(), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: at },
+            TransferRecord {
+                transfer: transfer.clone(),
+                outcome: Outcome::Committed,
+                shards: vec![0, 1],
+                decided_at_unix_ms: at,
+            },
             made_by.clone(),
         );
         let prepared = PreparedRecord {
@@ -217,7 +222,10 @@ mod tests {
         assert_eq!(fixint, record);
         assert!(decode::<TransferBeforeLegs>(&encode(&two)).is_err(), "a reader without legs refuses several");
 
-        assert_eq!(serde_json::to_value(&one).expect("json"), serde_json::json!({"from": "alice", "to": "bob", "amount": 250}));
+        assert_eq!(
+            serde_json::to_value(&one).expect("json"),
+            serde_json::json!({"from": "alice", "to": "bob", "amount": 250})
+        );
         let json = serde_json::to_value(&two).expect("json");
         assert_eq!(json["legs"][1]["to"], "fees");
         assert_eq!(serde_json::from_value::<Transfer>(json).expect("from json"), two);
@@ -243,7 +251,8 @@ mod tests {
         assert!(decode::<TransferBeforeLegs>(&encode(&hold)).is_err(), "a reader without holds refuses one");
 
         let json = serde_json::to_value(&hold).expect("json");
-        let expected = serde_json::json!({"from": "alice", "to": "shop", "amount": 70, "hold": true, "expires_in_s": 600});
+        let expected =
+            serde_json::json!({"from": "alice", "to": "shop", "amount": 70, "hold": true, "expires_in_s": 600});
         assert_eq!(json, expected);
         assert_eq!(serde_json::from_value::<Transfer>(json).expect("from json"), hold);
         assert_eq!(hold.to_string(), "alice->shop 70 (hold 600 s)");

@@ -204,7 +204,11 @@ fn sync_dir(dir: &Path) -> Result<(), RedoError> {
 
 /// Reads every group in the log after `after`, in order, handing each to `apply`; cuts a torn tail off.
 /// Returns the last group seen (or `after`).
-fn replay(dir: &Path, after: u64, mut apply: impl FnMut(u64, Vec<Op>) -> Result<(), RedoError>) -> Result<u64, RedoError> {
+fn replay(
+    dir: &Path,
+    after: u64,
+    mut apply: impl FnMut(u64, Vec<Op>) -> Result<(), RedoError>,
+) -> Result<u64, RedoError> {
     let files = segments(dir)?;
     let mut last = after;
     let mut torn: Option<(PathBuf, u64)> = None;
@@ -792,7 +796,10 @@ mod tests {
         }
         let s = open(dir.path());
         for (key, value) in [("a1", Some("20")), ("p1", None), ("p2", Some("held")), ("j1", Some("entry"))] {
-            assert_eq!(s.db.get(key).expect("get").map(|v| String::from_utf8(v.to_vec()).expect("utf8")).as_deref(), value);
+            assert_eq!(
+                s.db.get(key).expect("get").map(|v| String::from_utf8(v.to_vec()).expect("utf8")).as_deref(),
+                value
+            );
         }
         assert_eq!(read_mark(&s.db).expect("mark"), 3);
         assert_eq!(s.redo.deferred_keys(), 0);
@@ -893,8 +900,14 @@ mod tests {
             for i in 0..checkpoints as u32 {
                 // One history key per checkpoint, and a balance rewritten by each; a big value forces the
                 // checkpoint.
-                s.redo.log(vec![op(&format!("h{i:03}"), Some("x")), op("a1", Some(&i.to_string())), op("z", Some(&big))]);
-                while lock(&s.redo.deferred).frozen.is_some() || s.redo.checkpoints_done.load(Ordering::Relaxed) <= i.into() {
+                s.redo.log(vec![
+                    op(&format!("h{i:03}"), Some("x")),
+                    op("a1", Some(&i.to_string())),
+                    op("z", Some(&big)),
+                ]);
+                while lock(&s.redo.deferred).frozen.is_some()
+                    || s.redo.checkpoints_done.load(Ordering::Relaxed) <= i.into()
+                {
                     assert!(std::time::Instant::now() < deadline, "checkpoints end");
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }

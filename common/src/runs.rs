@@ -347,8 +347,7 @@ impl Run {
         let mut footer = [0u8; FOOTER];
         file.read_exact_at(&mut footer, bytes - FOOTER as u64).map_err(io_error(&path))?;
         let mut r = Reader { input: &footer };
-        let (index_offset, filter_offset, entries) =
-            (r.u64().expect("8"), r.u64().expect("8"), r.u64().expect("8"));
+        let (index_offset, filter_offset, entries) = (r.u64().expect("8"), r.u64().expect("8"), r.u64().expect("8"));
         let crc = r.u32().expect("4") as u32;
         if r.take(4) != Some(&MAGIC[4..]) {
             return Err(damaged("bad footer magic"));

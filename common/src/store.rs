@@ -120,7 +120,8 @@ impl Store {
         }
         // sled 0.34 keeps its whole log in this one file.
         let log_path = path.join("db");
-        let open_log = || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
+        let open_log =
+            || File::open(&log_path).map_err(|source| StoreError::LogFile { path: log_path.clone(), source });
         let (redo, writer) = Redo::open(&dir.join("redo"), &dir.join("runs"), &db, &open_log()?, classes)?;
         let previous = migrations::migrate(&db, kind)?;
         let mut history_in_sled = false;
@@ -182,11 +183,8 @@ impl Store {
     ) -> Result<Vec<KeyValue>, StoreError> {
         type Source<'a> = Box<dyn Iterator<Item = Result<crate::runs::Entry, StoreError>> + 'a>;
         let overlay = self.redo.overlay_range(range.clone());
-        let overlay: Source = if reverse {
-            Box::new(overlay.into_iter().rev().map(Ok))
-        } else {
-            Box::new(overlay.into_iter().map(Ok))
-        };
+        let overlay: Source =
+            if reverse { Box::new(overlay.into_iter().rev().map(Ok)) } else { Box::new(overlay.into_iter().map(Ok)) };
         let mut sources = vec![overlay];
         if self.redo.classes.may_hold_history(&range) {
             for run in self.redo.runs.live().iter() {
@@ -293,7 +291,8 @@ mod tests {
     #[tokio::test]
     async fn concurrent_syncs_share_fsyncs() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), StoreKind::Participant, Durability::Fsync, KeyClasses::default()).expect("opens");
+        let store =
+            Store::open(dir.path(), StoreKind::Participant, Durability::Fsync, KeyClasses::default()).expect("opens");
         let tasks: Vec<_> = (0..64u32)
             .map(|i| {
                 let store = store.clone();
@@ -314,7 +313,13 @@ mod tests {
     #[test]
     fn reads_see_the_redo_log_ahead_of_sled() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), StoreKind::Participant, Durability::NoFsync, KeyClasses { transient: Some(b'p'), history: b"h" }).expect("opens");
+        let store = Store::open(
+            dir.path(),
+            StoreKind::Participant,
+            Durability::NoFsync,
+            KeyClasses { transient: Some(b'p'), history: b"h" },
+        )
+        .expect("opens");
         let key = |i: u8| vec![b'k', i];
         for i in 1..=5 {
             // As a checkpoint leaves them.
@@ -335,11 +340,13 @@ mod tests {
     async fn a_synced_write_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
-            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default()).expect("opens");
+            let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default())
+                .expect("opens");
             store.log(vec![(b"k".to_vec(), Some(b"v".to_vec()))]).expect("log");
             store.sync().await.expect("sync");
         }
-        let store = Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default()).expect("reopens");
+        let store =
+            Store::open(dir.path(), StoreKind::Coordinator, Durability::Fsync, KeyClasses::default()).expect("reopens");
         assert_eq!(store.db.get(b"k").expect("get").as_deref(), Some(&b"v"[..]), "replayed into sled at open");
         assert_eq!(store.get(b"k").expect("get"), Some(b"v".to_vec()));
     }
@@ -383,7 +390,11 @@ mod tests {
         assert_eq!(get("h2").as_deref(), Some("run2"));
         assert_eq!(get("h3").as_deref(), Some("run3"), "the run's over sled's");
         assert_eq!(get("h4").as_deref(), Some("log4"));
-        let keys = |r: Vec<KeyValue>| r.into_iter().map(|(k, v)| format!("{}={}", k[1] - b'0', String::from_utf8(v).expect("utf8"))).collect::<Vec<_>>();
+        let keys = |r: Vec<KeyValue>| {
+            r.into_iter()
+                .map(|(k, v)| format!("{}={}", k[1] - b'0', String::from_utf8(v).expect("utf8")))
+                .collect::<Vec<_>>()
+        };
         let all = b"h".to_vec()..b"i".to_vec();
         assert_eq!(keys(store.range(all.clone(), true, 2).expect("range")), vec!["4=log4", "3=run3"]);
         assert_eq!(keys(store.range(all, false, 10).expect("range")), vec!["2=run2", "3=run3", "4=log4"]);

@@ -14,10 +14,12 @@ use axum::{Json, Router};
 use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
 use common::http::{error_response, JsonBody};
-use common::ledger::{shard_of, AccountId, Amount, Leg, ShardId, Transfer, HOLD_SECONDS_DEFAULT, HOLD_SECONDS_MAX, LEGS_MAX};
-use protocol::coordinator_core::{HoldEnd, HoldError};
+use common::ledger::{
+    shard_of, AccountId, Amount, Leg, ShardId, Transfer, HOLD_SECONDS_DEFAULT, HOLD_SECONDS_MAX, LEGS_MAX,
+};
 use common::records::{AbortReason, Outcome};
 use common::wire::{self, AccountView, CreateAccount, DecisionAnswers, DecisionQuery};
+use protocol::coordinator_core::{HoldEnd, HoldError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -168,7 +170,14 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
     let rates = Arc::default();
     let batch_room_max = (config.transfers_in_flight_max / 2).max(1);
     let batch_room = Arc::new(tokio::sync::Semaphore::new(batch_room_max));
-    let state = AppState { engine, call_timeout: config.participant_call_timeout, api_tokens, rates, batch_room, batch_room_max };
+    let state = AppState {
+        engine,
+        call_timeout: config.participant_call_timeout,
+        api_tokens,
+        rates,
+        batch_room,
+        batch_room_max,
+    };
     let admin = Router::new()
         .route("/accounts", post(create_account))
         .layer(middleware::from_fn_with_state(Role::Admin, require_role));
@@ -576,7 +585,12 @@ async fn decide_group(
         Err(_) => Err(ApiError::Overloaded),
         Ok(_room) => {
             let started = std::time::Instant::now();
-            state.engine.submit_many(items, made_by).await.map(|finals| (finals, started.elapsed())).map_err(ApiError::from)
+            state
+                .engine
+                .submit_many(items, made_by)
+                .await
+                .map(|finals| (finals, started.elapsed()))
+                .map_err(ApiError::from)
         }
     };
     let (finals, took) = match decided {
@@ -612,7 +626,9 @@ fn write_batch_item(out: &mut Vec<u8>, answer: BatchAnswer) {
     use std::io::Write;
     let (status, mut body) = match answer {
         BatchAnswer::Decided(id, fin) => {
-            if let (Outcome::Committed, Some(leg), None) = (fin.outcome, fin.transfer.single(), fin.transfer.hold_seconds()) {
+            if let (Outcome::Committed, Some(leg), None) =
+                (fin.outcome, fin.transfer.single(), fin.transfer.hold_seconds())
+            {
                 // Account ids are [A-Za-z0-9_-] and a UUID is hex and dashes: nothing needs escaping.
                 let (amount, from, to) = (leg.amount.minor(), leg.from.as_str(), leg.to.as_str());
                 let _ = write!(
@@ -644,7 +660,8 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
         return Err(ApiError::Invalid("a hold has one leg: from, to and amount, not legs".into()));
     }
     let Some(legs) = req.legs else {
-        let leg = validate_leg(LegRequest { from: req.from, to: req.to, amount: req.amount }).map_err(ApiError::Invalid)?;
+        let leg =
+            validate_leg(LegRequest { from: req.from, to: req.to, amount: req.amount }).map_err(ApiError::Invalid)?;
         if !hold {
             return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
         }
@@ -656,7 +673,8 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
             })?,
             None => HOLD_SECONDS_DEFAULT,
         };
-        let transfer = Transfer::hold(leg.from, leg.to, leg.amount, seconds).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let transfer =
+            Transfer::hold(leg.from, leg.to, leg.amount, seconds).map_err(|e| ApiError::Invalid(e.to_string()))?;
         return Ok((id, transfer));
     };
     if req.from.is_some() || req.to.is_some() || req.amount.is_some() {
@@ -709,7 +727,9 @@ fn hold_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
             body["amount"] = json!(amount);
             body["held_amount"] = json!(held);
         }
-        Some(outcome) if outcome.abort_reason().is_some() => body["reason"] = json!(outcome.abort_reason().map(AbortReason::code)),
+        Some(outcome) if outcome.abort_reason().is_some() => {
+            body["reason"] = json!(outcome.abort_reason().map(AbortReason::code))
+        }
         _ => {}
     }
     body
@@ -954,9 +974,7 @@ async fn transactions(
     let Query(query) = query?;
     match query.status.as_deref() {
         // `in_doubt` is the name earlier versions gave it.
-        Some("unacknowledged" | "in_doubt") => {
-            Ok(Json(json!({"transactions": state.engine.unacknowledged().await})))
-        }
+        Some("unacknowledged" | "in_doubt") => Ok(Json(json!({"transactions": state.engine.unacknowledged().await}))),
         _ => Err(ApiError::Invalid("status must be given and be unacknowledged".into())),
     }
 }

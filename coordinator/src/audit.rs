@@ -12,9 +12,9 @@
 
 use crate::engine::{metric, Engine};
 use common::ledger::{ShardId, Transfer, TransferId};
-use protocol::coordinator::decision_of;
 use common::records::Outcome;
 use common::wire::{self, CommitSeqsReply, CommitSeqsRequest, ShardAudit};
+use protocol::coordinator::decision_of;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 

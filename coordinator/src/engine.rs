@@ -129,27 +129,75 @@ type Reply<T> = oneshot::Sender<T>;
 type ReadAnswer = Option<Option<AccountRecord>>;
 
 enum Command {
-    Submit { id: TransferId, transfer: Transfer, made_by: Option<String>, reply: Reply<Result<Final, EngineError>> },
+    Submit {
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+        reply: Reply<Result<Final, EngineError>>,
+    },
     /// Several transfers at once (a batch's items): one command and one reply for all, in their order.
-    SubmitMany { items: Vec<(TransferId, Transfer)>, made_by: Option<String>, reply: Reply<Vec<Result<Final, EngineError>>> },
-    Query { items: Vec<DecisionQueryItem>, reply: Reply<Result<Vec<QueryAnswer>, EngineError>> },
+    SubmitMany {
+        items: Vec<(TransferId, Transfer)>,
+        made_by: Option<String>,
+        reply: Reply<Vec<Result<Final, EngineError>>>,
+    },
+    Query {
+        items: Vec<DecisionQueryItem>,
+        reply: Reply<Result<Vec<QueryAnswer>, EngineError>>,
+    },
     /// `None` in the reply: the shard has no link.
-    Read { shard: ShardId, account: AccountId, reply: Reply<Option<Option<AccountRecord>>> },
-    Running { id: Option<TransferId>, account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer)>> },
-    Owed { reply: Reply<Vec<OwedView>> },
-    InMemory { reply: Reply<serde_json::Value> },
-    EndHold { id: TransferId, end: HoldEnd, reply: Reply<Result<Final, EngineError>> },
+    Read {
+        shard: ShardId,
+        account: AccountId,
+        reply: Reply<Option<Option<AccountRecord>>>,
+    },
+    Running {
+        id: Option<TransferId>,
+        account: Option<AccountId>,
+        limit: usize,
+        reply: Reply<Vec<(TransferId, Transfer)>>,
+    },
+    Owed {
+        reply: Reply<Vec<OwedView>>,
+    },
+    InMemory {
+        reply: Reply<serde_json::Value>,
+    },
+    EndHold {
+        id: TransferId,
+        end: HoldEnd,
+        reply: Reply<Result<Final, EngineError>>,
+    },
     /// The granted holds on an account, soonest expiry first: (id, transfer, expiry in unix ms).
-    Holds { account: Option<AccountId>, limit: usize, reply: Reply<Vec<(TransferId, Transfer, u64)>> },
+    Holds {
+        account: Option<AccountId>,
+        limit: usize,
+        reply: Reply<Vec<(TransferId, Transfer, u64)>>,
+    },
 }
 
 pub(crate) enum Event {
-    LinkUp { shard: ShardId, generation: u64, frames: mpsc::Sender<participants::Outgoing> },
-    LinkDown { shard: ShardId, generation: u64 },
+    LinkUp {
+        shard: ShardId,
+        generation: u64,
+        frames: mpsc::Sender<participants::Outgoing>,
+    },
+    LinkDown {
+        shard: ShardId,
+        generation: u64,
+    },
     /// A connection attempt failed while no link was up (reported once per outage).
-    LinkFailed { shard: ShardId },
-    Replies { shard: ShardId, replies: Vec<FromShard> },
-    Synced { barrier: u64, decisions: bool },
+    LinkFailed {
+        shard: ShardId,
+    },
+    Replies {
+        shard: ShardId,
+        replies: Vec<FromShard>,
+    },
+    Synced {
+        barrier: u64,
+        decisions: bool,
+    },
 }
 
 pub struct Engine {
@@ -169,7 +217,10 @@ impl Engine {
             metrics::counter!(metric::RECOVERY_COMMITS_RESENT).increment(count as u64);
         }
         if !recovery.staged.is_empty() {
-            tracing::info!(count = recovery.staged.len(), "recovered staged transfers with no decision: preparing them again");
+            tracing::info!(
+                count = recovery.staged.len(),
+                "recovered staged transfers with no decision: preparing them again"
+            );
         }
         let core_config = CoreConfig {
             shard_count: config.shard_count,
@@ -184,7 +235,8 @@ impl Engine {
         // The core's clock: milliseconds of a monotonic clock, counted from the unix epoch at this start.
         let origin = Instant::now();
         let origin_unix_ms = common::http::now_unix_ms();
-        let core = CoordinatorCore::new(core_config, origin_unix_ms, recovery.unacked, recovery.staged).with_holds(recovery.holds);
+        let core = CoordinatorCore::new(core_config, origin_unix_ms, recovery.unacked, recovery.staged)
+            .with_holds(recovery.holds);
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (events, event_rx) = mpsc::channel(EVENT_QUEUE_MAX);
         let wakes: Vec<Arc<tokio::sync::Notify>> = participants.iter().map(|_| Arc::default()).collect();
@@ -225,7 +277,12 @@ impl Engine {
     }
 
     /// Runs (or joins, or replays) the transfer `id` and returns its final outcome, durable.
-    pub async fn submit(&self, id: TransferId, transfer: Transfer, made_by: Option<String>) -> Result<Final, EngineError> {
+    pub async fn submit(
+        &self,
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+    ) -> Result<Final, EngineError> {
         self.ask(|reply| Command::Submit { id, transfer, made_by, reply }).await?
     }
 
@@ -245,7 +302,12 @@ impl Engine {
 
     /// Reads an account through the shard's stream, behind every decision sent there before. `Ok(None)`: the
     /// account does not exist; `Err(())`: the shard is unavailable.
-    pub async fn read(&self, shard: ShardId, account: AccountId, timeout: Duration) -> Result<Option<AccountRecord>, ()> {
+    pub async fn read(
+        &self,
+        shard: ShardId,
+        account: AccountId,
+        timeout: Duration,
+    ) -> Result<Option<AccountRecord>, ()> {
         let asked = self.ask(|reply| Command::Read { shard, account, reply });
         match tokio::time::timeout(timeout, asked).await {
             Ok(Ok(Some(found))) => Ok(found),
@@ -284,7 +346,11 @@ impl Engine {
     }
 
     /// The holds granted (on `account`, if given), soonest expiry first: (id, transfer, expiry in unix ms).
-    pub async fn holds_of(&self, account: Option<AccountId>, limit: usize) -> Result<Vec<(TransferId, Transfer, u64)>, EngineError> {
+    pub async fn holds_of(
+        &self,
+        account: Option<AccountId>,
+        limit: usize,
+    ) -> Result<Vec<(TransferId, Transfer, u64)>, EngineError> {
         self.ask(|reply| Command::Holds { account, limit, reply }).await
     }
 
@@ -323,7 +389,10 @@ fn unacknowledged_view(o: OwedView) -> Unacknowledged {
 enum Waiter {
     One(Reply<Result<Final, EngineError>>),
     /// Item `index` of the `SubmitMany` numbered `many`.
-    Many { many: u64, index: usize },
+    Many {
+        many: u64,
+        index: usize,
+    },
 }
 
 /// A `SubmitMany` whose answers are not all in.
@@ -407,7 +476,13 @@ impl Shell {
     }
 
     /// Hands one submission to the core; on `Ok` an answer for `id` follows.
-    fn submit(&mut self, now: u64, id: TransferId, transfer: Transfer, made_by: Option<String>) -> Result<(), EngineError> {
+    fn submit(
+        &mut self,
+        now: u64,
+        id: TransferId,
+        transfer: Transfer,
+        made_by: Option<String>,
+    ) -> Result<(), EngineError> {
         let logged = self.logged_unless_running(&id)?;
         self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()).map_err(|error| match error {
             SubmitError::IdempotencyConflict => EngineError::IdempotencyConflict,
@@ -728,4 +803,3 @@ pub(crate) fn address_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or(rest).to_owned()
 }
-

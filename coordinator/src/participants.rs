@@ -91,7 +91,9 @@ impl Outgoing {
         for item in &items {
             match item {
                 ToShard::Prepare { .. } => kinds.prepares = true,
-                ToShard::Decide { decision: wire::Decision::Commit, .. } | ToShard::Capture { .. } => kinds.commits = true,
+                ToShard::Decide { decision: wire::Decision::Commit, .. } | ToShard::Capture { .. } => {
+                    kinds.commits = true
+                }
                 ToShard::Decide { .. } => kinds.aborts = true,
                 ToShard::Read { .. } => {}
             }
@@ -209,10 +211,12 @@ impl Link {
                     let took = at.elapsed();
                     let label = shard_label.clone();
                     if kinds.prepares {
-                        metrics::histogram!(crate::engine::metric::PREPARE_SECONDS, "shard" => label.clone()).record(took);
+                        metrics::histogram!(crate::engine::metric::PREPARE_SECONDS, "shard" => label.clone())
+                            .record(took);
                     }
                     if kinds.commits {
-                        metrics::histogram!(crate::engine::metric::COMMIT_SECONDS, "shard" => label.clone()).record(took);
+                        metrics::histogram!(crate::engine::metric::COMMIT_SECONDS, "shard" => label.clone())
+                            .record(took);
                     }
                     if kinds.aborts {
                         metrics::histogram!(crate::engine::metric::ABORT_SECONDS, "shard" => label).record(took);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in microseconds (the last bucket takes everything above).
 pub const LATENCY_BOUNDS_MICROS: [u64; 20] = [
-    100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 50_000,
-    100_000, 250_000, 1_000_000, 5_000_000,
+    100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 50_000, 100_000,
+    250_000, 1_000_000, 5_000_000,
 ];
 const BUCKETS: usize = LATENCY_BOUNDS_MICROS.len() + 1;
 

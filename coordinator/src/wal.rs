@@ -98,7 +98,14 @@ pub struct WalBatch {
 
 impl WalBatch {
     /// A staged transfer: owed a decision (and, if that is a commit, acks) from now on.
-    pub fn stage(&mut self, id: &TransferId, transfer: Transfer, shards: Vec<ShardId>, made_by: Option<String>, at: u64) {
+    pub fn stage(
+        &mut self,
+        id: &TransferId,
+        transfer: Transfer,
+        shards: Vec<ShardId>,
+        made_by: Option<String>,
+        at: u64,
+    ) {
         self.ops.push(Op::Stage(*id, Staged { transfer, shards, made_by, staged_at_unix_ms: at }));
     }
 
@@ -252,10 +259,12 @@ impl Wal {
     /// Opens the log, fixing the participant count at first start and refusing a different one later.
     pub async fn open(dir: &Path, options: impl Into<StoreOptions>, participant_count: u32) -> Result<Wal, WalError> {
         let (dir, options) = (dir.to_owned(), options.into());
-        let store =
-            tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options, CLASSES)).await.map_err(
-                |e| StoreError::LogFile { path: Default::default(), source: std::io::Error::other(e.to_string()) },
-            )??;
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, StoreKind::Coordinator, options, CLASSES))
+            .await
+            .map_err(|e| StoreError::LogFile {
+                path: Default::default(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
         match store.get(PARTICIPANT_COUNT_KEY)? {
             Some(bytes) => {
                 let raw: [u8; 4] =
@@ -303,7 +312,8 @@ impl Wal {
         match self.store.get(ACKED_BEFORE_KEY)? {
             None => Ok(None),
             Some(bytes) => {
-                let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| WalError::BadKey(ACKED_BEFORE_KEY.to_vec()))?;
+                let raw: [u8; 8] =
+                    bytes.as_slice().try_into().map_err(|_| WalError::BadKey(ACKED_BEFORE_KEY.to_vec()))?;
                 Ok(Some(u64::from_be_bytes(raw)))
             }
         }
@@ -420,7 +430,9 @@ impl Wal {
                 Some(d) if d.record.outcome == Outcome::Committed => found(at, id, Entry::Decided(d)),
                 Some(_) => {}
                 None if v.is_empty() => {} // a crash kept the index key and lost its record
-                None => found(at, id, Entry::Staged(records::decode_or_fixint(records::FIXINT_STAGED_RECORD_VERSION, &v)?)),
+                None => {
+                    found(at, id, Entry::Staged(records::decode_or_fixint(records::FIXINT_STAGED_RECORD_VERSION, &v)?))
+                }
             }
         }
         Ok(())
@@ -434,13 +446,17 @@ impl Wal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::store::Durability;
     use common::ledger::{AccountId, Amount, Transfer};
     use common::records::AbortReason;
+    use common::store::Durability;
 
     fn record(outcome: Outcome, decided_at_unix_ms: u64) -> TransferRecord {
         TransferRecord {
-            transfer: Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive")),
+            transfer: Transfer::one(
+                AccountId::new("alice").expect("valid"),
+                AccountId::new("bob").expect("valid"),
+                Amount::new(5).expect("positive"),
+            ),
             outcome,
             shards: vec![0, 1],
             decided_at_unix_ms,
@@ -542,9 +558,27 @@ mod tests {
         }
         let abort = Some(Outcome::Aborted(AbortReason::ParticipantUnavailable));
         let cases = [
-            Case { old_mark: None, owed_before: vec![], staged: vec![(100, Some(Outcome::Committed)), (101, None)], ended_before: 0, aborted_before: 0 },
-            Case { old_mark: Some(50), owed_before: vec![50, 200], staged: vec![(300, abort)], ended_before: 1, aborted_before: 0 },
-            Case { old_mark: Some(200), owed_before: vec![200], staged: vec![(50, None)], ended_before: 0, aborted_before: 0 },
+            Case {
+                old_mark: None,
+                owed_before: vec![],
+                staged: vec![(100, Some(Outcome::Committed)), (101, None)],
+                ended_before: 0,
+                aborted_before: 0,
+            },
+            Case {
+                old_mark: Some(50),
+                owed_before: vec![50, 200],
+                staged: vec![(300, abort)],
+                ended_before: 1,
+                aborted_before: 0,
+            },
+            Case {
+                old_mark: Some(200),
+                owed_before: vec![200],
+                staged: vec![(50, None)],
+                ended_before: 0,
+                aborted_before: 0,
+            },
             Case { old_mark: Some(100), owed_before: vec![100], staged: vec![], ended_before: 0, aborted_before: 1 },
         ];
         for (n, case) in cases.iter().enumerate() {
@@ -577,7 +611,11 @@ mod tests {
             let written: Vec<(Vec<u8>, Vec<u8>)> =
                 owed.plan(batch.ops).into_iter().map(|(k, v)| (k, v.expect("no removal"))).collect();
             let time_of = |id: &TransferId| {
-                before.iter().map(|(at, i)| (*at, *i)).chain(new.iter().map(|(at, i, _)| (*at, *i))).find(|(_, i)| i == id)
+                before
+                    .iter()
+                    .map(|(at, i)| (*at, *i))
+                    .chain(new.iter().map(|(at, i, _)| (*at, *i)))
+                    .find(|(_, i)| i == id)
             };
             for cut in 0..=written.len() {
                 let prefix = &written[..cut];
@@ -592,7 +630,8 @@ mod tests {
                 let mut entries: HashMap<TransferId, (bool, &[u8])> = HashMap::new();
                 for (pos, (k, v)) in prefix.iter().enumerate() {
                     if k[0] == BY_TIME && !v.is_empty() {
-                        entries.entry(Uuid::from_slice(&k[9..]).expect("id")).or_insert((false, v)); // a staging record
+                        entries.entry(Uuid::from_slice(&k[9..]).expect("id")).or_insert((false, v));
+                        // a staging record
                     }
                     if k[0] != RECORD {
                         continue;
@@ -655,7 +694,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (named, anonymous) = (Uuid::new_v4(), Uuid::new_v4());
         let record = TransferRecord {
-            transfer: Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive")),
+            transfer: Transfer::one(
+                AccountId::new("alice").expect("valid"),
+                AccountId::new("bob").expect("valid"),
+                Amount::new(5).expect("positive"),
+            ),
             outcome: Outcome::Committed,
             shards: vec![0, 1],
             decided_at_unix_ms: 3,

@@ -209,7 +209,8 @@ fn transfer_body(id: &str, legs: &[Leg]) -> Value {
     match legs {
         [(from, to, amount)] => json!({"from": from, "to": to, "amount": amount, "id": id}),
         _ => {
-            let legs: Vec<Value> = legs.iter().map(|(from, to, amount)| json!({"from": from, "to": to, "amount": amount})).collect();
+            let legs: Vec<Value> =
+                legs.iter().map(|(from, to, amount)| json!({"from": from, "to": to, "amount": amount})).collect();
             json!({"legs": legs, "id": id})
         }
     }
@@ -274,7 +275,8 @@ pub async fn run(config: Config) -> Report {
                                 Answer::Held => end_hold(&http, &base, &id, amount, &mut end_rng).await,
                                 _ => None,
                             };
-                            let attempted = Attempted { legs: vec![(from, to, amount)], answer, hold: Some((seconds, ended)) };
+                            let attempted =
+                                Attempted { legs: vec![(from, to, amount)], answer, hold: Some((seconds, ended)) };
                             ledger.lock().expect("ledger lock").insert(id, attempted);
                         }));
                         continue;
@@ -462,7 +464,14 @@ fn signal(pid: u32, sig: libc::c_int) {
 
 /// Checks one hold after the heal: it ended (none is still held), once, as its client was told. Returns the
 /// amount it moved, if it was captured.
-fn check_hold(id: &str, answer: Answer, ended: Option<&EndAnswer>, status: u16, body: &Value, report: &mut Report) -> Option<i64> {
+fn check_hold(
+    id: &str,
+    answer: Answer,
+    ended: Option<&EndAnswer>,
+    status: u16,
+    body: &Value,
+    report: &mut Report,
+) -> Option<i64> {
     let now = match (status, body["status"].as_str()) {
         (404, _) => "unknown",
         (200, Some(now)) => now,
@@ -526,7 +535,11 @@ async fn check(cluster: &Cluster, accounts: &[String], ledger: &BTreeMap<String,
             let shards: HashSet<usize> = t.legs.iter().flat_map(|(from, to, _)| [shard(from), shard(to)]).collect();
             for (s, by_id) in applied.iter().enumerate() {
                 let here = by_id.get(id.as_str()).map(String::as_str);
-                let ok = if moved.is_some() { !shards.contains(&s) || here == Some("commit") } else { here != Some("commit") };
+                let ok = if moved.is_some() {
+                    !shards.contains(&s) || here == Some("commit")
+                } else {
+                    here != Some("commit")
+                };
                 if !ok {
                     report.violations.push(format!("hold {id} (moved {moved:?}): shard {s} shows {here:?}"));
                 }

@@ -223,20 +223,48 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
 
     // Several legs, all or nothing: the legs are shown as a table; an abort names the failing leg.
     let legs_id = "7a1d2c3b-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
-    let paid = ledger(&["transfer", "--leg", &format!("{alice}:{bob}:100"), "--leg", &format!("{alice}:{extra}:5"), "--id", legs_id, "--url", url], &[]).await;
+    let paid = ledger(
+        &[
+            "transfer",
+            "--leg",
+            &format!("{alice}:{bob}:100"),
+            "--leg",
+            &format!("{alice}:{extra}:5"),
+            "--id",
+            legs_id,
+            "--url",
+            url,
+        ],
+        &[],
+    )
+    .await;
     paid.assert_success();
     assert!(has_line(&paid.stdout, &["status", "committed"]) && has_line(&paid.stdout, &["legs:"]), "{paid:?}");
     assert!(has_line(&paid.stdout, &["LEG", "FROM", "TO", "AMOUNT"]), "{paid:?}");
-    assert!(has_line(&paid.stdout, &["0", alice, bob, "100"]) && has_line(&paid.stdout, &["1", alice, extra, "5"]), "{paid:?}");
-    let failed = ledger(&["transfer", "--leg", &format!("{bob}:{alice}:1"), "--leg", &format!("{extra}:{alice}:1000000"), "--url", url], &[]).await;
+    assert!(
+        has_line(&paid.stdout, &["0", alice, bob, "100"]) && has_line(&paid.stdout, &["1", alice, extra, "5"]),
+        "{paid:?}"
+    );
+    let failed = ledger(
+        &["transfer", "--leg", &format!("{bob}:{alice}:1"), "--leg", &format!("{extra}:{alice}:1000000"), "--url", url],
+        &[],
+    )
+    .await;
     failed.assert_refused("422 transfer ");
     assert!(failed.stderr.contains("aborted at leg 1: insufficient_funds"), "{failed:?}");
     assert!(has_line(&failed.stdout, &["leg", "1"]), "{failed:?}");
-    assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await, cluster.balance(extra).await), (1195, 400, 5));
+    assert_eq!(
+        (cluster.balance(alice).await, cluster.balance(bob).await, cluster.balance(extra).await),
+        (1195, 400, 5)
+    );
 
     // A hold: listed while active, captured in part (again: the same answer), then no longer releasable.
     let hold_id = "2b3c4d5e-6f70-4a81-9b2c-3d4e5f607182";
-    let held = ledger(&["transfer", alice, bob, "200", "--hold", "--expires-in-s", "600", "--id", hold_id, "--url", url, "--json"], &[]).await;
+    let held = ledger(
+        &["transfer", alice, bob, "200", "--hold", "--expires-in-s", "600", "--id", hold_id, "--url", url, "--json"],
+        &[],
+    )
+    .await;
     let body = held.assert_success().json();
     assert_eq!((body["status"].as_str(), body["amount"].as_i64()), (Some("held"), Some(200)), "{held:?}");
     assert!(body["expires_at_unix_ms"].is_u64(), "{held:?}");
@@ -247,7 +275,10 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     for _ in 0..2 {
         let captured = ledger(&["capture", hold_id, "--amount", "150", "--url", url], &[]).await;
         captured.assert_success();
-        assert!(has_line(&captured.stdout, &["status", "captured"]) && has_line(&captured.stdout, &["amount", "150"]), "{captured:?}");
+        assert!(
+            has_line(&captured.stdout, &["status", "captured"]) && has_line(&captured.stdout, &["amount", "150"]),
+            "{captured:?}"
+        );
     }
     ledger(&["release", hold_id, "--url", url], &[]).await.assert_refused("409 hold_not_active: ");
     assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await), (1045, 550));

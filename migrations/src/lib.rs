@@ -212,9 +212,8 @@ fn v3_acked_before_mark(db: &sled::Db, kind: StoreKind) -> sled::Result<()> {
         let mut record_key = key.to_vec();
         record_key[0] = b't';
         let Some(value) = db.get(&record_key)? else { continue };
-        let decided: Decided = bincode::deserialize(value.get(1..).unwrap_or_default()).map_err(|e| {
-            sled::Error::Unsupported(format!("decision record {record_key:?} does not decode: {e}"))
-        })?;
+        let decided: Decided = bincode::deserialize(value.get(1..).unwrap_or_default())
+            .map_err(|e| sled::Error::Unsupported(format!("decision record {record_key:?} does not decode: {e}")))?;
         mark = mark.min(decided.record.decided_at_unix_ms);
     }
     if db.get(ACKED_BEFORE_KEY)?.is_none() {

@@ -2,8 +2,8 @@
 //! is built from, the participant's own view of its transfers in doubt, and the operator's last resort — forcing
 //! a prepared transfer's outcome when the coordinator's data is gone for good (a heuristic decision).
 
-use crate::server::{apply_decisions, ApiError};
 use crate::journal::{self, JournalEntry};
+use crate::server::{apply_decisions, ApiError};
 use crate::{resolver, storage, Node};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -151,9 +151,7 @@ pub async fn audit(
         below_overdraft_limit,
         invariant_violation,
         prepared: state.prepared().map(|(id, _)| *id).collect(),
-        commits_since: state
-            .journal
-            .commits_between(query.after_seq.unwrap_or(seq), seq)?,
+        commits_since: state.journal.commits_between(query.after_seq.unwrap_or(seq), seq)?,
         heuristics,
     };
     Ok(Json(snapshot))

@@ -47,7 +47,9 @@ pub enum EntryKind {
     HeuristicAbort,
     /// One posting of a committed transfer of several legs, from the leg at this index. After the kinds before
     /// it, so that the entries written before it existed read as they did.
-    LegPosting { leg: u8 },
+    LegPosting {
+        leg: u8,
+    },
     /// A hold granted here: `amount` is reserved (debit) or promised (credit); the balance does not change.
     Hold,
     /// The captured part of a hold, moved.
@@ -59,7 +61,10 @@ pub enum EntryKind {
 impl EntryKind {
     /// The entry records a commit (its transfer's money moved here).
     pub fn is_commit(self) -> bool {
-        matches!(self, EntryKind::Posting | EntryKind::HeuristicCommit | EntryKind::LegPosting { .. } | EntryKind::Capture)
+        matches!(
+            self,
+            EntryKind::Posting | EntryKind::HeuristicCommit | EntryKind::LegPosting { .. } | EntryKind::Capture
+        )
     }
 }
 

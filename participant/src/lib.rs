@@ -7,13 +7,13 @@ mod books;
 pub mod journal;
 mod resolver;
 mod server;
-mod stream;
 pub mod storage;
+mod stream;
 
 use common::auth::{AuthConfigError, ClusterToken};
 use common::ledger::ShardId;
-use protocol::participant::ParticipantMachine;
 use common::store::{Store, StoreError, StoreOptions};
+use protocol::participant::ParticipantMachine;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -115,7 +115,8 @@ pub async fn run(
     let prepared = machine.prepared().count();
     tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
     let in_doubt_after_ms = u64::try_from(config.in_doubt_after.as_millis()).unwrap_or(u64::MAX);
-    let resolver = resolver::ResolverCore::new(resolver::ResolverConfig::new(in_doubt_after_ms), common::http::now_unix_ms());
+    let resolver =
+        resolver::ResolverCore::new(resolver::ResolverConfig::new(in_doubt_after_ms), common::http::now_unix_ms());
     let http = reqwest::Client::builder().timeout(config.query_timeout).build()?;
     let node = Arc::new(Node {
         shard: config.shard,

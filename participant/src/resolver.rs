@@ -24,7 +24,8 @@ pub async fn run(node: Arc<Node>) {
             ask(&node, query).await;
         }
         // While a round is under way `due` is none; every query above has been reported, so it is set again.
-        let wait_ms = due.or_else(|| node.machine().resolver.poll_timeout()).map_or(0, |at| at.saturating_sub(now_unix_ms()));
+        let wait_ms =
+            due.or_else(|| node.machine().resolver.poll_timeout()).map_or(0, |at| at.saturating_sub(now_unix_ms()));
         tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
     }
 }

@@ -12,12 +12,12 @@ use common::crash;
 use common::http::{error_response, now_unix_ms, JsonBody};
 use common::ledger::AccountId;
 use common::records::PreparedRecord;
-use protocol::participant::{CreateError, Write};
 use common::store::StoreError;
 use common::wire::{
     self, AccountView, AppliedTransfer, CreateAccount, DecideAck, DecideBatch, DecideReply, Join, PrepareBatch,
     PrepareReply, Vote,
 };
+use protocol::participant::{CreateError, Write};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -209,9 +209,11 @@ async fn create_account(
     {
         let mut state = node.machine();
         let mut writes = Vec::new();
-        state.create_account_with_limit(req.id.clone(), req.balance, req.overdraft_limit, &mut writes).map_err(|e| match e {
-            CreateError::Exists => ApiError::AccountExists,
-        })?;
+        state.create_account_with_limit(req.id.clone(), req.balance, req.overdraft_limit, &mut writes).map_err(
+            |e| match e {
+                CreateError::Exists => ApiError::AccountExists,
+            },
+        )?;
         let mut extra = journal::Inserts::default();
         state.journal.opened(&req.id, req.balance, now_unix_ms(), &mut extra);
         persist(&node, &mut state, &writes, &extra);

@@ -3,11 +3,11 @@
 
 use crate::journal::{self, HeuristicRecord, JournalEntry, JournalState};
 use common::ledger::{AccountId, ShardId, TransferId};
-use protocol::msg::Decision;
-use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use common::records::{self, participant_keys as keys, AccountRecord, FinishedRecord, PreparedRecord};
 use common::redo::Op;
 use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
+use protocol::msg::Decision;
+use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -37,7 +37,8 @@ impl From<records::RecordError> for LoadError {
 
 /// Prepared records are transient: most are removed at commit, before a checkpoint could write them. Finished
 /// records and journal entries are history: one or two per transfer, kept forever, in run files.
-pub const CLASSES: KeyClasses = KeyClasses { transient: Some(keys::PREPARED), history: &[keys::FINISHED, journal::ENTRY] };
+pub const CLASSES: KeyClasses =
+    KeyClasses { transient: Some(keys::PREPARED), history: &[keys::FINISHED, journal::ENTRY] };
 
 /// Opens a participant's store, replaying its redo log.
 pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<Store, StoreError> {
@@ -280,8 +281,13 @@ mod tests {
         migrations::stamp_version(&db, 1).expect("stamp");
         let alice = AccountId::new("alice").expect("valid");
         let (prepared, committed) = (Uuid::new_v4(), Uuid::new_v4());
-        db.insert(keys::account(&alice), v1(&AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 })).expect("insert");
-        let transfer = Transfer::one(alice.clone(), AccountId::new("bob").expect("valid"), Amount::new(30).expect("positive"));
+        db.insert(
+            keys::account(&alice),
+            v1(&AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 }),
+        )
+        .expect("insert");
+        let transfer =
+            Transfer::one(alice.clone(), AccountId::new("bob").expect("valid"), Amount::new(30).expect("positive"));
         let record = PreparedV1 {
             transfer,
             postings: vec![Posting { account: alice.clone(), delta: -30 }],
@@ -311,7 +317,10 @@ mod tests {
     async fn check_v2(store: &Store, prepared: TransferId, committed: TransferId) {
         let alice = AccountId::new("alice").expect("valid");
         let (machine, journal) = load(store, 0).await.expect("a migrated store loads");
-        assert_eq!(machine.account(&alice), Some(AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            machine.account(&alice),
+            Some(AccountRecord { balance: 100, held: 30, incoming: 0, overdraft_limit: 0 })
+        );
         let record = machine.prepared_transfer(&prepared).expect("still prepared");
         assert_eq!(record.made_by.as_deref(), Some("teller"), "the token name moved into the record");
         assert_eq!(machine.finished_decision(&committed, &Decisions(store)), Some(Decision::Commit));

@@ -6,8 +6,8 @@
 //! a decision is sent only after the shell reports it durable ([`TransferMachine::on_decision_logged`]).
 
 use crate::ledger::{ShardId, Transfer, TransferId};
-use crate::state::{AbortReason, Outcome};
 use crate::msg::{Decision, QueryAnswer, RefusalReason, Vote};
+use crate::state::{AbortReason, Outcome};
 use std::collections::BTreeSet;
 
 /// What one shard said to Prepare.
@@ -70,7 +70,13 @@ impl TransferMachine {
         unacked: BTreeSet<ShardId>,
         shard_count: u32,
     ) -> Self {
-        TransferMachine { id, transfer, shards: unacked.clone(), shard_count, phase: Phase::Decided { outcome, unacked } }
+        TransferMachine {
+            id,
+            transfer,
+            shards: unacked.clone(),
+            shard_count,
+            phase: Phase::Decided { outcome, unacked },
+        }
     }
 
     pub fn phase(&self) -> &Phase {
@@ -254,7 +260,11 @@ mod tests {
 
     /// alice and bob sit on different shards of two (pinned in the ledger tests).
     fn cross_shard() -> TransferMachine {
-        let t = Transfer::one(AccountId::new("alice").expect("valid"), AccountId::new("bob").expect("valid"), Amount::new(5).expect("positive"));
+        let t = Transfer::one(
+            AccountId::new("alice").expect("valid"),
+            AccountId::new("bob").expect("valid"),
+            Amount::new(5).expect("positive"),
+        );
         let m = TransferMachine::new(Uuid::new_v4(), t, 2);
         assert_eq!(m.shards(), vec![0, 1]);
         m
@@ -298,17 +308,34 @@ mod tests {
     #[test]
     fn an_abort_of_several_legs_names_the_first_failing_leg_whatever_the_vote_order() {
         let id = |s: &str| AccountId::new(s).expect("valid");
-        let leg = |from: &str, to: &str, n: i64| Leg { from: id(from), to: id(to), amount: Amount::new(n).expect("positive") };
+        let leg = |from: &str, to: &str, n: i64| Leg {
+            from: id(from),
+            to: id(to),
+            amount: Amount::new(n).expect("positive"),
+        };
         // Shard 0 holds bob and carol, shard 1 alice and dave. Postings on shard 0: bob +100 (leg 0), carol -5
         // and bob +5 (leg 1); on shard 1: alice -100 (leg 0), alice -2 and dave +2 (leg 2).
-        let t = Transfer::new(vec![leg("alice", "bob", 100), leg("carol", "bob", 5), leg("alice", "dave", 2)]).expect("legs");
+        let t = Transfer::new(vec![leg("alice", "bob", 100), leg("carol", "bob", 5), leg("alice", "dave", 2)])
+            .expect("legs");
         let no_at = |reason, index| VoteResult::Vote(Vote::no_at(reason, index));
         let funds = RefusalReason::InsufficientFunds;
         let cases = [
-            ([no_at(funds, 1), no_at(funds, 1)], Outcome::AbortedAtLeg { reason: AbortReason::InsufficientFunds, leg: 1 }),
-            ([no_at(funds, 0), no_at(RefusalReason::AccountNotFound, 2)], Outcome::AbortedAtLeg { reason: AbortReason::AccountNotFound, leg: 2 }),
-            ([VoteResult::Vote(Vote::Yes), VoteResult::Unavailable], Outcome::AbortedAtLeg { reason: AbortReason::ParticipantUnavailable, leg: 0 }),
-            ([VoteResult::Vote(Vote::no(RefusalReason::IdInUse)), VoteResult::Vote(Vote::Yes)], Outcome::Aborted(AbortReason::CoordinatorRestarted)),
+            (
+                [no_at(funds, 1), no_at(funds, 1)],
+                Outcome::AbortedAtLeg { reason: AbortReason::InsufficientFunds, leg: 1 },
+            ),
+            (
+                [no_at(funds, 0), no_at(RefusalReason::AccountNotFound, 2)],
+                Outcome::AbortedAtLeg { reason: AbortReason::AccountNotFound, leg: 2 },
+            ),
+            (
+                [VoteResult::Vote(Vote::Yes), VoteResult::Unavailable],
+                Outcome::AbortedAtLeg { reason: AbortReason::ParticipantUnavailable, leg: 0 },
+            ),
+            (
+                [VoteResult::Vote(Vote::no(RefusalReason::IdInUse)), VoteResult::Vote(Vote::Yes)],
+                Outcome::Aborted(AbortReason::CoordinatorRestarted),
+            ),
         ];
         for (votes, expected) in cases {
             for order in [[0u32, 1], [1, 0]] {
@@ -318,7 +345,10 @@ mod tests {
                     outcome = m.on_vote(shard, votes[shard as usize]);
                 }
                 assert_eq!(outcome, Some(expected), "votes {votes:?} in order {order:?}");
-                assert_eq!(expected.failed_leg().is_some(), expected != Outcome::Aborted(AbortReason::CoordinatorRestarted));
+                assert_eq!(
+                    expected.failed_leg().is_some(),
+                    expected != Outcome::Aborted(AbortReason::CoordinatorRestarted)
+                );
             }
         }
     }

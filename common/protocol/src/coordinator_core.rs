@@ -102,8 +102,15 @@ pub enum FromShard {
         #[serde(with = "vote_as_refusal")]
         vote: Vote,
     },
-    Ack { id: TransferId, decision: Decision, ack: DecideAck },
-    Account { read: u64, account: Option<AccountRecord> },
+    Ack {
+        id: TransferId,
+        decision: Decision,
+        ack: DecideAck,
+    },
+    Account {
+        read: u64,
+        account: Option<AccountRecord>,
+    },
 }
 
 /// [`Vote`]'s own serde form is tagged for JSON, which bincode cannot read back; on the stream a vote is the
@@ -205,16 +212,32 @@ pub struct GrantedHold {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Notice {
     /// A shard refused a decision: it contradicts the shard's state, and needs an operator.
-    Refused { id: TransferId, shard: ShardId, decision: Decision },
+    Refused {
+        id: TransferId,
+        shard: ShardId,
+        decision: Decision,
+    },
     /// A decision query about a transfer with no decision and none in progress: presumed abort, logged.
-    PresumedAbort { id: TransferId },
-    QueryAnswered { answer: QueryAnswer },
+    PresumedAbort {
+        id: TransferId,
+    },
+    QueryAnswered {
+        answer: QueryAnswer,
+    },
     /// A transfer's prepare round to `shard` ended without a vote (timeout or lost link).
-    ShardSilent { id: TransferId, shard: ShardId },
+    ShardSilent {
+        id: TransferId,
+        shard: ShardId,
+    },
     /// Work is waiting for a shard whose link is down: the shell should try to connect now.
-    LinkWanted { shard: ShardId },
+    LinkWanted {
+        shard: ShardId,
+    },
     /// Decisions owed to a shard were queued again (timer or reconnection).
-    Redelivered { shard: ShardId, count: usize },
+    Redelivered {
+        shard: ShardId,
+        count: usize,
+    },
 }
 
 /// The shell's link to one shard.
@@ -351,7 +374,8 @@ impl CoordinatorCore {
             .into_iter()
             .map(|(id, record)| {
                 let unacked: BTreeSet<ShardId> = record.shards.iter().copied().collect();
-                let machine = TransferMachine::recovered(id, record.transfer, record.outcome, unacked, config.shard_count);
+                let machine =
+                    TransferMachine::recovered(id, record.transfer, record.outcome, unacked, config.shard_count);
                 // Never sent by this incarnation: due at the first re-delivery check, or when a link comes up.
                 (id, Owed { machine, decided_at_ms: now_ms, last_sent_ms: 0 })
             })
@@ -361,7 +385,8 @@ impl CoordinatorCore {
             .map(|s| {
                 let machine = TransferMachine::new(s.id, s.transfer, config.shard_count);
                 let recovering = Some(Recovering { last_sent_ms: 0 });
-                let run = Run { machine, made_by: s.made_by, parallel: true, staged: true, recovering, expires_at_ms: None };
+                let run =
+                    Run { machine, made_by: s.made_by, parallel: true, staged: true, recovering, expires_at_ms: None };
                 (s.id, run)
             })
             .collect::<BTreeMap<_, _>>();
@@ -417,9 +442,10 @@ impl CoordinatorCore {
         if let Some(run) = self.running.get(&id) {
             return if run.machine.transfer == transfer { Ok(()) } else { Err(SubmitError::IdempotencyConflict) };
         }
-        let granted = self.holds.get(&id).map(|h| {
-            (h.transfer.clone(), Outcome::Held { expires_at_unix_ms: h.expires_at_unix_ms })
-        });
+        let granted = self
+            .holds
+            .get(&id)
+            .map(|h| (h.transfer.clone(), Outcome::Held { expires_at_unix_ms: h.expires_at_unix_ms }));
         let logged = granted
             .or_else(|| self.unlogged.get(&id).cloned())
             .or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
@@ -435,7 +461,9 @@ impl CoordinatorCore {
         if self.running.len() >= self.config.transfers_in_flight_max {
             return Err(SubmitError::Overloaded);
         }
-        let expires_at_ms = transfer.hold_seconds().map(|seconds| now_ms.saturating_add(u64::from(seconds) * self.config.hold_second_ms));
+        let expires_at_ms = transfer
+            .hold_seconds()
+            .map(|seconds| now_ms.saturating_add(u64::from(seconds) * self.config.hold_second_ms));
         if expires_at_ms.is_some() {
             let granting = self.running.values().filter(|r| r.expires_at_ms.is_some()).count();
             if self.holds.len() + granting >= HOLDS_ACTIVE_MAX {
@@ -502,12 +530,8 @@ impl CoordinatorCore {
         // Whatever was queued or in flight on the old link may be lost. Decisions stay owed and go again on
         // the next link; a prepare round waiting for this shard ends now, as for a refused connection.
         self.outbox[s].clear();
-        let waiting: Vec<TransferId> = self
-            .running
-            .iter()
-            .filter(|(_, run)| awaits_vote(&run.machine, shard))
-            .map(|(id, _)| *id)
-            .collect();
+        let waiting: Vec<TransferId> =
+            self.running.iter().filter(|(_, run)| awaits_vote(&run.machine, shard)).map(|(id, _)| *id).collect();
         for id in waiting {
             self.notices.push_back(Notice::ShardSilent { id, shard });
             self.vote(now_ms, id, shard, VoteResult::Unavailable);
@@ -601,7 +625,9 @@ impl CoordinatorCore {
         // Not granted here: being granted or ended (running), or known only to the log.
         let (transfer, outcome) = match self.running.get(&id) {
             Some(run) => match run.machine.phase() {
-                Phase::Logging { outcome, .. } | Phase::Decided { outcome, .. } => (run.machine.transfer.clone(), Some(*outcome)),
+                Phase::Logging { outcome, .. } | Phase::Decided { outcome, .. } => {
+                    (run.machine.transfer.clone(), Some(*outcome))
+                }
                 Phase::Preparing { .. } => (run.machine.transfer.clone(), None),
             },
             // The shell reads its log before a sync: a presumed abort there may not survive a crash, and the
@@ -609,7 +635,8 @@ impl CoordinatorCore {
             None if self.presumed_unsynced.contains_key(&id) => return Err(HoldError::NotActive("pending")),
             None => {
                 // A decision not handed out yet is newer than the log.
-                let logged = self.unlogged.get(&id).cloned().or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
+                let logged =
+                    self.unlogged.get(&id).cloned().or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
                 let (transfer, outcome) = logged.ok_or(HoldError::NotFound)?;
                 (transfer, Some(outcome))
             }
@@ -618,7 +645,9 @@ impl CoordinatorCore {
             return Err(HoldError::NotAHold);
         };
         let same = match (end, outcome) {
-            (HoldEnd::Capture(amount), Some(Outcome::Captured { amount: captured })) => amount.unwrap_or(held) == captured,
+            (HoldEnd::Capture(amount), Some(Outcome::Captured { amount: captured })) => {
+                amount.unwrap_or(held) == captured
+            }
             (HoldEnd::Release, Some(Outcome::Released)) => true,
             (HoldEnd::Capture(_), Some(Outcome::Expired)) => return Err(HoldError::Expired),
             _ => false,
@@ -678,8 +707,7 @@ impl CoordinatorCore {
             if run.recovering.is_some() {
                 continue; // not reached: recovered transfers get no deadline
             }
-            let silent: Vec<ShardId> =
-                (0..self.config.shard_count).filter(|s| awaits_vote(&run.machine, *s)).collect();
+            let silent: Vec<ShardId> = (0..self.config.shard_count).filter(|s| awaits_vote(&run.machine, *s)).collect();
             if let Some(outcome) = run.machine.on_prepare_timeout() {
                 for shard in silent {
                     self.notices.push_back(Notice::ShardSilent { id, shard });
@@ -832,11 +860,19 @@ impl CoordinatorCore {
         // An answer is for every client waiting on the id, whatever each asked: a grant answered again (to a
         // repeated submission) and not yet handed out would reach the requester of this end too. The end's own
         // answer, once it is durable, serves them all.
-        let regrant = |a: &Answer| matches!(a, Answer::Transfer { id: i, outcome: Outcome::Held { .. }, .. } if *i == id);
+        let regrant =
+            |a: &Answer| matches!(a, Answer::Transfer { id: i, outcome: Outcome::Held { .. }, .. } if *i == id);
         self.answers.retain(|a| !regrant(a));
         self.after_sync.retain(|(_, after)| !matches!(after, AfterSync::Answer(a) if regrant(a)));
         let machine = TransferMachine::ending(id, hold.transfer, outcome, self.config.shard_count);
-        let run = Run { machine, made_by: hold.made_by, parallel: false, staged: false, recovering: None, expires_at_ms: None };
+        let run = Run {
+            machine,
+            made_by: hold.made_by,
+            parallel: false,
+            staged: false,
+            recovering: None,
+            expires_at_ms: None,
+        };
         self.running.insert(id, run);
         self.log_decision(id, outcome);
     }
@@ -902,7 +938,8 @@ impl CoordinatorCore {
         let mut due = Vec::new();
         for (id, run) in self.running.iter_mut() {
             let Some(recovering) = run.recovering.as_mut() else { continue };
-            if only.is_none() && recovering.last_sent_ms != 0 && now_ms.saturating_sub(recovering.last_sent_ms) < after {
+            if only.is_none() && recovering.last_sent_ms != 0 && now_ms.saturating_sub(recovering.last_sent_ms) < after
+            {
                 continue;
             }
             let mut sent = false;
@@ -1105,48 +1142,80 @@ mod tests {
     fn a_hold_is_granted_then_ends_once_by_capture_release_or_expiry() {
         let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
         up(&mut core);
-        let (captured, released, expiring) = (TransferId::from_u128(1), TransferId::from_u128(2), TransferId::from_u128(3));
+        let (captured, released, expiring) =
+            (TransferId::from_u128(1), TransferId::from_u128(2), TransferId::from_u128(3));
         for (id, seconds) in [(captured, 60), (released, 60), (expiring, 5)] {
             core.handle_submit(1_000, id, hold(10, seconds), None, None).expect("taken");
         }
         let frames = drain_frames(&mut core);
         vote_all(&mut core, &frames, Vote::Yes);
         let writes = sync(&mut core, 1_000);
-        assert!(writes.iter().all(|w| matches!(w, LogWrite::Decision { outcome: Outcome::Held { .. }, .. })), "{writes:?}");
+        assert!(
+            writes.iter().all(|w| matches!(w, LogWrite::Decision { outcome: Outcome::Held { .. }, .. })),
+            "{writes:?}"
+        );
         assert!(matches!(writes[0], LogWrite::Decision { outcome: Outcome::Held { expires_at_unix_ms: 61_000 }, .. }));
         let granted: Vec<Outcome> = std::iter::from_fn(|| core.poll_answer())
-            .filter_map(|a| match a { Answer::Transfer { outcome, .. } => Some(outcome), _ => None })
+            .filter_map(|a| match a {
+                Answer::Transfer { outcome, .. } => Some(outcome),
+                _ => None,
+            })
             .collect();
         assert_eq!(granted.len(), 3);
         assert!(drain_frames(&mut core).is_empty(), "the shards hear nothing of a grant");
         assert_eq!(core.holds_count(), 3);
         core.handle_timeout(1_100); // the spent prepare deadlines
         assert_eq!(core.poll_timeout(), Some(6_000), "the soonest expiry");
-        assert_eq!(core.handle_submit(1_000, captured, transfer(10), None, None), Err(SubmitError::IdempotencyConflict));
+        assert_eq!(
+            core.handle_submit(1_000, captured, transfer(10), None, None),
+            Err(SubmitError::IdempotencyConflict)
+        );
 
         // A capture is logged before anyone hears, then goes to every shard with its amount.
-        let logged = |outcome| TransferRecord { transfer: hold(10, 60), outcome, shards: vec![0, 1], decided_at_unix_ms: 1_000 };
-        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), None), Err(HoldError::BadAmount { held: 10 }));
+        let logged =
+            |outcome| TransferRecord { transfer: hold(10, 60), outcome, shards: vec![0, 1], decided_at_unix_ms: 1_000 };
+        assert_eq!(
+            core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), None),
+            Err(HoldError::BadAmount { held: 10 })
+        );
         core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), None).expect("taken");
         // Until the capture is durable, a crash may lose it: another end hears only that the hold is pending.
         assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
-        assert!(core.poll_answer().is_none() && drain_frames(&mut core).is_empty(), "nothing before the log is durable");
-        assert!(matches!(sync(&mut core, 2_000)[..], [LogWrite::Decision { outcome: Outcome::Captured { amount: 4 }, .. }]));
+        assert!(
+            core.poll_answer().is_none() && drain_frames(&mut core).is_empty(),
+            "nothing before the log is durable"
+        );
+        assert!(matches!(
+            sync(&mut core, 2_000)[..],
+            [LogWrite::Decision { outcome: Outcome::Captured { amount: 4 }, .. }]
+        ));
         let frames = drain_frames(&mut core);
         assert!(frames.iter().all(|(_, items)| items == &[ToShard::Capture { id: captured, amount: 4 }]), "{frames:?}");
         for shard in [0, 1] {
-            core.handle_replies(2_000, shard, vec![FromShard::Ack { id: captured, decision: Decision::Commit, ack: DecideAck::Done }]);
+            core.handle_replies(
+                2_000,
+                shard,
+                vec![FromShard::Ack { id: captured, decision: Decision::Commit, ack: DecideAck::Done }],
+            );
         }
-        assert!(matches!(core.poll_log().expect("the end").writes[..], [LogWrite::End { .. }]), "owed until both acked");
+        assert!(
+            matches!(core.poll_log().expect("the end").writes[..], [LogWrite::End { .. }]),
+            "owed until both acked"
+        );
         // Asked again: the same answer from the log; another end is refused.
         let record = logged(Outcome::Captured { amount: 4 });
         core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), Some(&record)).expect("a replay");
-        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Capture(None), Some(&record)), Err(HoldError::NotActive("captured")));
+        assert_eq!(
+            core.handle_end_hold(2_000, captured, HoldEnd::Capture(None), Some(&record)),
+            Err(HoldError::NotActive("captured"))
+        );
 
         core.handle_end_hold(2_000, released, HoldEnd::Release, None).expect("taken");
         sync(&mut core, 2_000);
         let frames = drain_frames(&mut core);
-        assert!(frames.iter().all(|(_, items)| items == &[ToShard::Decide { id: released, decision: Decision::Abort }]));
+        assert!(frames
+            .iter()
+            .all(|(_, items)| items == &[ToShard::Decide { id: released, decision: Decision::Abort }]));
 
         // Expiry: at its time, by itself; a capture after it is refused.
         core.handle_timeout(5_999);
@@ -1155,10 +1224,19 @@ mod tests {
         assert_eq!(core.holds_count(), 0);
         assert!(matches!(sync(&mut core, 6_000)[..], [LogWrite::Decision { outcome: Outcome::Expired, .. }]));
         let record = logged(Outcome::Expired);
-        assert_eq!(core.handle_end_hold(6_000, expiring, HoldEnd::Capture(None), Some(&record)), Err(HoldError::Expired));
+        assert_eq!(
+            core.handle_end_hold(6_000, expiring, HoldEnd::Capture(None), Some(&record)),
+            Err(HoldError::Expired)
+        );
         let plain = TransferRecord { transfer: transfer(10), ..logged(Outcome::Committed) };
-        assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, Some(&plain)), Err(HoldError::NotAHold));
-        assert_eq!(core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, None), Err(HoldError::NotFound));
+        assert_eq!(
+            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, Some(&plain)),
+            Err(HoldError::NotAHold)
+        );
+        assert_eq!(
+            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, None),
+            Err(HoldError::NotFound)
+        );
     }
 
     /// A core whose shards have all voted YES on hold `id` (10, for 60 s from 1,000): its grant is being logged.
@@ -1175,11 +1253,18 @@ mod tests {
     fn no_one_hears_how_a_hold_ends_before_that_end_is_durable() {
         let id = TransferId::from_u128(1);
         let mut core = granting(id);
-        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, None), Err(HoldError::NotActive("pending")), "granting");
+        assert_eq!(
+            core.handle_end_hold(1_000, id, HoldEnd::Release, None),
+            Err(HoldError::NotActive("pending")),
+            "granting"
+        );
         sync(&mut core, 1_000);
         core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), None).expect("taken");
         assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
-        assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(5)), None), Err(HoldError::NotActive("pending")));
+        assert_eq!(
+            core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(5)), None),
+            Err(HoldError::NotActive("pending"))
+        );
         // Had the release heard "captured": a crash before the capture is durable leaves the hold granted (its
         // `h` key names the grant), and it may yet be released or expire.
         let granted = GrantedHold { id, transfer: hold(10, 60), made_by: None, expires_at_unix_ms: 61_000 };
@@ -1197,10 +1282,17 @@ mod tests {
         // The shell reads the abort back before it is synced: a crash could still lose it, and the client that
         // submitted the hold, resubmitting, could then have it granted.
         let presumed = Outcome::Aborted(AbortReason::CoordinatorRestarted);
-        let read = TransferRecord { transfer: hold(10, 60), outcome: presumed, shards: Vec::new(), decided_at_unix_ms: 1 };
-        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)), Err(HoldError::NotActive("pending")));
+        let read =
+            TransferRecord { transfer: hold(10, 60), outcome: presumed, shards: Vec::new(), decided_at_unix_ms: 1 };
+        assert_eq!(
+            core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)),
+            Err(HoldError::NotActive("pending"))
+        );
         core.handle_synced(1_000, batch.sync.expect("a barrier"));
-        assert_eq!(core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)), Err(HoldError::NotActive("aborted")));
+        assert_eq!(
+            core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)),
+            Err(HoldError::NotActive("aborted"))
+        );
     }
 
     #[test]
@@ -1221,14 +1313,24 @@ mod tests {
 
     #[test]
     fn a_participant_asking_about_a_hold_hears_held_and_a_capture_is_only_delivered() {
-        let held = TransferRecord { transfer: hold(10, 60), outcome: Outcome::Held { expires_at_unix_ms: 9 }, shards: vec![0, 1], decided_at_unix_ms: 1 };
+        let held = TransferRecord {
+            transfer: hold(10, 60),
+            outcome: Outcome::Held { expires_at_unix_ms: 9 },
+            shards: vec![0, 1],
+            decided_at_unix_ms: 1,
+        };
         let captured = TransferRecord { outcome: Outcome::Captured { amount: 3 }, ..held.clone() };
         let released = TransferRecord { outcome: Outcome::Released, ..held.clone() };
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         let items = [held, captured, released]
             .into_iter()
             .enumerate()
-            .map(|(i, r)| (DecisionQueryItem { id: TransferId::from_u128(i as u128), transfer: r.transfer.clone() }, Some((r.transfer, r.outcome))))
+            .map(|(i, r)| {
+                (
+                    DecisionQueryItem { id: TransferId::from_u128(i as u128), transfer: r.transfer.clone() },
+                    Some((r.transfer, r.outcome)),
+                )
+            })
             .collect();
         let q = core.handle_query(items);
         sync(&mut core, 0);
@@ -1331,10 +1433,14 @@ mod tests {
         core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::Yes }]);
         core.handle_replies(0, 1, vec![FromShard::Vote { id: b, vote: Vote::Yes }]);
         let decision = core.poll_log().expect("b's commit is logged");
-        assert!(matches!(&decision.writes[..], [LogWrite::Decision { id, outcome: Outcome::Committed, .. }] if *id == b));
+        assert!(
+            matches!(&decision.writes[..], [LogWrite::Decision { id, outcome: Outcome::Committed, .. }] if *id == b)
+        );
         assert!(core.poll_answer().is_none() && drain_frames(&mut core).is_empty(), "nothing before its sync");
         core.handle_synced(0, decision.sync.expect("the classic commit waits for a sync"));
-        assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, outcome: Outcome::Committed, .. }) if id == b));
+        assert!(
+            matches!(core.poll_answer(), Some(Answer::Transfer { id, outcome: Outcome::Committed, .. }) if id == b)
+        );
         assert_eq!(drain_frames(&mut core).len(), 2, "a Commit of b to each shard");
         vote_all(&mut core, &frames, Vote::Yes);
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, .. }) if id == a), "a, staged, at once");
@@ -1349,7 +1455,9 @@ mod tests {
         assert!(core.poll_log().is_none() && drain_frames(&mut core).is_empty(), "nothing until a link is up");
         core.handle_link(0, 0, true);
         let frames = drain_frames(&mut core);
-        assert!(matches!(&frames[..], [(0, items)] if matches!(&items[..], [ToShard::Prepare { made_by: Some(_), .. }])));
+        assert!(
+            matches!(&frames[..], [(0, items)] if matches!(&items[..], [ToShard::Prepare { made_by: Some(_), .. }]))
+        );
         core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::Yes }]);
         // Shard 1 is gone for longer than any prepare deadline: the transfer waits.
         core.handle_link(10, 1, false);
@@ -1434,8 +1542,12 @@ mod tests {
         core.handle_submit(0, id, transfer(5), None, None).expect("taken");
         assert_eq!(core.handle_submit(0, id, transfer(5), None, None), Ok(()), "joins the run");
         assert_eq!(core.handle_submit(0, id, transfer(6), None, None), Err(SubmitError::IdempotencyConflict));
-        let record =
-            TransferRecord { transfer: transfer(7), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: 0 };
+        let record = TransferRecord {
+            transfer: transfer(7),
+            outcome: Outcome::Committed,
+            shards: vec![0, 1],
+            decided_at_unix_ms: 0,
+        };
         let other = TransferId::from_u128(6);
         core.handle_submit(0, other, transfer(7), None, Some(&record)).expect("a replay");
         let barrier = core.poll_log().and_then(|b| b.sync).expect("a replay waits for a sync");
@@ -1453,8 +1565,12 @@ mod tests {
     #[test]
     fn recovered_commits_are_sent_when_links_come_up() {
         let id = TransferId::from_u128(9);
-        let record =
-            TransferRecord { transfer: transfer(3), outcome: Outcome::Committed, shards: vec![0, 1], decided_at_unix_ms: 0 };
+        let record = TransferRecord {
+            transfer: transfer(3),
+            outcome: Outcome::Committed,
+            shards: vec![0, 1],
+            decided_at_unix_ms: 0,
+        };
         let mut core = CoordinatorCore::new(config(), 5_000, vec![(id, record)], Vec::new());
         assert_eq!(core.owed(5_000).len(), 1);
         core.handle_link(5_000, 0, true);

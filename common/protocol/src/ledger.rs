@@ -215,9 +215,10 @@ impl Transfer {
     /// order is exact because equal postings name one account, which falls on one shard: the shard's share
     /// holds every posting equal to one of its own.
     pub fn legs_of_postings(&self, postings: &[Posting]) -> Vec<Option<usize>> {
-        let all = self.legs.iter().enumerate().flat_map(|(index, leg)| {
-            [(index, &leg.from, -leg.amount.minor()), (index, &leg.to, leg.amount.minor())]
-        });
+        let all =
+            self.legs.iter().enumerate().flat_map(|(index, leg)| {
+                [(index, &leg.from, -leg.amount.minor()), (index, &leg.to, leg.amount.minor())]
+            });
         let mut legs = Vec::with_capacity(postings.len());
         let mut next = postings.iter().peekable();
         for (index, account, delta) in all {
@@ -337,7 +338,9 @@ impl<'de> Deserialize<'de> for Transfer {
                 Many(LegsJson),
             }
             return match Json::deserialize(deserializer)? {
-                Json::Hold(h) if h.hold => Transfer::hold(h.from, h.to, h.amount, h.expires_in_s).map_err(D::Error::custom),
+                Json::Hold(h) if h.hold => {
+                    Transfer::hold(h.from, h.to, h.amount, h.expires_in_s).map_err(D::Error::custom)
+                }
                 Json::Hold(h) => Ok(Transfer::one(h.from, h.to, h.amount)),
                 Json::One(leg) => Ok(Transfer::one(leg.from, leg.to, leg.amount)),
                 Json::Many(many) => Transfer::new(many.legs).map_err(D::Error::custom),
@@ -435,7 +438,12 @@ mod tests {
         ];
         let t = Transfer::new(legs).expect("three legs");
         assert_eq!(t.shards(2), vec![0, 1]);
-        let on = |shard| t.postings_with_legs(shard, 2).into_iter().map(|(leg, p)| (leg, p.account.to_string(), p.delta)).collect::<Vec<_>>();
+        let on = |shard| {
+            t.postings_with_legs(shard, 2)
+                .into_iter()
+                .map(|(leg, p)| (leg, p.account.to_string(), p.delta))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(on(1), [(0, "alice".into(), -100), (1, "alice".into(), -2), (1, "dave".into(), 2)]);
         assert_eq!(on(0), [(0, "bob".into(), 100), (2, "carol".into(), -5), (2, "bob".into(), 5)]);
         for shard in 0..2 {

@@ -11,8 +11,8 @@
 //! - a transfer id is prepared, or finished, or unknown: never two of these; a finished id never changes.
 
 use crate::ledger::{AccountId, ShardId, TransferId};
-use crate::state::{AccountRecord, PreparedRecord};
 use crate::msg::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
+use crate::state::{AccountRecord, PreparedRecord};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Decisions a machine keeps in memory once the store has them too (about 200 KB), so that a repeated
@@ -188,13 +188,19 @@ impl ParticipantMachine {
         }
         for (id, p) in &prepared {
             for posting in &p.postings {
-                let record =
-                    accounts.get_mut(&posting.account).ok_or(RestoreError::MissingAccount(*id, posting.account.clone()))?;
+                let record = accounts
+                    .get_mut(&posting.account)
+                    .ok_or(RestoreError::MissingAccount(*id, posting.account.clone()))?;
                 if posting.delta < 0 {
-                    record.held = record.held.checked_add(-posting.delta).ok_or(RestoreError::BadBalance(posting.account.clone()))?;
+                    record.held = record
+                        .held
+                        .checked_add(-posting.delta)
+                        .ok_or(RestoreError::BadBalance(posting.account.clone()))?;
                 } else {
-                    record.incoming =
-                        record.incoming.checked_add(posting.delta).ok_or(RestoreError::BadBalance(posting.account.clone()))?;
+                    record.incoming = record
+                        .incoming
+                        .checked_add(posting.delta)
+                        .ok_or(RestoreError::BadBalance(posting.account.clone()))?;
                 }
             }
         }
@@ -302,7 +308,10 @@ impl ParticipantMachine {
         overdraft_limit: i64,
         writes: &mut Vec<Write>,
     ) -> Result<(), CreateError> {
-        assert!(balance >= 0 && overdraft_limit >= 0, "balances and limits are validated before they reach the machine");
+        assert!(
+            balance >= 0 && overdraft_limit >= 0,
+            "balances and limits are validated before they reach the machine"
+        );
         if self.accounts.contains_key(&id) {
             return Err(CreateError::Exists);
         }
@@ -314,7 +323,13 @@ impl ParticipantMachine {
     }
 
     /// Phase one. YES reserves the debits (holds) and the credits' headroom; NO changes nothing.
-    pub fn prepare(&mut self, item: &PrepareItem, now_unix_ms: u64, log: &dyn FinishedLog, writes: &mut Vec<Write>) -> Vote {
+    pub fn prepare(
+        &mut self,
+        item: &PrepareItem,
+        now_unix_ms: u64,
+        log: &dyn FinishedLog,
+        writes: &mut Vec<Write>,
+    ) -> Vote {
         self.prepare_by(item, None, now_unix_ms, log, writes)
     }
 
@@ -380,7 +395,13 @@ impl ParticipantMachine {
 
     /// Phase two. Commit applies the postings and releases the holds; abort only releases them. Both are
     /// idempotent; an abort of an unknown id leaves a tombstone so a late Prepare of it is refused.
-    pub fn decide(&mut self, id: TransferId, decision: Decision, log: &dyn FinishedLog, writes: &mut Vec<Write>) -> DecideAck {
+    pub fn decide(
+        &mut self,
+        id: TransferId,
+        decision: Decision,
+        log: &dyn FinishedLog,
+        writes: &mut Vec<Write>,
+    ) -> DecideAck {
         self.settle(id, decision, log, writes).0
     }
 
@@ -539,7 +560,10 @@ fn apply_hold(mut record: AccountRecord, delta: i64) -> Result<AccountRecord, Re
 /// Undoes the reservation of a posting of `delta` and moves `moved` (0 on abort, `delta` or a captured part of
 /// it, of the same sign, on commit). Prepare made both steps overflow-free.
 fn release_hold(mut record: AccountRecord, delta: i64, moved: i64) -> AccountRecord {
-    assert!(moved == 0 || (moved.signum() == delta.signum() && moved.abs() <= delta.abs()), "moves at most what was reserved");
+    assert!(
+        moved == 0 || (moved.signum() == delta.signum() && moved.abs() <= delta.abs()),
+        "moves at most what was reserved"
+    );
     if delta < 0 {
         record.held += delta;
     } else {
@@ -583,15 +607,24 @@ mod tests {
         let mut m = machine_with(&[("alice", 100)]);
         let tx = Uuid::new_v4();
         let mut w = Vec::new();
-        assert_eq!(m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w), Vote::Yes);
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w),
+            Vote::Yes
+        );
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 })
+        );
         assert!(w.iter().any(|x| matches!(x, Write::Prepared(..))));
         // A second debit only sees what is still available.
         let tx2 = Uuid::new_v4();
         let vote = m.prepare(&item(tx2, "alice", "bob", 50, vec![("alice", -50)]), 0, &NothingFinished, &mut w);
         assert_eq!(vote, Vote::no_at(RefusalReason::InsufficientFunds, 0));
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 40, held: 0, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 40, held: 0, incoming: 0, overdraft_limit: 0 })
+        );
         m.check_invariants();
     }
 
@@ -614,12 +647,20 @@ mod tests {
         assert_eq!(m.capture(plain_id, 5, &NothingFinished, &mut w).0, DecideAck::Refused, "not a hold");
         assert_eq!(m.capture(hold_id, 61, &NothingFinished, &mut w).0, DecideAck::Refused, "more than it holds");
         assert_eq!(m.capture(hold_id, 0, &NothingFinished, &mut w).0, DecideAck::Refused, "nothing");
-        assert_eq!(m.decide(hold_id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Refused, "a hold is captured");
+        assert_eq!(
+            m.decide(hold_id, Decision::Commit, &NothingFinished, &mut w),
+            DecideAck::Refused,
+            "a hold is captured"
+        );
         let (ack, settled) = m.capture(hold_id, 25, &NothingFinished, &mut w);
         assert_eq!(ack, DecideAck::Done);
         let moved: Vec<i64> = settled.expect("the hold's record").postings.iter().map(|p| p.delta).collect();
         assert_eq!(moved, [-25, 25], "the record handed back shows what moved");
-        assert_eq!(m.account(&id("alice")).map(|a| (a.balance, a.held)), Some((75, 10)), "the plain transfer's 10 stays held");
+        assert_eq!(
+            m.account(&id("alice")).map(|a| (a.balance, a.held)),
+            Some((75, 10)),
+            "the plain transfer's 10 stays held"
+        );
         assert_eq!(m.account(&id("shop")).map(|a| (a.balance, a.incoming)), Some((25, 0)));
         assert_eq!(m.capture(hold_id, 25, &NothingFinished, &mut w).0, DecideAck::Done, "a repeated capture");
         assert_eq!(m.decide(hold_id, Decision::Abort, &NothingFinished, &mut w), DecideAck::Refused, "it committed");
@@ -640,7 +681,10 @@ mod tests {
         let reused = item(tx, "alice", "bob", 10, vec![("alice", -10)]);
         assert_eq!(m.prepare(&reused, 5, &NothingFinished, &mut w), Vote::no(RefusalReason::IdInUse));
         assert!(w.is_empty(), "neither writes anything");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 100, held: 60, incoming: 0, overdraft_limit: 0 })
+        );
     }
 
     #[test]
@@ -668,7 +712,10 @@ mod tests {
         assert_eq!(m.decide(tx, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(m.decide(tx, Decision::Abort, &NothingFinished, &mut w), DecideAck::Refused);
         assert_eq!(m.prepare(&it, 0, &NothingFinished, &mut w), Vote::Yes, "a late Prepare never re-applies");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 70, held: 0, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 70, held: 0, incoming: 0, overdraft_limit: 0 })
+        );
         m.check_invariants();
     }
 
@@ -693,7 +740,10 @@ mod tests {
         let overflow = item(Uuid::new_v4(), "alice", "rich", 1, vec![("alice", -1), ("rich", 1)]);
         assert_eq!(m.prepare(&overflow, 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::BalanceOverflow, 1));
         assert!(w.is_empty());
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 10, held: 0, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 10, held: 0, incoming: 0, overdraft_limit: 0 })
+        );
     }
 
     #[test]
@@ -711,7 +761,10 @@ mod tests {
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let restored = ParticipantMachine::restore(0, accounts, prepared).expect("consistent");
         assert_eq!(restored.account(&id("alice")), m.account(&id("alice")));
-        assert_eq!(restored.account(&id("bob")), Some(AccountRecord { balance: 20, held: 0, incoming: 30, overdraft_limit: 0 }));
+        assert_eq!(
+            restored.account(&id("bob")),
+            Some(AccountRecord { balance: 20, held: 0, incoming: 30, overdraft_limit: 0 })
+        );
     }
 
     #[test]
@@ -720,7 +773,8 @@ mod tests {
         let mut w = Vec::new();
         let tx = Uuid::new_v4();
         m.prepare(&item(tx, "alice", "bob", 60, vec![("alice", -60)]), 0, &NothingFinished, &mut w);
-        let accounts: BTreeMap<_, _> = [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0, overdraft_limit: 0 })].into();
+        let accounts: BTreeMap<_, _> =
+            [(id("alice"), AccountRecord { balance: 50, held: 0, incoming: 0, overdraft_limit: 0 })].into();
         let prepared: HashMap<_, _> = m.prepared().map(|(k, v)| (*k, v.clone())).collect();
         let err = ParticipantMachine::restore(0, accounts, prepared);
         assert!(matches!(err, Err(RestoreError::BadBalance(_))));
@@ -735,17 +789,24 @@ mod tests {
         let cash = |m: &ParticipantMachine| m.account(&id("cash")).expect("cash");
         assert_eq!(cash(&m).available(), 100, "available counts the limit");
 
-        let deposit = |amount| item(Uuid::new_v4(), "cash", "alice", amount, vec![("cash", -amount), ("alice", amount)]);
+        let deposit =
+            |amount| item(Uuid::new_v4(), "cash", "alice", amount, vec![("cash", -amount), ("alice", amount)]);
         let first = deposit(60);
         assert_eq!(m.prepare(&first, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(cash(&m).available(), 40);
-        assert_eq!(m.prepare(&deposit(41), 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::InsufficientFunds, 0));
+        assert_eq!(
+            m.prepare(&deposit(41), 0, &NothingFinished, &mut w),
+            Vote::no_at(RefusalReason::InsufficientFunds, 0)
+        );
         assert_eq!(m.decide(first.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         let rest = deposit(40);
         assert_eq!(m.prepare(&rest, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.decide(rest.id, Decision::Commit, &NothingFinished, &mut w), DecideAck::Done);
         assert_eq!(cash(&m), AccountRecord { balance: -100, held: 0, incoming: 0, overdraft_limit: 100 });
-        assert_eq!(m.prepare(&deposit(1), 0, &NothingFinished, &mut w), Vote::no_at(RefusalReason::InsufficientFunds, 0));
+        assert_eq!(
+            m.prepare(&deposit(1), 0, &NothingFinished, &mut w),
+            Vote::no_at(RefusalReason::InsufficientFunds, 0)
+        );
         m.check_invariants();
         assert_eq!(m.totals(), Totals { balance: 0, held: 0, incoming: 0, below_floor: 0 });
         assert_eq!(m.holds_violation(), None);
@@ -788,7 +849,10 @@ mod tests {
         assert_eq!(m.decide(oldest.id, Decision::Commit, &store, &mut w), DecideAck::Done);
         assert_eq!(m.decide(oldest.id, Decision::Abort, &store, &mut w), DecideAck::Refused);
         assert!(w.is_empty(), "nothing is applied twice");
-        assert_eq!(m.account(&id("alice")), Some(AccountRecord { balance: 995, held: 0, incoming: 0, overdraft_limit: 0 }));
+        assert_eq!(
+            m.account(&id("alice")),
+            Some(AccountRecord { balance: 995, held: 0, incoming: 0, overdraft_limit: 0 })
+        );
         // The same machine with nothing in the store would prepare it again: the lookup is what refuses.
         assert_eq!(m.prepare(oldest, 0, &NothingFinished, &mut w), Vote::Yes);
         assert_eq!(m.account(&id("alice")).map(|a| a.held), Some(1));
@@ -797,7 +861,8 @@ mod tests {
     #[test]
     fn accounts_page_from_any_cursor_in_id_order() {
         let m = machine_with(&[("carol", 3), ("alice", 1), ("bob", 2), ("bob-2", 4)]);
-        let ids = |after: Option<&str>| m.accounts_after(after).map(|(id, _)| id.as_str().to_owned()).collect::<Vec<_>>();
+        let ids =
+            |after: Option<&str>| m.accounts_after(after).map(|(id, _)| id.as_str().to_owned()).collect::<Vec<_>>();
         assert_eq!(ids(None), ["alice", "bob", "bob-2", "carol"]);
         assert_eq!(ids(Some("bob")), ["bob-2", "carol"]);
         assert_eq!(ids(Some("b!")), ["bob", "bob-2", "carol"], "a cursor that is no valid id still pages");
@@ -818,7 +883,7 @@ mod tests {
         assert_eq!(m.totals(), Totals { balance: 105, held: 0, incoming: 0, below_floor: 0 });
         assert_eq!(m.holds_violation(), None);
         m.check_invariants(); // recomputes the sums from every account
-        // A hold no prepared transfer explains shows in the sums.
+                              // A hold no prepared transfer explains shows in the sums.
         m.totals.held += 1;
         assert!(m.holds_violation().is_some());
         assert!(m.violation().is_some());

@@ -186,7 +186,11 @@ impl ResolverCore {
             let granted = heard.get(id).is_some_and(|h: &LastHeard| h.heard == Heard::Held);
             let from = if granted { record.due_unix_ms() } else { record.prepared_at_unix_ms };
             if now_ms.saturating_sub(from) >= age_min {
-                by_coordinator.entry(&record.coordinator_url).or_default().push((record.prepared_at_unix_ms, *id, record));
+                by_coordinator.entry(&record.coordinator_url).or_default().push((
+                    record.prepared_at_unix_ms,
+                    *id,
+                    record,
+                ));
             }
         }
         self.last_heard = heard;
@@ -372,7 +376,12 @@ mod tests {
     }
 
     /// Runs a round whose only query gets `answer` for every item (or fails if `None`); returns the query.
-    fn round(core: &mut ResolverCore, now: u64, prepared: &BTreeMap<TransferId, PreparedRecord>, answer: Option<QueryAnswer>) -> Option<Query> {
+    fn round(
+        core: &mut ResolverCore,
+        now: u64,
+        prepared: &BTreeMap<TransferId, PreparedRecord>,
+        answer: Option<QueryAnswer>,
+    ) -> Option<Query> {
         core.handle_timeout(now, prepared);
         let mut asked = queries(core);
         assert!(asked.len() <= 1, "one coordinator, one query: {asked:?}");
@@ -493,9 +502,8 @@ mod tests {
         let by_url: Vec<(&str, Vec<TransferId>)> = asked.iter().map(|q| (q.coordinator_url.as_str(), ids(q))).collect();
         assert_eq!(by_url, [("http://a", vec![id(4), id(2)]), ("http://b", vec![id(3), id(1)])], "oldest first");
         assert_eq!(core.poll_timeout(), None, "under way");
-        let decisions = core
-            .handle_answers(11, asked[0].id, &[QueryAnswer::Commit, QueryAnswer::Abort])
-            .expect("waiting");
+        let decisions =
+            core.handle_answers(11, asked[0].id, &[QueryAnswer::Commit, QueryAnswer::Abort]).expect("waiting");
         assert_eq!(decisions, [(id(4), Decision::Commit), (id(2), Decision::Abort)]);
         core.handle_applied(12, asked[0].id);
         assert_eq!(core.poll_timeout(), None, "b has not answered yet");
@@ -507,8 +515,9 @@ mod tests {
     fn a_query_carries_at_most_the_item_cap_oldest_first() {
         let mut core = core(0);
         let extra = 5;
-        let prepared: BTreeMap<TransferId, PreparedRecord> =
-            (0..QUERY_ITEMS_MAX + extra).map(|n| (id(n as u128), record("http://c", (QUERY_ITEMS_MAX + extra - n) as u64))).collect();
+        let prepared: BTreeMap<TransferId, PreparedRecord> = (0..QUERY_ITEMS_MAX + extra)
+            .map(|n| (id(n as u128), record("http://c", (QUERY_ITEMS_MAX + extra - n) as u64)))
+            .collect();
         let query = round(&mut core, 10_000, &prepared, Some(QueryAnswer::Abort)).expect("asked");
         assert_eq!(query.items.len(), QUERY_ITEMS_MAX);
         assert!(query.items.iter().all(|i| i.id.as_u128() >= extra as u128), "the youngest wait for the next round");
@@ -532,7 +541,8 @@ mod tests {
         let retry = core.poll_timeout().expect("due");
         core.handle_timeout(retry, &prepared);
         let query = core.poll_query().expect("asked again");
-        let decisions = core.handle_answers(retry + 1, query.id, &[QueryAnswer::Pending, QueryAnswer::Commit]).expect("waiting");
+        let decisions =
+            core.handle_answers(retry + 1, query.id, &[QueryAnswer::Pending, QueryAnswer::Commit]).expect("waiting");
         assert_eq!(decisions, [(id(2), Decision::Commit)]);
         let heard = core.last_heard(&id(1)).expect("recorded");
         assert_eq!((heard.heard.to_string(), heard.at_ms), ("pending".into(), retry + 1));
@@ -549,7 +559,8 @@ mod tests {
     fn last_heard_is_bounded_and_drops_the_oldest_news() {
         let config = ResolverConfig { last_heard_max: 3, query_items_max: 2, ..ResolverConfig::new(AGE) };
         let mut core = ResolverCore::new(config, 0);
-        let prepared: BTreeMap<TransferId, PreparedRecord> = (1..=4).map(|n| (id(n), record(&format!("http://c{n}"), 0))).collect();
+        let prepared: BTreeMap<TransferId, PreparedRecord> =
+            (1..=4).map(|n| (id(n), record(&format!("http://c{n}"), 0))).collect();
         core.handle_timeout(0, &prepared);
         let asked = queries(&mut core);
         assert_eq!(asked.len(), 4, "one query per coordinator");
@@ -567,20 +578,31 @@ mod tests {
         let prepared = BTreeMap::from([(id(1), record("http://c", 0))]);
         core.handle_timeout(0, &prepared);
         let query = core.poll_query().expect("asked");
-        assert_eq!(core.handle_answers(1, query.id + 1, &[QueryAnswer::Abort]), Err(AnswerError::NotWaiting(query.id + 1)));
+        assert_eq!(
+            core.handle_answers(1, query.id + 1, &[QueryAnswer::Abort]),
+            Err(AnswerError::NotWaiting(query.id + 1))
+        );
         assert_eq!(
             core.handle_answers(1, query.id, &[QueryAnswer::Abort, QueryAnswer::Abort]),
             Err(AnswerError::CountMismatch { asked: 1, answered: 2 })
         );
         assert_eq!(core.poll_timeout(), Some(1 + BACKOFF_MIN_MS), "a wrong answer fails the query");
         assert!(core.last_heard(&id(1)).is_some_and(|h| h.heard.to_string().starts_with("unreachable: 2 answers")));
-        assert_eq!(core.handle_answers(2, query.id, &[QueryAnswer::Abort]), Err(AnswerError::NotWaiting(query.id)), "given up");
+        assert_eq!(
+            core.handle_answers(2, query.id, &[QueryAnswer::Abort]),
+            Err(AnswerError::NotWaiting(query.id)),
+            "given up"
+        );
 
         let at = core.poll_timeout().expect("due");
         core.handle_timeout(at, &prepared);
         let query = core.poll_query().expect("asked");
         core.handle_answers(at, query.id, &[QueryAnswer::Abort]).expect("waiting");
-        assert_eq!(core.handle_answers(at, query.id, &[QueryAnswer::Abort]), Err(AnswerError::NotWaiting(query.id)), "a duplicate");
+        assert_eq!(
+            core.handle_answers(at, query.id, &[QueryAnswer::Abort]),
+            Err(AnswerError::NotWaiting(query.id)),
+            "a duplicate"
+        );
         core.handle_unreachable(at, query.id, "late timeout");
         assert_eq!(core.poll_timeout(), None, "a timeout after the answer changes nothing: the apply is under way");
         core.handle_apply_failed(at + 5, query.id);

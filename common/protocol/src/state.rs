@@ -96,12 +96,19 @@ pub enum Outcome {
     Aborted(AbortReason),
     /// A transfer of several legs aborted because of the leg at this index (the first failing one). After the
     /// variants before it, so that the records written before it existed read as they did.
-    AbortedAtLeg { reason: AbortReason, leg: u8 },
+    AbortedAtLeg {
+        reason: AbortReason,
+        leg: u8,
+    },
     /// A hold every shard voted YES on: its amount stays reserved until it is captured, released or expires
     /// (at this time, on the coordinator's clock). Not a decision: the shards hear nothing of it.
-    Held { expires_at_unix_ms: u64 },
+    Held {
+        expires_at_unix_ms: u64,
+    },
     /// A hold captured for `amount` (the rest released): a commit of that much.
-    Captured { amount: i64 },
+    Captured {
+        amount: i64,
+    },
     /// A hold its client released: an abort.
     Released,
     /// A hold that reached its expiry: an abort.

@@ -89,11 +89,28 @@ fn core_config() -> CoreConfig {
 /// replies carry the epoch, answers to a decision query the asker's life: nothing reaches a later incarnation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Msg {
-    Frame { epoch: u8, shard: ShardId, life: u8, items: Vec<ToShard> },
-    Replies { epoch: u8, shard: ShardId, replies: Vec<FromShard> },
-    Query { shard: ShardId, life: u8, items: Vec<DecisionQueryItem> },
+    Frame {
+        epoch: u8,
+        shard: ShardId,
+        life: u8,
+        items: Vec<ToShard>,
+    },
+    Replies {
+        epoch: u8,
+        shard: ShardId,
+        replies: Vec<FromShard>,
+    },
+    Query {
+        shard: ShardId,
+        life: u8,
+        items: Vec<DecisionQueryItem>,
+    },
     /// The answers that decide something (a participant ignores "pending" and asks again later).
-    Answers { shard: ShardId, life: u8, decisions: Vec<(TransferId, Decision)> },
+    Answers {
+        shard: ShardId,
+        life: u8,
+        decisions: Vec<(TransferId, Decision)>,
+    },
 }
 
 /// A participant's records (its machine's state, or what its disk holds), and (a ghost variable) how many
@@ -147,7 +164,10 @@ impl LogRecord {
 
     /// Its shards abort it: an abort, or a hold's release or expiry.
     fn aborted(&self) -> bool {
-        matches!(self.outcome, Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } | Outcome::Released | Outcome::Expired))
+        matches!(
+            self.outcome,
+            Some(Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. } | Outcome::Released | Outcome::Expired)
+        )
     }
 
     /// A granted hold: recovery hands it to the core to end.
@@ -395,7 +415,8 @@ impl LedgerModel {
     }
 
     fn machine(&self, shard: ShardId, books: &Books) -> Result<ParticipantMachine, String> {
-        let accounts: BTreeMap<AccountId, AccountRecord> = books.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let accounts: BTreeMap<AccountId, AccountRecord> =
+            books.accounts.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let prepared: HashMap<TransferId, PreparedRecord> =
             books.prepared.iter().map(|(k, v)| (*k, v.clone())).collect();
         // No decision kept in memory: every one is read from the books, as the shell reads its store.
@@ -405,7 +426,11 @@ impl LedgerModel {
     }
 
     /// Reads the machine back into books, with the finished records its writes left and the ghost counter.
-    fn books(machine: &ParticipantMachine, finished: BTreeMap<TransferId, Decision>, commits_applied: Vec<u8>) -> Books {
+    fn books(
+        machine: &ParticipantMachine,
+        finished: BTreeMap<TransferId, Decision>,
+        commits_applied: Vec<u8>,
+    ) -> Books {
         Books {
             accounts: machine.accounts().map(|(k, v)| (k.clone(), *v)).collect(),
             prepared: machine.prepared().map(|(k, v)| (*k, v.clone())).collect(),
@@ -511,7 +536,12 @@ impl LedgerModel {
                     .iter()
                     .filter_map(|(id, r)| {
                         let expires_at_unix_ms = r.held()?;
-                        Some(GrantedHold { id: *id, transfer: r.transfer.clone(), made_by: r.made_by.clone(), expires_at_unix_ms })
+                        Some(GrantedHold {
+                            id: *id,
+                            transfer: r.transfer.clone(),
+                            made_by: r.made_by.clone(),
+                            expires_at_unix_ms,
+                        })
                     })
                     .collect();
                 let staged: Vec<StagedTransfer> = c
@@ -587,7 +617,10 @@ impl LedgerModel {
                 s.refusals[t as usize].insert(Outcome::Expired.status());
             }
             Err(HoldError::NotFound) if c.durable.get(&id).is_some_and(|r| r.outcome.is_some()) => {
-                return Err(format!("an end of t{t} heard that it is unknown; the durable log holds {}", logged_as(&c.durable, &id)));
+                return Err(format!(
+                    "an end of t{t} heard that it is unknown; the durable log holds {}",
+                    logged_as(&c.durable, &id)
+                ));
             }
             Err(HoldError::NotFound) => {}
             Err(e) => return Err(format!("the core refused to end t{t} ({end:?}): {e:?}")),
@@ -685,7 +718,13 @@ impl LedgerModel {
     /// The machine's new state becomes the participant's memory; its finished writes are checked against the
     /// coordinator's durable log: a commit needs the staging entry or the commit decision durable, an abort the
     /// abort decision.
-    fn store(&self, s: &mut State, shard: ShardId, machine: &ParticipantMachine, writes: &[Write]) -> Result<(), String> {
+    fn store(
+        &self,
+        s: &mut State,
+        shard: ShardId,
+        machine: &ParticipantMachine,
+        writes: &[Write],
+    ) -> Result<(), String> {
         let mut applied = s.participants[shard as usize].memory.commits_applied.clone();
         let mut finished = s.participants[shard as usize].memory.finished.clone();
         for write in writes {
@@ -871,7 +910,9 @@ impl LedgerModel {
                         Decision::Commit => committed(id, &format!("P{p}'s {what} finished {id} as committed"))?,
                         Decision::Abort if !durable.get(id).is_some_and(LogRecord::aborted) => {
                             let logged = logged_as(durable, id);
-                            return Err(format!("P{p}'s {what} finished {id} as aborted; the durable log has {logged}"));
+                            return Err(format!(
+                                "P{p}'s {what} finished {id} as aborted; the durable log has {logged}"
+                            ));
                         }
                         Decision::Abort => {}
                     }
@@ -889,7 +930,10 @@ impl LedgerModel {
                     }
                 }
                 // A grant stays durable until the hold's end overwrites it.
-                Some(Outcome::Held { .. }) if durable.get(&id).is_some_and(|r| r.held().is_some() || r.outcome.is_some_and(Outcome::ends_hold)) => {}
+                Some(Outcome::Held { .. })
+                    if durable
+                        .get(&id)
+                        .is_some_and(|r| r.held().is_some() || r.outcome.is_some_and(Outcome::ends_hold)) => {}
                 Some(answer) if durable.get(&id).and_then(|r| r.outcome) != Some(*answer) => {
                     let logged = logged_as(durable, &id);
                     return Err(format!("the client heard {answer:?} for t{t}, the durable log holds {logged}"));
@@ -900,7 +944,8 @@ impl LedgerModel {
             // expiry has passed while it is granted, so that nothing else can end it, after a restart either.
             for status in &s.refusals[t] {
                 let record = durable.get(&id);
-                let expired = *status == Outcome::Expired.status() && record.and_then(LogRecord::held).is_some_and(|at| at <= s.coordinator.now);
+                let expired = *status == Outcome::Expired.status()
+                    && record.and_then(LogRecord::held).is_some_and(|at| at <= s.coordinator.now);
                 if !expired && record.and_then(|r| r.outcome).map(Outcome::status) != Some(status) {
                     let logged = logged_as(durable, &id);
                     return Err(format!("t{t}'s end was refused as {status}; the durable log holds {logged}"));
@@ -912,7 +957,12 @@ impl LedgerModel {
 
     /// Prepared records are the coordinator's; balance = opening + commits finished here (of a hold, what its
     /// durable capture says); held and incoming = the prepared transfers'; none negative.
-    fn check_books(&self, shard: ShardId, books: &Books, durable: &BTreeMap<TransferId, LogRecord>) -> Result<(), String> {
+    fn check_books(
+        &self,
+        shard: ShardId,
+        books: &Books,
+        durable: &BTreeMap<TransferId, LogRecord>,
+    ) -> Result<(), String> {
         for (id, record) in &books.prepared {
             let t = self.transfer_index(id)?;
             let transfer = &self.transfers[t];
@@ -936,7 +986,8 @@ impl LedgerModel {
                         _ => None,
                     };
                     let moved = |delta: i64| captured.map_or(delta, |amount| delta.signum() * amount);
-                    expected.0 += postings(id)?.iter().filter(|p| p.account == *account).map(|p| moved(p.delta)).sum::<i64>();
+                    expected.0 +=
+                        postings(id)?.iter().filter(|p| p.account == *account).map(|p| moved(p.delta)).sum::<i64>();
                 }
             }
             for id in books.prepared.keys() {
@@ -1110,7 +1161,9 @@ impl Model for LedgerModel {
         if self.retries == Retries::AfterCrash {
             for t in 0..self.transfer_count() as u8 {
                 // Each on its own, drained at once: the prepares travel in separate frames.
-                self.submit(&mut state, t).and_then(|()| self.drive(&mut state)).expect("the first submissions are taken");
+                self.submit(&mut state, t)
+                    .and_then(|()| self.drive(&mut state))
+                    .expect("the first submissions are taken");
             }
         }
         self.normalize(&mut state).expect("the initial state normalizes");
@@ -1197,7 +1250,10 @@ impl Model for LedgerModel {
                 actions.push(Action::RestartParticipant(p));
                 continue;
             }
-            if retrying && s.queries_left > 0 && !ps.memory.prepared.is_empty() && !s.network.contains(&self.query(s, p))
+            if retrying
+                && s.queries_left > 0
+                && !ps.memory.prepared.is_empty()
+                && !s.network.contains(&self.query(s, p))
             {
                 actions.push(Action::Query(p));
             }
@@ -1245,7 +1301,9 @@ impl Model for LedgerModel {
                 |model: &LedgerModel, s: &State| {
                     // Healing either loses every message still in flight (the worst case: only retries help) or
                     // delivers them late.
-                    if std::env::var("NOLIVE").is_ok() { return true; }
+                    if std::env::var("NOLIVE").is_ok() {
+                        return true;
+                    }
                     let mut lost = s.clone();
                     lost.network.clear();
                     match model.settle(&lost).and_then(|()| model.settle(s)) {
@@ -1284,8 +1342,7 @@ impl Model for LedgerModel {
             Property::sometimes("a shard applies Commit while only the staging entry is durable", |_, s: &State| {
                 s.participants.iter().any(|p| {
                     p.memory.finished.iter().any(|(id, d)| {
-                        *d == Decision::Commit
-                            && s.coordinator.durable.get(id).is_some_and(|r| r.outcome.is_none())
+                        *d == Decision::Commit && s.coordinator.durable.get(id).is_some_and(|r| r.outcome.is_none())
                     })
                 })
             }),
@@ -1310,7 +1367,9 @@ impl Model for LedgerModel {
             Property::sometimes("a recovered coordinator owes a commit", |_, s: &State| {
                 let c = &s.coordinator;
                 c.epoch > 0
-                    && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| o.decision == Decision::Commit))
+                    && c.core
+                        .as_ref()
+                        .is_some_and(|core| core.owed(c.now).iter().any(|o| o.decision == Decision::Commit))
             }),
             Property::sometimes(
                 "a recovered coordinator re-sends a commit every shard acknowledged",
@@ -1351,7 +1410,8 @@ impl LedgerModel {
             }),
             Property::sometimes("a restarted coordinator owes a hold's end", |_, s: &State| {
                 let c = &s.coordinator;
-                let ends = |id: &TransferId| c.durable.get(id).is_some_and(|r| r.outcome.is_some_and(Outcome::ends_hold));
+                let ends =
+                    |id: &TransferId| c.durable.get(id).is_some_and(|r| r.outcome.is_some_and(Outcome::ends_hold));
                 c.epoch > 0 && c.core.as_ref().is_some_and(|core| core.owed(c.now).iter().any(|o| ends(&o.id)))
             }),
         ]
@@ -1421,7 +1481,8 @@ fn two_transfers_competing_for_funds_survive_every_interleaving_of_loss() {
         let mut crashable = [false; 3];
         crashable[node as usize] = true;
         // The second has two legs, which debit alice twice on her shard: 6 + 3 + 2 > 10, so one of the two aborts.
-        let transfers: [&[(&str, &str, i64)]; 2] = [&[("alice", "bob", 6)], &[("alice", "carol", 3), ("alice", "bob", 2)]];
+        let transfers: [&[(&str, &str, i64)]; 2] =
+            [&[("alice", "bob", 6)], &[("alice", "carol", 3), ("alice", "bob", 2)]];
         let mut model = LedgerModel::new(&transfers, crashes, crashable, Retries::AfterCrash);
         model.time_max = u64::from(env_or("MCT2", 2));
         model.queries = env_or("MCQ2", 1);

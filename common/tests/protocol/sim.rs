@@ -298,20 +298,45 @@ struct Envelope {
 #[derive(Clone, Debug)]
 enum Event {
     Deliver(Envelope),
-    Flush { node: Node, life: u64 },
+    Flush {
+        node: Node,
+        life: u64,
+    },
     /// The time the core asked to be called back at (`poll_timeout`).
-    CoordinatorTimer { epoch: u64, at: u64 },
-    LinkTick { epoch: u64 },
+    CoordinatorTimer {
+        epoch: u64,
+        at: u64,
+    },
+    LinkTick {
+        epoch: u64,
+    },
     /// The shell drains the core after a burst of inputs (see `Coordinator::drive_pending`).
-    CoordinatorDrive { epoch: u64 },
+    CoordinatorDrive {
+        epoch: u64,
+    },
     /// The core wants a link now (`Notice::LinkWanted`).
-    LinkCheck { epoch: u64, shard: ShardId },
+    LinkCheck {
+        epoch: u64,
+        shard: ShardId,
+    },
     /// The time a participant's resolver asked to be called back at (`poll_timeout`).
-    ResolverTick { shard: ShardId, life: u64, at: u64 },
-    QueryTimeout { shard: ShardId, life: u64, qid: u64 },
-    ClientSubmit { intent: usize },
+    ResolverTick {
+        shard: ShardId,
+        life: u64,
+        at: u64,
+    },
+    QueryTimeout {
+        shard: ShardId,
+        life: u64,
+        qid: u64,
+    },
+    ClientSubmit {
+        intent: usize,
+    },
     /// A client sends (or, unanswered, resends) a request to end a hold.
-    ClientEndHold { request: usize },
+    ClientEndHold {
+        request: usize,
+    },
     Nemesis,
     Restart(Node),
     Reconnect(Node),
@@ -507,7 +532,9 @@ impl Records {
                 ));
             }
             if record.below_floor() || record.held < 0 || record.incoming < 0 || record.available_exact() < 0 {
-                return Err(format!("P{shard} {what}: account {id} is below its overdraft limit or over-held: {record:?}"));
+                return Err(format!(
+                    "P{shard} {what}: account {id} is below its overdraft limit or over-held: {record:?}"
+                ));
             }
         }
         Ok(())
@@ -534,7 +561,9 @@ fn captured_postings(id: &TransferId, postings: &[Posting], moved: &[Posting]) -
 enum AfterParticipantFlush {
     Reply(Envelope),
     /// The decisions the resolver's answers to this query returned are durable: `handle_applied`.
-    ResolverApplied { qid: u64 },
+    ResolverApplied {
+        qid: u64,
+    },
 }
 
 struct Participant {
@@ -1354,7 +1383,10 @@ impl Cluster {
                 for hold in &holds {
                     let durable = self.durable_outcomes.get(&hold.id);
                     if durable != Some(&Outcome::Held { expires_at_unix_ms: hold.expires_at_unix_ms }) {
-                        return Err(format!("a restart grants {} again, but its durable outcome is {durable:?}", hold.id));
+                        return Err(format!(
+                            "a restart grants {} again, but its durable outcome is {durable:?}",
+                            hold.id
+                        ));
                     }
                 }
                 self.stats.holds_regranted += holds.len() as u64;
@@ -1600,7 +1632,9 @@ impl Cluster {
             while let Some(notice) = self.core().poll_notice() {
                 match notice {
                     Notice::Refused { id, shard, decision } => {
-                        return Err(format!("P{shard} refused {decision:?} on {id}: the shard and the coordinator disagree"));
+                        return Err(format!(
+                            "P{shard} refused {decision:?} on {id}: the shard and the coordinator disagree"
+                        ));
                     }
                     Notice::PresumedAbort { .. } => self.stats.presumed_aborts += 1,
                     Notice::Redelivered { count, .. } => self.stats.redeliveries += count as u64,
@@ -1737,7 +1771,9 @@ impl Cluster {
             _ => {
                 let durable = self.durable_outcomes.get(&id).copied();
                 if durable != Some(outcome) {
-                    return Err(format!("the coordinator released {outcome:?} for {id}, the durable outcome is {durable:?}"));
+                    return Err(format!(
+                        "the coordinator released {outcome:?} for {id}, the durable outcome is {durable:?}"
+                    ));
                 }
                 Ok(())
             }
@@ -1753,7 +1789,8 @@ impl Cluster {
     /// `id` must end committed (`why`): no abort of it may be durable, now or later.
     fn bind_commit(&mut self, id: TransferId, why: &str) -> Check {
         if self.must_commit.insert(id) {
-            if let Some(outcome @ (Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) = self.durable_outcomes.get(&id) {
+            if let Some(outcome @ (Outcome::Aborted(_) | Outcome::AbortedAtLeg { .. })) = self.durable_outcomes.get(&id)
+            {
                 return Err(format!("{id} must commit ({why}), but its durable outcome is {outcome:?}"));
             }
             let transfer = self.coordinator.memory.get(&id).or_else(|| self.coordinator.durable.get(&id));
@@ -1967,7 +2004,9 @@ impl Cluster {
             if let Some(Outcome::Captured { amount }) = self.durable_outcomes.get(id) {
                 let here = p.memory.captured_amount(id);
                 if here != Some(*amount) {
-                    return Err(format!("P{s} captured {here:?} of {id}, the coordinator's durable capture is {amount}"));
+                    return Err(format!(
+                        "P{s} captured {here:?} of {id}, the coordinator's durable capture is {amount}"
+                    ));
                 }
             }
         }
@@ -2379,7 +2418,10 @@ impl Cluster {
                 ClientAnswer::Final(Outcome::Held { expires_at_unix_ms })
                     if self.durable_grants.get(&intent.id) == Some(&expires_at_unix_ms) => {}
                 ClientAnswer::Final(heard) if heard != outcome => {
-                    return Err(format!("transfer {}: the client heard {heard:?}, the log says {outcome:?}", intent.id));
+                    return Err(format!(
+                        "transfer {}: the client heard {heard:?}, the log says {outcome:?}",
+                        intent.id
+                    ));
                 }
                 // A conflict was checked when it arrived (`client_receive`): the body it was for was not the one
                 // the coordinator ran or logged then, though a crash may have lost that one and logged this since.
@@ -2457,7 +2499,8 @@ impl Cluster {
         }
         for r in self.end_requests.iter().filter(|r| r.scheduled) {
             let id = self.intents[r.intent].id;
-            let answer = r.answer.ok_or_else(|| format!("the request to end hold {id} ({:?}) was never answered", r.end))?;
+            let answer =
+                r.answer.ok_or_else(|| format!("the request to end hold {id} ({:?}) was never answered", r.end))?;
             let outcome = finals.get(&id).map(|(_, o)| *o);
             let agrees = match answer {
                 EndAnswer::Final(heard) => outcome == Some(heard),
@@ -2467,7 +2510,10 @@ impl Cluster {
                 EndAnswer::Refused(_) => true, // checked when it arrived
             };
             if !agrees {
-                return Err(format!("the client of hold {id} asked {:?} and heard {answer:?}, but it ends {outcome:?}", r.end));
+                return Err(format!(
+                    "the client of hold {id} asked {:?} and heard {answer:?}, but it ends {outcome:?}",
+                    r.end
+                ));
             }
         }
         Ok(())
@@ -2733,7 +2779,11 @@ fn clients_reusing_ids_with_other_bodies_never_break_the_ledger() {
     let (stats, failures) = run_many(0..count, true);
     if let Some(first) = failures.first() {
         let seeds: Vec<u64> = failures.iter().map(|f| f.seed).take(20).collect();
-        panic!("{} of {count} seeds failed with reused ids (first ones: {seeds:?}; replay with SIM_REUSED_IDS=1)\n{}", failures.len(), explain(first, true));
+        panic!(
+            "{} of {count} seeds failed with reused ids (first ones: {seeds:?}; replay with SIM_REUSED_IDS=1)\n{}",
+            failures.len(),
+            explain(first, true)
+        );
     }
     assert!(count < 300 || stats.conflicts > 0, "{count} seeds never reused an id: the mode is not tested");
 }

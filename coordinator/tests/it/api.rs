@@ -2,8 +2,8 @@
 //! idempotent.
 
 use crate::harness::{cross_shard_pair, Cluster};
-use std::process::Stdio;
 use serde_json::{json, Value};
+use std::process::Stdio;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -199,7 +199,8 @@ async fn health_reports_every_participant() {
     let (status, listed) = c.get("/transactions?status=unacknowledged").await;
     assert_eq!(status, 200, "{listed}");
     assert!(listed["transactions"].is_array(), "{listed}");
-    let ids = |list: &Value| list["transactions"].as_array().map(|t| t.iter().map(|x| x["id"].clone()).collect::<Vec<_>>());
+    let ids =
+        |list: &Value| list["transactions"].as_array().map(|t| t.iter().map(|x| x["id"].clone()).collect::<Vec<_>>());
     let (status, by_old_name) = c.get("/transactions?status=in_doubt").await;
     assert_eq!((status, ids(&by_old_name)), (200, ids(&listed)));
     let (status, body) = c.get("/transactions?status=pending").await;
@@ -258,7 +259,8 @@ async fn a_different_participant_count_is_refused() {
     c.coordinator.kill();
     let mut spec = c.coordinator.spec.clone();
     spec.set_flag("--participants", "http://127.0.0.1:1");
-    let out = spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run coordinator");
+    let out =
+        spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run coordinator");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("2 participants, not 1"), "{stderr}");

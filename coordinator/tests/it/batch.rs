@@ -49,7 +49,10 @@ async fn a_batch_mixing_good_bad_duplicate_and_conflicting_items_answers_each_al
     alone["code"] = json!(200);
     assert_eq!(results[4], alone, "a retry of an earlier transfer gets the answer it got alone");
     assert_eq!(results[5]["error"]["code"], "idempotency_conflict");
-    assert_eq!((results[6]["status"].clone(), results[6]["reason"].clone()), (json!("aborted"), json!("insufficient_funds")));
+    assert_eq!(
+        (results[6]["status"].clone(), results[6]["reason"].clone()),
+        (json!("aborted"), json!("insufficient_funds"))
+    );
     assert_eq!(results[7]["reason"], "account_not_found");
     for bad in &results[8..] {
         assert_eq!(bad["error"]["code"], "invalid_request", "{bad}");
@@ -81,7 +84,10 @@ async fn a_batch_takes_transfers_of_several_legs_and_holds_as_items() {
     let results = body["results"].as_array().expect("results");
     let codes: Vec<u64> = results.iter().map(|r| r["code"].as_u64().expect("a code")).collect();
     assert_eq!(codes, [200, 200, 400, 422], "{body}");
-    assert_eq!((results[0]["status"].clone(), results[0]["legs"].as_array().map(Vec::len)), (json!("committed"), Some(2)));
+    assert_eq!(
+        (results[0]["status"].clone(), results[0]["legs"].as_array().map(Vec::len)),
+        (json!("committed"), Some(2))
+    );
     assert_eq!((results[1]["status"].clone(), results[1]["amount"].clone()), (json!("held"), json!(20)));
     assert_eq!(results[2]["error"]["leg"], 1, "a bad leg is named in its item's error");
     assert_eq!((results[3]["reason"].clone(), results[3]["leg"].clone()), (json!("insufficient_funds"), json!(1)));

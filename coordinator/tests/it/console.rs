@@ -202,7 +202,11 @@ async fn the_console_shows_a_shard_die_and_return_and_a_decision_wait_for_its_ac
     let hold_id = held["id"].as_str().expect("id").to_string();
     let hold_row = format!("document.querySelector('#holds tr[data-hold=\"{hold_id}\"]')");
     let expires_in = format!("Number({hold_row}?.dataset.expiresInS)");
-    page.wait_until("the hold among the active holds, with its expiry", &format!("{expires_in} > 590 && {expires_in} <= 600")).await;
+    page.wait_until(
+        "the hold among the active holds, with its expiry",
+        &format!("{expires_in} > 590 && {expires_in} <= 600"),
+    )
+    .await;
     assert_eq!(c.post(&format!("/transfers/{hold_id}/release"), json!({})).await.0, 200);
     page.wait_until("the hold gone once released", &format!("{hold_row} === null")).await;
     if let Ok(path) = std::env::var("LEDGER_CONSOLE_SCREENSHOT") {

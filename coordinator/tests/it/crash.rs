@@ -66,7 +66,12 @@ impl Scenario {
         let leg = |from: &str, to: &str, amount: i64| json!({"from": from, "to": to, "amount": amount});
         Scenario {
             participants: 3,
-            accounts: vec![(payer.clone(), 1_000, -250), (merchant.clone(), 0, 200), (carol.clone(), 100, -10), (fees.clone(), 0, 60)],
+            accounts: vec![
+                (payer.clone(), 1_000, -250),
+                (merchant.clone(), 0, 200),
+                (carol.clone(), 100, -10),
+                (fees.clone(), 0, 60),
+            ],
             body: json!({"legs": [leg(&payer, &merchant, 200), leg(&payer, &fees, 50), leg(&carol, &fees, 10)]}),
             debit: payer,
             credit: fees,

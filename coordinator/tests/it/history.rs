@@ -27,7 +27,13 @@ async fn balances(c: &Cluster, accounts: &[Vec<String>]) -> Vec<i64> {
 
 /// Sends `transfers` more, lets the cluster settle, SIGKILLs and restarts p0 and the coordinator, and checks
 /// that p0 holds nothing of its history while every sampled old id is still recognised.
-async fn round(c: &mut Cluster, accounts: &[Vec<String>], transfers: u64, seed: u64, old: &mut Vec<(uuid::Uuid, Value)>) {
+async fn round(
+    c: &mut Cluster,
+    accounts: &[Vec<String>],
+    transfers: u64,
+    seed: u64,
+    old: &mut Vec<(uuid::Uuid, Value)>,
+) {
     let config = Fill { url: c.coordinator.url(), token: None, transfers, clients: 16, seed };
     let filled = fill::fill(&config, accounts).await.expect("fill runs");
     assert_eq!(filled.errors, 0, "no transfer failed while building history");
@@ -110,12 +116,11 @@ async fn many_accounts_opened_offline_are_paged_read_and_audited() {
     c.node("p0").kill();
     let fill = loadgen::cluster::bin_dir().join("ledger-fill");
     let data = c.data_dir().join("p0");
-    let run = |args: &[&str]| {
-        std::process::Command::new(&fill).args(args).output().expect("ledger-fill runs")
-    };
+    let run = |args: &[&str]| std::process::Command::new(&fill).args(args).output().expect("ledger-fill runs");
     let data_arg = data.display().to_string();
     let count = CANDIDATES.to_string();
-    let args = ["accounts", "--data", &data_arg, "--shard", "0", "--count", &count, "--prefix", "bulk", "--balance", "500"];
+    let args =
+        ["accounts", "--data", &data_arg, "--shard", "0", "--count", &count, "--prefix", "bulk", "--balance", "500"];
     let out = run(&args);
     assert!(out.status.success(), "ledger-fill accounts: {}", String::from_utf8_lossy(&out.stderr));
     let again = run(&args);

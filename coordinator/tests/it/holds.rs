@@ -101,7 +101,10 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
     let expires_at = granted["expires_at_unix_ms"].as_u64().expect("expiry");
     assert!((before + 60_000..=common::http::now_unix_ms() + 60_000).contains(&expires_at), "{granted}");
     let alice = c.account(&a.alice).await;
-    assert_eq!((alice["balance"].clone(), alice["held"].clone(), alice["available"].clone()), (json!(1000), json!(300), json!(700)));
+    assert_eq!(
+        (alice["balance"].clone(), alice["held"].clone(), alice["available"].clone()),
+        (json!(1000), json!(300), json!(700))
+    );
     let (_, listed) = c.get(&format!("/holds?account={}", a.alice)).await;
     assert_eq!(listed["holds"].as_array().map(|h| h.len()), Some(1), "{listed}");
     assert_eq!(listed["holds"][0]["id"], json!(id));
@@ -115,7 +118,10 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
     };
     let (code, captured) = capture(Some(120)).await;
     assert_eq!(code, 200, "{captured}");
-    assert_eq!((captured["status"].clone(), captured["amount"].clone(), captured["held_amount"].clone()), (json!("captured"), json!(120), json!(300)));
+    assert_eq!(
+        (captured["status"].clone(), captured["amount"].clone(), captured["held_amount"].clone()),
+        (json!("captured"), json!(120), json!(300))
+    );
     assert_eq!(held_and_balance(&c, &a.alice).await, (880, 0));
     assert_eq!(held_and_balance(&c, &a.shop).await, (120, 0));
     assert_eq!(capture(Some(120)).await, (200, captured.clone()), "the same capture again");
@@ -135,7 +141,11 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
     let release_path = format!("/transfers/{released_id}/release");
     let release = || c.post(&release_path, json!({}));
     let (code, released) = release().await;
-    assert_eq!((code, released["status"].clone(), released["amount"].clone()), (200, json!("released"), json!(50)), "{released}");
+    assert_eq!(
+        (code, released["status"].clone(), released["amount"].clone()),
+        (200, json!("released"), json!(50)),
+        "{released}"
+    );
     assert_eq!(release().await, (200, released), "the same release again");
     let (code, refused) = c.post(&format!("/transfers/{released_id}/capture"), json!({})).await;
     assert_eq!((code, refused["error"]["code"].clone()), (409, json!("hold_not_active")));
@@ -155,7 +165,10 @@ async fn a_hold_is_captured_in_part_released_or_expires_each_exactly_once() {
 
     // A hold the balance cannot cover aborts like a transfer; a capture of all of it takes the default.
     let (code, refused) = hold(&c, &a.alice, &a.shop, 881, 60).await;
-    assert_eq!((code, refused["status"].clone(), refused["reason"].clone()), (422, json!("aborted"), json!("insufficient_funds")));
+    assert_eq!(
+        (code, refused["status"].clone(), refused["reason"].clone()),
+        (422, json!("aborted"), json!("insufficient_funds"))
+    );
     let (_, granted) = hold(&c, &a.alice, &a.shop, 80, 60).await;
     let whole = granted["id"].as_str().expect("id").to_string();
     let (code, captured) = c.post(&format!("/transfers/{whole}/capture"), json!({})).await;
@@ -187,7 +200,12 @@ async fn every_bad_hold_request_gets_its_4xx() {
     let (_, granted) = hold(&c, alice, shop, 100, 2_592_000).await;
     assert_eq!(granted["status"], "held", "the longest hold is accepted: {granted}");
     let id = granted["id"].as_str().expect("id");
-    for (body, what) in [(json!({"amount": 0}), "zero"), (json!({"amount": 101}), "more than held"), (json!({"amount": "5"}), "a string"), (json!({"memo": 1}), "unknown field")] {
+    for (body, what) in [
+        (json!({"amount": 0}), "zero"),
+        (json!({"amount": 101}), "more than held"),
+        (json!({"amount": "5"}), "a string"),
+        (json!({"memo": 1}), "unknown field"),
+    ] {
         let (code, answer) = c.post(&format!("/transfers/{id}/capture"), body).await;
         assert_eq!((code, answer["error"]["code"].clone()), (400, json!("invalid_request")), "{what}: {answer}");
     }
@@ -203,7 +221,11 @@ async fn every_bad_hold_request_gets_its_4xx() {
     assert_eq!((code, all["holds"][0]["id"].clone()), (200, json!(id)), "every account's holds: {all}");
     assert_eq!(c.get("/holds?account=bad%20id").await.0, 400);
     let (_, audit) = c.get("/audit").await;
-    assert_eq!((audit["ok"].clone(), audit["holds_active"].clone()), (json!(true), json!(1)), "a live hold is no violation: {audit}");
+    assert_eq!(
+        (audit["ok"].clone(), audit["holds_active"].clone()),
+        (json!(true), json!(1)),
+        "a live hold is no violation: {audit}"
+    );
     let (code, answer) = c.post(&format!("/transfers/{id}/release"), json!({})).await;
     assert_eq!((code, answer["status"].clone()), (200, json!("released")));
 }

@@ -25,7 +25,8 @@ async fn three_shards(prefix: &str) -> (Cluster, Accounts) {
         carol: account_on_shard(&format!("{prefix}-carol"), 1, SHARDS),
         fees: account_on_shard(&format!("{prefix}-fees"), 2, SHARDS),
     };
-    for (id, balance) in [(&accounts.payer, 1_000), (&accounts.merchant, 0), (&accounts.carol, 50), (&accounts.fees, 0)] {
+    for (id, balance) in [(&accounts.payer, 1_000), (&accounts.merchant, 0), (&accounts.carol, 50), (&accounts.fees, 0)]
+    {
         assert_eq!(c.create_account(id, balance).await as usize, shard_index(id), "{id} sits where the test needs it");
     }
     (c, accounts)
@@ -84,10 +85,20 @@ async fn a_transfer_of_several_legs_over_three_shards_commits_whole_or_not_at_al
     // Any failing leg aborts them all, and the answer names the first failing one.
     let aborts = [
         // carol has 45: the second leg fails.
-        (json!([leg(&a.payer, &a.merchant, 50), leg(&a.carol, &a.fees, 100), leg(&a.payer, &a.fees, 1)]), 422, "insufficient_funds", 1),
+        (
+            json!([leg(&a.payer, &a.merchant, 50), leg(&a.carol, &a.fees, 100), leg(&a.payer, &a.fees, 1)]),
+            422,
+            "insufficient_funds",
+            1,
+        ),
         // Two debits of one account need their sum: 60 + 40 > 90.
         (json!([leg(&a.payer, &a.merchant, 60), leg(&a.payer, &a.fees, 40)]), 422, "insufficient_funds", 1),
-        (json!([leg(&a.payer, &a.merchant, 1), leg(&a.carol, &a.fees, 1), leg(&a.fees, "legs-nobody", 1)]), 404, "account_not_found", 2),
+        (
+            json!([leg(&a.payer, &a.merchant, 1), leg(&a.carol, &a.fees, 1), leg(&a.fees, "legs-nobody", 1)]),
+            404,
+            "account_not_found",
+            2,
+        ),
         (json!([leg("legs-nobody", &a.merchant, 1), leg(&a.carol, &a.fees, 1_000)]), 404, "account_not_found", 0),
     ];
     for (legs, code, reason, failed) in aborts {
@@ -96,7 +107,10 @@ async fn a_transfer_of_several_legs_over_three_shards_commits_whole_or_not_at_al
         assert_eq!(status, code, "{legs}: {answer}");
         assert_eq!(answer, json!({"id": id, "status": "aborted", "reason": reason, "leg": failed}), "{legs}");
         let (_, stored) = c.get(&format!("/transfers/{id}")).await;
-        assert_eq!((stored["status"].clone(), stored["leg"].clone(), stored["legs"].clone()), (json!("aborted"), json!(failed), legs.clone()));
+        assert_eq!(
+            (stored["status"].clone(), stored["leg"].clone(), stored["legs"].clone()),
+            (json!("aborted"), json!(failed), legs.clone())
+        );
         assert_eq!(balances(&c, &a).await, [90, 900, 45, 15], "nothing moved for {legs}");
     }
     c.settle(&all, Duration::from_secs(20)).await;

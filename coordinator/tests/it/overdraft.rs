@@ -34,7 +34,11 @@ async fn a_cash_account_goes_below_zero_to_its_limit_and_a_customers_never_does(
     let back = c.post("/transfers", json!({"from": alice, "to": cash, "amount": LIMIT - 300})).await;
     assert_eq!(back.0, 200, "{}", back.1);
     let overdrawn = c.post("/transfers", json!({"from": alice, "to": cash, "amount": 301})).await;
-    assert_eq!((overdrawn.0, overdrawn.1["reason"].clone()), (422, json!("insufficient_funds")), "no limit, no overdraft");
+    assert_eq!(
+        (overdrawn.0, overdrawn.1["reason"].clone()),
+        (422, json!("insufficient_funds")),
+        "no limit, no overdraft"
+    );
 
     let (status, audit) = c.get("/audit").await;
     assert_eq!(status, 200);

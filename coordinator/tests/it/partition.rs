@@ -53,13 +53,50 @@ impl Namespace {
         let _ = ip(&["netns", "del", &ns.name]);
         let steps: Vec<Vec<String>> = vec![
             vec!["netns".into(), "add".into(), ns.name.clone()],
-            vec!["link".into(), "add".into(), ns.host_link.clone(), "type".into(), "veth".into(), "peer".into(), "name".into(), inner_link.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                ns.host_link.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                inner_link.clone(),
+            ],
             vec!["link".into(), "set".into(), inner_link.clone(), "netns".into(), ns.name.clone()],
             vec!["addr".into(), "add".into(), format!("{}/24", ns.host_ip), "dev".into(), ns.host_link.clone()],
             vec!["link".into(), "set".into(), ns.host_link.clone(), "up".into()],
-            vec!["netns".into(), "exec".into(), ns.name.clone(), "ip".into(), "addr".into(), "add".into(), format!("{}/24", ns.inner_ip), "dev".into(), inner_link.clone()],
-            vec!["netns".into(), "exec".into(), ns.name.clone(), "ip".into(), "link".into(), "set".into(), inner_link.clone(), "up".into()],
-            vec!["netns".into(), "exec".into(), ns.name.clone(), "ip".into(), "link".into(), "set".into(), "lo".into(), "up".into()],
+            vec![
+                "netns".into(),
+                "exec".into(),
+                ns.name.clone(),
+                "ip".into(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", ns.inner_ip),
+                "dev".into(),
+                inner_link.clone(),
+            ],
+            vec![
+                "netns".into(),
+                "exec".into(),
+                ns.name.clone(),
+                "ip".into(),
+                "link".into(),
+                "set".into(),
+                inner_link.clone(),
+                "up".into(),
+            ],
+            vec![
+                "netns".into(),
+                "exec".into(),
+                ns.name.clone(),
+                "ip".into(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
         ];
         for step in steps {
             let args: Vec<&str> = step.iter().map(String::as_str).collect();
@@ -173,11 +210,19 @@ async fn a_participant_cut_off_mid_load_aborts_or_completes_and_the_stream_recov
     // Settle: no decision unacknowledged, no holds, and the money where it started in total.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let doubt: Value = http.get(format!("{c_url}/transactions?status=unacknowledged")).send().await.expect("answer").json().await.expect("json");
+        let doubt: Value = http
+            .get(format!("{c_url}/transactions?status=unacknowledged"))
+            .send()
+            .await
+            .expect("answer")
+            .json()
+            .await
+            .expect("json");
         let mut total = 0;
         let mut held = 0;
         for id in [&alice, &bob] {
-            let a: Value = http.get(format!("{c_url}/accounts/{id}")).send().await.expect("answer").json().await.expect("json");
+            let a: Value =
+                http.get(format!("{c_url}/accounts/{id}")).send().await.expect("answer").json().await.expect("json");
             total += a["balance"].as_i64().unwrap_or(0);
             held += a["held"].as_i64().unwrap_or(-1);
         }

@@ -325,7 +325,8 @@ async fn execute(command: ClientCommand) -> Result<(), ClientError> {
             list_by_account(&args.connection, "holds", args.account, args.limit, HOLD_COLUMNS, "no active holds").await
         }
         ClientCommand::Transfers(args) => {
-            list_by_account(&args.connection, "transfers", args.account, args.limit, TRANSFER_COLUMNS, "no transfers").await
+            list_by_account(&args.connection, "transfers", args.account, args.limit, TRANSFER_COLUMNS, "no transfers")
+                .await
         }
         ClientCommand::Audit(args) => audit(args).await,
     }
@@ -406,8 +407,12 @@ async fn list_accounts(args: ListAccountsArgs) -> Result<(), ClientError> {
 const TRANSFER_FIELDS: &[&str] =
     &["id", "status", "reason", "leg", "from", "to", "amount", "held_amount", "expires_at_unix_ms", "made_by"];
 
-const LEG_COLUMNS: &[Column] =
-    &[Column::number("LEG", "leg"), Column::text("FROM", "from"), Column::text("TO", "to"), Column::number("AMOUNT", "amount")];
+const LEG_COLUMNS: &[Column] = &[
+    Column::number("LEG", "leg"),
+    Column::text("FROM", "from"),
+    Column::text("TO", "to"),
+    Column::number("AMOUNT", "amount"),
+];
 
 /// A transfer's answer as a key/value block, with its legs (if it has several) as a table under it.
 fn transfer_text(body: &Value) -> String {
@@ -505,7 +510,8 @@ async fn list_by_account(
 ) -> Result<(), ClientError> {
     let client = Client::new(connection)?;
     let account = account.map(|account| ("account", account));
-    let query: Vec<(&str, String)> = account.into_iter().chain(limit.map(|limit| ("limit", limit.to_string()))).collect();
+    let query: Vec<(&str, String)> =
+        account.into_iter().chain(limit.map(|limit| ("limit", limit.to_string()))).collect();
     let answer = client.call(Method::GET, client.url(&[what], &query)?, None).await?.success()?;
     let Some(rows) = answer.json[what].as_array() else {
         return Err(answer.unexpected());

@@ -286,7 +286,9 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
     let fees_now = tour.call(Method::GET, &format!("/accounts/{fees}"), 200, None).await;
     tour.check(&fees_now.field("balance"), &FEE.to_string(), "fees' balance");
 
-    tour.section("A card payment: hold 60 of alice's for bob (authorised now), then capture 45 of it (the rest is released)");
+    tour.section(
+        "A card payment: hold 60 of alice's for bob (authorised now), then capture 45 of it (the rest is released)",
+    );
     let hold_body = format!(r#"{{"from":"{alice}","to":"{bob}","amount":{HELD},"hold":true,"expires_in_s":600}}"#);
     let hold = tour.call(Method::POST, "/transfers", 200, Some(hold_body)).await;
     tour.check(&hold.field("status"), "held", "status");

@@ -3,8 +3,8 @@
 
 mod stream;
 
-use serde_json::{json, Value};
 use loadgen::launch::{Layout, Node, NodeSpec};
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -183,7 +183,8 @@ async fn without_a_secret_only_loopback_is_served() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut spec = spec(0, dir.path());
     spec.set_flag("--listen", "0.0.0.0:0");
-    let out = spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run participant");
+    let out =
+        spec.command(&[], None).expect("a command line").stderr(Stdio::piped()).output().expect("run participant");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to listen on 0.0.0.0"), "{stderr}");

@@ -58,7 +58,8 @@ fn alice() -> AccountId {
 
 /// A prepare of `amount` from alice, who is on this shard, to bob, who is elsewhere.
 fn prepare(id: Uuid, amount: i64, made_by: Option<&str>) -> ToShard {
-    let transfer = Transfer::one(alice(), AccountId::new("bob").expect("valid id"), Amount::new(amount).expect("positive"));
+    let transfer =
+        Transfer::one(alice(), AccountId::new("bob").expect("valid id"), Amount::new(amount).expect("positive"));
     let item = PrepareItem {
         id,
         transfer,
@@ -172,7 +173,10 @@ async fn the_stream_opens_only_with_the_secret_for_this_cluster_and_the_right_up
 
     assert_eq!(p.post("/internal/accounts", json!({"id": "alice", "balance": 5})).await.0, 201);
     let mut opened = stream::connect(addr, CLUSTER_ID, Some(CLUSTER_TOKEN)).await.expect("the stream opens");
-    assert_eq!(read_alice(&mut opened, 2).await, Ok(Some(AccountRecord { balance: 5, held: 0, incoming: 0, overdraft_limit: 0 })));
+    assert_eq!(
+        read_alice(&mut opened, 2).await,
+        Ok(Some(AccountRecord { balance: 5, held: 0, incoming: 0, overdraft_limit: 0 }))
+    );
 }
 
 /// The fuzz run's seed: fixed, so a failure replays exactly.
