@@ -82,9 +82,9 @@
 //! body (a client bug the API refuses while the coordinator knows the first body); a separate test runs a
 //! third as many seeds of it: see `reused_ids` below.
 
-use common::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, TransferId};
-use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
-use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
+use protocol::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, TransferId};
+use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
+use protocol::msg::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
 use protocol::coordinator_core::{
     self, Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, Notice, StagedTransfer,
     SubmitError, ToShard,
@@ -2613,7 +2613,7 @@ fn account(name: &str) -> AccountId {
 }
 
 fn shard(account: &AccountId, shard_count: u32) -> ShardId {
-    common::ledger::shard_of(account, shard_count)
+    protocol::ledger::shard_of(account, shard_count)
 }
 
 /// A failed seed: what broke, when (virtual ms), and the trace if it was recorded.
@@ -2646,7 +2646,7 @@ fn reused_ids_from_env() -> bool {
 
 fn replay_hint(seed: u64, reused_ids: bool) -> String {
     let extra = if reused_ids { "SIM_REUSED_IDS=1 " } else { "" };
-    format!("{extra}SIM_SEED={seed} cargo test -p common --test protocol -- sim:: --nocapture")
+    format!("{extra}SIM_SEED={seed} cargo test -p protocol --test protocol -- sim:: --nocapture")
 }
 
 /// Runs `seeds` on every core; returns the summed counters and the failures, lowest seed first.

@@ -44,9 +44,9 @@
 //! queries, resubmissions) make the duplicates. The simulator (`sim.rs`) covers what this model abstracts:
 //! disk contents written record by record, torn flushes, many transfers, real timings.
 
-use common::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
-use common::records::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
-use common::wire::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
+use protocol::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
+use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
+use protocol::msg::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{
     Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, LogBatch, LogWrite, Notice,
     StagedTransfer, ToShard,
@@ -443,7 +443,7 @@ impl LedgerModel {
         let mut machine = ParticipantMachine::new(shard);
         let mut writes = Vec::new();
         for (id, balance) in &self.accounts {
-            if common::ledger::shard_of(id, SHARDS) == shard {
+            if protocol::ledger::shard_of(id, SHARDS) == shard {
                 machine.create_account(id.clone(), *balance, &mut writes).expect("unique account");
             }
         }
