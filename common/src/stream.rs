@@ -16,7 +16,7 @@
 use crate::wire::{HEADER_CLUSTER_ID, HEADER_CLUSTER_TOKEN};
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use protocol::coordinator_core::{FromShard, ToShard};
+use protocol::msg::{FromShard, ToShard};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -215,9 +215,9 @@ mod tests {
 
     #[test]
     fn every_item_kind_round_trips() {
-        use protocol::coordinator_core::{FromShard, ToShard};
         use protocol::ledger::{AccountId, Amount, Posting, Transfer};
         use protocol::msg::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
+        use protocol::msg::{FromShard, ToShard};
         let id = uuid::Uuid::from_u128(7);
         let a = AccountId::new("a").expect("valid");
         let b = AccountId::new("b").expect("valid");

@@ -182,7 +182,7 @@ pub fn router(engine: Arc<Engine>, config: &Config) -> Router {
         .route("/accounts", post(create_account))
         .layer(middleware::from_fn_with_state(Role::Admin, require_role));
     let metrics_handle = common::telemetry::install_metrics();
-    crate::engine::metric::describe();
+    crate::metric::describe();
     let client = Router::new()
         .route("/metrics", get(move || async move { common::telemetry::render_metrics(&metrics_handle) }))
         .route("/stats", get(stats))
@@ -482,7 +482,7 @@ async fn run_transfer(
     let fin = state.engine.submit(id, transfer, made_by).await?;
     tracing::debug!(transfer_id = %id, outcome = ?fin.outcome, "transfer answered");
     let took = started.elapsed();
-    metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS).record(took);
+    metrics::histogram!(crate::metric::TRANSFER_SECONDS).record(took);
     state.rates.record(fin.outcome == Outcome::Committed, took);
     Ok(outcome_body(id, &fin))
 }
@@ -600,7 +600,7 @@ async fn decide_group(
             return slots.into_iter().map(|(index, _)| (index, BatchAnswer::Failed(status, body.clone()))).collect();
         }
     };
-    let latency = metrics::histogram!(crate::engine::metric::TRANSFER_SECONDS);
+    let latency = metrics::histogram!(crate::metric::TRANSFER_SECONDS);
     slots
         .into_iter()
         .zip(finals)

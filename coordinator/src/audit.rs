@@ -10,7 +10,8 @@
 //! Verdict: sum of balances == money created + the in-flight difference; no balance below its overdraft limit; every hold
 //! explained by a prepared transfer; no heuristic decision contradicting the coordinator's.
 
-use crate::engine::{metric, Engine};
+use crate::engine::Engine;
+use crate::metric;
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::Outcome;
 use common::wire::{self, CommitSeqsReply, CommitSeqsRequest, ShardAudit};

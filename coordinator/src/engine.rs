@@ -6,59 +6,21 @@
 //! The shell holds no protocol rule. It only maps the core's answers to the callers waiting for them, routes
 //! read replies, and keeps a link per shard open (connect, upgrade, heartbeats, reconnect with backoff).
 
-use crate::participants::{self, ParticipantClient};
+use crate::metric;
+use crate::participants::{self, LinkEvent, ParticipantClient};
 use crate::wal::{Wal, WalError};
 use common::crash;
 use common::ledger::{AccountId, ShardId, Transfer, TransferId};
 use common::records::{AccountRecord, Outcome, TransferRecord};
 use common::stream;
-use common::wire::{DecisionQueryItem, QueryAnswer};
+use common::wire::{DecisionQueryItem, FromShard, QueryAnswer};
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, FromShard, HoldEnd, HoldError, LogWrite, Notice, OwedView, SubmitError,
+    Answer, CoordinatorCore, CoreConfig, HoldEnd, HoldError, LogWrite, Notice, OwedView, SubmitError,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-
-/// Metric names of the coordinator.
-pub mod metric {
-    pub const TRANSFERS: &str = "ledger_transfers_total";
-    pub const TRANSFER_SECONDS: &str = "ledger_transfer_seconds";
-    pub const PREPARE_SECONDS: &str = "ledger_prepare_round_trip_seconds";
-    pub const COMMIT_SECONDS: &str = "ledger_commit_round_trip_seconds";
-    pub const ABORT_SECONDS: &str = "ledger_abort_round_trip_seconds";
-    pub const UNACKNOWLEDGED: &str = "ledger_transfers_unacknowledged";
-    pub const UNACKNOWLEDGED_OLDEST_SECONDS: &str = "ledger_unacknowledged_oldest_age_seconds";
-    /// The same two gauges under the names of earlier versions, which said "in doubt" for what a participant
-    /// means by it (prepared, the decision unknown): kept for existing dashboards.
-    pub const UNACKNOWLEDGED_OLD_NAME: &str = "ledger_transfers_in_doubt";
-    pub const UNACKNOWLEDGED_OLDEST_SECONDS_OLD_NAME: &str = "ledger_in_doubt_oldest_age_seconds";
-    pub const PARTICIPANT_UP: &str = "ledger_participant_up";
-    pub const RECOVERY_COMMITS_RESENT: &str = "ledger_recovery_commits_resent_total";
-    pub const DECISION_QUERIES: &str = "ledger_decision_queries_total";
-    pub const AUDIT_VIOLATIONS: &str = "ledger_audit_violations_total";
-
-    /// Describes every metric once, so `/metrics` carries help text.
-    pub fn describe() {
-        metrics::describe_counter!(TRANSFERS, "Transfers decided, by outcome and abort reason");
-        metrics::describe_histogram!(TRANSFER_SECONDS, "End-to-end time of POST /transfers");
-        metrics::describe_histogram!(PREPARE_SECONDS, "Round trip of a stream frame carrying Prepares, per shard");
-        metrics::describe_histogram!(COMMIT_SECONDS, "Round trip of a stream frame carrying Commits, per shard");
-        metrics::describe_histogram!(ABORT_SECONDS, "Round trip of a stream frame carrying Aborts, per shard");
-        metrics::describe_gauge!(UNACKNOWLEDGED, "Decided transfers some shard has not acknowledged");
-        metrics::describe_gauge!(UNACKNOWLEDGED_OLDEST_SECONDS, "Age of the oldest unacknowledged decision");
-        metrics::describe_gauge!(UNACKNOWLEDGED_OLD_NAME, "ledger_transfers_unacknowledged, by its earlier name");
-        metrics::describe_gauge!(
-            UNACKNOWLEDGED_OLDEST_SECONDS_OLD_NAME,
-            "ledger_unacknowledged_oldest_age_seconds, by its earlier name"
-        );
-        metrics::describe_gauge!(PARTICIPANT_UP, "1 if the shard answered its last health probe");
-        metrics::describe_counter!(RECOVERY_COMMITS_RESENT, "Committed transfers re-sent after a restart");
-        metrics::describe_counter!(DECISION_QUERIES, "Decision queries from participants, by answer");
-        metrics::describe_counter!(AUDIT_VIOLATIONS, "Audit violations found");
-    }
-}
 
 /// A decision unacknowledged this long is sent again.
 const REDELIVER_AFTER: Duration = Duration::from_secs(1);
@@ -176,28 +138,16 @@ enum Command {
     },
 }
 
+/// What reaches the core task besides commands: what the links report, and the syncs that finished.
 pub(crate) enum Event {
-    LinkUp {
-        shard: ShardId,
-        generation: u64,
-        frames: mpsc::Sender<participants::Outgoing>,
-    },
-    LinkDown {
-        shard: ShardId,
-        generation: u64,
-    },
-    /// A connection attempt failed while no link was up (reported once per outage).
-    LinkFailed {
-        shard: ShardId,
-    },
-    Replies {
-        shard: ShardId,
-        replies: Vec<FromShard>,
-    },
-    Synced {
-        barrier: u64,
-        decisions: bool,
-    },
+    Link(LinkEvent),
+    Synced { barrier: u64, decisions: bool },
+}
+
+impl From<LinkEvent> for Event {
+    fn from(event: LinkEvent) -> Self {
+        Event::Link(event)
+    }
 }
 
 pub struct Engine {
@@ -599,22 +549,22 @@ impl Shell {
     fn event(&mut self, event: Event) {
         let now = self.now_ms();
         match event {
-            Event::LinkUp { shard, generation, frames } => {
+            Event::Link(LinkEvent::Up { shard, generation, frames }) => {
                 self.links[shard as usize] = Some((generation, frames));
                 tracing::info!(shard, "stream to participant up");
                 self.core.handle_link(now, shard, true);
             }
-            Event::LinkDown { shard, generation } => {
+            Event::Link(LinkEvent::Down { shard, generation }) => {
                 if self.links[shard as usize].as_ref().is_some_and(|(g, _)| *g == generation) {
                     self.link_lost(shard);
                 }
             }
-            Event::LinkFailed { shard } => {
+            Event::Link(LinkEvent::Failed { shard }) => {
                 if self.links[shard as usize].is_none() {
                     self.link_lost(shard);
                 }
             }
-            Event::Replies { shard, replies } => {
+            Event::Link(LinkEvent::Replies { shard, replies }) => {
                 if replies.iter().any(|r| matches!(r, FromShard::Vote { .. })) {
                     crash::point(crash::COORDINATOR_PREPARE_SENT);
                 }
@@ -796,10 +746,4 @@ fn notify(notice: Notice) {
         Notice::Redelivered { shard, count } => tracing::debug!(shard, count, "decisions re-sent"),
         Notice::LinkWanted { shard } => tracing::debug!(shard, "work waits for the stream: reconnecting now"),
     }
-}
-
-/// The address (host:port) of a participant's base URL.
-pub(crate) fn address_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.split('/').next().unwrap_or(rest).to_owned()
 }

@@ -7,6 +7,7 @@ mod api;
 pub use api::{BATCH_BODY_BYTES_MAX, BATCH_ITEMS_MAX};
 mod audit;
 pub mod engine;
+mod metric;
 mod participants;
 mod rates;
 pub mod wal;

@@ -2,13 +2,12 @@
 //! calls (accounts, journal, audit, health, the introduction at start-up), and the [`Link`] that keeps the
 //! binary stream to each one open for the protocol's hot path (see `common::stream`).
 
-use crate::engine::{address_of, Event};
 use common::crash;
 use common::ledger::ShardId;
 use common::stream::{self, Down, StreamError, Up};
 use common::wire;
 use futures::{SinkExt, StreamExt};
-use protocol::coordinator_core::ToShard;
+use protocol::msg::{FromShard, ToShard};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,20 +101,41 @@ impl Outgoing {
     }
 }
 
+/// What a link reports to the core task.
+pub(crate) enum LinkEvent {
+    Up {
+        shard: ShardId,
+        generation: u64,
+        frames: mpsc::Sender<Outgoing>,
+    },
+    Down {
+        shard: ShardId,
+        generation: u64,
+    },
+    /// A connection attempt failed while no link was up (reported once per outage).
+    Failed {
+        shard: ShardId,
+    },
+    Replies {
+        shard: ShardId,
+        replies: Vec<FromShard>,
+    },
+}
+
 /// Keeps the stream to one participant open: connects, upgrades, reports the link up to the core task,
 /// forwards frames both ways with heartbeats, and on any failure reports the link down and reconnects with
 /// backoff.
-pub(crate) struct Link {
+pub(crate) struct Link<E> {
     pub shard: ShardId,
     pub url: String,
     pub cluster_id: String,
     pub cluster_token: Option<String>,
-    pub events: mpsc::Sender<Event>,
+    pub events: mpsc::Sender<E>,
     /// Work is waiting: retry now rather than at the end of the backoff.
     pub wake: Arc<tokio::sync::Notify>,
 }
 
-impl Link {
+impl<E: From<LinkEvent> + Send + 'static> Link<E> {
     pub async fn run_forever(self) {
         let address = address_of(&self.url);
         let mut backoff = LINK_RETRY_MIN;
@@ -128,13 +148,13 @@ impl Link {
                     refused_before = false;
                     generation += 1;
                     let (frames, frame_rx) = mpsc::channel(LINK_QUEUE_FRAMES_MAX);
-                    let up = Event::LinkUp { shard: self.shard, generation, frames };
+                    let up = E::from(LinkEvent::Up { shard: self.shard, generation, frames });
                     if self.events.send(up).await.is_err() {
                         return;
                     }
                     let ended = self.serve(framed, frame_rx).await;
                     tracing::warn!(shard = self.shard, reason = %ended, "stream to participant ended");
-                    if self.events.send(Event::LinkDown { shard: self.shard, generation }).await.is_err() {
+                    if self.events.send(E::from(LinkEvent::Down { shard: self.shard, generation })).await.is_err() {
                         return;
                     }
                 }
@@ -146,7 +166,7 @@ impl Link {
                         }
                         _ => tracing::debug!(shard = self.shard, %error, "participant stream not open"),
                     }
-                    if self.events.send(Event::LinkFailed { shard: self.shard }).await.is_err() {
+                    if self.events.send(E::from(LinkEvent::Failed { shard: self.shard })).await.is_err() {
                         return;
                     }
                 }
@@ -211,18 +231,16 @@ impl Link {
                     let took = at.elapsed();
                     let label = shard_label.clone();
                     if kinds.prepares {
-                        metrics::histogram!(crate::engine::metric::PREPARE_SECONDS, "shard" => label.clone())
-                            .record(took);
+                        metrics::histogram!(crate::metric::PREPARE_SECONDS, "shard" => label.clone()).record(took);
                     }
                     if kinds.commits {
-                        metrics::histogram!(crate::engine::metric::COMMIT_SECONDS, "shard" => label.clone())
-                            .record(took);
+                        metrics::histogram!(crate::metric::COMMIT_SECONDS, "shard" => label.clone()).record(took);
                     }
                     if kinds.aborts {
-                        metrics::histogram!(crate::engine::metric::ABORT_SECONDS, "shard" => label).record(took);
+                        metrics::histogram!(crate::metric::ABORT_SECONDS, "shard" => label).record(took);
                     }
                 }
-                if self.events.send(Event::Replies { shard: self.shard, replies }).await.is_err() {
+                if self.events.send(E::from(LinkEvent::Replies { shard: self.shard, replies })).await.is_err() {
                     return StreamError::Closed;
                 }
             }
@@ -232,4 +250,10 @@ impl Link {
             ended = reader => ended,
         }
     }
+}
+
+/// The address (host:port) of a participant's base URL.
+fn address_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
 }

@@ -34,9 +34,8 @@
 
 use crate::coordinator::{decision_of, plan_query_answer, Phase, QueryPlan, TransferMachine, VoteResult};
 use crate::ledger::{AccountId, ShardId, Transfer, TransferId};
-use crate::msg::{DecideAck, Decision, DecisionQueryItem, PrepareItem, QueryAnswer, Vote};
-use crate::state::{AbortReason, AccountRecord, Outcome, TransferRecord};
-use serde::{Deserialize, Serialize};
+use crate::msg::{DecideAck, Decision, DecisionQueryItem, FromShard, PrepareItem, QueryAnswer, ToShard};
+use crate::state::{AbortReason, Outcome, TransferRecord};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Holds granted and not yet ended, at most: each keeps an entry in memory until it ends.
@@ -68,70 +67,6 @@ pub struct CoreConfig {
 
 /// A second, in milliseconds: what [`CoreConfig::hold_second_ms`] is outside the model check.
 pub const HOLD_SECOND_MS: u64 = 1_000;
-
-/// One piece of work for a shard. A frame carries several, and a shard handles them in order.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum ToShard {
-    Prepare {
-        item: PrepareItem,
-        /// The name of the API token that submitted the transfer, for the shard's journal.
-        made_by: Option<String>,
-    },
-    Decide {
-        id: TransferId,
-        decision: Decision,
-    },
-    /// Read an account. It travels behind every decision queued before it, so a client that was told its
-    /// transfer committed reads the new balance.
-    Read {
-        read: u64,
-        account: AccountId,
-    },
-    /// Commit `amount` of a hold (1 up to its amount) and release the rest. Acknowledged as a commit.
-    Capture {
-        id: TransferId,
-        amount: i64,
-    },
-}
-
-/// A shard's answer to one [`ToShard`] item.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum FromShard {
-    Vote {
-        id: TransferId,
-        #[serde(with = "vote_as_refusal")]
-        vote: Vote,
-    },
-    Ack {
-        id: TransferId,
-        decision: Decision,
-        ack: DecideAck,
-    },
-    Account {
-        read: u64,
-        account: Option<AccountRecord>,
-    },
-}
-
-/// [`Vote`]'s own serde form is tagged for JSON, which bincode cannot read back; on the stream a vote is the
-/// refusal it carries, if any.
-mod vote_as_refusal {
-    use crate::msg::{RefusalReason, Vote};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(vote: &Vote, s: S) -> Result<S::Ok, S::Error> {
-        let refusal = match vote {
-            Vote::Yes => None,
-            Vote::No { reason, posting } => Some((*reason, *posting)),
-        };
-        refusal.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vote, D::Error> {
-        let refusal = Option::<(RefusalReason, Option<u8>)>::deserialize(d)?;
-        Ok(refusal.map_or(Vote::Yes, |(reason, posting)| Vote::No { reason, posting }))
-    }
-}
 
 /// A write the shell applies to its log, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -1083,7 +1018,7 @@ fn awaits_vote(machine: &TransferMachine, shard: ShardId) -> bool {
 mod tests {
     use super::*;
     use crate::ledger::Amount;
-    use crate::msg::RefusalReason;
+    use crate::msg::{RefusalReason, Vote};
 
     fn config() -> CoreConfig {
         CoreConfig {

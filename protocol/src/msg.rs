@@ -1,6 +1,7 @@
 //! The protocol's messages: what a coordinator and a participant say to each other, whatever carries it.
 
-use crate::ledger::{Posting, Transfer, TransferId};
+use crate::ledger::{AccountId, Posting, Transfer, TransferId};
+use crate::state::AccountRecord;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -88,4 +89,68 @@ pub enum QueryAnswer {
     /// A hold the coordinator has durably granted: it ends by capture, release or expiry, so ask again only
     /// once it is due (`PreparedRecord::due_unix_ms`).
     Held,
+}
+
+/// One piece of work for a shard. A frame carries several, and a shard handles them in order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ToShard {
+    Prepare {
+        item: PrepareItem,
+        /// The name of the API token that submitted the transfer, for the shard's journal.
+        made_by: Option<String>,
+    },
+    Decide {
+        id: TransferId,
+        decision: Decision,
+    },
+    /// Read an account. It travels behind every decision queued before it, so a client that was told its
+    /// transfer committed reads the new balance.
+    Read {
+        read: u64,
+        account: AccountId,
+    },
+    /// Commit `amount` of a hold (1 up to its amount) and release the rest. Acknowledged as a commit.
+    Capture {
+        id: TransferId,
+        amount: i64,
+    },
+}
+
+/// A shard's answer to one [`ToShard`] item.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FromShard {
+    Vote {
+        id: TransferId,
+        #[serde(with = "vote_as_refusal")]
+        vote: Vote,
+    },
+    Ack {
+        id: TransferId,
+        decision: Decision,
+        ack: DecideAck,
+    },
+    Account {
+        read: u64,
+        account: Option<AccountRecord>,
+    },
+}
+
+/// [`Vote`]'s own serde form is tagged for JSON, which bincode cannot read back; on the stream a vote is the
+/// refusal it carries, if any.
+mod vote_as_refusal {
+    use crate::msg::{RefusalReason, Vote};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(vote: &Vote, s: S) -> Result<S::Ok, S::Error> {
+        let refusal = match vote {
+            Vote::Yes => None,
+            Vote::No { reason, posting } => Some((*reason, *posting)),
+        };
+        refusal.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vote, D::Error> {
+        let refusal = Option::<(RefusalReason, Option<u8>)>::deserialize(d)?;
+        Ok(refusal.map_or(Vote::Yes, |(reason, posting)| Vote::No { reason, posting }))
+    }
 }

@@ -3,9 +3,9 @@
 //! they follow is one rule: every item of a frame is applied before any reply leaves, and the replies leave
 //! only once the frame's writes are durable (the caller's job: it holds the replies until its sync is done).
 
-use crate::coordinator_core::{FromShard, ToShard};
 use crate::ledger::TransferId;
 use crate::msg::{DecideAck, Decision};
+use crate::msg::{FromShard, ToShard};
 use crate::participant::{FinishedLog, ParticipantMachine, Write};
 use crate::state::PreparedRecord;
 

@@ -5,9 +5,9 @@
 use crate::{start, start_with_cluster_token, CLUSTER_ID, CLUSTER_TOKEN};
 use common::stream::{self, Down, StreamError, Up, FRAME_BYTES_MAX, FRAME_ITEMS_MAX, FRAME_VERSION};
 use futures::{SinkExt, StreamExt};
-use protocol::coordinator_core::{FromShard, ToShard};
 use protocol::ledger::{AccountId, Amount, Posting, Transfer};
 use protocol::msg::{Decision, PrepareItem, Vote};
+use protocol::msg::{FromShard, ToShard};
 use protocol::state::AccountRecord;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};

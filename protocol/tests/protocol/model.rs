@@ -44,15 +44,14 @@
 //! queries, resubmissions) make the duplicates. The simulator (`sim.rs`) covers what this model abstracts:
 //! disk contents written record by record, torn flushes, many transfers, real timings.
 
-use protocol::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
-use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
-use protocol::msg::{DecideAck, Decision, DecisionQueryItem, QueryAnswer};
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, LogBatch, LogWrite, Notice,
-    StagedTransfer, ToShard,
+    Answer, CoordinatorCore, CoreConfig, GrantedHold, HoldEnd, HoldError, LogBatch, LogWrite, Notice, StagedTransfer,
 };
+use protocol::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
+use protocol::msg::{DecideAck, Decision, DecisionQueryItem, FromShard, QueryAnswer, ToShard};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::{apply_frame, frame_is_well_formed};
+use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use stateright::{Checker, Model, Property};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

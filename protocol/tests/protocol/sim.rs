@@ -82,16 +82,15 @@
 //! body (a client bug the API refuses while the coordinator knows the first body); a separate test runs a
 //! third as many seeds of it: see `reused_ids` below.
 
-use protocol::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, TransferId};
-use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
-use protocol::msg::{DecideAck, Decision, DecisionQueryItem, QueryAnswer, Vote};
 use protocol::coordinator_core::{
-    self, Answer, CoordinatorCore, CoreConfig, FromShard, GrantedHold, HoldEnd, HoldError, Notice, StagedTransfer,
-    SubmitError, ToShard,
+    self, Answer, CoordinatorCore, CoreConfig, GrantedHold, HoldEnd, HoldError, Notice, StagedTransfer, SubmitError,
 };
+use protocol::ledger::{AccountId, Amount, Leg, Posting, ShardId, Transfer, TransferId};
+use protocol::msg::{DecideAck, Decision, DecisionQueryItem, FromShard, QueryAnswer, ToShard, Vote};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::apply_frame;
 use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore};
+use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
