@@ -32,7 +32,7 @@ pub const FRAME_VERSION: u8 = 5;
 /// Longest frame either side accepts. A frame holds at most `FRAME_ITEMS_MAX` items of a few hundred bytes.
 pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Items in one frame (the coordinator's batching limit; a participant refuses more).
-pub const FRAME_ITEMS_MAX: usize = 1_024;
+pub use protocol::msg::FRAME_ITEMS_MAX;
 /// Longest a prepare item can be: two account ids, a coordinator URL and a token name, with room to spare.
 const ITEM_BYTES_MAX: usize = 2 * 1024;
 const _: () = assert!(FRAME_ITEMS_MAX * ITEM_BYTES_MAX <= FRAME_BYTES_MAX);

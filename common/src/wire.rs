@@ -1,13 +1,12 @@
-//! Messages between the coordinator and the participants (JSON over HTTP). Every call carries a batch, so one
-//! round trip serves many transfers; the answers come back in the order of the items.
+//! Messages between the coordinator and the participants over plain HTTP (JSON): the introduction, account
+//! opening and reads, decision queries, and the books. The protocol's hot path (prepares, decisions, reads
+//! behind them) travels on the binary stream (`crate::stream`) instead.
 
 use crate::ledger::{AccountId, ShardId, TransferId};
 pub use protocol::msg::*;
 use serde::{Deserialize, Serialize};
 
 /// Internal routes, shared so the two sides cannot drift apart.
-pub const PATH_PREPARE: &str = "/internal/prepare";
-pub const PATH_DECIDE: &str = "/internal/decide";
 pub const PATH_ACCOUNTS: &str = "/internal/accounts";
 pub const PATH_APPLIED: &str = "/internal/applied";
 pub const PATH_DECISIONS: &str = "/internal/decisions";
@@ -18,36 +17,6 @@ pub const PATH_JOIN: &str = "/internal/join";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Join {
     pub shard: ShardId,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PrepareBatch {
-    pub items: Vec<PrepareItem>,
-    /// Per item, the name of the API token that submitted the transfer (for the journal); may be empty.
-    /// Called `actors` before it took the name it has everywhere else.
-    #[serde(default, alias = "actors")]
-    pub made_by: Vec<Option<String>>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PrepareReply {
-    pub votes: Vec<Vote>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DecideItem {
-    pub id: TransferId,
-    pub decision: Decision,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DecideBatch {
-    pub items: Vec<DecideItem>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DecideReply {
-    pub acks: Vec<DecideAck>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

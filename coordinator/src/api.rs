@@ -136,6 +136,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Wal(e) => ApiError::Storage(e.to_string()),
             EngineError::CoreGone => ApiError::Storage(e.to_string()),
+            EngineError::LogUnreadable | EngineError::Hold(HoldError::LogUnreadable) => {
+                ApiError::Storage(EngineError::LogUnreadable.to_string())
+            }
         }
     }
 }

@@ -12,9 +12,10 @@
 
 use crate::engine::Engine;
 use crate::metric;
+use crate::participants::ShardCallError;
 use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::Outcome;
-use common::wire::{self, CommitSeqsReply, CommitSeqsRequest, ShardAudit};
+use common::wire::ShardAudit;
 use protocol::coordinator::decision_of;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,38 +34,21 @@ pub enum AuditError {
 /// its list of recent commits starts after the restart).
 const AUDIT_ATTEMPTS_MAX: u32 = 3;
 
+impl AuditError {
+    fn of(shard: ShardId, error: ShardCallError) -> Self {
+        match error {
+            ShardCallError::Unavailable(why) => AuditError::ShardUnavailable(shard, why),
+            ShardCallError::SnapshotTooOld => AuditError::SnapshotTooOld(shard),
+        }
+    }
+}
+
 async fn snapshot(engine: &Engine, shard: ShardId, after_seq: Option<u64>) -> Result<ShardAudit, AuditError> {
-    let client = &engine.participants[shard as usize];
-    let mut url = format!("{}{}", client.url, wire::PATH_AUDIT);
-    if let Some(after) = after_seq {
-        url.push_str(&format!("?after_seq={after}"));
-    }
-    let unavailable = |e: String| AuditError::ShardUnavailable(shard, e);
-    let reply = client.http().get(url).send().await.map_err(|e| unavailable(e.to_string()))?;
-    if reply.status() == reqwest::StatusCode::CONFLICT {
-        return Err(AuditError::SnapshotTooOld(shard));
-    }
-    if !reply.status().is_success() {
-        return Err(unavailable(format!("answered {}", reply.status())));
-    }
-    reply.json().await.map_err(|e| unavailable(e.to_string()))
+    engine.participants[shard as usize].audit_snapshot(after_seq).await.map_err(|e| AuditError::of(shard, e))
 }
 
 async fn commit_seqs(engine: &Engine, shard: ShardId, ids: Vec<TransferId>) -> Result<Vec<Option<u64>>, AuditError> {
-    let client = &engine.participants[shard as usize];
-    let unavailable = |e: String| AuditError::ShardUnavailable(shard, e);
-    let reply = client
-        .http()
-        .post(format!("{}{}", client.url, wire::PATH_COMMIT_SEQS))
-        .json(&CommitSeqsRequest { ids })
-        .send()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    if !reply.status().is_success() {
-        return Err(unavailable(format!("answered {}", reply.status())));
-    }
-    let reply: CommitSeqsReply = reply.json().await.map_err(|e| unavailable(e.to_string()))?;
-    Ok(reply.seqs)
+    engine.participants[shard as usize].commit_seqs(ids).await.map_err(|e| AuditError::of(shard, e))
 }
 
 pub async fn run(engine: &Engine) -> Result<Value, AuditError> {

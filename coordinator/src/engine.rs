@@ -11,8 +11,7 @@ use crate::participants::{self, LinkEvent, ParticipantClient};
 use crate::wal::{Wal, WalError};
 use common::crash;
 use common::ledger::{AccountId, ShardId, Transfer, TransferId};
-use common::records::{AccountRecord, Outcome, TransferRecord};
-use common::stream;
+use common::records::{AccountRecord, Outcome};
 use common::wire::{DecisionQueryItem, FromShard, QueryAnswer};
 use protocol::coordinator_core::{
     Answer, CoordinatorCore, CoreConfig, HoldEnd, HoldError, LogWrite, Notice, OwedView, SubmitError,
@@ -22,8 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// A decision unacknowledged this long is sent again.
-const REDELIVER_AFTER: Duration = Duration::from_secs(1);
 /// Health probes of the participants (the up/down gauge) and the unacknowledged gauges are refreshed this often.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -67,6 +64,8 @@ pub enum EngineError {
     Wal(#[from] WalError),
     #[error("the coordinator's core has stopped")]
     CoreGone,
+    #[error("the decision log cannot be read")]
+    LogUnreadable,
 }
 
 /// A transfer's final answer.
@@ -172,15 +171,14 @@ impl Engine {
                 "recovered staged transfers with no decision: preparing them again"
             );
         }
+        // The flags' settings over the core's defaults.
         let core_config = CoreConfig {
             shard_count: config.shard_count,
             coordinator_url: config.coordinator_url.clone(),
-            prepare_timeout_ms: config.prepare_timeout.as_millis() as u64,
-            redeliver_after_ms: REDELIVER_AFTER.as_millis() as u64,
+            prepare_timeout_ms: u64::try_from(config.prepare_timeout.as_millis()).unwrap_or(u64::MAX),
             transfers_in_flight_max: config.transfers_in_flight_max,
-            frame_items_max: stream::FRAME_ITEMS_MAX,
             parallel_commits_max: config.parallel_commits_max,
-            hold_second_ms: protocol::coordinator_core::HOLD_SECOND_MS,
+            ..CoreConfig::default()
         };
         // The core's clock: milliseconds of a monotonic clock, counted from the unix epoch at this start.
         let origin = Instant::now();
@@ -417,14 +415,6 @@ impl Shell {
         }
     }
 
-    /// What the log holds for `id`, which the core consults only when `id` is not running.
-    fn logged_unless_running(&self, id: &TransferId) -> Result<Option<TransferRecord>, EngineError> {
-        if self.core.running(id).is_some() {
-            return Ok(None);
-        }
-        Ok(self.wal.get(id)?)
-    }
-
     /// Hands one submission to the core; on `Ok` an answer for `id` follows.
     fn submit(
         &mut self,
@@ -433,11 +423,11 @@ impl Shell {
         transfer: Transfer,
         made_by: Option<String>,
     ) -> Result<(), EngineError> {
-        let logged = self.logged_unless_running(&id)?;
-        self.core.handle_submit(now, id, transfer, made_by, logged.as_ref()).map_err(|error| match error {
+        self.core.handle_submit(now, id, transfer, made_by, &self.wal).map_err(|error| match error {
             SubmitError::IdempotencyConflict => EngineError::IdempotencyConflict,
             SubmitError::Overloaded => EngineError::Overloaded,
             SubmitError::HoldsFull => EngineError::HoldsFull,
+            SubmitError::LogUnreadable => EngineError::LogUnreadable,
         })
     }
 
@@ -472,35 +462,20 @@ impl Shell {
                     self.many.insert(many, waiting);
                 }
             }
-            Command::EndHold { id, end, reply } => {
-                let logged = match self.logged_unless_running(&id) {
-                    Ok(logged) => logged,
-                    Err(e) => return drop(reply.send(Err(e))),
-                };
-                match self.core.handle_end_hold(now, id, end, logged.as_ref()) {
-                    Ok(()) => self.waiters.entry(id).or_default().push(Waiter::One(reply)),
-                    Err(error) => drop(reply.send(Err(EngineError::Hold(error)))),
-                }
-            }
+            Command::EndHold { id, end, reply } => match self.core.handle_end_hold(now, id, end, &self.wal) {
+                Ok(()) => self.waiters.entry(id).or_default().push(Waiter::One(reply)),
+                Err(HoldError::LogUnreadable) => drop(reply.send(Err(EngineError::LogUnreadable))),
+                Err(error) => drop(reply.send(Err(EngineError::Hold(error)))),
+            },
             Command::Holds { account, limit, reply } => {
                 let holds = self.core.holds_of(account.as_ref(), limit);
                 let list = holds.into_iter().map(|h| (h.id, h.transfer.clone(), h.expires_at_unix_ms)).collect();
                 drop(reply.send(list))
             }
-            Command::Query { items, reply } => {
-                let mut asked = Vec::with_capacity(items.len());
-                for item in items {
-                    match self.wal.get(&item.id) {
-                        Ok(logged) => asked.push((item, logged.map(|r| (r.transfer, r.outcome)))),
-                        Err(e) => {
-                            let _ = reply.send(Err(e.into()));
-                            return;
-                        }
-                    }
-                }
-                let query = self.core.handle_query(asked);
-                self.queries.insert(query, reply);
-            }
+            Command::Query { items, reply } => match self.core.handle_query(items, &self.wal) {
+                Ok(query) => drop(self.queries.insert(query, reply)),
+                Err(_) => drop(reply.send(Err(EngineError::LogUnreadable))),
+            },
             Command::Read { shard, account, reply } => {
                 if self.reads.len() >= READS_PENDING_MAX {
                     // Callers that gave up no longer need their reply.

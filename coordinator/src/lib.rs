@@ -24,10 +24,8 @@ use std::time::Duration;
 /// Idle keep-alive connections kept per participant: enough for the batchers and account calls.
 const POOL_IDLE_PER_HOST_MAX: usize = 64;
 
-/// The default of `--parallel-commits-max`. Measured with `scripts/bench-ab.sh` on 2 cores: parallel commits
-/// win on latency, throughput and CPU at 1 to 16 clients, and lose at 64, where a staging record per transfer
-/// costs more fsyncs and smaller frames than one decision fsync per burst of votes.
-pub const PARALLEL_COMMITS_MAX: usize = 8;
+/// The default of `--parallel-commits-max` (see the core's constant for why).
+pub use protocol::coordinator_core::PARALLEL_COMMITS_MAX;
 
 #[derive(Clone, Debug)]
 pub struct Config {

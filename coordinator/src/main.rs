@@ -3,6 +3,7 @@
 use clap::Parser;
 use common::store::{Durability, StoreOptions};
 use common::telemetry::{self, LogFormat};
+use protocol::coordinator_core::CoreConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,7 +28,7 @@ struct Cli {
     #[arg(long, env = "LEDGER_ADVERTISE_URL")]
     advertise_url: Option<String>,
     /// A participant that has not answered Prepare within this many milliseconds aborts the transfer (503).
-    #[arg(long, env = "LEDGER_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(long, env = "LEDGER_PREPARE_TIMEOUT_MS", default_value_t = CoreConfig::default().prepare_timeout_ms)]
     prepare_timeout_ms: u64,
     /// Accepted so existing command lines keep working; it no longer changes anything. A committed transfer is
     /// answered as soon as its decision is durable, and reads reach a shard on the same ordered stream behind
@@ -38,12 +39,12 @@ struct Cli {
     #[arg(long, env = "LEDGER_PARTICIPANT_TIMEOUT_MS", default_value_t = 2_000)]
     participant_timeout_ms: u64,
     /// Transfers being decided at once; more are refused with 503 and Retry-After.
-    #[arg(long, env = "LEDGER_TRANSFERS_IN_FLIGHT_MAX", default_value_t = 4_096)]
+    #[arg(long, env = "LEDGER_TRANSFERS_IN_FLIGHT_MAX", default_value_t = CoreConfig::default().transfers_in_flight_max)]
     transfers_in_flight_max: usize,
     /// Transfers in flight below which a new one runs as a parallel commit (its staging fsync beside the
     /// shards' prepare fsyncs: lower latency); from there on it waits for its decision fsync after the votes,
     /// which one burst of transfers shares (less CPU under load). 0: never.
-    #[arg(long, env = "LEDGER_PARALLEL_COMMITS_MAX", default_value_t = coordinator::PARALLEL_COMMITS_MAX)]
+    #[arg(long, env = "LEDGER_PARALLEL_COMMITS_MAX", default_value_t = CoreConfig::default().parallel_commits_max)]
     parallel_commits_max: usize,
     /// Log format on stderr: text or json. Verbosity follows RUST_LOG (default info).
     #[arg(long, env = "LEDGER_LOG_FORMAT", default_value = "text")]

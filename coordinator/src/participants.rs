@@ -3,7 +3,7 @@
 //! binary stream to each one open for the protocol's hot path (see `common::stream`).
 
 use common::crash;
-use common::ledger::ShardId;
+use common::ledger::{ShardId, TransferId};
 use common::stream::{self, Down, StreamError, Up};
 use common::wire;
 use futures::{SinkExt, StreamExt};
@@ -67,6 +67,52 @@ impl ParticipantClient {
     /// The plain HTTP client, for account calls and health checks.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
+    }
+
+    /// The shard's audit snapshot, with the commits it applied after journal seq `after_seq`.
+    pub async fn audit_snapshot(&self, after_seq: Option<u64>) -> Result<wire::ShardAudit, ShardCallError> {
+        let mut url = format!("{}{}", self.url, wire::PATH_AUDIT);
+        if let Some(after) = after_seq {
+            url.push_str(&format!("?after_seq={after}"));
+        }
+        let reply = self.http.get(url).send().await.map_err(ShardCallError::unavailable)?;
+        if reply.status() == reqwest::StatusCode::CONFLICT {
+            return Err(ShardCallError::SnapshotTooOld);
+        }
+        ShardCallError::json_of(reply).await
+    }
+
+    /// The journal seq at which the shard applied each of `ids`, if it did.
+    pub async fn commit_seqs(&self, ids: Vec<TransferId>) -> Result<Vec<Option<u64>>, ShardCallError> {
+        let url = format!("{}{}", self.url, wire::PATH_COMMIT_SEQS);
+        let reply = self.http.post(url).json(&wire::CommitSeqsRequest { ids }).send().await;
+        let reply: wire::CommitSeqsReply = ShardCallError::json_of(reply.map_err(ShardCallError::unavailable)?).await?;
+        Ok(reply.seqs)
+    }
+}
+
+/// Why a plain HTTP call to a participant gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardCallError {
+    #[error("{0}")]
+    Unavailable(String),
+    /// Its list of recent commits no longer reaches back to the seq asked about (it restarted): take a new
+    /// snapshot.
+    #[error("snapshot too old")]
+    SnapshotTooOld,
+}
+
+impl ShardCallError {
+    fn unavailable(error: impl std::fmt::Display) -> Self {
+        ShardCallError::Unavailable(error.to_string())
+    }
+
+    /// The body of a successful reply; any other status is the shard being unavailable.
+    async fn json_of<T: serde::de::DeserializeOwned>(reply: reqwest::Response) -> Result<T, ShardCallError> {
+        if !reply.status().is_success() {
+            return Err(ShardCallError::Unavailable(format!("answered {}", reply.status())));
+        }
+        reply.json().await.map_err(ShardCallError::unavailable)
     }
 }
 

@@ -14,7 +14,7 @@ use common::ledger::{ShardId, Transfer, TransferId};
 use common::records::{self, Outcome, TransferRecord};
 use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
 use migrations::ACKED_BEFORE_KEY;
-use protocol::coordinator_core::{GrantedHold, StagedTransfer};
+use protocol::coordinator_core::{DecisionLog, GrantedHold, LogUnreadable, StagedTransfer};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -440,6 +440,16 @@ impl Wal {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+/// The log as the core reads it. A read that fails is logged here, once, and fails the request that needed it.
+impl DecisionLog for Wal {
+    fn decision(&self, id: &TransferId) -> Result<Option<TransferRecord>, LogUnreadable> {
+        self.get(id).map_err(|error| {
+            tracing::error!(transfer_id = %id, %error, "decision log read failed");
+            LogUnreadable
+        })
     }
 }
 

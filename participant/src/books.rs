@@ -2,8 +2,9 @@
 //! is built from, the participant's own view of its transfers in doubt, and the operator's last resort — forcing
 //! a prepared transfer's outcome when the coordinator's data is gone for good (a heuristic decision).
 
+use crate::apply::{persist, sync};
 use crate::journal::{self, JournalEntry};
-use crate::server::{apply_decisions, ApiError};
+use crate::server::ApiError;
 use crate::{resolver, storage, Node};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -65,7 +66,7 @@ pub async fn entries(
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let id = AccountId::new(id).map_err(|e| ApiError::Invalid(e.to_string()))?;
     let limit = page_limit(query.limit, ENTRIES_LIMIT_MAX)?;
-    if node.machine().account(&id).is_none() {
+    if node.core().machine().account(&id).is_none() {
         return Err(ApiError::AccountNotFound);
     }
     // One more than asked for tells whether another page exists.
@@ -104,9 +105,10 @@ pub async fn accounts(
 ) -> Result<Json<AccountList>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let limit = page_limit(query.limit, ACCOUNTS_LIMIT_MAX)?;
-    let state = node.machine();
+    let core = node.core();
     // The accounts are ordered: a page is a range, so the lock is held for the page, not for every account.
-    let accounts = state
+    let accounts = core
+        .machine()
         .accounts_after(query.after.as_deref())
         .take(limit)
         .map(|(id, r)| AccountView::of(id.clone(), r, node.shard))
@@ -130,8 +132,9 @@ pub async fn audit(
         .map(|(id, h)| HeuristicView { id, decision: h.decision, operator: h.operator, at_unix_ms: h.at_unix_ms })
         .collect();
     // Everything below under one lock: balances, holds and the commit list describe the same instant.
-    let state = node.machine();
-    let seq = state.journal.last_seq();
+    let core = node.core();
+    let (state, journal) = (core.machine(), core.journal());
+    let seq = journal.last_seq();
     let totals = state.totals();
     let accounts = state.accounts_len();
     let invariant_violation =
@@ -147,11 +150,11 @@ pub async fn audit(
         balance_total: totals.balance,
         held_total: totals.held,
         incoming_total: totals.incoming,
-        created_total: state.journal.created_total,
+        created_total: journal.created_total(),
         below_overdraft_limit,
         invariant_violation,
         prepared: state.prepared().map(|(id, _)| *id).collect(),
-        commits_since: state.journal.commits_between(query.after_seq.unwrap_or(seq), seq)?,
+        commits_since: journal.commits_between(query.after_seq.unwrap_or(seq), seq)?,
         heuristics,
     };
     Ok(Json(snapshot))
@@ -171,11 +174,12 @@ pub async fn commit_seqs(
 /// This shard's transfers in doubt: prepared, holding funds, waiting for a decision.
 pub async fn in_doubt(State(node): State<Arc<Node>>) -> Json<Value> {
     let now = now_unix_ms();
-    let state = node.machine();
-    let mut list: Vec<Value> = state
+    let core = node.core();
+    let mut list: Vec<Value> = core
+        .machine()
         .prepared()
         .map(|(id, p)| {
-            let heard = state.resolver.last_heard(id);
+            let heard = core.resolver().last_heard(id);
             let fields = json!({
                 "id": id,
                 "postings": p.postings,
@@ -211,7 +215,7 @@ pub async fn force(
     if operator.is_empty() || operator.len() > 64 {
         return Err(ApiError::Invalid("operator must be 1 to 64 characters".into()));
     }
-    let Some(prepared) = node.machine().prepared_transfer(&id).cloned() else {
+    let Some(prepared) = node.core().machine().prepared_transfer(&id).cloned() else {
         let message = "no prepared transfer with this id here: nothing to force";
         return Ok(error_response(StatusCode::NOT_FOUND, "not_in_doubt", message));
     };
@@ -224,8 +228,13 @@ pub async fn force(
         }
         Err(error) => tracing::warn!(transfer_id = %id, %error, operator, "coordinator unreachable: forcing outcome"),
     }
-    let acks = apply_decisions(&node, std::iter::once((id, req.decision)), Some(operator)).await?;
-    if acks != [DecideAck::Done] {
+    let (ack, barrier) = {
+        let mut core = node.core();
+        let ack = core.handle_forced(now_unix_ms(), id, req.decision, operator, &storage::Decisions(&node.store));
+        (ack, persist(&node, &mut core))
+    };
+    sync(&node, barrier).await?;
+    if ack != DecideAck::Done {
         return Ok(error_response(StatusCode::CONFLICT, "not_in_doubt", "the transfer was decided meanwhile"));
     }
     tracing::warn!(transfer_id = %id, decision = ?req.decision, operator, "heuristic decision applied");

@@ -3,6 +3,7 @@
 //!
 //! `run` is the whole server; `main.rs` only parses the command line. Tests run it in-process or as a binary.
 
+mod apply;
 mod books;
 pub mod journal;
 mod resolver;
@@ -13,9 +14,11 @@ mod stream;
 use common::auth::{AuthConfigError, ClusterToken};
 use common::ledger::ShardId;
 use common::store::{Store, StoreError, StoreOptions};
-use protocol::participant::ParticipantMachine;
+use protocol::participant_core::ParticipantCore;
+use protocol::resolver::{ResolverConfig, ResolverCore};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,46 +53,26 @@ pub enum StartError {
     Auth(#[from] AuthConfigError),
 }
 
-/// State shared by the request handlers and the in-doubt resolver.
+/// State shared by the request handlers, the streams and the in-doubt resolver.
 pub(crate) struct Node {
     pub shard: ShardId,
     pub store: Store,
-    /// The protocol state and the journal's counters. Held only for in-memory work and sled's in-memory batch
-    /// apply, never across an await, so transfers on a hot account wait for each other for microseconds, not
-    /// for an fsync.
-    machine: Mutex<ShardState>,
+    /// Every rule of the shard, and its state: the machine, the journal's counters, the resolver, and what
+    /// waits for durability. Held only for in-memory work and the store's in-memory apply, never across an
+    /// await, so transfers on a hot account wait for each other for microseconds, not for an fsync.
+    core: Mutex<ParticipantCore>,
+    /// Names each stream connection for the core, which holds its replies apart.
+    pub next_link: AtomicU64,
     /// The cluster this shard belongs to: adopted from the first coordinator call, then fixed.
     pub cluster_id: tokio::sync::Mutex<Option<uuid::Uuid>>,
     pub http: reqwest::Client,
     pub config: Config,
 }
 
-/// Everything the state lock guards. Derefs to the protocol machine, which is what most handlers need.
-pub(crate) struct ShardState {
-    pub machine: ParticipantMachine,
-    pub journal: journal::JournalState,
-    /// Which transfers in doubt to ask the coordinator about and when, and what it last said about each (for
-    /// the in-doubt view).
-    pub resolver: resolver::ResolverCore,
-}
-
-impl std::ops::Deref for ShardState {
-    type Target = ParticipantMachine;
-    fn deref(&self) -> &ParticipantMachine {
-        &self.machine
-    }
-}
-
-impl std::ops::DerefMut for ShardState {
-    fn deref_mut(&mut self) -> &mut ParticipantMachine {
-        &mut self.machine
-    }
-}
-
 impl Node {
-    pub fn machine(&self) -> MutexGuard<'_, ShardState> {
+    pub fn core(&self) -> MutexGuard<'_, ParticipantCore> {
         // A panic while holding the lock means an invariant broke mid-change: memory may no longer match disk.
-        self.machine.lock().unwrap_or_else(|_| {
+        self.core.lock().unwrap_or_else(|_| {
             tracing::error!("participant state poisoned by an earlier panic; stopping to recover from disk");
             std::process::abort()
         })
@@ -115,13 +98,13 @@ pub async fn run(
     let prepared = machine.prepared().count();
     tracing::info!(shard = config.shard, accounts = machine.accounts().count(), prepared, "state recovered");
     let in_doubt_after_ms = u64::try_from(config.in_doubt_after.as_millis()).unwrap_or(u64::MAX);
-    let resolver =
-        resolver::ResolverCore::new(resolver::ResolverConfig::new(in_doubt_after_ms), common::http::now_unix_ms());
+    let resolver = ResolverCore::new(ResolverConfig::new(in_doubt_after_ms), common::http::now_unix_ms());
     let http = reqwest::Client::builder().timeout(config.query_timeout).build()?;
     let node = Arc::new(Node {
         shard: config.shard,
         store,
-        machine: Mutex::new(ShardState { machine, journal, resolver }),
+        core: Mutex::new(ParticipantCore::new(machine, journal, resolver)),
+        next_link: AtomicU64::new(0),
         cluster_id: tokio::sync::Mutex::new(cluster_id),
         http,
         config,

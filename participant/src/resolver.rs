@@ -2,30 +2,30 @@
 //! coordinator about, when, and how long to back off). It sends the queries, applies the answers durably and
 //! reports back. Holds stay in place until an answer arrives: a participant never decides alone.
 
-use crate::{server, Node};
+use crate::apply::{metric, persist, sync};
+use crate::{storage, Node};
 use common::http::now_unix_ms;
 use common::wire::{self, DecisionAnswers, DecisionQuery, DecisionQueryItem, QueryAnswer};
+use protocol::msg::{DecideAck, Decision};
 use protocol::resolver::Query;
 use std::sync::Arc;
 use std::time::Duration;
-
-pub use protocol::resolver::{ResolverConfig, ResolverCore};
 
 pub async fn run(node: Arc<Node>) {
     loop {
         let (queries, due) = {
             let now = now_unix_ms();
-            let mut guard = node.machine();
-            let state = &mut *guard;
-            state.resolver.handle_timeout(now, state.machine.prepared());
-            (std::iter::from_fn(|| state.resolver.poll_query()).collect::<Vec<_>>(), state.resolver.poll_timeout())
+            let mut core = node.core();
+            core.handle_resolver_timeout(now);
+            let resolver = core.resolver_mut();
+            (std::iter::from_fn(|| resolver.poll_query()).collect::<Vec<_>>(), resolver.poll_timeout())
         };
         for query in queries {
             ask(&node, query).await;
         }
         // While a round is under way `due` is none; every query above has been reported, so it is set again.
         let wait_ms =
-            due.or_else(|| node.machine().resolver.poll_timeout()).map_or(0, |at| at.saturating_sub(now_unix_ms()));
+            due.or_else(|| node.core().resolver().poll_timeout()).map_or(0, |at| at.saturating_sub(now_unix_ms()));
         tokio::time::sleep(Duration::from_millis(wait_ms.max(1))).await;
     }
 }
@@ -35,14 +35,19 @@ async fn ask(node: &Node, query: Query) {
     let answers = match self::query(node, &query.coordinator_url, query.items).await {
         Ok(answers) => answers,
         Err(error) => {
-            let mut state = node.machine();
-            let retry_in_ms = state.resolver.retry_in_ms();
+            let mut core = node.core();
+            let resolver = core.resolver_mut();
+            let retry_in_ms = resolver.retry_in_ms();
             tracing::warn!(coordinator = %query.coordinator_url, %error, retry_in_ms, "cannot reach the coordinator for decisions");
-            state.resolver.handle_unreachable(now_unix_ms(), query.id, &error);
+            resolver.handle_unreachable(now_unix_ms(), query.id, &error);
             return;
         }
     };
-    let decided = node.machine().resolver.handle_answers(now_unix_ms(), query.id, &answers);
+    let (decided, barrier) = {
+        let mut core = node.core();
+        let decided = core.handle_answers(now_unix_ms(), query.id, &answers, &storage::Decisions(&node.store));
+        (decided, persist(node, &mut core))
+    };
     let decided = match decided {
         Ok(decided) => decided,
         Err(error) => {
@@ -50,19 +55,20 @@ async fn ask(node: &Node, query: Query) {
             return;
         }
     };
-    for (id, decision) in &decided {
-        tracing::info_span!("transfer", transfer_id = %id)
-            .in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
-    }
-    metrics::counter!(server::metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
-    let applied = server::apply_decisions(node, decided.into_iter(), None).await;
-    let mut state = node.machine();
-    match applied {
-        Ok(_) => state.resolver.handle_applied(now_unix_ms(), query.id),
-        Err(error) => {
-            tracing::warn!(%error, "cannot apply the coordinator's decisions; asking again after the backoff");
-            state.resolver.handle_apply_failed(now_unix_ms(), query.id);
+    for (id, decision, ack) in &decided {
+        let span = tracing::info_span!("transfer", transfer_id = %id);
+        if *ack == DecideAck::Refused {
+            span.in_scope(|| tracing::error!(?decision, "the coordinator's decision contradicts this shard's state"));
+        } else {
+            span.in_scope(|| tracing::info!(?decision, "in-doubt transfer resolved by the coordinator"));
+            let label = if *decision == Decision::Commit { "commit" } else { "abort" };
+            metrics::counter!(metric::DECISIONS, "decision" => label).increment(1);
         }
+    }
+    metrics::counter!(metric::RECOVERY_RESOLVED).increment(decided.len() as u64);
+    if let Err(error) = sync(node, barrier).await {
+        tracing::warn!(%error, "cannot apply the coordinator's decisions; asking again after the backoff");
+        node.core().handle_answers_failed(now_unix_ms(), query.id);
     }
 }
 

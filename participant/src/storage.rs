@@ -8,6 +8,8 @@ use common::redo::Op;
 use common::store::{KeyClasses, Store, StoreError, StoreKind, StoreOptions};
 use protocol::msg::Decision;
 use protocol::participant::{FinishedLog, ParticipantMachine, RestoreError, Write};
+use protocol::participant_core::ParticipantCore;
+use protocol::resolver::{ResolverConfig, ResolverCore};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -45,23 +47,26 @@ pub fn open(dir: &std::path::Path, options: impl Into<StoreOptions>) -> Result<S
     Store::open(dir, StoreKind::Participant, options, CLASSES)
 }
 
-/// Logs the machine's `writes` and the journal's `extra` changes as one group (applied at once, durable at
-/// the next `Store::sync`). Per cross-shard transfer a shard logs one record at prepare (the prepared record)
-/// and four at commit (the balance, the prepared record's removal, the finished record, the journal entry),
-/// plus the journal's next sequence number once per group. They reach sled at the next checkpoint: the balance
-/// and the counter as their last value, the prepared record only if the transfer is still in doubt then.
-pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Result<(), StoreError> {
-    if writes.is_empty() && extra.is_empty() {
+/// Logs the core's `writes` as one group (applied at once, durable at the next `Store::sync`). Per cross-shard
+/// transfer a shard logs one record at prepare (the prepared record) and four at commit (the balance, the
+/// prepared record's removal, the finished record, the journal entry), plus the journal's next sequence number
+/// once per group. They reach sled at the next checkpoint: the balance and the counter as their last value, the
+/// prepared record only if the transfer is still in doubt then.
+pub fn apply(store: &Store, writes: &[Write]) -> Result<(), StoreError> {
+    if writes.is_empty() {
         return Ok(());
     }
-    let mut ops: Vec<Op> = Vec::with_capacity(writes.len() + extra.keys.len() + 2);
-    ops.extend(extra.keys.iter().cloned());
-    if let Some(next) = extra.next_seq {
-        ops.push((journal::NEXT_SEQ_KEY.to_vec(), Some(next.to_be_bytes().to_vec())));
+    // A commit's finished record keeps the journal seq of its last entry, which the audit asks for.
+    let mut commit_seqs: HashMap<TransferId, u64> = HashMap::new();
+    for write in writes {
+        if let Write::Journal(JournalEntry { seq, kind, transfer_id: Some(id), .. }) = write {
+            if kind.is_commit() {
+                let last = commit_seqs.entry(*id).or_default();
+                *last = (*last).max(*seq);
+            }
+        }
     }
-    if let Some(total) = extra.created_total {
-        ops.push((journal::CREATED_TOTAL_KEY.to_vec(), Some(total.to_be_bytes().to_vec())));
-    }
+    let mut ops: Vec<Op> = Vec::with_capacity(writes.len());
     for write in writes {
         ops.push(match write {
             // Only the balance and the limit are durable: holds follow from the prepared records.
@@ -69,8 +74,14 @@ pub fn apply(store: &Store, writes: &[Write], extra: &journal::Inserts) -> Resul
             Write::Prepared(id, record) => (keys::prepared(id).to_vec(), Some(records::encode(record))),
             Write::ClearPrepared(id) => (keys::prepared(id).to_vec(), None),
             Write::Finished(id, decision) => {
-                let record = FinishedRecord { decision: *decision, commit_seq: extra.commit_seqs.get(id).copied() };
+                let record = FinishedRecord { decision: *decision, commit_seq: commit_seqs.get(id).copied() };
                 (keys::finished(id).to_vec(), Some(records::encode(&record)))
+            }
+            Write::Journal(entry) => (journal::entry_key(&entry.account, entry.seq), Some(records::encode(entry))),
+            Write::JournalNextSeq(next) => (journal::NEXT_SEQ_KEY.to_vec(), Some(next.to_be_bytes().to_vec())),
+            Write::CreatedTotal(total) => (journal::CREATED_TOTAL_KEY.to_vec(), Some(total.to_be_bytes().to_vec())),
+            Write::Heuristic(id, record) => {
+                (journal::prefixed(journal::HEURISTIC, id.as_bytes()), Some(records::encode(record)))
             }
         });
     }
@@ -182,23 +193,23 @@ pub async fn create_accounts_offline(
     accounts: impl IntoIterator<Item = (AccountId, i64)>,
 ) -> Result<(u64, u64), LoadError> {
     let store = open(dir, common::store::Durability::Fsync)?;
-    let (mut machine, mut journal) = load(&store, shard).await?;
+    let (machine, journal) = load(&store, shard).await?;
+    let resolver = ResolverCore::new(ResolverConfig::new(0), 0);
+    let mut core = ParticipantCore::new(machine, journal, resolver);
     let (mut created, mut existed) = (0, 0);
     let mut accounts = accounts.into_iter().peekable();
     let now = common::http::now_unix_ms();
     while accounts.peek().is_some() {
-        let mut writes = Vec::new();
-        let mut extra = journal::Inserts::default();
         for (id, balance) in accounts.by_ref().take(OFFLINE_BATCH) {
-            match machine.create_account(id.clone(), balance, &mut writes) {
-                Ok(()) => {
-                    journal.opened(&id, balance, now, &mut extra);
-                    created += 1;
-                }
+            match core.handle_open(now, id, balance, 0) {
+                Ok(()) => created += 1,
                 Err(protocol::participant::CreateError::Exists) => existed += 1,
             }
         }
-        apply(&store, &writes, &extra)?;
+        if let Some(batch) = core.poll_writes() {
+            apply(&store, &batch.writes)?;
+            core.writes_applied();
+        }
     }
     store.sync().await?;
     Ok((created, existed))
@@ -325,7 +336,7 @@ mod tests {
         assert_eq!(record.made_by.as_deref(), Some("teller"), "the token name moved into the record");
         assert_eq!(machine.finished_decision(&committed, &Decisions(store)), Some(Decision::Commit));
         assert_eq!(commit_seq(store, &committed).expect("readable"), Some(7), "the commit seq moved too");
-        assert_eq!(journal.next_seq, 8, "the next seq is stored, not scanned for");
+        assert_eq!(journal.last_seq(), 7, "the next seq is stored, not scanned for");
         let page = journal_page(store, &alice, None, 10).expect("journal readable");
         assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![7]);
         for gone in [b'c', b'r', b'w'] {

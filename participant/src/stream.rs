@@ -1,14 +1,14 @@
 //! The participant's end of the coordinator's binary stream (`common::stream`): the upgrade route, and the
-//! loop that applies each frame's items in order, as one store batch under one lock, then answers once that
-//! batch is durable.
+//! loop that hands each frame to the participant's core, applies the core's writes as one store batch under
+//! one lock, syncs, and sends the replies the core releases once they are durable.
 //!
 //! Frames are pipelined: while one frame's fsync is under way the next is already applied in memory, and the
 //! group commit lets one fsync cover several frames. Replies leave in frame order, each only after every write
-//! before it is durable, so a YES vote or an ack is never sent for a write that a crash could still lose, and
-//! a read never shows what a crash could take back.
+//! before it is durable (the core's rule), so a YES vote or an ack is never sent for a write that a crash could
+//! still lose, and a read never shows what a crash could take back.
 
-use crate::server::{journal_decision, journal_holds, metric, persist};
-use crate::{journal, storage, Node};
+use crate::apply::{metric, persist, sync};
+use crate::{storage, Node};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,9 +16,9 @@ use common::crash;
 use common::http::{error_response, now_unix_ms};
 use common::stream::{self, Down, StreamError, Up};
 use futures::{FutureExt, StreamExt};
-use protocol::msg::{DecideAck, Vote};
-use protocol::msg::{FromShard, ToShard};
-use protocol::participant_core::{apply_frame, frame_is_well_formed, FrameApplied};
+use protocol::msg::{DecideAck, FromShard, ToShard, Vote};
+use protocol::participant_core::frame_is_well_formed;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -58,20 +58,19 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     response
 }
 
-/// A frame applied in memory, waiting to be answered.
+/// A group of frames applied in memory, waiting to be answered.
 struct Applied {
-    /// Whether the frame wrote anything (or may repeat an answer for a write not yet durable).
-    needs_sync: bool,
+    /// The barrier their replies wait for, if they wait at all (the core says).
+    barrier: Option<u64>,
     prepared: bool,
     decided: bool,
-    /// Per frame, in order: each frame gets its own reply frame.
-    replies: Vec<Vec<FromShard>>,
 }
 
 async fn serve<S>(node: Arc<Node>, io: S) -> Result<(), StreamError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let link = node.next_link.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut source) = stream::framed(io).split();
     let (applied_tx, mut applied_rx) = mpsc::channel::<Applied>(PIPELINE_FRAMES_MAX);
     let writer_node = node.clone();
@@ -87,15 +86,15 @@ where
                 Ok(None) => return Ok::<(), StreamError>(()),
                 Ok(Some(first)) => ready.push(first),
             }
-            // Every frame applied meanwhile shares this sync (group commit across frames).
+            // Every group applied meanwhile shares this sync (group commit across frames).
             while ready.len() < PIPELINE_FRAMES_MAX {
                 match applied_rx.try_recv() {
                     Ok(next) => ready.push(next),
                     Err(_) => break,
                 }
             }
-            if ready.iter().any(|a| a.needs_sync) {
-                writer_node.store.sync().await.map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+            if let Some(barrier) = ready.iter().filter_map(|a| a.barrier).max() {
+                sync(&writer_node, Some(barrier)).await.map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
             }
             if ready.iter().any(|a| a.prepared) {
                 crash::point(crash::PARTICIPANT_PREPARE_FLUSHED);
@@ -103,21 +102,29 @@ where
             if ready.iter().any(|a| a.decided) {
                 crash::point(crash::PARTICIPANT_DECIDE_APPLIED);
             }
-            for replies in ready.drain(..).flat_map(|a| a.replies) {
+            ready.clear();
+            let replies: Vec<Vec<FromShard>> = {
+                let mut core = writer_node.core();
+                std::iter::from_fn(|| core.poll_reply(link)).collect()
+            };
+            for replies in replies {
+                count(&replies);
                 sink.feed(stream::encode(&Down::Replies(replies))).await?;
             }
             sink.flush().await?;
         }
     });
-    let result = read_loop(&node, &mut source, &applied_tx).await;
+    let result = read_loop(&node, link, &mut source, &applied_tx).await;
     drop(applied_tx);
     // Let the replies of frames already applied go out (they are durable-then-sent, never sent early).
     let _ = writer.await;
+    node.core().drop_link(link);
     result
 }
 
 async fn read_loop<S>(
     node: &Node,
+    link: u64,
     source: &mut futures::stream::SplitStream<stream::FramedStream<S>>,
     applied: &mpsc::Sender<Applied>,
 ) -> Result<(), StreamError>
@@ -145,7 +152,7 @@ where
             }
         }
         // The frames before a bad one are whole and valid: they are applied and answered; the bad one is not.
-        if !frames.is_empty() && applied.send(apply(node, frames)).await.is_err() {
+        if !frames.is_empty() && applied.send(apply(node, link, frames)).await.is_err() {
             return Err(StreamError::Closed);
         }
         if let Some(error) = failed {
@@ -166,8 +173,8 @@ fn checked(frame: &[u8]) -> Result<Option<Vec<ToShard>>, StreamError> {
     Ok(Some(items))
 }
 
-/// Applies frames in order, each with `apply_frame`, as one atomic store batch, and journals what they settled.
-fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
+/// Hands frames to the core in order, and applies its writes as one atomic store batch.
+fn apply(node: &Node, link: u64, frames: Vec<Vec<ToShard>>) -> Applied {
     let all = || frames.iter().flatten();
     let prepared = all().any(|i| matches!(i, ToShard::Prepare { .. }));
     let decided = all().any(|i| matches!(i, ToShard::Decide { .. } | ToShard::Capture { .. }));
@@ -178,32 +185,20 @@ fn apply(node: &Node, frames: Vec<Vec<ToShard>>) -> Applied {
         crash::point(crash::PARTICIPANT_DECIDE_RECEIVED);
     }
     let now = now_unix_ms();
-    let mut state = node.machine();
-    let mut writes = Vec::with_capacity(all().count() * 3);
-    let mut extra = journal::Inserts::default();
-    let mut needs_sync = false;
-    let mut replies = Vec::with_capacity(frames.len());
+    let mut core = node.core();
     for items in frames {
-        let before = writes.len();
-        let frame = apply_frame(&mut state, items, now, &storage::Decisions(&node.store), &mut writes);
-        journal_holds(&mut state, &writes[before..], now, &mut extra);
-        journal(&mut state, &frame, now, &mut extra);
-        needs_sync |= frame.needs_sync;
-        replies.push(frame.replies);
+        core.handle_frame(now, link, items, &storage::Decisions(&node.store));
     }
-    persist(node, &mut state, &writes, &extra);
-    if needs_sync {
-        metrics::gauge!(metric::PREPARED).set(state.prepared().count() as f64);
+    let barrier = persist(node, &mut core);
+    if prepared || decided {
+        metrics::gauge!(metric::PREPARED).set(core.machine().prepared().count() as f64);
     }
-    Applied { needs_sync, prepared, decided, replies }
+    Applied { barrier, prepared, decided }
 }
 
-/// The journal's side of one applied frame, and its metrics.
-fn journal(state: &mut crate::ShardState, frame: &FrameApplied, now: u64, extra: &mut journal::Inserts) {
-    for (id, decision, record) in &frame.settled {
-        journal_decision(state, *id, *decision, record, None, now, extra);
-    }
-    for reply in &frame.replies {
+/// The metrics and debug lines of replies on their way out.
+fn count(replies: &[FromShard]) {
+    for reply in replies {
         match reply {
             FromShard::Vote { id, vote } => {
                 let label = if *vote == Vote::Yes { "yes" } else { "no" };

@@ -13,31 +13,42 @@ use std::collections::BTreeSet;
 /// What one shard said to Prepare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VoteResult {
+    /// The shard answered.
     Vote(Vote),
     /// No answer in time, or the call failed: the shard may or may not have prepared.
     Unavailable,
 }
 
+/// Where a transfer is in the protocol, as the coordinator sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Phase {
+    /// Prepares are out; the outcome waits for a vote from every shard, or for the prepare timeout.
     Preparing {
+        /// Each shard the transfer touches, with its vote once it has one.
         votes: Vec<(ShardId, Option<VoteResult>)>,
     },
     /// The outcome is chosen and must be made durable before anyone hears of it.
     Logging {
+        /// The outcome chosen.
         outcome: Outcome,
+        /// The shards that voted NO: they prepared nothing, so the decision skips them.
         voted_no: BTreeSet<ShardId>,
     },
     /// Durable; waiting for the shards in `unacked` to apply it.
     Decided {
+        /// The outcome logged.
         outcome: Outcome,
+        /// The shards the decision is still owed to; it is re-sent to them until they acknowledge it.
         unacked: BTreeSet<ShardId>,
     },
 }
 
+/// The coordinator's state machine for one transfer, from the first Prepare to the last ack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TransferMachine {
+    /// The transfer's id, the key of its decision.
     pub id: TransferId,
+    /// The transfer as its client asked for it.
     pub transfer: Transfer,
     /// Every shard the transfer touches.
     shards: BTreeSet<ShardId>,
@@ -47,6 +58,7 @@ pub struct TransferMachine {
 }
 
 impl TransferMachine {
+    /// A machine for a new transfer, about to send Prepare to every shard it touches.
     pub fn new(id: TransferId, transfer: Transfer, shard_count: u32) -> Self {
         let shards: BTreeSet<ShardId> = transfer.shards(shard_count).into_iter().collect();
         let votes = shards.iter().map(|s| (*s, None)).collect();
@@ -79,6 +91,7 @@ impl TransferMachine {
         }
     }
 
+    /// Where the transfer is in the protocol.
     pub fn phase(&self) -> &Phase {
         &self.phase
     }
@@ -156,6 +169,7 @@ impl TransferMachine {
         }
     }
 
+    /// The shards the durable decision is still owed to (none before it is durable).
     pub fn unacked(&self) -> Vec<ShardId> {
         match &self.phase {
             Phase::Decided { unacked, .. } => unacked.iter().copied().collect(),
@@ -229,6 +243,7 @@ pub fn decision_of(outcome: Outcome) -> Decision {
 /// How to answer a participant that asks about a transfer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueryPlan {
+    /// Answer at once, with nothing to log: the log already binds the answer, or the transfer is not settled yet.
     Answer(QueryAnswer),
     /// Nothing is known and nothing is in progress: presumed abort. The shell must log the abort durably
     /// before answering, so the answer is binding even if the same id is submitted again later.

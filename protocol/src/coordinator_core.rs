@@ -44,6 +44,7 @@ pub const HOLDS_ACTIVE_MAX: usize = 100_000;
 /// The core's settings (the shell's flags, in milliseconds).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoreConfig {
+    /// How many shards the cluster has: which shard each account falls on.
     pub shard_count: u32,
     /// Where participants ask about transfers they are in doubt on (kept in their prepared records).
     pub coordinator_url: String,
@@ -67,6 +68,36 @@ pub struct CoreConfig {
 
 /// A second, in milliseconds: what [`CoreConfig::hold_second_ms`] is outside the model check.
 pub const HOLD_SECOND_MS: u64 = 1_000;
+/// The default prepare round: long against a shard's fsync (milliseconds) and a loaded machine's scheduling,
+/// short enough that a dead shard costs its clients only a couple of seconds.
+pub const PREPARE_TIMEOUT_MS: u64 = 2_000;
+/// The default age at which an unacknowledged decision is sent again: a link that came back has already
+/// re-sent it at once, so this only covers a frame lost on a link that stayed up.
+pub const REDELIVER_AFTER_MS: u64 = 1_000;
+/// The default number of transfers decided at once: far more than 64 clients keep busy, and a bound on the
+/// core's memory (a few KiB each).
+pub const TRANSFERS_IN_FLIGHT_MAX: usize = 4_096;
+/// The default of `parallel_commits_max`. Measured with `scripts/bench-ab.sh` on 2 cores: parallel commits win
+/// on latency, throughput and CPU at 1 to 16 clients, and lose at 64, where a staging record per transfer costs
+/// more fsyncs and smaller frames than one decision fsync per burst of votes.
+pub const PARALLEL_COMMITS_MAX: usize = 8;
+
+/// The one source of the core's defaults: the coordinator's flags start from it, and the simulator and the
+/// model check override only what they mean to (the shard count and the coordinator's URL are the shell's).
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            shard_count: 1,
+            coordinator_url: String::new(),
+            prepare_timeout_ms: PREPARE_TIMEOUT_MS,
+            redeliver_after_ms: REDELIVER_AFTER_MS,
+            transfers_in_flight_max: TRANSFERS_IN_FLIGHT_MAX,
+            frame_items_max: crate::msg::FRAME_ITEMS_MAX,
+            parallel_commits_max: PARALLEL_COMMITS_MAX,
+            hold_second_ms: HOLD_SECOND_MS,
+        }
+    }
+}
 
 /// A write the shell applies to its log, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -75,17 +106,41 @@ pub enum LogWrite {
     /// finishes every staged transfer that has no decision (see the module docs). The commit that follows needs no
     /// sync, but while a staged transfer has no durable decision it holds back the "acked before" mark as an owed
     /// commit does.
-    Stage { id: TransferId, transfer: Transfer, shards: Vec<ShardId>, made_by: Option<String> },
+    Stage {
+        /// The transfer staged.
+        id: TransferId,
+        /// The transfer as its client asked for it: what recovery prepares again.
+        transfer: Transfer,
+        /// The shards it touches.
+        shards: Vec<ShardId>,
+        /// The name of the API token that submitted it.
+        made_by: Option<String>,
+    },
     /// The decision of a transfer, with (for a commit) the marker that it is still owed acks.
-    Decision { id: TransferId, transfer: Transfer, outcome: Outcome, shards: Vec<ShardId>, made_by: Option<String> },
+    Decision {
+        /// The transfer decided.
+        id: TransferId,
+        /// The transfer as its client asked for it, kept for retries and decision queries.
+        transfer: Transfer,
+        /// The decision, or a hold's grant.
+        outcome: Outcome,
+        /// The shards the transfer touches, which a commit must reach (none for a presumed abort).
+        shards: Vec<ShardId>,
+        /// The name of the API token that submitted it (none for a presumed abort).
+        made_by: Option<String>,
+    },
     /// Every shard has applied the commit: its owed-acks marker goes. Needs no sync: if lost, recovery re-sends
     /// a commit the shards acknowledge again without applying it twice.
-    End { id: TransferId },
+    End {
+        /// The transfer every shard has acknowledged.
+        id: TransferId,
+    },
 }
 
 /// What the shell must write, and whether it must then wait for a sync and report it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LogBatch {
+    /// The writes, to apply in this order.
     pub writes: Vec<LogWrite>,
     /// Call [`CoordinatorCore::handle_synced`] with this once every write so far is durable.
     pub sync: Option<u64>,
@@ -95,9 +150,41 @@ pub struct LogBatch {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Answer {
     /// The outcome of a transfer, for every client waiting on `id`.
-    Transfer { id: TransferId, transfer: Transfer, outcome: Outcome },
+    Transfer {
+        /// The transfer answered.
+        id: TransferId,
+        /// The transfer as its client asked for it, for the answer's body.
+        transfer: Transfer,
+        /// How it ended, or that the hold is granted.
+        outcome: Outcome,
+    },
     /// The answers to one decision query, in the order of its items.
-    Queries { query: u64, answers: Vec<QueryAnswer> },
+    Queries {
+        /// The number [`CoordinatorCore::handle_query`] returned for the query.
+        query: u64,
+        /// One answer per item.
+        answers: Vec<QueryAnswer>,
+    },
+}
+
+/// The coordinator's log as the core reads it: the decision logged for a transfer, if any. It must see every
+/// write the shell has applied from [`CoordinatorCore::poll_log`], durable or not (the core counts its own
+/// decisions not yet handed out as logged). The shell, the simulator and the model check each implement it over
+/// their log; the core reads it only where a rule needs it, so no shell repeats when to read it.
+pub trait DecisionLog {
+    /// The record logged for `id`, if any, counting writes applied and not yet durable.
+    fn decision(&self, id: &TransferId) -> Result<Option<TransferRecord>, LogUnreadable>;
+}
+
+/// The log could not be read (the shell has said why): the request that needed it fails, and changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("the decision log cannot be read")]
+pub struct LogUnreadable;
+
+impl DecisionLog for BTreeMap<TransferId, TransferRecord> {
+    fn decision(&self, id: &TransferId) -> Result<Option<TransferRecord>, LogUnreadable> {
+        Ok(self.get(id).cloned())
+    }
 }
 
 /// Why a submission was not taken.
@@ -105,9 +192,12 @@ pub enum Answer {
 pub enum SubmitError {
     /// The id is known with a different body.
     IdempotencyConflict,
+    /// `transfers_in_flight_max` transfers are being decided: the client may retry later.
     Overloaded,
     /// [`HOLDS_ACTIVE_MAX`] holds are granted or being granted.
     HoldsFull,
+    /// The log could not be read to check the id: nothing was taken.
+    LogUnreadable,
 }
 
 /// How a client ends a hold.
@@ -115,6 +205,7 @@ pub enum SubmitError {
 pub enum HoldEnd {
     /// Commit this much of it (all of it by default) and release the rest.
     Capture(Option<i64>),
+    /// Move nothing and release it all: an abort.
     Release,
 }
 
@@ -131,15 +222,24 @@ pub enum HoldError {
     /// A capture of a hold that has expired.
     Expired,
     /// A capture of more than the hold holds (or of nothing).
-    BadAmount { held: i64 },
+    BadAmount {
+        /// What the hold holds, in minor units.
+        held: i64,
+    },
+    /// The log could not be read: nothing was changed.
+    LogUnreadable,
 }
 
 /// A granted hold, as the log holds it: what [`CoordinatorCore::with_holds`] takes after a restart.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GrantedHold {
+    /// The hold's id.
     pub id: TransferId,
+    /// The hold as its client asked for it.
     pub transfer: Transfer,
+    /// The name of the API token that submitted it.
     pub made_by: Option<String>,
+    /// When it expires unless captured or released first.
     pub expires_at_unix_ms: u64,
 }
 
@@ -148,29 +248,40 @@ pub struct GrantedHold {
 pub enum Notice {
     /// A shard refused a decision: it contradicts the shard's state, and needs an operator.
     Refused {
+        /// The transfer decided.
         id: TransferId,
+        /// The shard that refused.
         shard: ShardId,
+        /// The decision it refused.
         decision: Decision,
     },
     /// A decision query about a transfer with no decision and none in progress: presumed abort, logged.
     PresumedAbort {
+        /// The transfer asked about.
         id: TransferId,
     },
+    /// One item of a decision query was answered.
     QueryAnswered {
+        /// The answer given.
         answer: QueryAnswer,
     },
     /// A transfer's prepare round to `shard` ended without a vote (timeout or lost link).
     ShardSilent {
+        /// The transfer whose prepare round ended.
         id: TransferId,
+        /// The shard that did not vote.
         shard: ShardId,
     },
     /// Work is waiting for a shard whose link is down: the shell should try to connect now.
     LinkWanted {
+        /// The shard to connect to.
         shard: ShardId,
     },
     /// Decisions owed to a shard were queued again (timer or reconnection).
     Redelivered {
+        /// The shard they go to.
         shard: ShardId,
+        /// How many decisions were queued.
         count: usize,
     },
 }
@@ -180,6 +291,7 @@ pub enum Notice {
 pub enum LinkState {
     /// Not yet connected since start: work is queued, and goes once the link is up (or fails by its deadline).
     Connecting,
+    /// Connected: queued work goes out in frames.
     Up,
     /// Lost, or the shard refused or did not answer a connection. New work makes it `Connecting` again and
     /// asks the shell for a fresh attempt ([`Notice::LinkWanted`]); a failed attempt fails the work at once,
@@ -212,8 +324,11 @@ struct Recovering {
 /// A staged transfer the log holds no decision for: what [`CoordinatorCore::new`] finishes after a restart.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StagedTransfer {
+    /// The transfer staged.
     pub id: TransferId,
+    /// The transfer as its client asked for it: what is prepared again.
     pub transfer: Transfer,
+    /// The name of the API token that submitted it.
     pub made_by: Option<String>,
 }
 
@@ -237,9 +352,13 @@ enum AfterSync {
 /// A decided transfer some shard still owes an ack (for the in-doubt listing).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwedView {
+    /// The transfer decided.
     pub id: TransferId,
+    /// The decision the shards are owed.
     pub decision: Decision,
+    /// How long ago it was decided (for a decision read back after a restart: how long since the restart).
     pub age_ms: u64,
+    /// The shards that have not acknowledged it.
     pub awaiting_shards: Vec<ShardId>,
 }
 
@@ -258,6 +377,7 @@ pub struct InMemory {
     pub unlogged: usize,
 }
 
+/// The coordinator's core; see the module docs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CoordinatorCore {
     config: CoreConfig,
@@ -359,20 +479,21 @@ impl CoordinatorCore {
         self
     }
 
+    /// The settings the core was made with.
     pub fn config(&self) -> &CoreConfig {
         &self.config
     }
 
-    /// A client asks for transfer `id`. `logged` is what the log holds for `id` (the shell reads it; it is only
-    /// consulted when `id` is not running here; a decision this core made and has not handed out in
-    /// [`CoordinatorCore::poll_log`] yet counts as logged). On `Ok`, an [`Answer::Transfer`] for `id` follows.
+    /// A client asks for transfer `id`. Unless `id` is running here, the core reads what `log` holds for it
+    /// (a decision this core made and has not handed out in [`CoordinatorCore::poll_log`] yet counts as
+    /// logged). On `Ok`, an [`Answer::Transfer`] for `id` follows.
     pub fn handle_submit(
         &mut self,
         now_ms: u64,
         id: TransferId,
         transfer: Transfer,
         made_by: Option<String>,
-        logged: Option<&TransferRecord>,
+        log: &dyn DecisionLog,
     ) -> Result<(), SubmitError> {
         if let Some(run) = self.running.get(&id) {
             return if run.machine.transfer == transfer { Ok(()) } else { Err(SubmitError::IdempotencyConflict) };
@@ -381,9 +502,10 @@ impl CoordinatorCore {
             .holds
             .get(&id)
             .map(|h| (h.transfer.clone(), Outcome::Held { expires_at_unix_ms: h.expires_at_unix_ms }));
-        let logged = granted
-            .or_else(|| self.unlogged.get(&id).cloned())
-            .or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
+        let logged = match granted.or_else(|| self.unlogged.get(&id).cloned()) {
+            Some(known) => Some(known),
+            None => log.decision(&id).map_err(|_| SubmitError::LogUnreadable)?.map(|r| (r.transfer, r.outcome)),
+        };
         if let Some((logged_transfer, outcome)) = logged {
             if logged_transfer != transfer {
                 return Err(SubmitError::IdempotencyConflict);
@@ -473,18 +595,22 @@ impl CoordinatorCore {
         }
     }
 
-    /// A participant asks what became of `items`; `logged[i]` is the decision the log holds for item i (the
-    /// transfer it decided, and how; as for `handle_submit`, a decision not handed out yet counts). An
-    /// [`Answer::Queries`] with the returned number follows, once every answer is durable.
-    pub fn handle_query(&mut self, items: Vec<(DecisionQueryItem, Option<(Transfer, Outcome)>)>) -> u64 {
+    /// A participant asks what became of `items`; the core reads what `log` holds for each (as for
+    /// `handle_submit`, a decision not handed out yet counts). An [`Answer::Queries`] with the returned number
+    /// follows, once every answer is durable. If the log cannot be read, nothing is answered or logged.
+    pub fn handle_query(&mut self, items: Vec<DecisionQueryItem>, log: &dyn DecisionLog) -> Result<u64, LogUnreadable> {
+        let mut read = Vec::with_capacity(items.len());
+        for item in &items {
+            read.push(log.decision(&item.id)?.map(|r| (r.transfer, r.outcome)));
+        }
         self.next_query += 1;
         let query = self.next_query;
         let mut answers = Vec::with_capacity(items.len());
-        for (item, logged) in items {
+        for (item, logged) in items.into_iter().zip(read) {
             // A shell may feed several inputs before it drains the log: a transfer committed by the first is no
             // longer running, and its decision not yet in the log it reads. Presuming it aborted would contradict
             // the Commit already on its way.
-            let logged = logged.or_else(|| self.unlogged.get(&item.id).cloned());
+            let logged = self.unlogged.get(&item.id).cloned().or(logged);
             // A shard may hold a body that a client sent under an id it then reused for another, after a crash
             // erased the first here before it was logged. That body was never decided (a decision never
             // changes, and this one is for another body), and can no longer be: it aborts.
@@ -522,18 +648,17 @@ impl CoordinatorCore {
         // Every answer waits for a sync, not only the presumed aborts: a commit or abort read from the log may
         // itself not be durable yet.
         self.after_next_sync(AfterSync::Answer(Answer::Queries { query, answers }));
-        query
+        Ok(query)
     }
 
-    /// A client ends hold `id`. `logged` is what the log holds for `id`, as for `handle_submit`. On `Ok`, an
-    /// [`Answer::Transfer`] for `id` follows: the end's outcome once it is durable (a repeated request gets the
-    /// same one).
+    /// A client ends hold `id`; the core reads `log` as for `handle_submit`. On `Ok`, an [`Answer::Transfer`]
+    /// for `id` follows: the end's outcome once it is durable (a repeated request gets the same one).
     pub fn handle_end_hold(
         &mut self,
         now_ms: u64,
         id: TransferId,
         end: HoldEnd,
-        logged: Option<&TransferRecord>,
+        log: &dyn DecisionLog,
     ) -> Result<(), HoldError> {
         if let Some(hold) = self.holds.get(&id) {
             let held = hold.transfer.single().map_or(0, |leg| leg.amount.minor());
@@ -570,8 +695,10 @@ impl CoordinatorCore {
             None if self.presumed_unsynced.contains_key(&id) => return Err(HoldError::NotActive("pending")),
             None => {
                 // A decision not handed out yet is newer than the log.
-                let logged =
-                    self.unlogged.get(&id).cloned().or_else(|| logged.map(|r| (r.transfer.clone(), r.outcome)));
+                let logged = match self.unlogged.get(&id).cloned() {
+                    Some(known) => Some(known),
+                    None => log.decision(&id).map_err(|_| HoldError::LogUnreadable)?.map(|r| (r.transfer, r.outcome)),
+                };
                 let (transfer, outcome) = logged.ok_or(HoldError::NotFound)?;
                 (transfer, Some(outcome))
             }
@@ -697,10 +824,12 @@ impl CoordinatorCore {
         Some((shard as ShardId, queue.drain(..take).collect()))
     }
 
+    /// The next answer the shell may release: every write it depends on is durable.
     pub fn poll_answer(&mut self) -> Option<Answer> {
         self.answers.pop_front()
     }
 
+    /// The next event worth a log line or a metric.
     pub fn poll_notice(&mut self) -> Option<Notice> {
         self.notices.pop_front()
     }
@@ -718,6 +847,7 @@ impl CoordinatorCore {
         self.running.get(id).map(|r| &r.machine.transfer)
     }
 
+    /// Every transfer being prepared or logged, in id order.
     pub fn running_transfers(&self) -> impl Iterator<Item = (&TransferId, &Transfer)> {
         self.running.iter().map(|(id, r)| (id, &r.machine.transfer))
     }
@@ -727,6 +857,7 @@ impl CoordinatorCore {
         self.running.get(id).is_some_and(|r| r.parallel)
     }
 
+    /// How many transfers are being prepared or logged.
     pub fn running_count(&self) -> usize {
         self.running.len()
     }
@@ -771,6 +902,7 @@ impl CoordinatorCore {
             && self.outbox.iter().all(VecDeque::is_empty)
     }
 
+    /// How many decided transfers some shard has not acknowledged.
     pub fn owed_count(&self) -> usize {
         self.owed.len()
     }
@@ -1017,6 +1149,13 @@ fn awaits_vote(machine: &TransferMachine, shard: ShardId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log that holds `self` for whatever id is asked: enough for a test about one transfer.
+    impl DecisionLog for Option<&TransferRecord> {
+        fn decision(&self, _: &TransferId) -> Result<Option<TransferRecord>, LogUnreadable> {
+            Ok(self.cloned())
+        }
+    }
     use crate::ledger::Amount;
     use crate::msg::{RefusalReason, Vote};
 
@@ -1080,7 +1219,7 @@ mod tests {
         let (captured, released, expiring) =
             (TransferId::from_u128(1), TransferId::from_u128(2), TransferId::from_u128(3));
         for (id, seconds) in [(captured, 60), (released, 60), (expiring, 5)] {
-            core.handle_submit(1_000, id, hold(10, seconds), None, None).expect("taken");
+            core.handle_submit(1_000, id, hold(10, seconds), None, &None).expect("taken");
         }
         let frames = drain_frames(&mut core);
         vote_all(&mut core, &frames, Vote::Yes);
@@ -1102,7 +1241,7 @@ mod tests {
         core.handle_timeout(1_100); // the spent prepare deadlines
         assert_eq!(core.poll_timeout(), Some(6_000), "the soonest expiry");
         assert_eq!(
-            core.handle_submit(1_000, captured, transfer(10), None, None),
+            core.handle_submit(1_000, captured, transfer(10), None, &None),
             Err(SubmitError::IdempotencyConflict)
         );
 
@@ -1110,12 +1249,15 @@ mod tests {
         let logged =
             |outcome| TransferRecord { transfer: hold(10, 60), outcome, shards: vec![0, 1], decided_at_unix_ms: 1_000 };
         assert_eq!(
-            core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), None),
+            core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(11)), &None),
             Err(HoldError::BadAmount { held: 10 })
         );
-        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), None).expect("taken");
+        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), &None).expect("taken");
         // Until the capture is durable, a crash may lose it: another end hears only that the hold is pending.
-        assert_eq!(core.handle_end_hold(2_000, captured, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
+        assert_eq!(
+            core.handle_end_hold(2_000, captured, HoldEnd::Release, &None),
+            Err(HoldError::NotActive("pending"))
+        );
         assert!(
             core.poll_answer().is_none() && drain_frames(&mut core).is_empty(),
             "nothing before the log is durable"
@@ -1139,13 +1281,13 @@ mod tests {
         );
         // Asked again: the same answer from the log; another end is refused.
         let record = logged(Outcome::Captured { amount: 4 });
-        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), Some(&record)).expect("a replay");
+        core.handle_end_hold(2_000, captured, HoldEnd::Capture(Some(4)), &Some(&record)).expect("a replay");
         assert_eq!(
-            core.handle_end_hold(2_000, captured, HoldEnd::Capture(None), Some(&record)),
+            core.handle_end_hold(2_000, captured, HoldEnd::Capture(None), &Some(&record)),
             Err(HoldError::NotActive("captured"))
         );
 
-        core.handle_end_hold(2_000, released, HoldEnd::Release, None).expect("taken");
+        core.handle_end_hold(2_000, released, HoldEnd::Release, &None).expect("taken");
         sync(&mut core, 2_000);
         let frames = drain_frames(&mut core);
         assert!(frames
@@ -1160,16 +1302,16 @@ mod tests {
         assert!(matches!(sync(&mut core, 6_000)[..], [LogWrite::Decision { outcome: Outcome::Expired, .. }]));
         let record = logged(Outcome::Expired);
         assert_eq!(
-            core.handle_end_hold(6_000, expiring, HoldEnd::Capture(None), Some(&record)),
+            core.handle_end_hold(6_000, expiring, HoldEnd::Capture(None), &Some(&record)),
             Err(HoldError::Expired)
         );
         let plain = TransferRecord { transfer: transfer(10), ..logged(Outcome::Committed) };
         assert_eq!(
-            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, Some(&plain)),
+            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, &Some(&plain)),
             Err(HoldError::NotAHold)
         );
         assert_eq!(
-            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, None),
+            core.handle_end_hold(6_000, TransferId::from_u128(9), HoldEnd::Release, &None),
             Err(HoldError::NotFound)
         );
     }
@@ -1178,7 +1320,7 @@ mod tests {
     fn granting(id: TransferId) -> CoordinatorCore {
         let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
         up(&mut core);
-        core.handle_submit(1_000, id, hold(10, 60), None, None).expect("taken");
+        core.handle_submit(1_000, id, hold(10, 60), None, &None).expect("taken");
         let frames = drain_frames(&mut core);
         vote_all(&mut core, &frames, Vote::Yes);
         core
@@ -1189,22 +1331,22 @@ mod tests {
         let id = TransferId::from_u128(1);
         let mut core = granting(id);
         assert_eq!(
-            core.handle_end_hold(1_000, id, HoldEnd::Release, None),
+            core.handle_end_hold(1_000, id, HoldEnd::Release, &None),
             Err(HoldError::NotActive("pending")),
             "granting"
         );
         sync(&mut core, 1_000);
-        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), None).expect("taken");
-        assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Release, None), Err(HoldError::NotActive("pending")));
+        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), &None).expect("taken");
+        assert_eq!(core.handle_end_hold(2_000, id, HoldEnd::Release, &None), Err(HoldError::NotActive("pending")));
         assert_eq!(
-            core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(5)), None),
+            core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(5)), &None),
             Err(HoldError::NotActive("pending"))
         );
         // Had the release heard "captured": a crash before the capture is durable leaves the hold granted (its
         // `h` key names the grant), and it may yet be released or expire.
         let granted = GrantedHold { id, transfer: hold(10, 60), made_by: None, expires_at_unix_ms: 61_000 };
         let mut restarted = CoordinatorCore::new(config(), 2_000, Vec::new(), Vec::new()).with_holds(vec![granted]);
-        restarted.handle_end_hold(2_100, id, HoldEnd::Release, None).expect("still granted after the crash");
+        restarted.handle_end_hold(2_100, id, HoldEnd::Release, &None).expect("still granted after the crash");
     }
 
     #[test]
@@ -1212,7 +1354,7 @@ mod tests {
         // A restarted coordinator with no record of a hold its shards prepared: their question presumes it aborted.
         let id = TransferId::from_u128(1);
         let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
-        core.handle_query(vec![(DecisionQueryItem { id, transfer: hold(10, 60) }, None)]);
+        core.handle_query(vec![DecisionQueryItem { id, transfer: hold(10, 60) }], &None).expect("read");
         let batch = core.poll_log().expect("the presumed abort");
         // The shell reads the abort back before it is synced: a crash could still lose it, and the client that
         // submitted the hold, resubmitting, could then have it granted.
@@ -1220,12 +1362,12 @@ mod tests {
         let read =
             TransferRecord { transfer: hold(10, 60), outcome: presumed, shards: Vec::new(), decided_at_unix_ms: 1 };
         assert_eq!(
-            core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)),
+            core.handle_end_hold(1_000, id, HoldEnd::Release, &Some(&read)),
             Err(HoldError::NotActive("pending"))
         );
         core.handle_synced(1_000, batch.sync.expect("a barrier"));
         assert_eq!(
-            core.handle_end_hold(1_000, id, HoldEnd::Release, Some(&read)),
+            core.handle_end_hold(1_000, id, HoldEnd::Release, &Some(&read)),
             Err(HoldError::NotActive("aborted"))
         );
     }
@@ -1238,8 +1380,8 @@ mod tests {
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Held { .. }, .. })));
         // A late copy of the submission is answered "held" after the next sync; a capture comes before it. The
         // shell's waiters on the id are the submitter and the capturer: both hear the capture, once durable.
-        core.handle_submit(2_000, id, hold(10, 60), None, None).expect("a replay");
-        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), None).expect("taken");
+        core.handle_submit(2_000, id, hold(10, 60), None, &None).expect("a replay");
+        core.handle_end_hold(2_000, id, HoldEnd::Capture(Some(4)), &None).expect("taken");
         sync(&mut core, 2_000);
         let answers: Vec<Answer> = std::iter::from_fn(|| core.poll_answer()).collect();
         let captured = Answer::Transfer { id, transfer: hold(10, 60), outcome: Outcome::Captured { amount: 4 } };
@@ -1257,17 +1399,13 @@ mod tests {
         let captured = TransferRecord { outcome: Outcome::Captured { amount: 3 }, ..held.clone() };
         let released = TransferRecord { outcome: Outcome::Released, ..held.clone() };
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
-        let items = [held, captured, released]
+        let log: BTreeMap<TransferId, TransferRecord> = [held, captured, released]
             .into_iter()
             .enumerate()
-            .map(|(i, r)| {
-                (
-                    DecisionQueryItem { id: TransferId::from_u128(i as u128), transfer: r.transfer.clone() },
-                    Some((r.transfer, r.outcome)),
-                )
-            })
+            .map(|(i, r)| (TransferId::from_u128(i as u128), r))
             .collect();
-        let q = core.handle_query(items);
+        let items = log.iter().map(|(id, r)| DecisionQueryItem { id: *id, transfer: r.transfer.clone() }).collect();
+        let q = core.handle_query(items, &log).expect("read");
         sync(&mut core, 0);
         let answers = vec![QueryAnswer::Held, QueryAnswer::Pending, QueryAnswer::Abort];
         assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers }));
@@ -1278,7 +1416,7 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(1);
-        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, id, transfer(5), None, &None).expect("taken");
         let staging = core.poll_log().expect("the staging record is logged");
         assert!(matches!(staging.writes[..], [LogWrite::Stage { .. }]));
         let frames = drain_frames(&mut core);
@@ -1287,7 +1425,7 @@ mod tests {
         assert!(core.poll_log().is_none(), "no decision before the staging record is durable");
         assert!(core.poll_transmit().is_none() && core.poll_answer().is_none(), "nothing before the sync");
         // A query meanwhile must hear pending, never abort.
-        let q = core.handle_query(vec![(DecisionQueryItem { id, transfer: transfer(5) }, None)]);
+        let q = core.handle_query(vec![DecisionQueryItem { id, transfer: transfer(5) }], &None).expect("read");
         let barrier2 = core.poll_log().and_then(|b| b.sync).expect("the answer waits for a sync");
         core.handle_synced(0, staging.sync.expect("a barrier"));
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { outcome: Outcome::Committed, .. })));
@@ -1310,7 +1448,7 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(11);
-        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, id, transfer(5), None, &None).expect("taken");
         let staging = core.poll_log().expect("staged");
         core.handle_synced(0, staging.sync.expect("a barrier"));
         let frames = drain_frames(&mut core);
@@ -1328,14 +1466,14 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(16);
-        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, id, transfer(5), None, &None).expect("taken");
         let staging = core.poll_log().expect("staged");
         core.handle_synced(0, staging.sync.expect("a barrier"));
         let frames = drain_frames(&mut core);
         vote_all(&mut core, &frames, Vote::Yes);
         assert!(core.running(&id).is_none(), "committed, no longer running");
-        let q = core.handle_query(vec![(DecisionQueryItem { id, transfer: transfer(5) }, None)]);
-        core.handle_submit(0, id, transfer(5), None, None).expect("a replay, not a new run");
+        let q = core.handle_query(vec![DecisionQueryItem { id, transfer: transfer(5) }], &None).expect("read");
+        core.handle_submit(0, id, transfer(5), None, &None).expect("a replay, not a new run");
         assert!(core.running(&id).is_none(), "not run again");
         let batch = core.poll_log().expect("the commit, and a sync for the answers");
         let decisions: Vec<Outcome> = batch
@@ -1359,8 +1497,8 @@ mod tests {
         let mut core = CoordinatorCore::new(busy, 0, Vec::new(), Vec::new());
         up(&mut core);
         let (a, b) = (TransferId::from_u128(14), TransferId::from_u128(15));
-        core.handle_submit(0, a, transfer(5), None, None).expect("taken");
-        core.handle_submit(0, b, transfer(6), None, None).expect("taken");
+        core.handle_submit(0, a, transfer(5), None, &None).expect("taken");
+        core.handle_submit(0, b, transfer(6), None, &None).expect("taken");
         let staging = core.poll_log().expect("a is staged");
         assert!(matches!(&staging.writes[..], [LogWrite::Stage { id, .. }] if *id == a), "b is not: {staging:?}");
         core.handle_synced(0, staging.sync.expect("a barrier"));
@@ -1428,7 +1566,7 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(2);
-        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
+        core.handle_submit(0, id, transfer(5), None, &None).expect("taken");
         drain_frames(&mut core);
         core.poll_log().expect("staged");
         core.handle_replies(0, 0, vec![FromShard::Vote { id, vote: Vote::Yes }]);
@@ -1450,8 +1588,8 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let (a, b) = (TransferId::from_u128(3), TransferId::from_u128(4));
-        core.handle_submit(0, a, transfer(5), None, None).expect("taken");
-        core.handle_submit(0, b, transfer(6), None, None).expect("taken");
+        core.handle_submit(0, a, transfer(5), None, &None).expect("taken");
+        core.handle_submit(0, b, transfer(6), None, &None).expect("taken");
         core.handle_replies(0, 0, vec![FromShard::Vote { id: b, vote: Vote::no(RefusalReason::InsufficientFunds) }]);
         assert_eq!(core.poll_timeout(), Some(100));
         core.handle_timeout(100);
@@ -1474,9 +1612,9 @@ mod tests {
         let mut core = CoordinatorCore::new(config(), 0, Vec::new(), Vec::new());
         up(&mut core);
         let id = TransferId::from_u128(5);
-        core.handle_submit(0, id, transfer(5), None, None).expect("taken");
-        assert_eq!(core.handle_submit(0, id, transfer(5), None, None), Ok(()), "joins the run");
-        assert_eq!(core.handle_submit(0, id, transfer(6), None, None), Err(SubmitError::IdempotencyConflict));
+        core.handle_submit(0, id, transfer(5), None, &None).expect("taken");
+        assert_eq!(core.handle_submit(0, id, transfer(5), None, &None), Ok(()), "joins the run");
+        assert_eq!(core.handle_submit(0, id, transfer(6), None, &None), Err(SubmitError::IdempotencyConflict));
         let record = TransferRecord {
             transfer: transfer(7),
             outcome: Outcome::Committed,
@@ -1484,7 +1622,7 @@ mod tests {
             decided_at_unix_ms: 0,
         };
         let other = TransferId::from_u128(6);
-        core.handle_submit(0, other, transfer(7), None, Some(&record)).expect("a replay");
+        core.handle_submit(0, other, transfer(7), None, &Some(&record)).expect("a replay");
         let barrier = core.poll_log().and_then(|b| b.sync).expect("a replay waits for a sync");
         core.handle_synced(0, barrier);
         assert!(matches!(core.poll_answer(), Some(Answer::Transfer { id, .. }) if id == other));
@@ -1492,8 +1630,8 @@ mod tests {
         small.transfers_in_flight_max = 1;
         let mut core = CoordinatorCore::new(small, 0, Vec::new(), Vec::new());
         up(&mut core);
-        core.handle_submit(0, TransferId::from_u128(7), transfer(1), None, None).expect("taken");
-        let refused = core.handle_submit(0, TransferId::from_u128(8), transfer(1), None, None);
+        core.handle_submit(0, TransferId::from_u128(7), transfer(1), None, &None).expect("taken");
+        let refused = core.handle_submit(0, TransferId::from_u128(8), transfer(1), None, &None);
         assert_eq!(refused, Err(SubmitError::Overloaded));
     }
 
@@ -1513,7 +1651,7 @@ mod tests {
         assert_eq!(frames, vec![(0, vec![ToShard::Decide { id, decision: Decision::Commit }])]);
         // An unknown transfer asked about is presumed aborted, in the log first.
         let unknown = TransferId::from_u128(10);
-        let q = core.handle_query(vec![(DecisionQueryItem { id: unknown, transfer: transfer(1) }, None)]);
+        let q = core.handle_query(vec![DecisionQueryItem { id: unknown, transfer: transfer(1) }], &None).expect("read");
         let batch = core.poll_log().expect("the abort is logged");
         assert!(matches!(&batch.writes[..], [LogWrite::Decision { id, .. }] if *id == unknown));
         core.handle_synced(5_000, batch.sync.expect("barrier"));

@@ -13,17 +13,22 @@ pub const ACCOUNT_ID_LEN_MAX: usize = 64;
 #[serde(try_from = "String", into = "String")]
 pub struct AccountId(String);
 
+/// Why a value was refused as ledger vocabulary; the message is fit to show a client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LedgerError {
+    /// The id is empty, longer than [`ACCOUNT_ID_LEN_MAX`], or has a character outside `[A-Za-z0-9_-]`.
     #[error("account id must be 1 to {ACCOUNT_ID_LEN_MAX} characters of A-Z, a-z, 0-9, '_' or '-'")]
     BadAccountId,
+    /// The amount is zero or negative: a transfer always moves some money.
     #[error("amount must be an integer from 1 to {}", i64::MAX)]
     BadAmount,
+    /// The balance is negative: no account holds less than nothing.
     #[error("balance must be an integer from 0 to {}", i64::MAX)]
     BadBalance,
 }
 
 impl AccountId {
+    /// Validates `id`; every id, including one read from the wire or disk, is made here.
     pub fn new(id: impl Into<String>) -> Result<Self, LedgerError> {
         let id = id.into();
         let well_formed = !id.is_empty()
@@ -36,6 +41,7 @@ impl AccountId {
         }
     }
 
+    /// The id's text, as sent and stored, and what the shard map hashes.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -74,6 +80,7 @@ impl fmt::Display for AccountId {
 pub struct Amount(i64);
 
 impl Amount {
+    /// Validates `minor`: an amount is at least 1.
     pub fn new(minor: i64) -> Result<Self, LedgerError> {
         if minor >= 1 {
             Ok(Amount(minor))
@@ -82,6 +89,7 @@ impl Amount {
         }
     }
 
+    /// The amount in minor units, as balances count them.
     pub fn minor(self) -> i64 {
         self.0
     }
@@ -112,13 +120,17 @@ pub const LEGS_MAX: usize = 16;
 /// One movement of a transfer: `amount` from `from` to `to`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Leg {
+    /// The account debited.
     pub from: AccountId,
+    /// The account credited.
     pub to: AccountId,
+    /// How much moves, in minor units.
     pub amount: Amount,
 }
 
 /// The longest a hold may last (30 days), and how long one lasts unless asked otherwise (a day).
 pub const HOLD_SECONDS_MAX: u32 = 2_592_000;
+/// How long a hold lasts when the client names no `expires_in_s`.
 pub const HOLD_SECONDS_DEFAULT: u32 = 86_400;
 
 /// What a client asked for: one or more legs (at most [`LEGS_MAX`]), applied all together or not at all; or a
@@ -139,12 +151,16 @@ pub struct Transfer {
     hold_seconds: Option<u32>,
 }
 
+/// Why legs could not be made into a transfer or a hold; the message is fit to show a client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LegsError {
+    /// No legs, or more than [`LEGS_MAX`].
     #[error("a transfer has 1 to {LEGS_MAX} legs")]
     Count,
+    /// A hold of no seconds, or of more than [`HOLD_SECONDS_MAX`].
     #[error("a hold lasts 1 to {HOLD_SECONDS_MAX} seconds")]
     HoldSeconds,
+    /// A hold of other than one leg.
     #[error("a hold has one leg")]
     HoldLegs,
 }
@@ -155,6 +171,7 @@ impl Transfer {
         Transfer { legs: std::sync::Arc::new([Leg { from, to, amount }]), hold_seconds: None }
     }
 
+    /// A transfer of `legs` (1 to [`LEGS_MAX`]), applied all together or not at all.
     pub fn new(legs: Vec<Leg>) -> Result<Transfer, LegsError> {
         if (1..=LEGS_MAX).contains(&legs.len()) {
             Ok(Transfer { legs: legs.into(), hold_seconds: None })
@@ -183,6 +200,7 @@ impl Transfer {
         self.hold_seconds
     }
 
+    /// Its legs, in the client's order; a leg's index here is how postings and answers name it.
     pub fn legs(&self) -> &[Leg] {
         &self.legs
     }
@@ -379,7 +397,9 @@ impl<'de> Deserialize<'de> for Transfer {
 /// One signed change to one account: negative debits, positive credits.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Posting {
+    /// The account changed; its shard is the one the posting falls on.
     pub account: AccountId,
+    /// The change in minor units.
     pub delta: i64,
 }
 

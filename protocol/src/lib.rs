@@ -7,8 +7,11 @@
 //! answer to release) is handed back for the caller to carry out. The servers and the simulator drive the same
 //! code.
 
+#![warn(missing_docs)]
+
 pub mod coordinator;
 pub mod coordinator_core;
+pub mod journal;
 pub mod ledger;
 pub mod msg;
 pub mod participant;

@@ -12,7 +12,7 @@
 
 use crate::ledger::{AccountId, ShardId, TransferId};
 use crate::msg::{DecideAck, Decision, PrepareItem, RefusalReason, Vote};
-use crate::state::{AccountRecord, PreparedRecord};
+use crate::state::{AccountRecord, HeuristicRecord, JournalEntry, PreparedRecord};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Decisions a machine keeps in memory once the store has them too (about 200 KB), so that a repeated
@@ -24,6 +24,7 @@ pub const RECENT_FINISHED_MAX: usize = 4_096;
 /// until the shell says the writes are applied ([`ParticipantMachine::writes_applied`]). A store that cannot
 /// be read is the shell's to handle (the server stops and recovers from disk), so the answer is plain.
 pub trait FinishedLog {
+    /// The decision finished here for `id`, or `None` if the store has none.
     fn decision(&self, id: &TransferId) -> Option<Decision>;
 }
 
@@ -48,31 +49,61 @@ pub enum Write {
     /// An account was created or its balance changed (a commit). Its `held` and `incoming` are not durable
     /// state: [`ParticipantMachine::restore`] derives them from the prepared records.
     Account(AccountId, AccountRecord),
+    /// The shard voted YES on a transfer: what it holds, kept until the decision comes.
     Prepared(TransferId, PreparedRecord),
+    /// A decision settled the prepared transfer, so its record goes.
     ClearPrepared(TransferId),
+    /// A transfer is over here, for good: what a late Prepare or decision is checked against.
     Finished(TransferId, Decision),
+    /// An entry of the journal (see [`crate::journal`]); a commit's entries name the transfer, and the last of
+    /// them is the journal seq its finished record keeps.
+    Journal(JournalEntry),
+    /// The journal's next sequence number, once per write group that added entries.
+    JournalNextSeq(u64),
+    /// The sum of every opening balance: money that entered the ledger.
+    CreatedTotal(i128),
+    /// An outcome an operator forced here.
+    Heuristic(TransferId, HeuristicRecord),
 }
 
+/// Why an account could not be opened.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CreateError {
+    /// An account of that id is already open here; opening never overwrites a balance.
     #[error("account already exists")]
     Exists,
 }
 
+/// A broken invariant, found in a state read back from disk or in a check of the running one.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RestoreError {
+    /// An account's `held` or `incoming` differs from what its prepared transfers add up to.
     #[error("account {account}: stored {field} is {stored}, but the prepared transfers add up to {derived}")]
-    HoldMismatch { account: AccountId, field: &'static str, stored: i64, derived: i64 },
+    HoldMismatch {
+        /// The account whose sum is wrong.
+        account: AccountId,
+        /// Which sum: `"held"` or `"incoming"`.
+        field: &'static str,
+        /// The sum the account has.
+        stored: i64,
+        /// The sum its prepared transfers give.
+        derived: i64,
+    },
+    /// A prepared transfer has a posting on an account this shard does not have.
     #[error("prepared transfer {0} names account {1}, which does not exist")]
     MissingAccount(TransferId, AccountId),
+    /// A transfer is both in doubt and finished: a decision was applied without clearing its prepared record.
     #[error("transfer {0} is both prepared and finished")]
     PreparedAndFinished(TransferId),
+    /// An account's balance, `held` or overdraft limit is out of bounds, or its sums overflow.
     #[error("account {0} breaks 0 <= held <= balance + overdraft_limit")]
     BadBalance(AccountId),
+    /// The running [`Totals`] drifted from the accounts they sum.
     #[error("the sums kept over the accounts differ from a fresh sum")]
     TotalsMismatch,
 }
 
+/// One shard's protocol state: its accounts and its prepared transfers, with the decisions it made recently.
 #[derive(Debug)]
 pub struct ParticipantMachine {
     shard: ShardId,
@@ -87,8 +118,11 @@ pub struct ParticipantMachine {
 /// over the accounts (a pass over a million takes tens of milliseconds under the state lock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
+    /// The money in every account, in minor units.
     pub balance: i128,
+    /// What the prepared debits hold.
     pub held: i128,
+    /// What the prepared credits are promised.
     pub incoming: i128,
     /// Accounts whose balance is below minus their overdraft limit (none, while the invariants hold).
     pub below_floor: u64,
@@ -156,6 +190,7 @@ impl Recent {
 }
 
 impl ParticipantMachine {
+    /// The state of a new shard: no accounts, nothing prepared.
     pub fn new(shard: ShardId) -> Self {
         ParticipantMachine {
             shard,
@@ -210,14 +245,17 @@ impl ParticipantMachine {
         Ok(machine)
     }
 
+    /// The shard this state belongs to.
     pub fn shard(&self) -> ShardId {
         self.shard
     }
 
+    /// The account of id `id`, if this shard has it.
     pub fn account(&self, id: &AccountId) -> Option<AccountRecord> {
         self.accounts.get(id).copied()
     }
 
+    /// How many accounts this shard has.
     pub fn accounts_len(&self) -> usize {
         self.accounts.len()
     }
@@ -234,10 +272,12 @@ impl ParticipantMachine {
         self.accounts.range::<str, _>((start, Bound::Unbounded))
     }
 
+    /// The transfers in doubt here, in no particular order.
     pub fn prepared(&self) -> impl Iterator<Item = (&TransferId, &PreparedRecord)> {
         self.prepared.iter()
     }
 
+    /// The prepared record of `id`, if it is in doubt here.
     pub fn prepared_transfer(&self, id: &TransferId) -> Option<&PreparedRecord> {
         self.prepared.get(id)
     }
@@ -296,6 +336,7 @@ impl ParticipantMachine {
         None
     }
 
+    /// Opens an account with no overdraft: its balance never goes below zero.
     pub fn create_account(&mut self, id: AccountId, balance: i64, writes: &mut Vec<Write>) -> Result<(), CreateError> {
         self.create_account_with_limit(id, balance, 0, writes)
     }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 pub const SCAN_INTERVAL_MS: u64 = 500;
 /// Backoff bounds while the coordinator does not answer.
 pub const BACKOFF_MIN_MS: u64 = 200;
+/// The longest wait between rounds while the coordinator does not answer.
 pub const BACKOFF_MAX_MS: u64 = 5_000;
 /// Transfers per query: bounds one request's size.
 pub const QUERY_ITEMS_MAX: usize = 1_000;
@@ -36,14 +37,19 @@ pub const QUERY_ITEMS_MAX: usize = 1_000;
 pub const LAST_HEARD_MAX: usize = 10_000;
 
 /// The resolver's settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ResolverConfig {
     /// A prepared transfer undecided this long is asked about (once a round has been answered since start).
     pub in_doubt_after_ms: u64,
+    /// How long after a round that went well the next one starts.
     pub scan_interval_ms: u64,
+    /// The wait after the first round that failed; it doubles with each failed round after it.
     pub backoff_min_ms: u64,
+    /// The most the wait doubles to.
     pub backoff_max_ms: u64,
+    /// The most transfers one query asks about.
     pub query_items_max: usize,
+    /// The most transfers whose last answer is remembered; past it the oldest news is forgotten.
     pub last_heard_max: usize,
 }
 
@@ -62,15 +68,18 @@ impl ResolverConfig {
 }
 
 /// A decision query to send: `items` to the coordinator at `coordinator_url`. Report its outcome with `id`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Query {
+    /// The number its outcome is reported with.
     pub id: u64,
+    /// The coordinator the transfers' prepared records name.
     pub coordinator_url: String,
+    /// The transfers asked about, oldest first.
     pub items: Vec<DecisionQueryItem>,
 }
 
 /// What the participant last heard about a transfer in doubt.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Heard {
     /// The coordinator is still deciding.
     Pending,
@@ -91,12 +100,16 @@ impl fmt::Display for Heard {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The latest news of a transfer in doubt, for the operator's in-doubt view.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LastHeard {
+    /// What the participant heard.
     pub heard: Heard,
+    /// When it heard it, on the resolver's clock.
     pub at_ms: u64,
 }
 
+/// Why the coordinator's answers to a query were not taken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AnswerError {
     /// Not a query waiting for answers: already answered, given up as unreachable, or never asked.
@@ -104,18 +117,24 @@ pub enum AnswerError {
     NotWaiting(u64),
     /// The query now counts as failed (the coordinator unreachable).
     #[error("{answered} answers for {asked} questions")]
-    CountMismatch { asked: usize, answered: usize },
+    CountMismatch {
+        /// How many transfers the query asked about.
+        asked: usize,
+        /// How many answers came back.
+        answered: usize,
+    },
 }
 
 /// A query handed out and not yet fully reported.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Outstanding {
     ids: Vec<TransferId>,
     /// Answered: its decisions are being applied.
     applying: bool,
 }
 
-#[derive(Clone, Debug)]
+/// The resolver's state: its rounds, its queries and what it last heard; see the module docs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ResolverCore {
     config: ResolverConfig,
     /// A round has been fully answered since start: from then on only transfers `in_doubt_after_ms` old are
@@ -279,6 +298,12 @@ impl ResolverCore {
         self.finish_query(now_ms, query, false, true);
     }
 
+    /// The queries handed out and not answered yet, oldest first: those a shell's timeout may report
+    /// unreachable.
+    pub fn unanswered(&self) -> Vec<u64> {
+        self.outstanding.iter().filter(|(_, o)| !o.applying).map(|(id, _)| *id).collect()
+    }
+
     /// The delay the current round's failure would cause (what the shell tells the operator when a query
     /// fails; read it before reporting the failure).
     pub fn retry_in_ms(&self) -> u64 {
@@ -299,6 +324,7 @@ impl ResolverCore {
         self.last_heard.get(id)
     }
 
+    /// How many transfers have news remembered (at most `last_heard_max`).
     pub fn last_heard_len(&self) -> usize {
         self.last_heard.len()
     }

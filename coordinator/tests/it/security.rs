@@ -90,11 +90,12 @@ async fn internal_calls_need_the_cluster_secret_and_id() {
     // The coordinator binds its shards to its cluster id as it starts (join), or at the latest on first use.
     c.create_account(&cross_shard_pair("bind").0, 1).await;
     c.create_account(&cross_shard_pair("bind").1, 1).await;
-    let p = format!("{}/internal/decide", c.participants[0].url());
-    let commit = json!({"items": [{"id": uuid::Uuid::new_v4(), "decision": "commit"}]});
-    assert_eq!(c.http.post(&p).json(&commit).send().await.expect("reply").status(), 401);
-    let r = c.http.post(&p).header("x-ledger-cluster-token", &token).header("x-ledger-cluster-id", other);
-    assert_eq!(r.json(&commit).send().await.expect("reply").status(), 403, "the shard belongs to its coordinator");
+    // The protocol's only way in is the stream's upgrade.
+    let p = format!("{}/internal/stream", c.participants[0].url());
+    let upgrade = |r: reqwest::RequestBuilder| r.header("connection", "upgrade").header("upgrade", "ledger-stream/1");
+    assert_eq!(upgrade(c.http.get(&p)).send().await.expect("reply").status(), 401);
+    let r = upgrade(c.http.get(&p)).header("x-ledger-cluster-token", &token).header("x-ledger-cluster-id", other);
+    assert_eq!(r.send().await.expect("reply").status(), 403, "the shard belongs to its coordinator");
 }
 
 #[tokio::test(flavor = "multi_thread")]

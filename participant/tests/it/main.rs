@@ -1,9 +1,13 @@
-//! The participant binary on its own, driven through its internal API: holds survive SIGKILL, decisions are
-//! idempotent, and a store is bound to its shard. `stream` drives the binary stream the coordinator uses.
+//! The participant binary on its own, driven as a coordinator drives it (the binary stream for the protocol,
+//! HTTP for the rest): holds survive SIGKILL, decisions are idempotent, and a store is bound to its shard.
+//! `stream` tests the stream itself: who may open it, malformed frames, a SIGKILL in the middle of a frame.
 
 mod stream;
 
+use common::stream::{self as wire_stream, Down, Up};
 use loadgen::launch::{Layout, Node, NodeSpec};
+use protocol::ledger::{AccountId, Amount, Posting, Transfer, TransferId};
+use protocol::msg::{DecideAck, Decision, FromShard, PrepareItem, RefusalReason, ToShard, Vote};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Stdio;
@@ -89,13 +93,41 @@ impl Participant {
     }
 }
 
-fn prepare_item(id: &str, from: &str, to: &str, amount: i64, postings: Value) -> Value {
-    json!({
-        "id": id,
-        "transfer": {"from": from, "to": to, "amount": amount},
-        "postings": postings,
-        "coordinator_url": "http://127.0.0.1:9",
-    })
+/// The coordinator's end of the stream, as a test speaks it: a frame of items out, its replies back.
+pub(crate) struct StreamClient(wire_stream::FramedStream<tokio::net::TcpStream>);
+
+impl StreamClient {
+    pub(crate) async fn open(p: &Participant) -> Self {
+        let opened = wire_stream::connect(p.addr(), &p.cluster_id, p.cluster_token.as_deref()).await;
+        StreamClient(opened.unwrap_or_else(|e| panic!("the stream opens: {e}")))
+    }
+
+    /// Sends `items` as one frame and waits for its replies, one per item, in order.
+    pub(crate) async fn send(&mut self, items: Vec<ToShard>) -> Vec<FromShard> {
+        let count = items.len();
+        wire_stream::send(&mut self.0, &Up::Items(items)).await.expect("frame sent");
+        loop {
+            let next =
+                tokio::time::timeout(std::time::Duration::from_secs(10), wire_stream::next::<_, Down>(&mut self.0));
+            match next.await.expect("replies in time").expect("replies") {
+                Down::Heartbeat => continue,
+                Down::Replies(replies) => {
+                    assert_eq!(replies.len(), count, "one reply per item: {replies:?}");
+                    return replies;
+                }
+            }
+        }
+    }
+}
+
+/// A prepare of `amount` from alice, on this shard, to bob, elsewhere.
+fn prepare_from_alice(id: TransferId, amount: i64) -> ToShard {
+    let alice = AccountId::new("alice").expect("valid");
+    let transfer =
+        Transfer::one(alice.clone(), AccountId::new("bob").expect("valid"), Amount::new(amount).expect(">0"));
+    let postings = vec![Posting { account: alice, delta: -amount }];
+    let item = PrepareItem { id, transfer, postings, coordinator_url: "http://127.0.0.1:9".into() };
+    ToShard::Prepare { item, made_by: None }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,32 +135,31 @@ async fn prepared_holds_survive_sigkill_and_decisions_apply_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let p = start(0, dir.path()).await;
     assert_eq!(p.post("/internal/accounts", json!({"id": "alice", "balance": 100})).await.0, 201);
-    let tx = uuid::Uuid::new_v4().to_string();
-    let item = prepare_item(&tx, "alice", "bob", 60, json!([{"account": "alice", "delta": -60}]));
-    let (status, reply) = p.post("/internal/prepare", json!({"items": [item]})).await;
-    assert_eq!((status, reply), (200, json!({"votes": [{"vote": "yes"}]})));
+    let tx = uuid::Uuid::new_v4();
+    let mut link = StreamClient::open(&p).await;
+    assert_eq!(link.send(vec![prepare_from_alice(tx, 60)]).await, vec![FromShard::Vote { id: tx, vote: Vote::Yes }]);
+    drop(link);
     drop(p); // SIGKILL
 
     let p = start(0, dir.path()).await;
     let alice = p.account("alice").await;
     assert_eq!((alice["balance"].clone(), alice["held"].clone()), (json!(100), json!(60)), "hold survived");
     // Only 40 is available while the hold stands.
-    let other = prepare_item(
-        &uuid::Uuid::new_v4().to_string(),
-        "alice",
-        "bob",
-        41,
-        json!([{"account": "alice", "delta": -41}]),
+    let mut link = StreamClient::open(&p).await;
+    let other = uuid::Uuid::new_v4();
+    let refused = Vote::No { reason: RefusalReason::InsufficientFunds, posting: Some(0) };
+    assert_eq!(
+        link.send(vec![prepare_from_alice(other, 41)]).await,
+        vec![FromShard::Vote { id: other, vote: refused }]
     );
-    let (_, reply) = p.post("/internal/prepare", json!({"items": [other]})).await;
-    assert_eq!(reply, json!({"votes": [{"vote": "no", "reason": "insufficient_funds", "posting": 0}]}));
 
-    let commit = json!({"items": [{"id": tx, "decision": "commit"}]});
     for _ in 0..2 {
-        assert_eq!(p.post("/internal/decide", commit.clone()).await, (200, json!({"acks": ["done"]})));
+        let acked = link.send(vec![ToShard::Decide { id: tx, decision: Decision::Commit }]).await;
+        assert_eq!(acked, vec![FromShard::Ack { id: tx, decision: Decision::Commit, ack: DecideAck::Done }]);
     }
-    let abort = json!({"items": [{"id": tx, "decision": "abort"}]});
-    assert_eq!(p.post("/internal/decide", abort).await, (200, json!({"acks": ["refused"]})));
+    let refused = link.send(vec![ToShard::Decide { id: tx, decision: Decision::Abort }]).await;
+    assert_eq!(refused, vec![FromShard::Ack { id: tx, decision: Decision::Abort, ack: DecideAck::Refused }]);
+    drop(link);
     drop(p);
 
     let p = start(0, dir.path()).await;
@@ -137,6 +168,17 @@ async fn prepared_holds_survive_sigkill_and_decisions_apply_once() {
     let applied: Value =
         p.http.get(format!("{}/internal/applied", p.url)).send().await.expect("reply").json().await.expect("list");
     assert_eq!(applied, json!([{"id": tx, "decision": "commit"}]));
+    // The commit is journaled with the balance after it, and the journal survives the restarts.
+    let (status, page) = p.get("/internal/accounts/alice/entries").await;
+    assert_eq!(status, 200, "{page}");
+    let entries: Vec<(Value, Value, Value)> = page["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["kind"].clone(), e["amount"].clone(), e["balance_after"].clone()))
+        .collect();
+    let expected = vec![(json!("posting"), json!(-60), json!(40)), (json!("opened"), json!(100), json!(100))];
+    assert_eq!(entries, expected);
 }
 
 #[tokio::test(flavor = "multi_thread")]
