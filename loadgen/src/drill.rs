@@ -111,31 +111,12 @@ impl Report {
     }
 }
 
-/// SplitMix64: a tiny, seedable generator; the drill needs reproducible choices, not cryptography.
-#[derive(Clone)]
-pub struct Rng(u64);
+/// The harnesses' one seeded generator: the drill needs reproducible choices, not cryptography.
+pub use protocol::rng::SplitMix64 as Rng;
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn duration_ms(&mut self, min_ms: u64, max_ms: u64) -> Duration {
-        Duration::from_millis(min_ms + self.below(max_ms - min_ms + 1))
-    }
+/// A duration from `min_ms` to `max_ms`, drawn from `rng`.
+pub fn duration_ms(rng: &mut Rng, min_ms: u64, max_ms: u64) -> Duration {
+    Duration::from_millis(rng.range(min_ms, max_ms))
 }
 
 /// What a client learnt about one transfer.
@@ -186,7 +167,7 @@ async fn end_hold(http: &reqwest::Client, base: &str, id: &str, amount: i64, rng
         2 => ("release", json!({})),
         _ => return None,
     };
-    tokio::time::sleep(rng.duration_ms(0, HOLD_SECONDS_MAX * 1_000)).await;
+    tokio::time::sleep(duration_ms(rng, 0, HOLD_SECONDS_MAX * 1_000)).await;
     for attempt in 0..ATTEMPTS_MAX {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
@@ -327,7 +308,8 @@ pub async fn run(config: Config) -> Report {
     let mut rng = Rng::new(config.seed);
     let mut next_progress = Instant::now() + config.progress_every;
     while Instant::now() < deadline {
-        let wait = rng.duration_ms(
+        let wait = duration_ms(
+            &mut rng,
             config.nemesis_interval.as_millis() as u64 / 2,
             config.nemesis_interval.as_millis() as u64 * 3 / 2,
         );
@@ -439,14 +421,14 @@ async fn nemesis_step(cluster: &mut Cluster, rng: &mut Rng, counters: &Counters)
     };
     if rng.below(3) == 0 {
         let Some(pid) = cluster.node(&victim).pid() else { return };
-        let pause = rng.duration_ms(300, 2_500);
+        let pause = duration_ms(rng, 300, 2_500);
         eprintln!("drill: nemesis pauses {victim} for {}ms", pause.as_millis());
         signal(pid, libc::SIGSTOP);
         tokio::time::sleep(pause).await;
         signal(pid, libc::SIGCONT);
         counters.pauses.fetch_add(1, Ordering::Relaxed);
     } else {
-        let down = rng.duration_ms(100, 2_000);
+        let down = duration_ms(rng, 100, 2_000);
         eprintln!("drill: nemesis kills {victim}, restarts it after {}ms", down.as_millis());
         cluster.node(&victim).kill();
         counters.kills.fetch_add(1, Ordering::Relaxed);

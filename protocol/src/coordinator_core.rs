@@ -40,6 +40,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Holds granted and not yet ended, at most: each keeps an entry in memory until it ends.
 pub const HOLDS_ACTIVE_MAX: usize = 100_000;
+/// Presumed aborts logged and not yet durable, at most: as many as the decision queries answered in one sync's
+/// time. Past it a query about an unknown transfer is answered "pending", and asked again.
+pub const PRESUMED_UNSYNCED_MAX: usize = 65_536;
+/// Answers released and not yet taken with [`CoordinatorCore::poll_answer`], and notices not yet taken with
+/// [`CoordinatorCore::poll_notice`], at most. The shell takes them after every burst of inputs, so a queue this
+/// long means it stopped draining the core: [`CoordinatorCore::check_invariants`] says so.
+pub const POLLED_WAITING_MAX: usize = 1 << 20;
 
 /// The core's settings (the shell's flags, in milliseconds).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -626,6 +633,10 @@ impl CoordinatorCore {
             };
             let answer = match plan {
                 QueryPlan::Answer(answer) => answer,
+                // Past the bound, the shard hears "pending" and asks again once earlier aborts are durable.
+                QueryPlan::LogAbortThenAnswer if self.presumed_unsynced.len() >= PRESUMED_UNSYNCED_MAX => {
+                    QueryAnswer::Pending
+                }
                 QueryPlan::LogAbortThenAnswer => {
                     let outcome = Outcome::Aborted(AbortReason::CoordinatorRestarted);
                     self.unlogged.insert(item.id, (item.transfer.clone(), outcome));
@@ -889,6 +900,53 @@ impl CoordinatorCore {
             holds: self.holds.len(),
             queued: self.outbox.iter().map(VecDeque::len).sum(),
             unlogged: self.unlogged.len(),
+        }
+    }
+
+    /// Panics if an invariant is broken (the simulator calls it after every step, the model check on every
+    /// state): the barriers' order, what waits for them, and every queue within its named bound.
+    pub fn check_invariants(&self) {
+        assert!(
+            self.barrier_synced <= self.barrier_issued,
+            "barrier {} synced, {} issued",
+            self.barrier_synced,
+            self.barrier_issued
+        );
+        let waits: Vec<u64> = self.after_sync.iter().map(|(b, _)| *b).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "what waits for a sync is out of barrier order");
+        assert!(waits.iter().all(|b| *b <= self.barrier_issued + 1), "something waits for a barrier never to come");
+        assert!(
+            self.sync_wanted || waits.iter().all(|b| *b <= self.barrier_issued),
+            "something waits for the next barrier, and none is wanted"
+        );
+        let recovered = self.running.values().filter(|r| r.recovering.is_some()).count();
+        assert_eq!(recovered, self.recovering, "the count of recovered runs");
+        let fresh = self.running.len() - recovered;
+        assert!(fresh <= self.config.transfers_in_flight_max, "{fresh} transfers running past the limit");
+        assert!(self.holds.len() <= HOLDS_ACTIVE_MAX, "{} holds granted", self.holds.len());
+        assert_eq!(self.expiries.len(), self.holds.len(), "one expiry per granted hold");
+        for (at, id) in &self.expiries {
+            assert!(self.holds.get(id).is_some_and(|h| h.expires_at_unix_ms == *at), "an expiry with no hold: {id}");
+        }
+        for id in self.holds.keys() {
+            assert!(!self.running.contains_key(id) && !self.owed.contains_key(id), "hold {id} is also deciding");
+        }
+        assert!(self.presumed_unsynced.len() <= PRESUMED_UNSYNCED_MAX, "too many presumed aborts not yet durable");
+        assert!(
+            self.presumed_unsynced.values().all(|b| *b > self.barrier_synced && *b <= self.barrier_issued + 1),
+            "a presumed abort is waiting for a barrier already synced, or never to come"
+        );
+        assert!(self
+            .unlogged
+            .keys()
+            .all(|id| self.log.iter().any(|w| matches!(w, LogWrite::Decision { id: d, .. } if d == id))));
+        assert!(self.answers.len() <= POLLED_WAITING_MAX, "{} answers not taken", self.answers.len());
+        assert!(self.notices.len() <= POLLED_WAITING_MAX, "{} notices not taken", self.notices.len());
+        assert_eq!(self.links.len(), self.outbox.len());
+        for (shard, queue) in self.outbox.iter().enumerate() {
+            if self.links[shard] == LinkState::Down {
+                assert!(queue.is_empty(), "work queued for shard {shard}, whose link is down");
+            }
         }
     }
 
@@ -1633,6 +1691,27 @@ mod tests {
         core.handle_submit(0, TransferId::from_u128(7), transfer(1), None, &None).expect("taken");
         let refused = core.handle_submit(0, TransferId::from_u128(8), transfer(1), None, &None);
         assert_eq!(refused, Err(SubmitError::Overloaded));
+    }
+
+    #[test]
+    fn a_query_answered_with_a_presumed_abort_waits_for_the_aborts_barrier() {
+        // A restarted coordinator with no record of a transfer a shard holds prepared: the abort is logged, and
+        // the answer leaves only once that write's barrier is durable, after a later input too.
+        let id = TransferId::from_u128(3);
+        let mut core = CoordinatorCore::new(config(), 1_000, Vec::new(), Vec::new());
+        let q = core.handle_query(vec![DecisionQueryItem { id, transfer: transfer(5) }], &None).expect("read");
+        assert_eq!(core.poll_answer(), None, "nothing before the abort is written");
+        let batch = core.poll_log().expect("the presumed abort");
+        assert!(matches!(
+            &batch.writes[..],
+            [LogWrite::Decision { outcome: Outcome::Aborted(AbortReason::CoordinatorRestarted), .. }]
+        ));
+        let barrier = batch.sync.expect("an answer waits for a barrier");
+        core.handle_timeout(1_500);
+        core.handle_synced(1_500, barrier - 1);
+        assert_eq!(core.poll_answer(), None, "nor before it is durable");
+        core.handle_synced(1_500, barrier);
+        assert_eq!(core.poll_answer(), Some(Answer::Queries { query: q, answers: vec![QueryAnswer::Abort] }));
     }
 
     #[test]

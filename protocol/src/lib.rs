@@ -17,4 +17,5 @@ pub mod msg;
 pub mod participant;
 pub mod participant_core;
 pub mod resolver;
+pub mod rng;
 pub mod state;

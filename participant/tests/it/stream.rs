@@ -8,6 +8,7 @@ use futures::{SinkExt, StreamExt};
 use protocol::ledger::{AccountId, Amount, Posting, Transfer};
 use protocol::msg::{Decision, PrepareItem, Vote};
 use protocol::msg::{FromShard, ToShard};
+use protocol::rng::SplitMix64;
 use protocol::state::AccountRecord;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -25,32 +26,6 @@ const _: () = assert!(2 * stream::SILENCE_TIMEOUT.as_millis() < ANSWER_WITHIN.as
 
 /// A cluster id other than `CLUSTER_ID`.
 const OTHER_CLUSTER_ID: &str = "00000000-0000-4000-8000-000000000001";
-
-/// SplitMix64 (Steele, Lea and Flood): a few lines, and enough to make a run reproducible from its seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Below `n` (> 0); the modulo bias is nothing for the small `n` used here.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-
-    fn uuid(&mut self) -> Uuid {
-        Uuid::from_u64_pair(self.next(), self.next())
-    }
-}
 
 fn alice() -> AccountId {
     AccountId::new("alice").expect("valid id")
@@ -230,7 +205,7 @@ fn items_that_would_apply(rng: &mut SplitMix64) -> Vec<ToShard> {
         items.push(prepare(id, 1 + rng.below(100) as i64, made_by));
         match rng.below(3) {
             0 => items.push(ToShard::Decide { id, decision: Decision::Commit }),
-            1 => items.push(ToShard::Read { read: rng.next(), account: alice() }),
+            1 => items.push(ToShard::Read { read: rng.next_u64(), account: alice() }),
             _ => {}
         }
     }
@@ -283,7 +258,7 @@ fn fuzz_case(rng: &mut SplitMix64, index: usize) -> Case {
         3 => {
             let mut body = stream::encode(&Up::Items(items_that_would_apply(rng))).to_vec();
             body[0] = loop {
-                let version = rng.next() as u8;
+                let version = rng.next_u64() as u8;
                 if version != FRAME_VERSION {
                     break version;
                 }
@@ -348,7 +323,7 @@ async fn malformed_frames_close_the_connection_and_apply_nothing() {
     let mut p = start(0, dir.path()).await;
     assert_eq!(p.post("/internal/accounts", json!({"id": "alice", "balance": FUZZ_BALANCE})).await.0, 201);
 
-    let mut rng = SplitMix64(FUZZ_SEED);
+    let mut rng = SplitMix64::new(FUZZ_SEED);
     let cases: Vec<Case> = (0..FUZZ_CASES).map(|i| fuzz_case(&mut rng, i)).collect();
     let mut kinds: HashMap<&str, usize> = HashMap::new();
     for case in &cases {
@@ -415,7 +390,7 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
 
     // Frames back to back, never waiting for an answer, until the connection breaks.
     let writer = tokio::spawn(async move {
-        let mut rng = SplitMix64(KILL_SEED);
+        let mut rng = SplitMix64::new(KILL_SEED);
         let mut sent = 0;
         while sent < KILL_FRAMES {
             let items = kill_frame(&mut rng).into_iter().map(|id| prepare(id, kill_amount(id), Some("kill"))).collect();
@@ -428,7 +403,7 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
     });
 
     // One reply frame per frame, in order; the YES votes are what a crash must not take back.
-    let mut expected = SplitMix64(KILL_SEED);
+    let mut expected = SplitMix64::new(KILL_SEED);
     let (mut answered, mut votes, mut killed) = (0usize, 0usize, false);
     let mut acknowledged: Vec<Uuid> = Vec::new();
     loop {
@@ -482,7 +457,7 @@ async fn votes_sent_on_the_stream_survive_a_sigkill_in_the_middle_of_a_frame() {
 
     let (status, in_doubt) = p.get("/internal/in_doubt").await;
     assert_eq!(status, 200, "{in_doubt}");
-    let mut rng = SplitMix64(KILL_SEED);
+    let mut rng = SplitMix64::new(KILL_SEED);
     let sent_ids: HashSet<Uuid> = (0..sent).flat_map(|_| kill_frame(&mut rng)).collect();
     let mut prepared = HashSet::new();
     let mut prepared_held = 0;

@@ -93,6 +93,7 @@ use protocol::msg::{DecideAck, Decision, DecisionQueryItem, FromShard, QueryAnsw
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::ParticipantCore;
 use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore};
+use protocol::rng::SplitMix64 as Rng;
 use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use protocol::state::{EntryKind, JournalEntry};
 use std::cmp::Reverse;
@@ -131,37 +132,10 @@ const QUIESCE_WITHIN: u64 = 120_000;
 const EVENTS_MAX: u64 = 200_000;
 const COORDINATOR_URL: &str = "sim://coordinator";
 
-/// A small seeded generator (SplitMix64): written out so a seed means the same run on every build.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x9E37_79B9_7F4A_7C15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi, "empty range {lo}..={hi}");
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    pub fn below(&mut self, n: usize) -> usize {
-        assert!(n > 0, "nothing to choose from");
-        (self.next_u64() % n as u64) as usize
-    }
-
-    pub fn chance(&mut self, p: f64) -> bool {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
+/// The simulation's generator for `seed`: the seed is mixed first, so that neighbouring seeds start far apart
+/// (`SIM_SEED` replays depend on this mixing).
+fn seeded(seed: u64) -> Rng {
+    Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x9E37_79B9_7F4A_7C15)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -384,7 +358,7 @@ struct Faults {
 
 impl Faults {
     fn draw(rng: &mut Rng) -> Faults {
-        let level = rng.below(4) as f64 / 3.0; // 0, 1/3, 2/3, 1
+        let level = rng.index(4) as f64 / 3.0; // 0, 1/3, 2/3, 1
         Faults {
             drop: 0.25 * level * rng.range(0, 100) as f64 / 100.0,
             duplicate: 0.15 * rng.range(0, 100) as f64 / 100.0,
@@ -933,7 +907,7 @@ type Check = Result<(), String>;
 
 impl Cluster {
     pub fn new(seed: u64, reused_ids: bool, trace: bool) -> Cluster {
-        let mut rng = Rng::new(seed);
+        let mut rng = seeded(seed);
         let shard_count = if rng.chance(0.6) { 2 } else { 3 };
         let faults = Faults::draw(&mut rng);
         let fault_end = rng.range(3_000, 15_000);
@@ -1044,9 +1018,9 @@ impl Cluster {
         for i in 0..count {
             let pick = |rng: &mut Rng| {
                 if rng.chance(0.08) {
-                    account(&format!("ghost{}", rng.below(2)))
+                    account(&format!("ghost{}", rng.index(2)))
                 } else {
-                    accounts[rng.below(accounts.len())].clone()
+                    accounts[rng.index(accounts.len())].clone()
                 }
             };
             // Some are holds, of one leg; now and then a transfer has several legs, over any of the shards, all or
@@ -1075,7 +1049,7 @@ impl Cluster {
             let reusable: Vec<TransferId> =
                 self.intents.iter().filter(|i| i.transfer.hold_seconds().is_none()).map(|i| i.id).collect();
             let id = if self.reused_ids && !hold && !reusable.is_empty() && self.rng.chance(0.3) {
-                reusable[self.rng.below(reusable.len())]
+                reusable[self.rng.index(reusable.len())]
             } else {
                 Uuid::from_u128(((self.seed as u128) << 64) | (i as u128 + 1))
             };
@@ -1092,11 +1066,11 @@ impl Cluster {
     fn plan_hold_ends(&mut self, intent: usize, hold: &Transfer) -> Vec<usize> {
         let held = hold.single().expect("a hold has one leg").amount.minor();
         let lasts_ms = u64::from(hold.hold_seconds().expect("a hold")) * 1_000;
-        let count = [0, 0, 1, 1, 1, 1, 2, 2][self.rng.below(8)];
+        let count = [0, 0, 1, 1, 1, 1, 2, 2][self.rng.index(8)];
         (0..count)
             .map(|_| {
                 let end = if self.rng.chance(0.6) {
-                    HoldEnd::Capture(match self.rng.below(10) {
+                    HoldEnd::Capture(match self.rng.index(10) {
                         0..=2 => None,
                         3 => Some(held + 1),
                         _ => Some(self.rng.range(1, held as u64) as i64),
@@ -1339,7 +1313,7 @@ impl Cluster {
     }
 
     fn random_server(&mut self) -> Node {
-        let i = self.rng.below(self.shard_count as usize + 1);
+        let i = self.rng.index(self.shard_count as usize + 1);
         if i == 0 {
             Node::Coordinator
         } else {
@@ -2331,6 +2305,9 @@ impl Cluster {
 
     /// After every event: the changed node's books, and money across the cluster, in memory and on disk.
     fn check_step(&mut self, touched: Option<Node>) -> Check {
+        if let Some(core) = &self.coordinator.core {
+            core.check_invariants();
+        }
         if let Some(Node::Participant(s)) = touched {
             let p = &self.participants[s as usize];
             if let Some(core) = &p.core {
