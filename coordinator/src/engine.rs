@@ -14,8 +14,10 @@ use common::ledger::{AccountId, ShardId, Transfer, TransferId};
 use common::records::{AccountRecord, Outcome};
 use common::wire::{DecisionQueryItem, FromShard, QueryAnswer};
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, HoldEnd, HoldError, LogWrite, Notice, OwedView, SubmitError,
+    drain, Answer, CoordinatorCore, CoreConfig, CoreShell, HoldEnd, HoldError, LogBatch, LogWrite, Notice, OwedView,
+    SubmitError,
 };
+use protocol::msg::ToShard;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -328,6 +330,44 @@ impl Engine {
     }
 }
 
+impl CoreShell for Shell {
+    type Error = std::convert::Infallible;
+
+    fn core(&mut self) -> &mut CoordinatorCore {
+        &mut self.core
+    }
+
+    fn write_log(&mut self, batch: LogBatch) -> Result<(), Self::Error> {
+        self.log_writes(batch);
+        Ok(())
+    }
+
+    fn transmit(&mut self, shard: ShardId, items: Vec<ToShard>) -> Result<(), Self::Error> {
+        let sent = match &self.links[shard as usize] {
+            Some((_, frames)) => frames.try_send(participants::Outgoing::new(items)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // A link that cannot take a frame is as good as lost: drop it, and its task reconnects.
+            self.link_lost(shard);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, answer: Answer) -> Result<(), Self::Error> {
+        self.release_answer(answer);
+        Ok(())
+    }
+
+    fn notice(&mut self, notice: Notice) -> Result<(), Self::Error> {
+        if let Notice::LinkWanted { shard } = notice {
+            self.wakes[shard as usize].notify_one();
+        }
+        notify(notice);
+        Ok(())
+    }
+}
+
 fn unacknowledged_view(o: OwedView) -> Unacknowledged {
     let decision = if o.decision == common::wire::Decision::Commit { "commit" } else { "abort" };
     Unacknowledged { id: o.id, decision, age_ms: o.age_ms, awaiting_shards: o.awaiting_shards }
@@ -583,40 +623,13 @@ impl Shell {
 
     /// Carries out everything the core asks for, until it asks for nothing more.
     fn drive(&mut self) {
-        loop {
-            let mut progressed = false;
-            while let Some(batch) = self.core.poll_log() {
-                progressed = true;
-                self.write_log(batch);
-            }
-            while let Some((shard, items)) = self.core.poll_transmit() {
-                progressed = true;
-                let sent = match &self.links[shard as usize] {
-                    Some((_, frames)) => frames.try_send(participants::Outgoing::new(items)).is_ok(),
-                    None => false,
-                };
-                if !sent {
-                    // A link that cannot take a frame is as good as lost: drop it, and its task reconnects.
-                    self.link_lost(shard);
-                }
-            }
-            while let Some(answer) = self.core.poll_answer() {
-                progressed = true;
-                self.release(answer);
-            }
-            while let Some(notice) = self.core.poll_notice() {
-                if let Notice::LinkWanted { shard } = notice {
-                    self.wakes[shard as usize].notify_one();
-                }
-                notify(notice);
-            }
-            if !progressed {
-                return;
-            }
+        match drain(self) {
+            Ok(()) => {}
+            Err(never) => match never {},
         }
     }
 
-    fn write_log(&mut self, batch: protocol::coordinator_core::LogBatch) {
+    fn log_writes(&mut self, batch: LogBatch) {
         let mut decisions = false;
         let mut writes = self.wal.batch();
         for write in batch.writes {
@@ -662,7 +675,7 @@ impl Shell {
         });
     }
 
-    fn release(&mut self, answer: Answer) {
+    fn release_answer(&mut self, answer: Answer) {
         match answer {
             Answer::Transfer { id, transfer, outcome } => {
                 let (label, reason) = (outcome.status(), outcome.abort_reason().map_or("none", |r| r.code()));

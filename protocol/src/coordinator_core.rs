@@ -293,6 +293,51 @@ pub enum Notice {
     },
 }
 
+/// What a shell does with what the core asks for: [`drain`] hands it over. The engine, the simulator and the
+/// model check each implement it, so the order in which the core's output is carried out is one rule.
+pub trait CoreShell {
+    /// Why the shell cannot go on (the simulator's and the model's checks; the engine's never fails).
+    type Error;
+    /// The core the shell drives.
+    fn core(&mut self) -> &mut CoordinatorCore;
+    /// Applies the writes to the log, in order; with a barrier, makes them durable and then reports it
+    /// ([`CoordinatorCore::handle_synced`]).
+    fn write_log(&mut self, batch: LogBatch) -> Result<(), Self::Error>;
+    /// Sends a frame to `shard` on its current link (or reports the link lost).
+    fn transmit(&mut self, shard: ShardId, items: Vec<ToShard>) -> Result<(), Self::Error>;
+    /// Tells whoever waits for it: every write it depends on is durable.
+    fn release(&mut self, answer: Answer) -> Result<(), Self::Error>;
+    /// A log line, a metric, or a link to try now.
+    fn notice(&mut self, notice: Notice) -> Result<(), Self::Error>;
+}
+
+/// Carries out everything the core asks for, until it asks for nothing more: its log writes first (a frame or
+/// an answer may depend on them), then its frames, its answers and its notices, and again while any of them
+/// made more.
+pub fn drain<S: CoreShell + ?Sized>(shell: &mut S) -> Result<(), S::Error> {
+    loop {
+        let mut progressed = false;
+        while let Some(batch) = shell.core().poll_log() {
+            progressed = true;
+            shell.write_log(batch)?;
+        }
+        while let Some((shard, items)) = shell.core().poll_transmit() {
+            progressed = true;
+            shell.transmit(shard, items)?;
+        }
+        while let Some(answer) = shell.core().poll_answer() {
+            progressed = true;
+            shell.release(answer)?;
+        }
+        while let Some(notice) = shell.core().poll_notice() {
+            shell.notice(notice)?;
+        }
+        if !progressed {
+            return Ok(());
+        }
+    }
+}
+
 /// The shell's link to one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LinkState {

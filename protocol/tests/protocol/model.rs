@@ -49,15 +49,15 @@
 //! disk contents written record by record, torn flushes, many transfers, real timings.
 
 use protocol::coordinator_core::{
-    Answer, CoordinatorCore, CoreConfig, DecisionLog, GrantedHold, HoldEnd, HoldError, LogBatch, LogUnreadable,
-    LogWrite, Notice, StagedTransfer,
+    drain, Answer, CoordinatorCore, CoreConfig, CoreShell, DecisionLog, GrantedHold, HoldEnd, HoldError, LogBatch,
+    LogUnreadable, LogWrite, Notice, StagedTransfer,
 };
 use protocol::journal::JournalState;
 use protocol::ledger::{AccountId, Amount, Leg, ShardId, Transfer, TransferId};
 use protocol::msg::{DecideAck, Decision, DecisionQueryItem, FromShard, QueryAnswer, ToShard};
 use protocol::participant::{ParticipantMachine, Write};
 use protocol::participant_core::{frame_is_well_formed, Durability, ParticipantCore};
-use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore, LAST_HEARD_MAX, QUERY_ITEMS_MAX};
+use protocol::resolver::{AnswerError, ResolverConfig, ResolverCore, QUERY_ITEMS_MAX};
 use protocol::state::{AbortReason, AccountRecord, Outcome, PreparedRecord, TransferRecord};
 use stateright::{Checker, Model, Property};
 use std::collections::hash_map::DefaultHasher;
@@ -80,7 +80,8 @@ const CAPTURED: i64 = 4;
 const RESOLVER_NOW: u64 = u64::MAX / 4;
 
 /// A resolver for the model's standing clock: no in-doubt age, scan interval or backoff, so every round asks
-/// about every transfer prepared, and a new round may start at any step.
+/// about every transfer prepared, and a new round may start at any step. What it last heard of each transfer
+/// (pending, held) changes nothing at that clock, so it keeps none: states that differ only there are one.
 fn new_resolver() -> ResolverCore {
     let config = ResolverConfig {
         in_doubt_after_ms: 0,
@@ -88,7 +89,7 @@ fn new_resolver() -> ResolverCore {
         backoff_min_ms: 0,
         backoff_max_ms: 0,
         query_items_max: QUERY_ITEMS_MAX,
-        last_heard_max: LAST_HEARD_MAX,
+        last_heard_max: 0,
     };
     ResolverCore::new(config, RESOLVER_NOW)
 }
@@ -129,11 +130,13 @@ enum Msg {
         qid: u64,
         items: Vec<DecisionQueryItem>,
     },
-    /// The coordinator's answers, one per item of query `qid`, for the participant's resolver to read.
+    /// The coordinator's answers, one per item of query `qid`, for the participant's resolver to read. `ids`
+    /// names what they answer, for the properties only (the resolver knows its own questions).
     Answers {
         shard: ShardId,
         life: u8,
         qid: u64,
+        ids: Vec<TransferId>,
         answers: Vec<QueryAnswer>,
     },
 }
@@ -237,8 +240,9 @@ struct CState {
     waiting: Vec<bool>,
     /// Per hold: a client that asked to end it waits for this incarnation's answer.
     end_waiting: Vec<bool>,
-    /// The shell's side of the decision queries: who asked query `n` (shard, life, the resolver's query id).
-    queries: BTreeMap<u64, (ShardId, u8, u64)>,
+    /// The shell's side of the decision queries: who asked query `n` (shard, life, the resolver's query id), and
+    /// about what.
+    queries: BTreeMap<u64, (ShardId, u8, u64, Vec<TransferId>)>,
     /// Per shard, the participant life the link is connected to, if up.
     links: Vec<Option<u8>>,
     /// Per shard, the core asked for a link that is not up (`Notice::LinkWanted`).
@@ -377,6 +381,77 @@ fn apply_log_write(log: &mut BTreeMap<TransferId, LogRecord>, write: &LogWrite) 
         }
     }
     Ok(())
+}
+
+/// The model plays the engine's shell over one state: `drain` hands it what the core asks for.
+struct Shell<'a> {
+    model: &'a LedgerModel,
+    s: &'a mut State,
+}
+
+impl CoreShell for Shell<'_> {
+    type Error = String;
+
+    fn core(&mut self) -> &mut CoordinatorCore {
+        self.s.coordinator.core()
+    }
+
+    fn write_log(&mut self, batch: LogBatch) -> Result<(), String> {
+        let c = &mut self.s.coordinator;
+        c.pending.push(batch);
+        c.memory().map(drop) // a decision the log already holds must not change
+    }
+
+    fn transmit(&mut self, shard: ShardId, items: Vec<ToShard>) -> Result<(), String> {
+        let c = &self.s.coordinator;
+        let life = c.links[shard as usize].ok_or_else(|| format!("a frame for P{shard} without a link"))?;
+        self.s.network.insert(Msg::Frame { epoch: c.epoch, shard, life, items });
+        Ok(())
+    }
+
+    fn release(&mut self, answer: Answer) -> Result<(), String> {
+        let s = &mut *self.s;
+        match answer {
+            Answer::Transfer { id, outcome, .. } => {
+                let t = self.model.transfer_index(&id)?;
+                if let Some(before) = s.answers[t] {
+                    let ends = matches!(before, Outcome::Held { .. }) && outcome.ends_hold();
+                    if before != outcome && !ends {
+                        return Err(format!("the client heard {before:?} and then {outcome:?} for t{t}"));
+                    }
+                }
+                if let Outcome::Captured { amount } = outcome {
+                    if amount != CAPTURED {
+                        return Err(format!("t{t} was captured for {amount}; the client asked for {CAPTURED}"));
+                    }
+                }
+                s.answers[t] = Some(outcome);
+                s.coordinator.waiting[t] = false;
+                s.coordinator.end_waiting[t] = false;
+            }
+            Answer::Queries { query, answers } => {
+                let asked = s.coordinator.queries.remove(&query);
+                let (shard, life, qid, ids) = asked.ok_or_else(|| format!("answers to unknown query {query}"))?;
+                // Every answer goes, "pending" too: what it means is the resolver's to say.
+                s.network.insert(Msg::Answers { shard, life, qid, ids, answers });
+            }
+        }
+        Ok(())
+    }
+
+    fn notice(&mut self, notice: Notice) -> Result<(), String> {
+        match notice {
+            Notice::Refused { id, shard, decision } => Err(format!("P{shard} refused {decision:?} on {id}")),
+            Notice::LinkWanted { shard } => {
+                self.s.coordinator.wanted[shard as usize] = true;
+                Ok(())
+            }
+            Notice::PresumedAbort { .. }
+            | Notice::QueryAnswered { .. }
+            | Notice::ShardSilent { .. }
+            | Notice::Redelivered { .. } => Ok(()),
+        }
+    }
 }
 
 /// The log as the shell reads it, for the core ([`DecisionLog`]): a staged transfer has no decision yet.
@@ -698,8 +773,9 @@ impl LedgerModel {
         self.store(s, shard, &machine, &batch.writes)?;
         let ps = &mut s.participants[shard as usize];
         ps.barrier = batch.sync.unwrap_or(ps.barrier);
-        // Barriers count frames: once nothing waits, their numbers say nothing, and counting on would only tell
-        // equal states apart.
+        // Barriers count frames: only their order means something, and counting on would only tell equal states
+        // apart.
+        ps.barrier = ps.barrier.saturating_sub(durability.rebase());
         if durability.is_settled() {
             durability = Durability::default();
             ps.barrier = 0;
@@ -747,11 +823,12 @@ impl LedgerModel {
                     return Ok(()); // connection refused
                 }
                 let log = ReadLog(c.memory()?);
+                let ids = items.iter().map(|item| item.id).collect();
                 let query = c.core().handle_query(items, &log).map_err(|e| e.to_string())?;
-                c.queries.insert(query, (shard, life, qid));
+                c.queries.insert(query, (shard, life, qid, ids));
                 self.end_of_input(s)?;
             }
-            Msg::Answers { shard, life, qid, answers } => {
+            Msg::Answers { shard, life, qid, answers, .. } => {
                 let ps = &s.participants[shard as usize];
                 if !ps.up || ps.life != life {
                     return Ok(());
@@ -813,63 +890,7 @@ impl LedgerModel {
     /// Carries out what the core asks for, as the engine's `drive` does, until it asks for nothing more.
     fn drive(&self, s: &mut State) -> Result<(), String> {
         s.coordinator.undrained = false;
-        loop {
-            let mut progressed = false;
-            let c = &mut s.coordinator;
-            while let Some(batch) = c.core().poll_log() {
-                progressed = true;
-                c.pending.push(batch);
-                c.memory()?; // a decision the log already holds must not change
-            }
-            while let Some((shard, items)) = c.core().poll_transmit() {
-                progressed = true;
-                let life = c.links[shard as usize].ok_or_else(|| format!("a frame for P{shard} without a link"))?;
-                s.network.insert(Msg::Frame { epoch: c.epoch, shard, life, items });
-            }
-            while let Some(answer) = c.core().poll_answer() {
-                progressed = true;
-                match answer {
-                    Answer::Transfer { id, outcome, .. } => {
-                        let t = self.transfer_index(&id)?;
-                        if let Some(before) = s.answers[t] {
-                            let ends = matches!(before, Outcome::Held { .. }) && outcome.ends_hold();
-                            if before != outcome && !ends {
-                                return Err(format!("the client heard {before:?} and then {outcome:?} for t{t}"));
-                            }
-                        }
-                        if let Outcome::Captured { amount } = outcome {
-                            if amount != CAPTURED {
-                                return Err(format!("t{t} was captured for {amount}; the client asked for {CAPTURED}"));
-                            }
-                        }
-                        s.answers[t] = Some(outcome);
-                        c.waiting[t] = false;
-                        c.end_waiting[t] = false;
-                    }
-                    Answer::Queries { query, answers } => {
-                        let (shard, life, qid) =
-                            c.queries.remove(&query).ok_or_else(|| format!("answers to unknown query {query}"))?;
-                        // Every answer goes, "pending" too: what it means is the resolver's to say.
-                        s.network.insert(Msg::Answers { shard, life, qid, answers });
-                    }
-                }
-            }
-            while let Some(notice) = c.core().poll_notice() {
-                match notice {
-                    Notice::Refused { id, shard, decision } => {
-                        return Err(format!("P{shard} refused {decision:?} on {id}"));
-                    }
-                    Notice::LinkWanted { shard } => c.wanted[shard as usize] = true,
-                    Notice::PresumedAbort { .. }
-                    | Notice::QueryAnswered { .. }
-                    | Notice::ShardSilent { .. }
-                    | Notice::Redelivered { .. } => {}
-                }
-            }
-            if !progressed {
-                return Ok(());
-            }
-        }
+        drain(&mut Shell { model: self, s })
     }
 
     /// A sync: every pending batch is durable, and so is the last barrier handed out with them.
@@ -932,6 +953,8 @@ impl LedgerModel {
                 return Err(format!("t{t} was committed on one shard and aborted on another"));
             }
         }
+        self.atomic(s)?;
+        self.nothing_final_before_durable(s)?;
         let durable = &s.coordinator.durable;
         let memory = s.coordinator.memory()?;
         // A committed transfer: some shard applied its commit, or its client heard so. Neither the durable log
@@ -1003,6 +1026,71 @@ impl LedgerModel {
 
     /// Prepared records are the coordinator's; balance = opening + commits finished here (of a hold, what its
     /// durable capture says); held and incoming = the prepared transfers'; none negative.
+    /// Atomicity, in every state: once a shard has committed a transfer (in memory or on disk), every shard it
+    /// touches holds it durably prepared or committed, so the commit can still reach all of them. A shard that
+    /// has aborted it, or never durably prepared it, could never commit it: a vote was counted that no disk
+    /// kept, or a decision other than the one logged reached a shard.
+    fn atomic(&self, s: &State) -> Result<(), String> {
+        for t in 0..self.transfer_count() {
+            let id = tid(t as u8);
+            let committed_on = |books: &Books| books.finished.get(&id) == Some(&Decision::Commit);
+            let Some(p) = s.participants.iter().position(|p| committed_on(&p.memory) || committed_on(&p.disk)) else {
+                continue;
+            };
+            for shard in self.shards_of(t) {
+                let disk = &s.participants[shard as usize].disk;
+                if !committed_on(disk) && !disk.prepared.contains_key(&id) {
+                    let here = disk.finished.get(&id);
+                    return Err(format!(
+                        "t{t} is committed on P{p}, and P{shard}'s disk holds it neither prepared nor committed \
+                         (finished: {here:?})"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The coordinator tells nothing final before it is durable: every decision on its way to a shard (a
+    /// Decide, a Capture, a query's Commit or Abort) is backed by the durable log as it travels. Checked on the
+    /// state before `normalize` too, whose immediate syncs would otherwise hide a message sent too early.
+    fn nothing_final_before_durable(&self, s: &State) -> Result<(), String> {
+        let durable = &s.coordinator.durable;
+        let backed = |id: &TransferId, decision: Decision| match decision {
+            Decision::Commit => proves_commit(durable, id),
+            Decision::Abort => durable.get(id).is_some_and(LogRecord::aborted),
+        };
+        for msg in &s.network {
+            let decisions: Vec<(TransferId, Decision)> = match msg {
+                Msg::Frame { items, .. } => items
+                    .iter()
+                    .filter_map(|item| match item {
+                        ToShard::Decide { id, decision } => Some((*id, *decision)),
+                        ToShard::Capture { id, .. } => Some((*id, Decision::Commit)),
+                        ToShard::Prepare { .. } | ToShard::Read { .. } => None,
+                    })
+                    .collect(),
+                Msg::Answers { ids, answers, .. } => ids
+                    .iter()
+                    .zip(answers)
+                    .filter_map(|(id, answer)| match answer {
+                        QueryAnswer::Commit => Some((*id, Decision::Commit)),
+                        QueryAnswer::Abort => Some((*id, Decision::Abort)),
+                        QueryAnswer::Pending | QueryAnswer::Held => None,
+                    })
+                    .collect(),
+                Msg::Replies { .. } | Msg::Query { .. } => Vec::new(),
+            };
+            for (id, decision) in decisions {
+                if !backed(&id, decision) {
+                    let logged = logged_as(durable, &id);
+                    return Err(format!("{decision:?} of {id} is on its way while the durable log holds {logged}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_books(
         &self,
         shard: ShardId,
@@ -1321,7 +1409,13 @@ impl Model for LedgerModel {
         let mut next = last.clone();
         let result = panic::catch_unwind(AssertUnwindSafe(|| {
             self.apply(&mut next, &action)?;
-            self.normalize(&mut next)
+            // The state before the reductions is reached too: what they sync at once was not durable in it.
+            self.safety(&next)?;
+            self.normalize(&mut next)?;
+            if let Some(core) = &next.coordinator.core {
+                core.check_invariants();
+            }
+            Ok::<(), String>(())
         }));
         match result {
             Ok(Ok(())) => {}
@@ -1352,9 +1446,6 @@ impl Model for LedgerModel {
                 |model: &LedgerModel, s: &State| {
                     // Healing either loses every message still in flight (the worst case: only retries help) or
                     // delivers them late.
-                    if std::env::var("NOLIVE").is_ok() {
-                        return true;
-                    }
                     let mut lost = s.clone();
                     lost.network.clear();
                     match model.settle(&lost).and_then(|()| model.settle(s)) {
