@@ -13,7 +13,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
-use common::http::{error_response, JsonBody};
+use common::http::{error_response, from_json_object, BodyError, JsonBody};
 use common::ledger::{
     shard_of, AccountId, Amount, Leg, ShardId, Transfer, HOLD_SECONDS_DEFAULT, HOLD_SECONDS_MAX, LEGS_MAX,
 };
@@ -131,9 +131,9 @@ impl From<EngineError> for ApiError {
             EngineError::Hold(HoldError::NotFound | HoldError::NotAHold) => ApiError::HoldNotFound,
             EngineError::Hold(HoldError::NotActive(status)) => ApiError::HoldNotActive(status),
             EngineError::Hold(HoldError::Expired) => ApiError::HoldExpired,
-            EngineError::Hold(HoldError::BadAmount { held }) => {
-                ApiError::Invalid(format!("amount must be a whole number from 1 to the held amount, {held}"))
-            }
+            EngineError::Hold(HoldError::BadAmount { held }) => ApiError::Invalid(format!(
+                "amount must be a whole number from 1 to {held}, the held amount (minor units)"
+            )),
             EngineError::Wal(e) => ApiError::Storage(e.to_string()),
             EngineError::CoreGone => ApiError::Storage(e.to_string()),
         }
@@ -141,14 +141,59 @@ impl From<EngineError> for ApiError {
 }
 
 impl From<PathRejection> for ApiError {
-    fn from(e: PathRejection) -> Self {
-        ApiError::Invalid(e.body_text())
+    /// A path parameter of these routes is a string, so the one way to fail is a percent-encoding that does not
+    /// decode to UTF-8.
+    fn from(_: PathRejection) -> Self {
+        ApiError::Invalid("the path is not valid: an id must be UTF-8 once percent-decoded".into())
     }
 }
 
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> Self {
-        ApiError::Invalid(e.body_text())
+/// A query string that does not parse, in the API's words rather than axum's ("Failed to deserialize query
+/// string: limit: invalid digit found in string"); `listed` names what `limit` counts, for its message.
+fn query_error(rejection: QueryRejection, listed: &str) -> ApiError {
+    let text = rejection.body_text();
+    match query_problem(&text) {
+        QueryProblem::Field("limit") => limit_error(listed),
+        problem => ApiError::Invalid(problem.to_string()),
+    }
+}
+
+/// What axum's (or serde's) text about a query string says is wrong with it.
+enum QueryProblem<'a> {
+    /// `unknown field `x`, expected `a` or `b``: the part after "unknown field ".
+    Unknown(&'a str),
+    /// The parameter is given twice.
+    Duplicate(&'a str),
+    /// This parameter's value does not parse.
+    Field(&'a str),
+    Other(&'a str),
+}
+
+fn query_problem(text: &str) -> QueryProblem<'_> {
+    let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(text);
+    // serde_path_to_error puts the parameter's name first: "limit: invalid digit found in string".
+    let (field, reason) = detail.split_once(": ").map_or((None, detail), |(field, reason)| (Some(field), reason));
+    if let Some(unknown) = reason.strip_prefix("unknown field ") {
+        QueryProblem::Unknown(unknown)
+    } else if let Some(duplicate) = reason.strip_prefix("duplicate field ") {
+        QueryProblem::Duplicate(duplicate)
+    } else if let Some(field) = field {
+        QueryProblem::Field(field)
+    } else {
+        QueryProblem::Other(detail)
+    }
+}
+
+impl std::fmt::Display for QueryProblem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueryProblem::Unknown(unknown) => {
+                write!(f, "unknown query parameter {}", unknown.replacen(", expected ", "; the parameters are ", 1))
+            }
+            QueryProblem::Duplicate(field) => write!(f, "the query parameter {field} is given more than once"),
+            QueryProblem::Field(field) => write!(f, "{field} is not valid in the query string"),
+            QueryProblem::Other(detail) => write!(f, "the query string is not valid: {detail}"),
+        }
     }
 }
 
@@ -274,11 +319,25 @@ async fn require_own_cluster(State(state): State<AppState>, req: Request, next: 
     }
 }
 
-/// A JSON number that must be a whole number in `min..=i64::MAX`.
+/// A JSON number that must be an amount of money: a whole number of minor units in `min..=i64::MAX`.
 fn whole_number(field: &str, value: &serde_json::Number, min: i64) -> Result<i64, ApiError> {
+    whole_number_in(field, value, min..=i64::MAX, "minor units")
+}
+
+/// A JSON number that must be a whole number in `range`; the message names the range and its `unit`.
+fn whole_number_in(
+    field: &str,
+    value: &serde_json::Number,
+    range: std::ops::RangeInclusive<i64>,
+    unit: &str,
+) -> Result<i64, ApiError> {
     match value.as_i64() {
-        Some(v) if v >= min => Ok(v),
-        _ => Err(ApiError::Invalid(format!("{field} must be a whole number from {min} to {} (minor units)", i64::MAX))),
+        Some(v) if range.contains(&v) => Ok(v),
+        _ => Err(ApiError::Invalid(format!(
+            "{field} must be a whole number from {} to {} ({unit})",
+            range.start(),
+            range.end()
+        ))),
     }
 }
 
@@ -373,10 +432,23 @@ async fn get_entries(
     match status {
         StatusCode::OK => Ok(Json(body).into_response()),
         StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
-        StatusCode::BAD_REQUEST => {
-            Err(ApiError::Invalid(body["error"]["message"].as_str().unwrap_or("invalid query").to_owned()))
-        }
+        StatusCode::BAD_REQUEST => Err(ApiError::Invalid(entries_query_message(
+            body["error"]["message"].as_str().unwrap_or("the query string is not valid"),
+        ))),
         _ => Err(ApiError::ParticipantUnavailable(shard)),
+    }
+}
+
+/// The shard's refusal of a journal query, in the words of the coordinator's own listings: `limit` and
+/// `after` are whole numbers there.
+fn entries_query_message(message: &str) -> String {
+    if let Some(range) = message.strip_prefix("limit must be from ") {
+        return format!("limit must be a whole number from {range} (entries listed at most)");
+    }
+    match query_problem(message) {
+        QueryProblem::Field(field @ ("limit" | "after")) => format!("{field} must be a whole number"),
+        QueryProblem::Other(message) => message.to_owned(),
+        problem => problem.to_string(),
     }
 }
 
@@ -392,8 +464,8 @@ async fn list_accounts(
     State(state): State<AppState>,
     query: Result<Query<ListAccountsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
-    let limit = list_limit(query.limit)?;
+    let Query(query) = query.map_err(|e| query_error(e, "accounts"))?;
+    let limit = list_limit(query.limit, "accounts")?;
     let after = query.after.map(|a| account_id("after", a)).transpose()?;
     // One more than asked for tells whether another page exists. Account ids need no escaping in a URL.
     let mut path = format!("{}?limit={}", wire::PATH_ACCOUNT_LIST, limit + 1);
@@ -522,7 +594,7 @@ async fn create_transfers_batch(
     let mut answers: Vec<Option<BatchAnswer>> = Vec::with_capacity(req.transfers.len());
     let mut valid = Vec::with_capacity(req.transfers.len());
     for (index, item) in req.transfers.iter().enumerate() {
-        let parsed = serde_json::from_str::<TransferRequest>(item.get())
+        let parsed = from_json_object::<TransferRequest>(item.get().as_bytes())
             .map_err(|e| ApiError::Invalid(format!("malformed transfer: {e}")))
             .and_then(validate_transfer);
         match parsed {
@@ -666,11 +738,10 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
             return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
         }
         let seconds = match &req.expires_in_s {
-            Some(raw) => whole_number("expires_in_s", raw, 1).and_then(|s| {
-                u32::try_from(s).ok().filter(|s| *s <= HOLD_SECONDS_MAX).ok_or_else(|| {
-                    ApiError::Invalid(format!("expires_in_s must be a whole number from 1 to {HOLD_SECONDS_MAX}"))
-                })
-            })?,
+            Some(raw) => {
+                let seconds = whole_number_in("expires_in_s", raw, 1..=i64::from(HOLD_SECONDS_MAX), "seconds")?;
+                u32::try_from(seconds).map_err(|_| ApiError::Invalid("expires_in_s is out of range".into()))?
+            }
             None => HOLD_SECONDS_DEFAULT,
         };
         let transfer =
@@ -687,7 +758,8 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
         .iter()
         .enumerate()
         .map(|(leg, raw)| {
-            let request = serde_json::from_str::<LegRequest>(raw.get()).map_err(|e| format!("malformed leg: {e}"));
+            let request =
+                from_json_object::<LegRequest>(raw.get().as_bytes()).map_err(|e| format!("malformed leg: {e}"));
             request.and_then(validate_leg).map_err(|message| ApiError::InvalidLeg { leg, message })
         })
         .collect::<Result<Vec<Leg>, ApiError>>()?;
@@ -776,11 +848,16 @@ struct ListTransfersQuery {
     limit: Option<usize>,
 }
 
-fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+/// `limit` of a listing of `listed` (accounts, transfers, holds).
+fn list_limit(limit: Option<usize>, listed: &str) -> Result<usize, ApiError> {
     match limit.unwrap_or(LIST_LIMIT_DEFAULT) {
         n @ 1..=LIST_LIMIT_MAX => Ok(n),
-        _ => Err(ApiError::Invalid(format!("limit must be from 1 to {LIST_LIMIT_MAX}"))),
+        _ => Err(limit_error(listed)),
     }
+}
+
+fn limit_error(listed: &str) -> ApiError {
+    ApiError::Invalid(format!("limit must be a whole number from 1 to {LIST_LIMIT_MAX} ({listed} listed at most)"))
 }
 
 fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
@@ -809,9 +886,9 @@ async fn list_transfers(
     State(state): State<AppState>,
     query: Result<Query<ListTransfersQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "transfers"))?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
-    let limit = list_limit(query.limit)?;
+    let limit = list_limit(query.limit, "transfers")?;
     let mut transfers = state.engine.running_of(account.as_ref(), limit).await?;
     let rest = limit - transfers.len();
     let storage = |e: crate::wal::WalError| ApiError::Storage(e.to_string());
@@ -898,8 +975,12 @@ fn transfer_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiErr
 async fn capture_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: header::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    if !optional_body_is_json(&headers, &body) {
+        return Ok(BodyError::NotJson.into_response());
+    }
     let id = transfer_id(path)?;
     let amount = match optional_body::<CaptureRequest>(&body)? {
         Some(CaptureRequest { amount: Some(raw) }) => Some(whole_number("amount", &raw, 1)?),
@@ -912,8 +993,12 @@ async fn capture_hold(
 async fn release_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: header::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    if !optional_body_is_json(&headers, &body) {
+        return Ok(BodyError::NotJson.into_response());
+    }
     let id = transfer_id(path)?;
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -922,12 +1007,22 @@ async fn release_hold(
     end_hold(&state, id, HoldEnd::Release).await
 }
 
-/// A body that may be left out (empty), and is otherwise JSON of type `T`.
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
+/// A body that may be left out is either absent (empty, whatever its Content-Type) or JSON that says so, as
+/// every other body of the API must be (a form-encoded body is a 415, not a capture).
+fn optional_body_is_json(headers: &header::HeaderMap, body: &[u8]) -> bool {
+    is_blank(body) || common::http::is_json(headers)
+}
+
+/// A body that may be left out (empty), and is otherwise a JSON object of type `T`.
 fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if is_blank(body) {
         return Ok(None);
     }
-    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::Invalid(format!("malformed body: {e}")))
+    from_json_object(body).map(Some).map_err(|e| ApiError::Invalid(format!("malformed request: {e}")))
 }
 
 async fn end_hold(state: &AppState, id: Uuid, end: HoldEnd) -> Result<Response, ApiError> {
@@ -949,9 +1044,9 @@ async fn list_holds(
     State(state): State<AppState>,
     query: Result<Query<HoldsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "holds"))?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
-    let limit = list_limit(query.limit)?;
+    let limit = list_limit(query.limit, "holds")?;
     let holds = state.engine.holds_of(account, limit).await?;
     let list: Vec<Value> = holds
         .iter()
@@ -971,7 +1066,7 @@ async fn transactions(
     State(state): State<AppState>,
     query: Result<Query<TransactionsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "transactions"))?;
     match query.status.as_deref() {
         // `in_doubt` is the name earlier versions gave it.
         Some("unacknowledged" | "in_doubt") => Ok(Json(json!({"transactions": state.engine.unacknowledged().await}))),

@@ -204,6 +204,13 @@ async fn every_bad_hold_request_gets_its_4xx() {
         let (code, answer) = c.post("/transfers", body.clone()).await;
         assert_eq!((code, answer["error"]["code"].clone()), (400, json!("invalid_request")), "{body}: {answer}");
     }
+    // The message of a limit names its own range and unit.
+    for seconds in [json!(0), json!(-1), json!(2_592_001), json!(1.5)] {
+        let body = json!({"from": alice, "to": shop, "amount": 1, "hold": true, "expires_in_s": seconds});
+        let (_, answer) = c.post("/transfers", body).await;
+        let expected = "expires_in_s must be a whole number from 1 to 2592000 (seconds)";
+        assert_eq!(answer["error"]["message"], expected, "{seconds}: {answer}");
+    }
     let (_, granted) = hold(&c, alice, shop, 100, 2_592_000).await;
     assert_eq!(granted["status"], "held", "the longest hold is accepted: {granted}");
     let id = granted["id"].as_str().expect("id");
@@ -215,6 +222,18 @@ async fn every_bad_hold_request_gets_its_4xx() {
     ] {
         let (code, answer) = c.post(&format!("/transfers/{id}/capture"), body).await;
         assert_eq!((code, answer["error"]["code"].clone()), (400, json!("invalid_request")), "{what}: {answer}");
+    }
+    let (_, answer) = c.post(&format!("/transfers/{id}/capture"), json!({"amount": 101})).await;
+    let expected = "amount must be a whole number from 1 to 100, the held amount (minor units)";
+    assert_eq!(answer["error"]["message"], expected, "{answer}");
+    // A body that is not JSON is a 415 here as on every other route; no body at all is fine.
+    for end in ["capture", "release"] {
+        let form = c.http.post(c.api(&format!("/transfers/{id}/{end}")));
+        let form = form.header("content-type", "application/x-www-form-urlencoded").body("amount=5");
+        let form = form.send().await.expect("an answer");
+        assert_eq!(form.status(), 415, "a form-encoded {end}");
+        let answer: Value = form.json().await.expect("JSON");
+        assert_eq!(answer["error"]["code"], "unsupported_media_type", "{answer}");
     }
     let unknown = Uuid::new_v4();
     assert_eq!(c.post(&format!("/transfers/{unknown}/capture"), json!({})).await.0, 404);
@@ -233,8 +252,10 @@ async fn every_bad_hold_request_gets_its_4xx() {
         (json!(true), json!(1)),
         "a live hold is no violation: {audit}"
     );
-    let (code, answer) = c.post(&format!("/transfers/{id}/release"), json!({})).await;
-    assert_eq!((code, answer["status"].clone()), (200, json!("released")));
+    let released = c.http.post(c.api(&format!("/transfers/{id}/release"))).send().await.expect("an answer");
+    assert_eq!(released.status(), 200, "a release with no body and no Content-Type");
+    let answer: Value = released.json().await.expect("JSON");
+    assert_eq!(answer["status"], "released", "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
