@@ -3,7 +3,7 @@
 
 use crate::engine::{Engine, EngineError, Final};
 use crate::Config;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -68,6 +68,11 @@ pub enum ApiError {
     HoldExpired,
     #[error("storage is unavailable")]
     Storage(String),
+    #[error("{}", BodyError::NotJson)]
+    NotJson,
+    /// A body over the route's limit, in bytes.
+    #[error("the request body is larger than the limit of {bytes} bytes ({kib} KiB)", bytes = .0, kib = .0 / 1024)]
+    TooLarge(usize),
 }
 
 impl ApiError {
@@ -85,6 +90,8 @@ impl ApiError {
             ApiError::HoldNotFound => (StatusCode::NOT_FOUND, "hold_not_found"),
             ApiError::HoldNotActive(_) => (StatusCode::CONFLICT, "hold_not_active"),
             ApiError::HoldExpired => (StatusCode::CONFLICT, "hold_expired"),
+            ApiError::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
@@ -357,8 +364,9 @@ struct CreateAccountRequest {
 
 async fn create_account(
     State(state): State<AppState>,
-    JsonBody(req): JsonBody<CreateAccountRequest>,
+    body: Result<JsonBody<CreateAccountRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, PUBLIC_BODY_BYTES_MAX)?;
     let id = account_id("id", req.id)?;
     let balance = match &req.balance {
         Some(n) => whole_number("balance", n, 0)?,
@@ -533,8 +541,9 @@ struct LegRequest {
 async fn create_transfer(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    JsonBody(req): JsonBody<TransferRequest>,
+    body: Result<JsonBody<TransferRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, PUBLIC_BODY_BYTES_MAX)?;
     let (id, transfer) = validate_transfer(req)?;
     let made_by = caller.map(|Extension(c)| c.name);
     let (status, body) = run_transfer(&state, id, transfer, made_by).await?;
@@ -585,8 +594,9 @@ enum BatchAnswer {
 async fn create_transfers_batch(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    JsonBody(req): JsonBody<BatchRequest>,
+    body: Result<JsonBody<BatchRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, BATCH_BODY_BYTES_MAX)?;
     if req.transfers.is_empty() || req.transfers.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::Invalid(format!("transfers must hold 1 to {BATCH_ITEMS_MAX} items")));
     }
@@ -976,11 +986,9 @@ async fn capture_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     headers: header::HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if !optional_body_is_json(&headers, &body) {
-        return Ok(BodyError::NotJson.into_response());
-    }
+    let body = optional_json_body(&headers, body)?;
     let id = transfer_id(path)?;
     let amount = match optional_body::<CaptureRequest>(&body)? {
         Some(CaptureRequest { amount: Some(raw) }) => Some(whole_number("amount", &raw, 1)?),
@@ -994,11 +1002,9 @@ async fn release_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     headers: header::HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    if !optional_body_is_json(&headers, &body) {
-        return Ok(BodyError::NotJson.into_response());
-    }
+    let body = optional_json_body(&headers, body)?;
     let id = transfer_id(path)?;
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -1011,10 +1017,33 @@ fn is_blank(body: &[u8]) -> bool {
     body.iter().all(u8::is_ascii_whitespace)
 }
 
-/// A body that may be left out is either absent (empty, whatever its Content-Type) or JSON that says so, as
-/// every other body of the API must be (a form-encoded body is a 415, not a capture).
-fn optional_body_is_json(headers: &header::HeaderMap, body: &[u8]) -> bool {
-    is_blank(body) || common::http::is_json(headers)
+/// A body that may be left out: absent (empty, whatever its Content-Type), or JSON that says so, as every other
+/// body of the API must be (a form-encoded body is a 415, not a capture).
+fn optional_json_body(
+    headers: &header::HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(PUBLIC_BODY_BYTES_MAX),
+        _ => ApiError::Invalid("could not read the request body".into()),
+    })?;
+    if is_blank(&body) || common::http::is_json(headers) {
+        Ok(body)
+    } else {
+        Err(ApiError::NotJson)
+    }
+}
+
+/// A JSON body, or why it is refused: a body over `max_bytes`, the route's limit, is told the limit.
+fn json_body<T>(body: Result<JsonBody<T>, BodyError>, max_bytes: usize) -> Result<T, ApiError> {
+    match body {
+        Ok(JsonBody(body)) => Ok(body),
+        Err(BodyError::TooLarge) => Err(ApiError::TooLarge(max_bytes)),
+        Err(BodyError::NotJson) => Err(ApiError::NotJson),
+        Err(refused @ (BodyError::Malformed(_) | BodyError::Unreadable(_))) => {
+            Err(ApiError::Invalid(refused.to_string()))
+        }
+    }
 }
 
 /// A body that may be left out (empty), and is otherwise a JSON object of type `T`.

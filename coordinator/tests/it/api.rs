@@ -100,6 +100,7 @@ async fn bad_input_gets_a_clear_4xx() {
     assert_eq!(r.status(), 413);
     let body: Value = r.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(body["error"]["message"], "the request body is larger than the limit of 16384 bytes (16 KiB)");
 
     let bad_accounts: Vec<(Value, &str)> = vec![
         (json!({"id": ""}), "empty id"),

@@ -235,6 +235,14 @@ async fn every_bad_hold_request_gets_its_4xx() {
         let answer: Value = form.json().await.expect("JSON");
         assert_eq!(answer["error"]["code"], "unsupported_media_type", "{answer}");
     }
+    // A body over the limit is refused in the API's shape, naming the limit.
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let big = format!("{{\"amount\":1,\"pad\":\"{}\"}}", "x".repeat(64 * 1024));
+    let url = c.api(&format!("/transfers/{id}/capture"));
+    let r = fresh.post(url).header("content-type", "application/json").body(big).send().await.expect("reply");
+    assert_eq!(r.status(), 413);
+    let answer: Value = r.json().await.expect("JSON");
+    assert_eq!(answer["error"]["code"], "payload_too_large", "{answer}");
     let unknown = Uuid::new_v4();
     assert_eq!(c.post(&format!("/transfers/{unknown}/capture"), json!({})).await.0, 404);
     assert_eq!(c.post(&format!("/transfers/{unknown}/release"), json!({})).await.0, 404);
