@@ -3,7 +3,7 @@
 
 use crate::engine::{Engine, EngineError, Final};
 use crate::Config;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -13,7 +13,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use common::auth::{ApiTokens, Caller, Role};
 use common::crash;
-use common::http::{error_response, JsonBody};
+use common::http::{error_response, from_json_object, BodyError, JsonBody};
 use common::ledger::{
     shard_of, AccountId, Amount, Leg, ShardId, Transfer, HOLD_SECONDS_DEFAULT, HOLD_SECONDS_MAX, LEGS_MAX,
 };
@@ -68,6 +68,11 @@ pub enum ApiError {
     HoldExpired,
     #[error("storage is unavailable")]
     Storage(String),
+    #[error("{}", BodyError::NotJson)]
+    NotJson,
+    /// A body over the route's limit, in bytes.
+    #[error("the request body is larger than the limit of {bytes} bytes ({kib} KiB)", bytes = .0, kib = .0 / 1024)]
+    TooLarge(usize),
 }
 
 impl ApiError {
@@ -85,6 +90,8 @@ impl ApiError {
             ApiError::HoldNotFound => (StatusCode::NOT_FOUND, "hold_not_found"),
             ApiError::HoldNotActive(_) => (StatusCode::CONFLICT, "hold_not_active"),
             ApiError::HoldExpired => (StatusCode::CONFLICT, "hold_expired"),
+            ApiError::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Storage(detail) => {
                 tracing::error!(%detail, "storage error");
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
@@ -131,9 +138,9 @@ impl From<EngineError> for ApiError {
             EngineError::Hold(HoldError::NotFound | HoldError::NotAHold) => ApiError::HoldNotFound,
             EngineError::Hold(HoldError::NotActive(status)) => ApiError::HoldNotActive(status),
             EngineError::Hold(HoldError::Expired) => ApiError::HoldExpired,
-            EngineError::Hold(HoldError::BadAmount { held }) => {
-                ApiError::Invalid(format!("amount must be a whole number from 1 to the held amount, {held}"))
-            }
+            EngineError::Hold(HoldError::BadAmount { held }) => ApiError::Invalid(format!(
+                "amount must be a whole number from 1 to {held}, the held amount (minor units)"
+            )),
             EngineError::Wal(e) => ApiError::Storage(e.to_string()),
             EngineError::CoreGone => ApiError::Storage(e.to_string()),
             EngineError::LogUnreadable | EngineError::Hold(HoldError::LogUnreadable) => {
@@ -144,14 +151,59 @@ impl From<EngineError> for ApiError {
 }
 
 impl From<PathRejection> for ApiError {
-    fn from(e: PathRejection) -> Self {
-        ApiError::Invalid(e.body_text())
+    /// A path parameter of these routes is a string, so the one way to fail is a percent-encoding that does not
+    /// decode to UTF-8.
+    fn from(_: PathRejection) -> Self {
+        ApiError::Invalid("the path is not valid: an id must be UTF-8 once percent-decoded".into())
     }
 }
 
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> Self {
-        ApiError::Invalid(e.body_text())
+/// A query string that does not parse, in the API's words rather than axum's ("Failed to deserialize query
+/// string: limit: invalid digit found in string"); `listed` names what `limit` counts, for its message.
+fn query_error(rejection: QueryRejection, listed: &str) -> ApiError {
+    let text = rejection.body_text();
+    match query_problem(&text) {
+        QueryProblem::Field("limit") => limit_error(listed),
+        problem => ApiError::Invalid(problem.to_string()),
+    }
+}
+
+/// What axum's (or serde's) text about a query string says is wrong with it.
+enum QueryProblem<'a> {
+    /// `unknown field `x`, expected `a` or `b``: the part after "unknown field ".
+    Unknown(&'a str),
+    /// The parameter is given twice.
+    Duplicate(&'a str),
+    /// This parameter's value does not parse.
+    Field(&'a str),
+    Other(&'a str),
+}
+
+fn query_problem(text: &str) -> QueryProblem<'_> {
+    let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(text);
+    // serde_path_to_error puts the parameter's name first: "limit: invalid digit found in string".
+    let (field, reason) = detail.split_once(": ").map_or((None, detail), |(field, reason)| (Some(field), reason));
+    if let Some(unknown) = reason.strip_prefix("unknown field ") {
+        QueryProblem::Unknown(unknown)
+    } else if let Some(duplicate) = reason.strip_prefix("duplicate field ") {
+        QueryProblem::Duplicate(duplicate)
+    } else if let Some(field) = field {
+        QueryProblem::Field(field)
+    } else {
+        QueryProblem::Other(detail)
+    }
+}
+
+impl std::fmt::Display for QueryProblem<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueryProblem::Unknown(unknown) => {
+                write!(f, "unknown query parameter {}", unknown.replacen(", expected ", "; the parameters are ", 1))
+            }
+            QueryProblem::Duplicate(field) => write!(f, "the query parameter {field} is given more than once"),
+            QueryProblem::Field(field) => write!(f, "{field} is not valid in the query string"),
+            QueryProblem::Other(detail) => write!(f, "the query string is not valid: {detail}"),
+        }
     }
 }
 
@@ -277,11 +329,25 @@ async fn require_own_cluster(State(state): State<AppState>, req: Request, next: 
     }
 }
 
-/// A JSON number that must be a whole number in `min..=i64::MAX`.
+/// A JSON number that must be an amount of money: a whole number of minor units in `min..=i64::MAX`.
 fn whole_number(field: &str, value: &serde_json::Number, min: i64) -> Result<i64, ApiError> {
+    whole_number_in(field, value, min..=i64::MAX, "minor units")
+}
+
+/// A JSON number that must be a whole number in `range`; the message names the range and its `unit`.
+fn whole_number_in(
+    field: &str,
+    value: &serde_json::Number,
+    range: std::ops::RangeInclusive<i64>,
+    unit: &str,
+) -> Result<i64, ApiError> {
     match value.as_i64() {
-        Some(v) if v >= min => Ok(v),
-        _ => Err(ApiError::Invalid(format!("{field} must be a whole number from {min} to {} (minor units)", i64::MAX))),
+        Some(v) if range.contains(&v) => Ok(v),
+        _ => Err(ApiError::Invalid(format!(
+            "{field} must be a whole number from {} to {} ({unit})",
+            range.start(),
+            range.end()
+        ))),
     }
 }
 
@@ -301,8 +367,9 @@ struct CreateAccountRequest {
 
 async fn create_account(
     State(state): State<AppState>,
-    JsonBody(req): JsonBody<CreateAccountRequest>,
+    body: Result<JsonBody<CreateAccountRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, PUBLIC_BODY_BYTES_MAX)?;
     let id = account_id("id", req.id)?;
     let balance = match &req.balance {
         Some(n) => whole_number("balance", n, 0)?,
@@ -376,10 +443,23 @@ async fn get_entries(
     match status {
         StatusCode::OK => Ok(Json(body).into_response()),
         StatusCode::NOT_FOUND => Err(ApiError::AccountNotFound),
-        StatusCode::BAD_REQUEST => {
-            Err(ApiError::Invalid(body["error"]["message"].as_str().unwrap_or("invalid query").to_owned()))
-        }
+        StatusCode::BAD_REQUEST => Err(ApiError::Invalid(entries_query_message(
+            body["error"]["message"].as_str().unwrap_or("the query string is not valid"),
+        ))),
         _ => Err(ApiError::ParticipantUnavailable(shard)),
+    }
+}
+
+/// The shard's refusal of a journal query, in the words of the coordinator's own listings: `limit` and
+/// `after` are whole numbers there.
+fn entries_query_message(message: &str) -> String {
+    if let Some(range) = message.strip_prefix("limit must be from ") {
+        return format!("limit must be a whole number from {range} (entries listed at most)");
+    }
+    match query_problem(message) {
+        QueryProblem::Field(field @ ("limit" | "after")) => format!("{field} must be a whole number"),
+        QueryProblem::Other(message) => message.to_owned(),
+        problem => problem.to_string(),
     }
 }
 
@@ -395,8 +475,8 @@ async fn list_accounts(
     State(state): State<AppState>,
     query: Result<Query<ListAccountsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
-    let limit = list_limit(query.limit)?;
+    let Query(query) = query.map_err(|e| query_error(e, "accounts"))?;
+    let limit = list_limit(query.limit, "accounts")?;
     let after = query.after.map(|a| account_id("after", a)).transpose()?;
     // One more than asked for tells whether another page exists. Account ids need no escaping in a URL.
     let mut path = format!("{}?limit={}", wire::PATH_ACCOUNT_LIST, limit + 1);
@@ -464,8 +544,9 @@ struct LegRequest {
 async fn create_transfer(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    JsonBody(req): JsonBody<TransferRequest>,
+    body: Result<JsonBody<TransferRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, PUBLIC_BODY_BYTES_MAX)?;
     let (id, transfer) = validate_transfer(req)?;
     let made_by = caller.map(|Extension(c)| c.name);
     let (status, body) = run_transfer(&state, id, transfer, made_by).await?;
@@ -516,8 +597,9 @@ enum BatchAnswer {
 async fn create_transfers_batch(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    JsonBody(req): JsonBody<BatchRequest>,
+    body: Result<JsonBody<BatchRequest>, BodyError>,
 ) -> Result<Response, ApiError> {
+    let req = json_body(body, BATCH_BODY_BYTES_MAX)?;
     if req.transfers.is_empty() || req.transfers.len() > BATCH_ITEMS_MAX {
         return Err(ApiError::Invalid(format!("transfers must hold 1 to {BATCH_ITEMS_MAX} items")));
     }
@@ -525,7 +607,7 @@ async fn create_transfers_batch(
     let mut answers: Vec<Option<BatchAnswer>> = Vec::with_capacity(req.transfers.len());
     let mut valid = Vec::with_capacity(req.transfers.len());
     for (index, item) in req.transfers.iter().enumerate() {
-        let parsed = serde_json::from_str::<TransferRequest>(item.get())
+        let parsed = from_json_object::<TransferRequest>(item.get().as_bytes())
             .map_err(|e| ApiError::Invalid(format!("malformed transfer: {e}")))
             .and_then(validate_transfer);
         match parsed {
@@ -669,11 +751,10 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
             return Ok((id, Transfer::one(leg.from, leg.to, leg.amount)));
         }
         let seconds = match &req.expires_in_s {
-            Some(raw) => whole_number("expires_in_s", raw, 1).and_then(|s| {
-                u32::try_from(s).ok().filter(|s| *s <= HOLD_SECONDS_MAX).ok_or_else(|| {
-                    ApiError::Invalid(format!("expires_in_s must be a whole number from 1 to {HOLD_SECONDS_MAX}"))
-                })
-            })?,
+            Some(raw) => {
+                let seconds = whole_number_in("expires_in_s", raw, 1..=i64::from(HOLD_SECONDS_MAX), "seconds")?;
+                u32::try_from(seconds).map_err(|_| ApiError::Invalid("expires_in_s is out of range".into()))?
+            }
             None => HOLD_SECONDS_DEFAULT,
         };
         let transfer =
@@ -690,7 +771,8 @@ fn validate_transfer(req: TransferRequest) -> Result<(Option<Uuid>, Transfer), A
         .iter()
         .enumerate()
         .map(|(leg, raw)| {
-            let request = serde_json::from_str::<LegRequest>(raw.get()).map_err(|e| format!("malformed leg: {e}"));
+            let request =
+                from_json_object::<LegRequest>(raw.get().as_bytes()).map_err(|e| format!("malformed leg: {e}"));
             request.and_then(validate_leg).map_err(|message| ApiError::InvalidLeg { leg, message })
         })
         .collect::<Result<Vec<Leg>, ApiError>>()?;
@@ -779,11 +861,16 @@ struct ListTransfersQuery {
     limit: Option<usize>,
 }
 
-fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+/// `limit` of a listing of `listed` (accounts, transfers, holds).
+fn list_limit(limit: Option<usize>, listed: &str) -> Result<usize, ApiError> {
     match limit.unwrap_or(LIST_LIMIT_DEFAULT) {
         n @ 1..=LIST_LIMIT_MAX => Ok(n),
-        _ => Err(ApiError::Invalid(format!("limit must be from 1 to {LIST_LIMIT_MAX}"))),
+        _ => Err(limit_error(listed)),
     }
+}
+
+fn limit_error(listed: &str) -> ApiError {
+    ApiError::Invalid(format!("limit must be a whole number from 1 to {LIST_LIMIT_MAX} ({listed} listed at most)"))
 }
 
 fn transfer_json(id: Uuid, transfer: &Transfer, outcome: Option<Outcome>) -> Value {
@@ -812,9 +899,9 @@ async fn list_transfers(
     State(state): State<AppState>,
     query: Result<Query<ListTransfersQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "transfers"))?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
-    let limit = list_limit(query.limit)?;
+    let limit = list_limit(query.limit, "transfers")?;
     let mut transfers = state.engine.running_of(account.as_ref(), limit).await?;
     let rest = limit - transfers.len();
     let storage = |e: crate::wal::WalError| ApiError::Storage(e.to_string());
@@ -901,8 +988,10 @@ fn transfer_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiErr
 async fn capture_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    body: axum::body::Bytes,
+    headers: header::HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = optional_json_body(&headers, body)?;
     let id = transfer_id(path)?;
     let amount = match optional_body::<CaptureRequest>(&body)? {
         Some(CaptureRequest { amount: Some(raw) }) => Some(whole_number("amount", &raw, 1)?),
@@ -915,8 +1004,10 @@ async fn capture_hold(
 async fn release_hold(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    body: axum::body::Bytes,
+    headers: header::HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = optional_json_body(&headers, body)?;
     let id = transfer_id(path)?;
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -925,12 +1016,45 @@ async fn release_hold(
     end_hold(&state, id, HoldEnd::Release).await
 }
 
-/// A body that may be left out (empty), and is otherwise JSON of type `T`.
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
+/// A body that may be left out: absent (empty, whatever its Content-Type), or JSON that says so, as every other
+/// body of the API must be (a form-encoded body is a 415, not a capture).
+fn optional_json_body(
+    headers: &header::HeaderMap,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(PUBLIC_BODY_BYTES_MAX),
+        _ => ApiError::Invalid("could not read the request body".into()),
+    })?;
+    if is_blank(&body) || common::http::is_json(headers) {
+        Ok(body)
+    } else {
+        Err(ApiError::NotJson)
+    }
+}
+
+/// A JSON body, or why it is refused: a body over `max_bytes`, the route's limit, is told the limit.
+fn json_body<T>(body: Result<JsonBody<T>, BodyError>, max_bytes: usize) -> Result<T, ApiError> {
+    match body {
+        Ok(JsonBody(body)) => Ok(body),
+        Err(BodyError::TooLarge) => Err(ApiError::TooLarge(max_bytes)),
+        Err(BodyError::NotJson) => Err(ApiError::NotJson),
+        Err(refused @ (BodyError::Malformed(_) | BodyError::Unreadable(_))) => {
+            Err(ApiError::Invalid(refused.to_string()))
+        }
+    }
+}
+
+/// A body that may be left out (empty), and is otherwise a JSON object of type `T`.
 fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if is_blank(body) {
         return Ok(None);
     }
-    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::Invalid(format!("malformed body: {e}")))
+    from_json_object(body).map(Some).map_err(|e| ApiError::Invalid(format!("malformed request: {e}")))
 }
 
 async fn end_hold(state: &AppState, id: Uuid, end: HoldEnd) -> Result<Response, ApiError> {
@@ -952,9 +1076,9 @@ async fn list_holds(
     State(state): State<AppState>,
     query: Result<Query<HoldsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "holds"))?;
     let account = query.account.map(|a| account_id("account", a)).transpose()?;
-    let limit = list_limit(query.limit)?;
+    let limit = list_limit(query.limit, "holds")?;
     let holds = state.engine.holds_of(account, limit).await?;
     let list: Vec<Value> = holds
         .iter()
@@ -974,7 +1098,7 @@ async fn transactions(
     State(state): State<AppState>,
     query: Result<Query<TransactionsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query?;
+    let Query(query) = query.map_err(|e| query_error(e, "transactions"))?;
     match query.status.as_deref() {
         // `in_doubt` is the name earlier versions gave it.
         Some("unacknowledged" | "in_doubt") => Ok(Json(json!({"transactions": state.engine.unacknowledged().await}))),

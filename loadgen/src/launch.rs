@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 /// Long enough for a debug build to open its store and recover on a loaded 2-core machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// In the target directory: the lock and the stamp that make one build per nextest run (`build_workspace`).
+const BUILD_LOCK_FILE: &str = ".ledger-launch-build.lock";
+const BUILD_STAMP_FILE: &str = ".ledger-launch-build.run";
 /// How often a starting node's `/health` is asked.
 const HEALTH_POLL: Duration = Duration::from_millis(50);
 /// One `/health` request; a node that takes longer is not ready.
@@ -40,8 +43,9 @@ pub struct Binaries {
 
 impl Binaries {
     /// `LEDGER_BIN_DIR` if set. Otherwise the running executable's directory, except for a test executable
-    /// (under `deps/`) run by cargo: then the workspace's binaries are built first, once per process, with the
-    /// same cargo and profile, so that `cargo test` needs no build step before it.
+    /// (under `deps/`) run by cargo or cargo-nextest: then the workspace's binaries are built first (once per
+    /// process, or once per nextest run), with the same cargo and profile, so that `cargo test` and `cargo
+    /// nextest run` need no build step before them.
     pub fn locate() -> Result<&'static Binaries, LaunchError> {
         static FOUND: OnceLock<Result<Binaries, String>> = OnceLock::new();
         FOUND
@@ -59,7 +63,7 @@ impl Binaries {
         if dir.ends_with("deps") {
             dir.pop();
             if let Some(cargo) = std::env::var_os("CARGO") {
-                build_workspace(&cargo, dir.ends_with("release"))?;
+                build_workspace(&cargo, &dir, dir.ends_with("release"))?;
             }
         }
         Ok(Binaries { dir })
@@ -76,11 +80,43 @@ impl Binaries {
     }
 }
 
-/// `cargo build --workspace --bins`: what the tests start is what the tree holds now.
-fn build_workspace(cargo: &std::ffi::OsStr, release: bool) -> Result<(), LaunchError> {
+/// Builds the workspace's binaries for the tests, once per test process, or once per run under cargo-nextest,
+/// which starts every test as a process of its own: the first test of a run (`NEXTEST_RUN_ID`) to get here
+/// builds while holding a lock in the target directory, and the others wait for it, find its stamp and build
+/// nothing. (Concurrent cargo builds would not race, since cargo locks its build directory, but each would
+/// still cost a check of every crate.)
+fn build_workspace(cargo: &std::ffi::OsStr, dir: &Path, release: bool) -> Result<(), LaunchError> {
+    let Some(run) = std::env::var_os("NEXTEST_RUN_ID") else {
+        return cargo_build(cargo, release);
+    };
+    let io = |what: &str, error: std::io::Error| LaunchError::Build(format!("{what}: {error}"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(BUILD_LOCK_FILE))
+        .map_err(|e| io("cannot open the build lock", e))?;
+    // SAFETY: flock on a descriptor this function owns; the lock ends when `lock` is closed, on return.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(io("cannot take the build lock", std::io::Error::last_os_error()));
+    }
+    let stamp = dir.join(BUILD_STAMP_FILE);
+    let run = run.to_string_lossy();
+    if std::fs::read_to_string(&stamp).is_ok_and(|built_for| built_for == run) {
+        return Ok(());
+    }
+    cargo_build(cargo, release)?;
+    std::fs::write(&stamp, run.as_bytes()).map_err(|e| io("cannot write the build stamp", e))
+}
+
+/// `cargo build --workspace --bins --tests`: what the tests start is what the tree holds now. `--tests` makes
+/// cargo resolve features as `cargo test --workspace` does (dev-dependencies turn on features of shared
+/// crates, such as serde's `rc`), so these are the binaries the test build made already; without it cargo
+/// would build every crate a second time, with other features.
+fn cargo_build(cargo: &std::ffi::OsStr, release: bool) -> Result<(), LaunchError> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
     let mut command = Command::new(cargo);
-    command.args(["build", "--quiet", "--workspace", "--bins"]).current_dir(root);
+    command.args(["build", "--quiet", "--workspace", "--bins", "--tests"]).current_dir(root);
     if release {
         command.arg("--release");
     }

@@ -54,11 +54,16 @@ impl Run {
     }
 }
 
-/// Runs the `ledger` binary with `args` (and `env`), away from the test's runtime threads. `LEDGER_URL` and
-/// `LEDGER_TOKEN` are cleared unless given, so the caller's environment cannot leak in.
+/// Runs the `ledger` binary with `args` (and `env`), away from the test's runtime threads. The variables that
+/// choose the coordinator and the token are cleared unless given, so the caller's environment cannot leak in.
 async fn ledger(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ledger"));
-    command.args(args).env_remove("LEDGER_URL").env_remove("LEDGER_TOKEN").envs(env.iter().copied());
+    command.args(args).envs(env.iter().copied());
+    for name in ["LEDGER_URL", "LEDGER_TOKEN", "LEDGER_CLUSTER_DIR", "LEDGER_BASE_PORT"] {
+        if !env.iter().any(|(given, _)| *given == name) {
+            command.env_remove(name);
+        }
+    }
     let described = format!("ledger {}", args.join(" "));
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -191,8 +196,8 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     // transfers: the ledger's newest, or one account's committed ones.
     let listed = ledger(&["transfers", "--url", url], &[]).await;
     listed.assert_success();
-    assert!(has_line(&listed.stdout, &["ID", "STATUS", "FROM", "TO", "AMOUNT", "REASON"]), "{listed:?}");
-    assert!(has_line(&listed.stdout, &[id, "committed", alice, bob, "250"]), "{listed:?}");
+    assert!(has_line(&listed.stdout, &["ID", "STATUS", "FROM", "TO", "AMOUNT", "LEGS", "REASON"]), "{listed:?}");
+    assert!(has_line(&listed.stdout, &[id, "committed", alice, bob, "250", "1"]), "{listed:?}");
     assert!(has_line(&listed.stdout, &["aborted", bob, alice, "1000000", "insufficient_funds"]), "{listed:?}");
     let body = ledger(&["transfers", "--account", alice, "--json", "--url", url], &[]).await.assert_success().json();
     assert_eq!(body["account"], alice);
@@ -257,6 +262,10 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
         (cluster.balance(alice).await, cluster.balance(bob).await, cluster.balance(extra).await),
         (1195, 400, 5)
     );
+    // In the listing, a transfer of several legs shows its accounts, its total and how many legs it has.
+    let listed = ledger(&["transfers", "--url", url], &[]).await;
+    let to = format!("{bob},{extra}");
+    assert!(has_line(&listed.assert_success().stdout, &[legs_id, "committed", alice, &to, "105", "2"]), "{listed:?}");
 
     // A hold: listed while active, captured in part (again: the same answer), then no longer releasable.
     let hold_id = "2b3c4d5e-6f70-4a81-9b2c-3d4e5f607182";
@@ -270,8 +279,17 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     assert!(body["expires_at_unix_ms"].is_u64(), "{held:?}");
     let holds = ledger(&["holds", "--account", alice, "--url", url], &[]).await;
     holds.assert_success();
-    assert!(has_line(&holds.stdout, &["ID", "FROM", "TO", "AMOUNT", "EXPIRES_AT_UNIX_MS"]), "{holds:?}");
-    assert!(has_line(&holds.stdout, &[hold_id, alice, bob, "200"]), "{holds:?}");
+    assert!(has_line(&holds.stdout, &["ID", "FROM", "TO", "AMOUNT", "EXPIRES_AT", "EXPIRES_IN"]), "{holds:?}");
+    assert!(has_line(&holds.stdout, &[hold_id, alice, bob, "200", "min"]), "{holds:?}");
+    let expires_at = body["expires_at_unix_ms"].as_u64().expect("expiry");
+    let at_a_time = |line: &str| line.split_whitespace().any(|w| w.len() == 20 && w.ends_with('Z') && w.contains('T'));
+    assert!(holds.stdout.lines().any(|l| l.contains(hold_id) && at_a_time(l)), "a time (UTC): {holds:?}");
+    assert!(!holds.stdout.contains(&expires_at.to_string()), "no raw milliseconds: {holds:?}");
+    // An account that does not exist: 404, as for its transfers.
+    ledger(&["holds", "--account", "cli-nobody", "--url", url], &[]).await.assert_refused("404 account_not_found: ");
+    ledger(&["transfers", "--account", "cli-nobody", "--url", url], &[])
+        .await
+        .assert_refused("404 account_not_found: ");
     for _ in 0..2 {
         let captured = ledger(&["capture", hold_id, "--amount", "150", "--url", url], &[]).await;
         captured.assert_success();
@@ -291,9 +309,25 @@ async fn client_commands_print_answers_and_report_the_servers_refusals() {
     ledger(&["capture", &released_id, "--url", url], &[]).await.assert_refused("409 hold_not_active: ");
     assert_eq!((cluster.balance(alice).await, cluster.balance(bob).await), (1045, 550));
 
-    // The tour, on the same cluster (its names have a suffix of their own).
-    let demo = ledger(&["demo", "--url", url], &[]).await;
+    // Without --url or LEDGER_URL, the commands find the local cluster as `ledger cluster` does: the port in its
+    // cluster.json, else LEDGER_BASE_PORT.
+    let port = cluster.coordinator.port.to_string();
+    let local = tempfile::tempdir().expect("a temp dir");
+    let layout = format!(r#"{{"base_port": {port}, "participants": 2, "node_settings": {{}}}}"#);
+    std::fs::write(local.path().join("cluster.json"), layout).expect("cluster.json");
+    let local_dir = local.path().to_str().expect("a UTF-8 path");
+    let from_layout = [("LEDGER_CLUSTER_DIR", local_dir), ("LEDGER_BASE_PORT", "1")];
+    let shown = ledger(&["account", "show", alice], &from_layout).await;
+    assert!(has_line(&shown.assert_success().stdout, &["id", alice]), "{shown:?}");
+    let empty = tempfile::tempdir().expect("a temp dir");
+    let from_port = [("LEDGER_CLUSTER_DIR", empty.path().to_str().expect("UTF-8")), ("LEDGER_BASE_PORT", &port)];
+    let shown = ledger(&["account", "show", alice], &from_port).await;
+    assert!(has_line(&shown.assert_success().stdout, &["id", alice]), "{shown:?}");
+
+    // The tour, on the same cluster (its names have a suffix of their own), found the same way.
+    let demo = ledger(&["demo"], &from_layout).await;
     demo.assert_success();
+    assert!(demo.stdout.starts_with(&format!("Ledger demo against {url}\n")), "{demo:?}");
     assert!(demo.stdout.trim_end().ends_with("Demo finished: every answer was as expected."), "{demo:?}");
     assert!(demo.stdout.contains("== 13. Health"), "{demo:?}");
     assert!(demo.stdout.contains("check: status = captured: ok"), "the hold captured in part: {demo:?}");
@@ -366,7 +400,7 @@ async fn client_commands_send_the_token_and_report_a_shard_down_and_a_coordinato
         ledger(&args, &admin).await.assert_unreachable(url);
     }
     let demo = ledger(&["demo", "--url", url], &admin).await;
-    assert_eq!(demo.code, Some(1), "{demo:?}");
+    assert_eq!(demo.code, Some(2), "no answer: exit 2, as the client commands: {demo:?}");
     assert!(demo.stderr.contains(&format!("no answer from {url}/health (connection refused)")), "{demo:?}");
     assert!(demo.stderr.contains("ledger cluster up") && demo.stderr.contains("scripts/cluster.sh up"), "{demo:?}");
     demo.assert_no_panic();
@@ -381,6 +415,15 @@ async fn client_commands_explain_an_unreachable_coordinator_and_reject_bad_argum
     // From the environment, with a trailing slash.
     let env_url = format!("{url}/");
     ledger(&["transfer", "alice", "bob", "5", "--json"], &[("LEDGER_URL", &env_url)]).await.assert_unreachable(&url);
+    // The local cluster's port (no cluster.json there), for the client commands and the demo alike.
+    let empty = tempfile::tempdir().expect("a temp dir");
+    let port_text = port.to_string();
+    let local =
+        [("LEDGER_CLUSTER_DIR", empty.path().to_str().expect("UTF-8")), ("LEDGER_BASE_PORT", port_text.as_str())];
+    ledger(&["holds"], &local).await.assert_unreachable(&url);
+    let demo = ledger(&["demo"], &local).await;
+    assert_eq!(demo.code, Some(2), "{demo:?}");
+    assert!(demo.stderr.contains(&format!("no answer from {url}/health")), "{demo:?}");
 
     // A server that hangs up without answering: a transfer's outcome is unknown, and the client says how to
     // repeat it safely (its id).
@@ -399,6 +442,26 @@ async fn client_commands_explain_an_unreachable_coordinator_and_reject_bad_argum
     assert!(lost.stderr.contains(&format!("repeat the same command with --id {id}")), "{lost:?}");
     assert_eq!(lost.stderr.lines().count(), 1, "one line: {lost:?}");
     lost.assert_no_panic();
+
+    // A negative amount is refused with the reason, not with advice to write it after `--`.
+    for args in [
+        &["transfer", "alice", "bob", "-5"][..],
+        &["transfer", "alice", "bob", "--", "-5"],
+        &["capture", "0b7f3c5e-1d2a-4e8b-9c6d-5a4f3e2d1c0b", "--amount", "-5"],
+    ] {
+        let run = ledger(args, &[]).await;
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("amounts are positive"), "{run:?}");
+        assert!(!run.stderr.contains("-- -5") && !run.stderr.contains("invalid digit"), "{run:?}");
+    }
+    // Usage lines show every flag as optional, also when it was given (clap's own would show `--url <URL>`).
+    for env in [&[][..], &[("LEDGER_URL", url.as_str())]] {
+        let run = ledger(&["account", "show", "--url", &url], env).await;
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("Usage: ledger account show <ID> [--url URL] [--token TOKEN] [--json]"), "{run:?}");
+    }
+    let run = ledger(&["holds", "--help"], &[("LEDGER_URL", url.as_str())]).await;
+    assert!(run.stdout.contains("Usage: ledger holds [--account ID] [--limit N] [--url URL]"), "{run:?}");
 
     // Arguments that are not integers or UUIDs are clap's errors (exit 2), before any request.
     for args in [

@@ -100,6 +100,7 @@ async fn bad_input_gets_a_clear_4xx() {
     assert_eq!(r.status(), 413);
     let body: Value = r.json().await.expect("JSON error body");
     assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(body["error"]["message"], "the request body is larger than the limit of 16384 bytes (16 KiB)");
 
     let bad_accounts: Vec<(Value, &str)> = vec![
         (json!({"id": ""}), "empty id"),
@@ -115,6 +116,43 @@ async fn bad_input_gets_a_clear_4xx() {
     }
     let (status, reply) = c.post("/accounts", json!({"id": alice})).await;
     assert_eq!((status, reply["error"]["code"].clone()), (409, json!("account_exists")));
+
+    // Every refusal is in the API's own words and shape: no names of the server's types, no axum's phrasing.
+    let message = |reply: &Value| reply["error"]["message"].as_str().unwrap_or_default().to_owned();
+    let leaks = |text: &str| {
+        ["struct", "Request", "Failed to deserialize", "usize", "sequence"].iter().any(|w| text.contains(w))
+    };
+    for (body, expected) in [
+        (json!([]), "malformed request: expected a JSON object, not a list"),
+        // A list is never taken as a transfer's fields in order.
+        (json!([alice, bob, 5, null, null, null, null]), "malformed request: expected a JSON object, not a list"),
+        (json!({"legs": [[alice, bob, 5]]}), "legs[0]: malformed leg: expected a JSON object, not a list"),
+        (
+            json!({"from": alice, "to": bob, "amount": 1, "legs": 5}),
+            "malformed request: invalid type: integer `5`, expected a list",
+        ),
+    ] {
+        let (status, reply) = c.post("/transfers", body.clone()).await;
+        assert_eq!((status, message(&reply)), (400, expected.to_owned()), "{body}: {reply}");
+        assert_eq!(reply["error"]["code"], "invalid_request", "{body}: {reply}");
+    }
+    let entries = format!("/accounts/{alice}/entries?limit=abc");
+    for (path, expected) in [
+        ("/transfers?limit=abc", "limit must be a whole number from 1 to 1000 (transfers listed at most)"),
+        ("/transfers?limit=0", "limit must be a whole number from 1 to 1000 (transfers listed at most)"),
+        ("/accounts?limit=-1", "limit must be a whole number from 1 to 1000 (accounts listed at most)"),
+        ("/holds?limit=1001", "limit must be a whole number from 1 to 1000 (holds listed at most)"),
+        ("/accounts?memo=1", "unknown query parameter `memo`; the parameters are `limit` or `after`"),
+        (entries.as_str(), "limit must be a whole number"),
+    ] {
+        let (status, reply) = c.get(path).await;
+        assert_eq!((status, reply["error"]["code"].clone()), (400, json!("invalid_request")), "{path}: {reply}");
+        assert_eq!(message(&reply), expected, "{path}: {reply}");
+        assert!(!leaks(&message(&reply)), "{path}: {reply}");
+    }
+    let (status, reply) = c.get("/accounts/%FF").await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(message(&reply).starts_with("the path is not valid"), "{reply}");
 
     assert_eq!(c.get("/accounts/nobody").await.0, 404);
     assert_eq!(c.get("/accounts/bad%20id").await.0, 400);

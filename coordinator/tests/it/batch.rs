@@ -117,6 +117,7 @@ async fn a_bad_envelope_fails_the_whole_batch_and_nothing_moves() {
     let padding = "x".repeat(coordinator::BATCH_BODY_BYTES_MAX);
     let (status, body) = c.post("/transfers/batch", json!({"transfers": [good.clone()], "padding": padding})).await;
     assert_eq!((status, body["error"]["code"].clone()), (413, json!("payload_too_large")), "{body}");
+    assert_eq!(body["error"]["message"], "the request body is larger than the limit of 2097152 bytes (2048 KiB)");
     let not_json = c.http.post(c.api("/transfers/batch")).body("{}").send().await.expect("an answer");
     assert_eq!(not_json.status(), 415);
     assert_eq!(c.balance(&alice).await, 1_000_000, "no item of a refused batch ran");

@@ -1,6 +1,7 @@
 //! The live console in headless Chromium. The page stays open while a participant dies and comes back and while
-//! a transfer in doubt resolves, and its chart follows load and a coordinator restart; the tests read what the page
-//! shows through the DevTools protocol.
+//! a transfer in doubt resolves, and its chart follows load and a coordinator restart; amounts past 2^53 are shown
+//! exactly, and every panel fits the page at 1400 and 800 pixels; the tests read what the page shows through the
+//! DevTools protocol.
 //! Set `LEDGER_CONSOLE_SCREENSHOT=<file.png>` to keep a screenshot of the page at the end (and
 //! `LEDGER_CONSOLE_CHART_SCREENSHOT` for the chart's test, with load and a coordinator restart behind it).
 
@@ -147,6 +148,8 @@ async fn the_console_shows_a_shard_die_and_return_and_a_decision_wait_for_its_ac
 
     let mut page = Browser::open(&c.api("/")).await;
     page.wait_until("both shards up", &format!("{} && {}", shard_is(0, true), shard_is(1, true))).await;
+    let events = page.eval("document.getElementById('events').innerText").await;
+    assert!(events.as_str().is_some_and(|t| t.starts_with("nothing yet")), "an empty list says so: {events}");
     page.wait_until(
         "the accounts",
         &format!("document.querySelector('#accounts tr[data-account=\"{alice}\"]')?.dataset.balance === '1000'"),
@@ -260,7 +263,7 @@ async fn the_console_charts_committed_transfers_per_second_and_latency_across_a_
     )
     .await;
     let states = page.eval("JSON.stringify(chartStates.filter((s) => s !== 'loading…'))").await;
-    assert_eq!(states, json!(r#"["waiting","chart"]"#), "a waiting state until the second reading, then the chart");
+    assert_eq!(states, json!(r#"["chart"]"#), "the coordinator's recent seconds at once, no wait for a second reading");
     let idle = page.eval("document.getElementById('rates-now').innerText").await;
     assert_eq!(idle, json!("0 committed/s · 0 aborted/s · p50 – · p99 –"), "the idle figures as text");
 
@@ -314,6 +317,16 @@ async fn the_console_charts_committed_transfers_per_second_and_latency_across_a_
     let segments = page.eval(&format!("{committed_line}.split(' L').length")).await;
     assert!(segments.as_u64().is_some_and(|n| n >= 3), "the committed/s line joins its readings: {segments}");
 
+    // A page opened now shows that load at once, from the coordinator's record of its recent seconds.
+    page.call("Page.reload", json!({})).await;
+    page.wait_until(
+        "the transfers before the reload in the reloaded page's chart",
+        &chart_shows(&format!("Array.isArray(window.chartStates) && now.committedInWindow === '{total}'")),
+    )
+    .await;
+    let states = page.eval("JSON.stringify(chartStates.filter((s) => s !== 'loading…'))").await;
+    assert_eq!(states, json!(r#"["chart"]"#), "the chart at once, with the recent past in it");
+
     c.node("coordinator").kill();
     page.wait_until(
         "the last chart, marked stale, while the coordinator is down",
@@ -344,5 +357,118 @@ async fn the_console_charts_committed_transfers_per_second_and_latency_across_a_
     assert!(points(&now["points"]) > points(&points_before_restart), "the chart kept its history: {now}");
     if let Ok(path) = std::env::var("LEDGER_CONSOLE_CHART_SCREENSHOT") {
         page.screenshot(&path).await;
+    }
+}
+
+/// The panels (by title) whose content is wider than the panel, and the page if it scrolls sideways.
+const OVERFLOWING: &str = "(() => { const out = []; \
+    document.querySelectorAll('section').forEach((s) => { if (s.scrollWidth > s.clientWidth + 1) \
+      out.push(s.querySelector('h2').textContent + ': ' + s.scrollWidth + ' > ' + s.clientWidth); }); \
+    if (document.documentElement.scrollWidth > window.innerWidth) \
+      out.push('the page: ' + document.documentElement.scrollWidth + ' > ' + window.innerWidth); \
+    return out; })()";
+
+/// The size in pixels, as drawn, of the chart's smallest label (axis or legend): its font size times the scale
+/// of its SVG.
+const SMALLEST_CHART_LABEL_PX: &str = "(() => { const sizes = [...document.querySelectorAll('#rates svg text')] \
+    .map((t) => { const svg = t.ownerSVGElement; \
+      return parseFloat(getComputedStyle(t).fontSize) * svg.getBoundingClientRect().width / svg.viewBox.baseVal.width; }); \
+    return sizes.length ? Math.min(...sizes) : 0; })()";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_shows_amounts_past_2_pow_53_exactly_and_fits_1400_and_800_pixels() {
+    let c = Cluster::start().await;
+    let (rich, other) = cross_shard_pair("exact");
+    // The longest account id there is, which must wrap rather than widen its table.
+    let long: String = format!("exact-{}", "wrapping-account-name-".repeat(3)).chars().take(64).collect();
+    c.create_account(&rich, i64::MAX).await;
+    c.create_account(&other, 0).await;
+    c.create_account(&long, 0).await;
+    // Amounts past 2^53 (9007199254740992), which a double cannot hold exactly.
+    let (single, leg_a, leg_b, held) = ((1i64 << 62) + 3, (1i64 << 61) + 1, (1i64 << 60) + 5, (1i64 << 59) + 7);
+    let (status, body) = c.post("/transfers", json!({"from": rich, "to": other, "amount": single})).await;
+    assert_eq!((status, &body["status"]), (200, &json!("committed")), "{body}");
+    let legs =
+        json!({"legs": [{"from": rich, "to": other, "amount": leg_a}, {"from": rich, "to": long, "amount": leg_b}]});
+    let (status, legs) = c.post("/transfers", legs).await;
+    assert_eq!((status, &legs["status"]), (200, &json!("committed")), "{legs}");
+    let hold = json!({"from": rich, "to": other, "amount": held, "hold": true, "expires_in_s": 600});
+    let (status, hold) = c.post("/transfers", hold).await;
+    assert_eq!((status, &hold["status"]), (200, &json!("held")), "{hold}");
+    let balance = i64::MAX - single - leg_a - leg_b;
+    let account = c.account(&rich).await;
+    assert_eq!((account["balance"].as_i64(), account["available"].as_i64()), (Some(balance), Some(balance - held)));
+
+    let mut page = Browser::open(&c.api("/")).await;
+    let rich_row = format!("document.querySelector('#accounts tr[data-account=\"{rich}\"]')");
+    page.wait_until(
+        "the rich account's exact balance, held and available",
+        &format!(
+            "{rich_row}?.dataset.balance === '{balance}' && {rich_row}?.dataset.held === '{held}' && \
+             {rich_row}?.dataset.available === '{}'",
+            balance - held
+        ),
+    )
+    .await;
+    let cells = page.eval(&format!("[...{rich_row}.cells].map((c) => c.textContent)")).await;
+    assert_eq!(
+        cells,
+        json!([
+            rich,
+            account["shard"].to_string(),
+            balance.to_string(),
+            held.to_string(),
+            (balance - held).to_string()
+        ]),
+        "the cells show the exact amounts"
+    );
+    let legs_id = legs["id"].as_str().expect("id");
+    let legs_row = format!("document.querySelector('#transfers tr[data-transfer=\"{legs_id}\"]')");
+    let total = i128::from(leg_a) + i128::from(leg_b);
+    page.wait_until("the exact total of the legs", &format!("{legs_row}?.dataset.amount === '{total}'")).await;
+    let single_id = body["id"].as_str().expect("id");
+    page.wait_until(
+        "the exact amount of the transfer",
+        &format!(
+            "document.querySelector('#transfers tr[data-transfer=\"{single_id}\"]')?.dataset.amount === '{single}'"
+        ),
+    )
+    .await;
+    let hold_id = hold["id"].as_str().expect("id");
+    page.wait_until(
+        "the exact amount of the hold",
+        &format!("document.querySelector('#holds tr[data-hold=\"{hold_id}\"]')?.dataset.amount === '{held}'"),
+    )
+    .await;
+    page.wait_until(
+        "the audit's exact totals",
+        &format!("document.getElementById('audit').innerText.includes('{}')", i64::MAX),
+    )
+    .await;
+    page.wait_until("the chart", "document.querySelector('#rates svg') !== null").await;
+
+    for width in [1400, 800] {
+        let metrics = json!({"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": false});
+        page.call("Emulation.setDeviceMetricsOverride", metrics).await;
+        // Two refreshes: the chart is drawn again at its panel's new width.
+        let refreshes = page.eval("Number(document.body.dataset.refreshes)").await.as_u64().unwrap_or(0);
+        page.wait_until(
+            "two refreshes at the new width",
+            &format!("Number(document.body.dataset.refreshes) >= {}", refreshes + 2),
+        )
+        .await;
+        assert_eq!(page.eval("window.innerWidth").await, json!(width));
+        assert_eq!(page.eval(OVERFLOWING).await, json!([]), "no panel wider than its box at {width}px");
+        let available_right = page.eval(&format!("{rich_row}.cells[4].getBoundingClientRect().right")).await;
+        let panel_right = page.eval(&format!("{rich_row}.closest('section').getBoundingClientRect().right")).await;
+        assert!(
+            available_right.as_f64().zip(panel_right.as_f64()).is_some_and(|(cell, panel)| cell <= panel),
+            "the available column is inside the Accounts panel at {width}px: {available_right} vs {panel_right}"
+        );
+        let label = page.eval(SMALLEST_CHART_LABEL_PX).await.as_f64().unwrap_or(0.0);
+        assert!(label >= 11.5, "the chart's labels are legible at {width}px: {label}px");
+        if let Ok(path) = std::env::var("LEDGER_CONSOLE_LAYOUT_SCREENSHOT") {
+            page.screenshot(&format!("{path}-{width}.png")).await;
+        }
     }
 }

@@ -13,8 +13,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Where `ledger cluster up` and `scripts/cluster.sh up` put the coordinator.
+/// Where `ledger cluster up` and `scripts/cluster.sh up` put the coordinator unless LEDGER_BASE_PORT says
+/// otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7100";
+
+/// The help of `--url`, for the client commands and the demo.
+pub const URL_HELP: &str = "The coordinator's base URL. Default: the local cluster's (`ledger cluster`), at the port \
+                            kept in ./data/cluster.json (or $LEDGER_CLUSTER_DIR/cluster.json), else LEDGER_BASE_PORT, \
+                            else http://127.0.0.1:7100";
 
 /// Longest wait for one answer. Longer than the coordinator's default `--request-timeout-ms` (30 s), so a slow
 /// request ends with the server's own 408 rather than with the client guessing.
@@ -67,9 +73,8 @@ impl Token {
 /// The flags every client command takes: which coordinator, with which token, and how to print its answers.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
-    /// The coordinator's base URL.
-    #[arg(long, env = "LEDGER_URL", default_value = DEFAULT_URL)]
-    pub url: Url,
+    #[arg(long, env = "LEDGER_URL", value_name = "URL", help = URL_HELP)]
+    pub url: Option<Url>,
     /// An API token, sent as `Authorization: Bearer <token>` (needed when the coordinator runs with
     /// --api-tokens-file; creating accounts needs an admin token). Never printed.
     #[arg(long, env = "LEDGER_TOKEN", hide_env_values = true)]
@@ -77,6 +82,15 @@ pub struct Connection {
     /// Print the server's JSON body (pretty) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The flags of `Connection` in a usage line: all optional. Each command spells its usage out, because clap's
+/// own puts a flag given on the command line or by its variable in the usage of an error, as if it were
+/// required (`Usage: ledger account show --url <URL> <ID>`).
+macro_rules! usage {
+    ($($text:literal),+) => {
+        concat!($($text),+, " [--url URL] [--token TOKEN] [--json]")
+    };
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -87,27 +101,49 @@ pub enum ClientCommand {
     /// Move money from one account to another (a two-phase commit when they sit on different shards), or several
     /// amounts at once, all or nothing (--leg), or hold an amount to capture or release later (--hold). Exits 1
     /// if the transfer aborted, and says why.
+    #[command(
+        override_usage = concat!(
+            usage!("ledger transfer <FROM> <TO> <AMOUNT> [--hold [--expires-in-s N]] [--id UUID]"),
+            "\n       ",
+            usage!("ledger transfer --leg FROM:TO:AMOUNT [--leg FROM:TO:AMOUNT ...] [--id UUID]")
+        ),
+        allow_negative_numbers = true
+    )]
     Transfer(TransferArgs),
     /// Capture a hold: move all of it, or --amount of it and release the rest.
+    #[command(override_usage = usage!("ledger capture <ID> [--amount N]"), allow_negative_numbers = true)]
     Capture(CaptureArgs),
     /// Release a hold: nothing moves, and the amount is available again.
+    #[command(override_usage = usage!("ledger release <ID>"))]
     Release(ReleaseArgs),
     /// The active holds, soonest expiry first, of one account (debited by them) or of the whole ledger.
+    #[command(override_usage = usage!("ledger holds [--account ID] [--limit N]"), allow_negative_numbers = true)]
     Holds(ListArgs),
     /// The newest transfers (pending first, then decided, newest first), of one account or of the whole ledger.
+    #[command(override_usage = usage!("ledger transfers [--account ID] [--limit N]"), allow_negative_numbers = true)]
     Transfers(ListArgs),
     /// Prove the books: every balance adds up to the money created, none is negative, every hold is explained.
     /// Exits 1 if the audit finds a violation.
+    #[command(override_usage = usage!("ledger audit"))]
     Audit(AuditArgs),
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AccountCommand {
     /// Open an account (with API tokens on, this needs an admin token).
+    #[command(
+        override_usage = usage!("ledger account create <ID> [--balance N] [--overdraft-limit N]"),
+        allow_negative_numbers = true
+    )]
     Create(CreateAccountArgs),
     /// An account's balance, the part of it held by undecided transfers, what is available, and its shard.
+    #[command(override_usage = usage!("ledger account show <ID>"))]
     Show(ShowAccountArgs),
     /// Every account in id order, following the server's pages.
+    #[command(
+        override_usage = usage!("ledger account list [--limit N] [--page-size N]"),
+        allow_negative_numbers = true
+    )]
     List(ListAccountsArgs),
 }
 
@@ -116,11 +152,11 @@ pub struct CreateAccountArgs {
     /// The account id: 1 to 64 characters of A-Z a-z 0-9 _ -.
     pub id: String,
     /// The opening balance in minor units (e.g. cents); the server's default is 0.
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = parse_balance)]
     pub balance: Option<u64>,
     /// How far below zero the balance may go, in minor units (for a bank's own accounts: cash, settlement);
     /// the server's default is 0.
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = parse_balance)]
     pub overdraft_limit: Option<u64>,
     #[command(flatten)]
     pub connection: Connection,
@@ -137,10 +173,10 @@ pub struct ShowAccountArgs {
 #[derive(clap::Args, Debug)]
 pub struct ListAccountsArgs {
     /// List at most this many accounts (default: all of them).
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     pub limit: Option<usize>,
     /// Accounts asked for per request (the server accepts 1 to 1000).
-    #[arg(long, default_value_t = ACCOUNT_PAGE_DEFAULT)]
+    #[arg(long, value_name = "N", value_parser = parse_count, default_value_t = ACCOUNT_PAGE_DEFAULT)]
     pub page_size: usize,
     #[command(flatten)]
     pub connection: Connection,
@@ -154,8 +190,8 @@ pub struct TransferArgs {
     /// The account credited.
     #[arg(required_unless_present = "legs")]
     pub to: Option<String>,
-    /// The amount in minor units (e.g. cents).
-    #[arg(required_unless_present = "legs")]
+    /// The amount in minor units (e.g. cents): 1 or more.
+    #[arg(required_unless_present = "legs", value_parser = parse_transfer_amount)]
     pub amount: Option<u64>,
     /// One leg of a multi-leg transfer, FROM:TO:AMOUNT, instead of the three arguments; repeat it (1 to 16
     /// legs, over any shards): every leg commits or none does.
@@ -166,7 +202,7 @@ pub struct TransferArgs {
     #[arg(long, conflicts_with = "legs")]
     pub hold: bool,
     /// Seconds until the hold expires by itself (1 to 2592000; the server's default is 86400).
-    #[arg(long, requires = "hold")]
+    #[arg(long, requires = "hold", value_name = "N")]
     pub expires_in_s: Option<u64>,
     /// The transfer's id, its idempotency key: the same id with the same body never moves money twice. Default:
     /// a new random UUID, printed in the answer, to repeat the transfer safely if no answer came.
@@ -181,7 +217,7 @@ pub struct CaptureArgs {
     /// The hold's id (the transfer id `ledger transfer --hold` printed).
     pub id: Uuid,
     /// Capture this much (1 up to the held amount) and release the rest; default: all of it.
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = parse_amount)]
     pub amount: Option<u64>,
     #[command(flatten)]
     pub connection: Connection,
@@ -201,18 +237,54 @@ fn parse_leg(text: &str) -> Result<(String, String, u64), String> {
     let [from, to, amount] = parts.as_slice() else {
         return Err(format!("{text:?} is not FROM:TO:AMOUNT"));
     };
-    let amount = amount.parse().map_err(|_| format!("{amount:?} is not a whole number of minor units"))?;
+    let amount = parse_transfer_amount(amount)?;
     Ok(((*from).to_owned(), (*to).to_owned(), amount))
+}
+
+/// An amount of money to move or hold: a whole number of minor units, 1 or more (the server checks the rest,
+/// such as the upper bound). A negative one is refused with the reason, rather than clap's advice to write it
+/// after `--`, which only led to "invalid digit found in string".
+fn parse_amount(text: &str) -> Result<u64, String> {
+    if text.starts_with('-') {
+        return Err("amounts are positive: a whole number of minor units, 1 or more".into());
+    }
+    text.parse().map_err(|_| "not a whole number of minor units (e.g. 250 for 2.50)".into())
+}
+
+/// A transfer's amount: as [`parse_amount`], and a negative one is told how to move money the other way.
+fn parse_transfer_amount(text: &str) -> Result<u64, String> {
+    parse_amount(text).map_err(|error| match text.starts_with('-') {
+        true => format!("{error} (to move money the other way, swap FROM and TO)"),
+        false => error,
+    })
+}
+
+/// A number of items to list: a whole number (the server says which it accepts).
+fn parse_count(text: &str) -> Result<usize, String> {
+    if text.starts_with('-') {
+        return Err("a count is 1 or more".into());
+    }
+    text.parse().map_err(|_| "not a whole number".into())
+}
+
+/// A balance or an overdraft limit: a whole number of minor units, 0 or more.
+fn parse_balance(text: &str) -> Result<u64, String> {
+    if text.starts_with('-') {
+        return Err("balances and overdraft limits are 0 or more (an overdraft limit lets the balance go below \
+                    zero)"
+            .into());
+    }
+    text.parse().map_err(|_| "not a whole number of minor units (e.g. 250 for 2.50)".into())
 }
 
 /// `ledger transfers` and `ledger holds`.
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
     /// Only this account's: its committed transfers (an aborted one moved nothing), or the holds debiting it.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     pub account: Option<String>,
     /// At most this many (the server accepts 1 to 1000; its default is 50).
-    #[arg(long)]
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     pub limit: Option<usize>,
     #[command(flatten)]
     pub connection: Connection,
@@ -260,7 +332,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             ClientError::Unreachable { .. }
             | ClientError::AnswerLost { .. }
@@ -321,12 +393,9 @@ async fn execute(command: ClientCommand) -> Result<(), ClientError> {
             end_hold(&args.connection, args.id, "capture", body).await
         }
         ClientCommand::Release(args) => end_hold(&args.connection, args.id, "release", None).await,
-        ClientCommand::Holds(args) => {
-            list_by_account(&args.connection, "holds", args.account, args.limit, HOLD_COLUMNS, "no active holds").await
-        }
+        ClientCommand::Holds(args) => list_by_account(&args.connection, Listing::Holds, args.account, args.limit).await,
         ClientCommand::Transfers(args) => {
-            list_by_account(&args.connection, "transfers", args.account, args.limit, TRANSFER_COLUMNS, "no transfers")
-                .await
+            list_by_account(&args.connection, Listing::Transfers, args.account, args.limit).await
         }
         ClientCommand::Audit(args) => audit(args).await,
     }
@@ -404,8 +473,19 @@ async fn list_accounts(args: ListAccountsArgs) -> Result<(), ClientError> {
     Ok(())
 }
 
-const TRANSFER_FIELDS: &[&str] =
-    &["id", "status", "reason", "leg", "from", "to", "amount", "held_amount", "expires_at_unix_ms", "made_by"];
+const TRANSFER_FIELDS: &[&str] = &[
+    "id",
+    "status",
+    "reason",
+    "leg",
+    "from",
+    "to",
+    "amount",
+    "held_amount",
+    "expires_at",
+    "expires_at_unix_ms",
+    "made_by",
+];
 
 const LEG_COLUMNS: &[Column] = &[
     Column::number("LEG", "leg"),
@@ -414,9 +494,14 @@ const LEG_COLUMNS: &[Column] = &[
     Column::number("AMOUNT", "amount"),
 ];
 
-/// A transfer's answer as a key/value block, with its legs (if it has several) as a table under it.
+/// A transfer's answer as a key/value block, with its legs (if it has several) as a table under it. A hold's
+/// expiry is shown as a time too, beside the server's number.
 fn transfer_text(body: &Value) -> String {
-    let mut text = key_values(body, TRANSFER_FIELDS, &["legs"]);
+    let mut shown = body.clone();
+    if let Some(at) = body["expires_at_unix_ms"].as_u64() {
+        shown["expires_at"] = json!(format!("{} (in {})", utc_time(at), until(at, now_unix_ms())));
+    }
+    let mut text = key_values(&shown, TRANSFER_FIELDS, &["legs"]);
     if let Some(legs) = body["legs"].as_array().filter(|legs| !legs.is_empty()) {
         let rows: Vec<Value> = legs
             .iter()
@@ -482,42 +567,147 @@ async fn end_hold(connection: &Connection, id: Uuid, action: &str, body: Option<
     Ok(())
 }
 
+/// The expiry as a time (UTC) and as the time left, as the console shows it, rather than the server's
+/// `expires_at_unix_ms` (still there with --json).
 const HOLD_COLUMNS: &[Column] = &[
     Column::text("ID", "id"),
     Column::text("FROM", "from"),
     Column::text("TO", "to"),
     Column::number("AMOUNT", "amount"),
-    Column::number("EXPIRES_AT_UNIX_MS", "expires_at_unix_ms"),
+    Column::text("EXPIRES_AT", "expires_at"),
+    Column::number("EXPIRES_IN", "expires_in"),
 ];
 
+/// A transfer of several legs shows the accounts its legs debit and credit, the total and how many legs.
 const TRANSFER_COLUMNS: &[Column] = &[
     Column::text("ID", "id"),
     Column::text("STATUS", "status"),
     Column::text("FROM", "from"),
     Column::text("TO", "to"),
     Column::number("AMOUNT", "amount"),
+    Column::number("LEGS", "leg_count"),
     Column::text("REASON", "reason"),
 ];
 
-/// A listing by account (`GET /<what>?account=&limit=`) as a table of `columns`, or `empty` when it lists nothing.
+/// What `ledger holds` and `ledger transfers` list.
+#[derive(Clone, Copy)]
+enum Listing {
+    Holds,
+    Transfers,
+}
+
+impl Listing {
+    /// The route, and the field of its answer that holds the list.
+    fn name(self) -> &'static str {
+        match self {
+            Listing::Holds => "holds",
+            Listing::Transfers => "transfers",
+        }
+    }
+
+    fn columns(self) -> &'static [Column] {
+        match self {
+            Listing::Holds => HOLD_COLUMNS,
+            Listing::Transfers => TRANSFER_COLUMNS,
+        }
+    }
+
+    fn empty(self) -> &'static str {
+        match self {
+            Listing::Holds => "no active holds",
+            Listing::Transfers => "no transfers",
+        }
+    }
+
+    /// A row as the table shows it: the server's fields, and the ones computed for reading.
+    fn row(self, row: &Value, now_unix_ms: u64) -> Value {
+        let mut row = row.clone();
+        match self {
+            Listing::Holds => {
+                if let Some(at) = row["expires_at_unix_ms"].as_u64() {
+                    row["expires_at"] = json!(utc_time(at));
+                    row["expires_in"] = json!(until(at, now_unix_ms));
+                }
+            }
+            Listing::Transfers => match row["legs"].as_array().cloned() {
+                Some(legs) => {
+                    let accounts = |field: &str| {
+                        let mut names: Vec<&str> = Vec::new();
+                        for name in legs.iter().filter_map(|leg| leg[field].as_str()) {
+                            if !names.contains(&name) {
+                                names.push(name);
+                            }
+                        }
+                        names.join(",")
+                    };
+                    // Each leg is at most 2^63-1 and a transfer has at most 16: the total fits in a u128.
+                    let total: u128 = legs.iter().filter_map(|leg| leg["amount"].as_u64()).map(u128::from).sum();
+                    row["from"] = json!(accounts("from"));
+                    row["to"] = json!(accounts("to"));
+                    row["amount"] = json!(total.to_string());
+                    row["leg_count"] = json!(legs.len());
+                }
+                None => row["leg_count"] = json!(1),
+            },
+        }
+        row
+    }
+}
+
+/// A listing by account (`GET /holds` or `/transfers`, `?account=&limit=`) as a table, or a line saying it is
+/// empty. An account that does not exist is a 404 for both, as `GET /transfers?account=` answers it: the
+/// holds of a missing account are checked with `GET /accounts/{id}` when there are none.
 async fn list_by_account(
     connection: &Connection,
-    what: &str,
+    listing: Listing,
     account: Option<String>,
     limit: Option<usize>,
-    columns: &[Column],
-    empty: &str,
 ) -> Result<(), ClientError> {
     let client = Client::new(connection)?;
-    let account = account.map(|account| ("account", account));
-    let query: Vec<(&str, String)> =
-        account.into_iter().chain(limit.map(|limit| ("limit", limit.to_string()))).collect();
+    let what = listing.name();
+    let query: Vec<(&str, String)> = account
+        .iter()
+        .map(|account| ("account", account.clone()))
+        .chain(limit.map(|limit| ("limit", limit.to_string())))
+        .collect();
     let answer = client.call(Method::GET, client.url(&[what], &query)?, None).await?.success()?;
     let Some(rows) = answer.json[what].as_array() else {
         return Err(answer.unexpected());
     };
-    client.print(&answer, || if rows.is_empty() { format!("{empty}\n") } else { table(columns, rows) });
+    if let (Listing::Holds, Some(account), true) = (listing, &account, rows.is_empty()) {
+        let found = client.call(Method::GET, client.url(&["accounts", account], &[])?, None).await?;
+        if found.status == StatusCode::NOT_FOUND {
+            found.success()?;
+        }
+    }
+    let now = now_unix_ms();
+    client.print(&answer, || {
+        if rows.is_empty() {
+            return format!("{}\n", listing.empty());
+        }
+        let rows: Vec<Value> = rows.iter().map(|row| listing.row(row, now)).collect();
+        table(listing.columns(), &rows)
+    });
     Ok(())
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `2026-12-08T03:40:12Z`.
+fn utc_time(unix_ms: u64) -> String {
+    super::utc_timestamp(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms))
+}
+
+/// The time left until `at`, in whole units as the console shows it: "2 h 5 min", "9 min 59 s", "12 s".
+fn until(at_unix_ms: u64, now_unix_ms: u64) -> String {
+    let s = at_unix_ms.saturating_sub(now_unix_ms) / 1_000;
+    match s {
+        3_600.. => format!("{} h {} min", s / 3_600, s % 3_600 / 60),
+        60.. => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{s} s"),
+    }
 }
 
 const SHARD_COLUMNS: &[Column] = &[
@@ -618,14 +808,15 @@ impl Answer {
 
 impl Client {
     fn new(connection: &Connection) -> Result<Client, ClientError> {
-        if connection.url.cannot_be_a_base() {
-            return Err(ClientError::BadUrl(connection.url.to_string()));
+        let base = coordinator_url(connection.url.as_ref())?;
+        if base.cannot_be_a_base() {
+            return Err(ClientError::BadUrl(base.to_string()));
         }
         let authorization = match &connection.token {
             Some(token) => token.header()?,
             None => None,
         };
-        Ok(Client { http: http_client()?, base: connection.url.clone(), authorization, json: connection.json })
+        Ok(Client { http: http_client()?, base, authorization, json: connection.json })
     }
 
     /// The coordinator's URL as the user would write it, for messages.
@@ -679,6 +870,17 @@ impl Client {
             write_stdout(&format!("{}\n", text.trim_end()));
         } else {
             write_stdout(&readable());
+        }
+    }
+}
+
+/// `--url` (or LEDGER_URL) if given, else the local cluster's coordinator.
+pub(crate) fn coordinator_url(given: Option<&Url>) -> Result<Url, ClientError> {
+    match given {
+        Some(url) => Ok(url.clone()),
+        None => {
+            let local = super::local::local_coordinator_url();
+            Url::parse(&local).map_err(|_| ClientError::BadUrl(local))
         }
     }
 }
@@ -902,6 +1104,43 @@ mod tests {
         let rows = [json!({"id": "alice", "balance": 5}), json!({"id": "bo", "balance": 1000})];
         let columns = [Column::text("ID", "id"), Column::number("BALANCE", "balance")];
         assert_eq!(table(&columns, &rows), "ID     BALANCE\nalice        5\nbo        1000\n");
+    }
+
+    #[test]
+    fn a_transfer_of_several_legs_is_listed_with_its_accounts_total_and_leg_count() {
+        let big = i64::MAX as u64;
+        let row = json!({"id": "t", "status": "committed", "legs": [
+            {"from": "alice", "to": "bob", "amount": big}, {"from": "alice", "to": "fees", "amount": big},
+        ]});
+        let shown = Listing::Transfers.row(&row, 0);
+        assert_eq!((shown["from"].as_str(), shown["to"].as_str()), (Some("alice"), Some("bob,fees")));
+        assert_eq!(shown["amount"], json!("18446744073709551614"), "the exact total, past 2^64 even");
+        assert_eq!(shown["leg_count"], 2);
+        let single = Listing::Transfers.row(&json!({"from": "a", "to": "b", "amount": 5}), 0);
+        assert_eq!((single["amount"].clone(), single["leg_count"].clone()), (json!(5), json!(1)));
+    }
+
+    #[test]
+    fn a_holds_expiry_is_shown_as_a_time_and_the_time_left() {
+        let row = Listing::Holds.row(&json!({"expires_at_unix_ms": 1_796_354_339_000u64}), 1_796_354_339_000 - 599_500);
+        assert_eq!(
+            (row["expires_at"].as_str(), row["expires_in"].as_str()),
+            (Some("2026-12-04T03:18:59Z"), Some("9 min 59 s"))
+        );
+        assert_eq!(until(10_000_000, 0), "2 h 46 min");
+        assert_eq!(until(5_000, 0), "5 s");
+        assert_eq!(until(0, 5_000), "0 s", "an expiry in the past");
+    }
+
+    #[test]
+    fn negative_amounts_are_refused_with_the_reason() {
+        assert!(parse_transfer_amount("-5").is_err_and(|e| e.starts_with("amounts are positive") && e.contains("swap")));
+        assert!(
+            parse_amount("-5").is_err_and(|e| e == "amounts are positive: a whole number of minor units, 1 or more")
+        );
+        assert_eq!(parse_amount("250"), Ok(250));
+        assert!(parse_leg("a:b:-1").is_err_and(|e| e.starts_with("amounts are positive")));
+        assert!(parse_balance("-1").is_err_and(|e| e.contains("0 or more")));
     }
 
     #[test]

@@ -40,9 +40,8 @@ const CAPTURED: i64 = 45;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// The coordinator's base URL.
-    #[arg(long, env = "LEDGER_URL", default_value = client::DEFAULT_URL)]
-    pub url: Url,
+    #[arg(long, env = "LEDGER_URL", value_name = "URL", help = client::URL_HELP)]
+    pub url: Option<Url>,
     /// An admin API token, if the coordinator runs with --api-tokens-file (the tour creates accounts). Sent as
     /// `Authorization: Bearer <token>`; never printed.
     #[arg(long, env = "LEDGER_TOKEN", hide_env_values = true)]
@@ -63,6 +62,9 @@ enum DemoError {
     AccountName(#[from] LedgerError),
 }
 
+/// Exit status when the coordinator cannot be reached (as the client commands): the tour did not run.
+const EXIT_NO_ANSWER: u8 = 2;
+
 pub async fn run(args: DemoArgs) -> ExitCode {
     match tour(args).await {
         Ok(0) => ExitCode::SUCCESS,
@@ -72,7 +74,11 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         }
         Err(error) => {
             client::write_stderr(&format!("ledger demo: {error}"));
-            ExitCode::FAILURE
+            match error {
+                DemoError::Client(error) => ExitCode::from(error.exit_code()),
+                DemoError::NoHealth { .. } => ExitCode::from(EXIT_NO_ANSWER),
+                DemoError::AccountName(_) => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -177,7 +183,7 @@ async fn tour(args: DemoArgs) -> Result<u32, DemoError> {
         Some(token) => token.header()?,
         None => None,
     };
-    let url = args.url.as_str().trim_end_matches('/').to_owned();
+    let url = client::coordinator_url(args.url.as_ref())?.as_str().trim_end_matches('/').to_owned();
     let mut tour = Tour { http: client::http_client()?, url, authorization, step: 0, failures: 0 };
 
     tour.say(&format!("Ledger demo against {}", tour.url));

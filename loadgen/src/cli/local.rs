@@ -4,6 +4,7 @@
 //! kept in `cluster.json` there, which every later command parses: a restarted node gets the same command
 //! line.
 
+use super::utc_timestamp;
 use crate::launch::{self, Binaries, Layout, NodeSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -150,6 +151,22 @@ pub async fn run(args: ClusterArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The local cluster's coordinator, for the client commands and the demo when neither --url nor LEDGER_URL is
+/// given: found as `ledger cluster` finds it, from the base port kept in `cluster.json` (under
+/// LEDGER_CLUSTER_DIR, default ./data), else LEDGER_BASE_PORT, else 7100.
+pub fn local_coordinator_url() -> String {
+    let data = std::env::var_os("LEDGER_CLUSTER_DIR").map_or_else(|| PathBuf::from("data"), PathBuf::from);
+    let saved = std::fs::read_to_string(data.join(LAYOUT_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Saved>(&text).ok())
+        .or_else(|| std::fs::read_to_string(data.join(LEGACY_LAYOUT_FILE)).ok().and_then(|t| parse_legacy(&t)));
+    let port = match saved {
+        Some(saved) => saved.base_port,
+        None => std::env::var("LEDGER_BASE_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(DEFAULT_BASE_PORT),
+    };
+    format!("http://127.0.0.1:{port}")
 }
 
 fn refused(message: impl Into<String>) -> ClusterError {
@@ -719,12 +736,6 @@ fn parse_legacy(text: &str) -> Option<Saved> {
         }
     }
     Some(Saved { base_port: base_port?, participants: participants?, node_settings })
-}
-
-/// `2026-12-04T03:18:59Z`.
-fn utc_timestamp(time: std::time::SystemTime) -> String {
-    let (year, month, day, hour, minute, second) = super::utc_fields(time);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
 }
 
 #[cfg(test)]

@@ -22,3 +22,9 @@ pub(crate) fn utc_fields(time: std::time::SystemTime) -> (u64, u64, u64, u64, u6
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     (year, month, day, of_day / 3_600, of_day % 3_600 / 60, of_day % 60)
 }
+
+/// `2026-12-04T03:18:59Z`.
+pub(crate) fn utc_timestamp(time: std::time::SystemTime) -> String {
+    let (year, month, day, hour, minute, second) = utc_fields(time);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
