@@ -40,7 +40,9 @@
 //! its disk), with the core's own record of what waits for durability and its real [`ResolverCore`] kept in
 //! the state. The core applies frames and releases their replies once a flush reports its barrier; the
 //! resolver asks the coordinator about the transfers it holds prepared (a query still unanswered when the next
-//! round starts counts as timed out, as the shell's query timeout makes it), and the core applies its answers.
+//! round starts counts as timed out, as the shell's query timeout makes it), and the core applies its answers
+//! (those that decide nothing, pending or held, reach the resolver at once: lost or late, they would only end its
+//! round as a timeout does).
 //! The resolver's clock stands still far past every hold's expiry, with no in-doubt age, scan interval or
 //! backoff: every round asks about everything prepared.
 //!
@@ -432,8 +434,17 @@ impl CoreShell for Shell<'_> {
             Answer::Queries { query, answers } => {
                 let asked = s.coordinator.queries.remove(&query);
                 let (shard, life, qid, ids) = asked.ok_or_else(|| format!("answers to unknown query {query}"))?;
-                // Every answer goes, "pending" too: what it means is the resolver's to say.
-                s.network.insert(Msg::Answers { shard, life, qid, ids, answers });
+                // Every answer goes, "pending" too: what it means is the resolver's to say. One that decides
+                // nothing (pending, held) is handed over at once: losing or delaying it only ends the resolver's
+                // round as a timed-out query does, which the Query step explores, and interleaving it with every
+                // other step would multiply the states for nothing.
+                let decides = answers.iter().any(|a| matches!(a, QueryAnswer::Commit | QueryAnswer::Abort));
+                let msg = Msg::Answers { shard, life, qid, ids, answers };
+                if decides {
+                    s.network.insert(msg);
+                } else {
+                    self.model.deliver(s, msg)?;
+                }
             }
         }
         Ok(())
